@@ -1,0 +1,69 @@
+import { close as fsClose, closeSync } from 'node:fs';
+import { SysError } from './errors';
+import { F_DUPFD_CLOEXEC, lastErrno, libc } from './libc';
+
+/**
+ * The one owner of an fd. It is closed exactly once: by `close()`, or never
+ * if ownership moved on with `release()`. Reading `fd` after either throws,
+ * so a stale number is never used.
+ *
+ * `close()` runs on the libuv pool: closing a KVM-VFIO device fd waits for an
+ * RCU grace period in the kernel (3–47 ms here), which must not stall the
+ * event loop.
+ */
+export class OwnedFd {
+  #fd: number;
+  readonly what: string;
+
+  constructor(fd: number, what: string) {
+    if (!Number.isInteger(fd) || fd < 0) throw new RangeError(`bad fd ${fd} for ${what}`);
+    this.#fd = fd;
+    this.what = what;
+  }
+
+  get fd(): number {
+    if (this.#fd < 0) throw new Error(`${this.what}: fd used after close or release`);
+    return this.#fd;
+  }
+
+  get isOpen(): boolean {
+    return this.#fd >= 0;
+  }
+
+  /** A new owned duplicate (close-on-exec) of this fd. */
+  dup(what = this.what): OwnedFd {
+    const n = libc.fcntl(this.fd, F_DUPFD_CLOEXEC, 3) as number;
+    if (n < 0) throw new SysError('fcntl(F_DUPFD_CLOEXEC)', this.what, lastErrno());
+    return new OwnedFd(n, what);
+  }
+
+  /** Gives the number away; the caller now owns it and this object forgets it. */
+  release(): number {
+    const n = this.fd;
+    this.#fd = -1;
+    return n;
+  }
+
+  close(): Promise<void> {
+    if (this.#fd < 0) return Promise.resolve();
+    const n = this.#fd;
+    this.#fd = -1;
+    return new Promise((resolve) => {
+      // The fd is gone from the table whatever close(2) says (Linux never
+      // retries a close); an error here is only worth the caller's log.
+      fsClose(n, () => resolve());
+    });
+  }
+
+  /** Only for exit paths where the loop is ending anyway. */
+  closeSync(): void {
+    if (this.#fd < 0) return;
+    const n = this.#fd;
+    this.#fd = -1;
+    try {
+      closeSync(n);
+    } catch {
+      /* see close() */
+    }
+  }
+}

@@ -45,7 +45,8 @@ export interface GroupInventory {
  * The vfio family is matched by a "vfio" word in the name, since variant
  * drivers keep appearing. This is a prediction for the inventory; the
  * authoritative answer stays VFIO_GROUP_GET_STATUS on the opened group.
- * (Kernels before 5.19 allowed the same set by a name list in vfio.c.)
+ * (Before 5.19, vfio.c allowed pci-stub by name and any PCI bridge whatever
+ * its driver; the rule above is the current one.)
  */
 const DMA_SAFE_DRIVERS = new Set(['pci-stub', 'pcieport']);
 const VFIO_FAMILY = /(^|[-_])vfio([-_]|$)/;

@@ -1,5 +1,5 @@
 /** Process- and host-level calls: peer credentials, fd limits, the KVM-VFIO probe. */
-import { readdirSync } from 'node:fs';
+import { readdir } from 'node:fs/promises';
 import { release } from 'node:os';
 import { SysError } from './errors';
 import { Kvm } from './kvm';
@@ -35,8 +35,8 @@ export function fdLimits(): FdLimits {
 }
 
 /** How many fds this process has open now. */
-export function openFdCount(): number {
-  return readdirSync('/proc/self/fd').length - 1; // minus the one readdir itself opened
+export async function openFdCount(): Promise<number> {
+  return (await readdir('/proc/self/fd')).length - 1; // minus the one readdir itself opened
 }
 
 export function kernelRelease(): string {

@@ -1,0 +1,150 @@
+/**
+ * VM records and their state machine. The registry only stores and
+ * announces; the rules that involve groups and callers live in broker.ts.
+ *
+ *   PENDING ──attach──▶ RUNNING ──session ends──▶ EXITED
+ *      │                   │
+ *      └──setup fails──────┴──▶ FAILED
+ */
+import { EventEmitter } from 'node:events';
+import { randomUUID } from 'node:crypto';
+
+export type VmState = 'PENDING' | 'RUNNING' | 'EXITED' | 'FAILED';
+
+export interface VmRecord {
+  readonly id: string;
+  readonly name: string;
+  readonly labels: Readonly<Record<string, string>>;
+  readonly ownerUid: number;
+  readonly vmmUid: number;
+  state: VmState;
+  vfioDevice: boolean;
+  /** Ascending. */
+  groups: number[];
+  readonly memlockBytes: number;
+  readonly requestId: string;
+  /** What the create request asked, to tell a true retry from a reused request_id. */
+  readonly requestFingerprint: string;
+  readonly createTime: string;
+  updateTime: string;
+  failureReason: string;
+  revision: number;
+}
+
+export type VmEventType = 'CREATED' | 'UPDATED' | 'DELETED';
+
+export interface VmChange {
+  type: VmEventType;
+  /** A frozen copy taken at the change. */
+  vm: Readonly<VmRecord>;
+}
+
+const allowed: Record<VmState, VmState[]> = {
+  PENDING: ['RUNNING', 'FAILED'],
+  RUNNING: ['EXITED', 'FAILED'],
+  EXITED: [],
+  FAILED: [],
+};
+
+export interface NewVm {
+  name: string;
+  labels: Record<string, string>;
+  ownerUid: number;
+  vmmUid: number;
+  vfioDevice: boolean;
+  groups: number[];
+  memlockBytes: number;
+  requestId: string;
+  requestFingerprint: string;
+}
+
+export class VmRegistry {
+  readonly #byId = new Map<string, VmRecord>();
+  readonly #events = new EventEmitter();
+  #revision = 0;
+
+  constructor() {
+    // Each watcher is one listener; the cap is set by the server's limits.
+    this.#events.setMaxListeners(0);
+  }
+
+  get size(): number {
+    return this.#byId.size;
+  }
+
+  get(id: string): VmRecord | undefined {
+    return this.#byId.get(id);
+  }
+
+  all(): IterableIterator<VmRecord> {
+    return this.#byId.values();
+  }
+
+  findByName(ownerUid: number, name: string): VmRecord | undefined {
+    for (const vm of this.#byId.values()) if (vm.ownerUid === ownerUid && vm.name === name) return vm;
+    return undefined;
+  }
+
+  findByRequestId(ownerUid: number, requestId: string): VmRecord | undefined {
+    if (!requestId) return undefined;
+    for (const vm of this.#byId.values()) if (vm.ownerUid === ownerUid && vm.requestId === requestId) return vm;
+    return undefined;
+  }
+
+  /** A fresh id for a record about to be inserted (its groups are claimed under it first). */
+  newId(): string {
+    return randomUUID();
+  }
+
+  insert(id: string, spec: NewVm): VmRecord {
+    const now = new Date().toISOString();
+    const vm: VmRecord = {
+      id,
+      ...spec,
+      groups: [...spec.groups].sort((a, b) => a - b),
+      state: 'PENDING',
+      createTime: now,
+      updateTime: now,
+      failureReason: '',
+      revision: ++this.#revision,
+    };
+    this.#byId.set(id, vm);
+    this.#emit('CREATED', vm);
+    return vm;
+  }
+
+  /** Applies `change` to the record, bumps its revision and announces it. */
+  update(vm: VmRecord, change: (vm: VmRecord) => void): VmRecord {
+    change(vm);
+    vm.groups.sort((a, b) => a - b);
+    vm.updateTime = new Date().toISOString();
+    vm.revision = ++this.#revision;
+    this.#emit('UPDATED', vm);
+    return vm;
+  }
+
+  /** Moves a VM along the state machine; a move it does not allow is a bug, so it throws. */
+  transition(vm: VmRecord, to: VmState, reason = ''): VmRecord {
+    if (!allowed[vm.state].includes(to)) throw new Error(`vm ${vm.id}: no transition ${vm.state} -> ${to}`);
+    return this.update(vm, (v) => {
+      v.state = to;
+      if (to === 'FAILED') v.failureReason = reason;
+    });
+  }
+
+  remove(vm: VmRecord): void {
+    if (!this.#byId.delete(vm.id)) return;
+    vm.revision = ++this.#revision;
+    this.#emit('DELETED', vm);
+  }
+
+  subscribe(listener: (change: VmChange) => void): () => void {
+    this.#events.on('change', listener);
+    return () => this.#events.off('change', listener);
+  }
+
+  #emit(type: VmEventType, vm: VmRecord): void {
+    const copy = Object.freeze({ ...vm, groups: [...vm.groups], labels: { ...vm.labels } });
+    this.#events.emit('change', { type, vm: copy } satisfies VmChange);
+  }
+}

@@ -1,0 +1,65 @@
+#!/usr/bin/env node
+/** kvmvfiod: the entry point. Parses settings, starts the daemon, stops it on SIGTERM/SIGINT. */
+import pino from 'pino';
+import { DAEMON_VERSION } from '../version';
+import { ConfigError, USAGE, parseConfig } from './config';
+import { Daemon } from './daemon';
+
+async function main(): Promise<number> {
+  let cfg;
+  try {
+    cfg = parseConfig(process.argv.slice(2), process.env);
+  } catch (e) {
+    if (e instanceof ConfigError) {
+      process.stderr.write(`kvmvfiod: ${e.message}\n\n${USAGE}`);
+      return 2;
+    }
+    throw e;
+  }
+  if (cfg === 'help') return process.stdout.write(USAGE), 0;
+  if (cfg === 'version') return process.stdout.write(`${DAEMON_VERSION}\n`), 0;
+
+  const log = pino({ level: cfg.logLevel, base: { pid: process.pid, name: 'kvmvfiod' } });
+  const daemon = new Daemon(cfg, log);
+  try {
+    await daemon.start();
+  } catch (e) {
+    log.fatal({ event: 'start-failed', err: (e as Error).message }, `cannot start: ${(e as Error).message}`);
+    await daemon.stop().catch(() => {});
+    return 1;
+  }
+  log.info({ event: 'ready', runtimeDir: cfg.runtimeDir, version: DAEMON_VERSION }, 'kvmvfiod ready');
+
+  return new Promise<number>((resolve) => {
+    const onSignal = (signal: NodeJS.Signals) => {
+      log.info({ event: 'signal', signal }, 'stopping');
+      // A second signal while stopping does not cut the cleanup short.
+      process.removeAllListeners('SIGTERM');
+      process.removeAllListeners('SIGINT');
+      process.on('SIGTERM', () => {});
+      process.on('SIGINT', () => {});
+      daemon.stop().then(
+        () => resolve(0),
+        (e) => {
+          log.error({ event: 'stop-failed', err: (e as Error).message }, 'error while stopping');
+          resolve(1);
+        },
+      );
+    };
+    process.once('SIGTERM', onSignal);
+    process.once('SIGINT', onSignal);
+  });
+}
+
+main().then(
+  (code) => {
+    process.exitCode = code;
+    // Anything left on the loop after stop() is a bug, but it must not keep
+    // a stopped daemon alive: leave shortly.
+    setTimeout(() => process.exit(code), 1000).unref();
+  },
+  (e) => {
+    process.stderr.write(`kvmvfiod: ${(e as Error).stack ?? e}\n`);
+    process.exit(70);
+  },
+);

@@ -1,0 +1,50 @@
+/** Domain records to API messages. */
+import type { GroupView } from '../broker/pool';
+import type { VmRecord, VmState } from '../broker/vms';
+import type { IommuGroup } from '../generated/kvmvfio/v1/IommuGroup';
+import type { Vm } from '../generated/kvmvfio/v1/Vm';
+import type { VmState as VmStateMessage } from '../generated/kvmvfio/v1/VmState';
+
+const stateMessage: Record<VmState, VmStateMessage> = {
+  PENDING: 'VM_STATE_PENDING',
+  RUNNING: 'VM_STATE_RUNNING',
+  EXITED: 'VM_STATE_EXITED',
+  FAILED: 'VM_STATE_FAILED',
+};
+
+export function vmMessage(vm: Readonly<VmRecord>): Vm {
+  return {
+    id: vm.id,
+    name: vm.name,
+    labels: { ...vm.labels },
+    state: stateMessage[vm.state],
+    owner_uid: vm.ownerUid,
+    vmm_uid: vm.vmmUid,
+    vfio_device: vm.vfioDevice,
+    groups: [...vm.groups],
+    memlock_bytes: String(vm.memlockBytes),
+    request_id: vm.requestId,
+    create_time: vm.createTime,
+    update_time: vm.updateTime,
+    failure_reason: vm.failureReason,
+    revision: String(vm.revision),
+  };
+}
+
+export function groupMessage(g: GroupView): IommuGroup {
+  return {
+    number: g.number,
+    devices: g.devices.map((d) => ({
+      address: d.address,
+      vendor_id: d.vendorId,
+      device_id: d.deviceId,
+      class_code: d.classCode,
+      driver: d.driver,
+    })),
+    viable: g.viable,
+    not_viable_reasons: [...g.notViableReasons],
+    vm_id: g.owner?.vmId ?? '',
+    vm_name: g.owner?.vmName ?? '',
+    open_in_daemon: g.openInDaemon,
+  };
+}

@@ -1,0 +1,221 @@
+/**
+ * The KvmVfio gRPC service: thin adapters from requests to the broker.
+ * Every handler goes through `unary`/`stream`, which find the caller (peer
+ * credentials of its connection), authorize it, log mutating calls and map
+ * errors to statuses. Handlers themselves only validate and convert.
+ */
+import { type ServerUnaryCall, type ServerWritableStream, type sendUnaryData, status as Status } from '@grpc/grpc-js';
+import type { Logger } from 'pino';
+import type { Broker, Caller } from '../broker/broker';
+import { vmMatches } from '../broker/broker';
+import { ResourceExhaustedError, UnavailableError } from '../broker/errors';
+import { type HostFacts, snapshot } from '../broker/host';
+import type { VmChange } from '../broker/vms';
+import type { KvmVfioHandlers } from '../generated/kvmvfio/v1/KvmVfio';
+import type { VmEvent } from '../generated/kvmvfio/v1/VmEvent';
+import { DAEMON_VERSION } from '../version';
+import type { Authorizer } from './auth';
+import { groupMessage, vmMessage } from './convert';
+import { type MappedStatus, toServiceError, toStatus } from './status';
+import * as validate from './validate';
+
+/** Resolves the peer string grpc-js gives a call to the credentials taken at accept. */
+export type PeerLookup = (peer: string) => Caller | undefined;
+
+export interface ServiceDeps {
+  broker: Broker;
+  host: HostFacts;
+  authorizer: Authorizer;
+  peers: PeerLookup;
+  log: Logger;
+  /** A watcher whose unsent events exceed this is ended (RESOURCE_EXHAUSTED). */
+  watchBacklog?: number;
+}
+
+type Outcome = { code: Status; details?: string; ref?: string };
+
+const statusName = (c: Status) => Status[c] ?? String(c);
+
+export function createService(deps: ServiceDeps): { handlers: KvmVfioHandlers; endWatches(): void } {
+  const { broker, authorizer, log } = deps;
+  const watches = new Set<() => void>();
+
+  function callerOf(call: { getPeer(): string }): Caller {
+    const c = deps.peers(call.getPeer());
+    // A call on a connection we did not accept ourselves cannot be attributed: refuse it.
+    if (!c) throw new UnavailableError('caller credentials unknown');
+    return c;
+  }
+
+  function report(method: string, caller: Caller | undefined, mutating: boolean, vm: string | undefined, started: bigint, out: Outcome, err?: unknown): void {
+    const entry = {
+      event: 'call',
+      method,
+      uid: caller?.uid,
+      gid: caller?.gid,
+      pid: caller?.pid,
+      vm,
+      outcome: statusName(out.code),
+      ms: Number(process.hrtime.bigint() - started) / 1e6,
+      ...(out.code !== Status.OK ? { details: out.details } : {}),
+      ...(out.ref ? { ref: out.ref, err } : {}),
+    };
+    if (out.ref) log.error(entry, 'internal error');
+    else if (mutating || out.code === Status.PERMISSION_DENIED) log.info(entry, method);
+    else log.debug(entry, method);
+  }
+
+  /**
+   * Wraps a unary handler. `vmOf` names the VM in the log line (the request's
+   * id, or for CreateVm the result's).
+   */
+  function unary<Req, Res>(
+    method: string,
+    mutating: boolean,
+    run: (caller: Caller, req: Req) => Promise<Res> | Res,
+    vmOf: (req: Req, res?: Res) => string | undefined = () => undefined,
+  ) {
+    return (call: ServerUnaryCall<Req, Res>, callback: sendUnaryData<Res>) => {
+      const started = process.hrtime.bigint();
+      let caller: Caller | undefined;
+      void (async () => {
+        try {
+          caller = callerOf(call);
+          authorizer.authorize(caller, method);
+          const res = await run(caller, call.request);
+          report(method, caller, mutating, vmOf(call.request, res), started, { code: Status.OK });
+          callback(null, res);
+        } catch (e) {
+          const m: MappedStatus = toStatus(e);
+          report(method, caller, mutating, vmOf(call.request), started, m, e);
+          callback(toServiceError(m), null);
+        }
+      })();
+    };
+  }
+
+  const handlers: KvmVfioHandlers = {
+    GetHostInfo: unary('GetHostInfo', false, async () => {
+      const h = await snapshot(deps.host);
+      return {
+        kernel_release: h.kernelRelease,
+        kvm_api_version: h.kvmApiVersion,
+        support: {
+          kvm_vfio_device: h.support.kvmVfioDevice,
+          vfio_file_add: h.support.fileAdd,
+          vfio_file_del: h.support.fileDel,
+          vfio_container: h.support.vfioContainer,
+          iommu_groups: (await broker.listGroups()).length > 0,
+          probe_errors: h.support.errors,
+        },
+        daemon_version: DAEMON_VERSION,
+        fd_limit_soft: String(h.fdLimitSoft),
+        fd_limit_hard: String(h.fdLimitHard),
+        fds_open: String(h.fdsOpen),
+        vm_count: broker.vms.size,
+        claimed_group_count: broker.pool.claimedCount,
+        iommu_group_count: (await broker.listGroups()).length,
+        start_time: h.startTime,
+      };
+    }),
+
+    ListIommuGroups: unary('ListIommuGroups', false, async () => ({ groups: (await broker.listGroups()).map(groupMessage) })),
+
+    GetIommuGroup: unary('GetIommuGroup', false, async (_c, req: { number: number }) => groupMessage(await broker.getGroup(req.number))),
+
+    CreateVm: unary(
+      'CreateVm',
+      true,
+      async (caller, req) => {
+        const { vm, created } = await broker.createVm(caller, validate.createVm(req));
+        if (!created) log.info({ event: 'create-retry', vm: vm.id, request_id: vm.requestId }, 'CreateVm retry returned the existing VM');
+        return { vm: vmMessage(vm) };
+      },
+      (req, res) => res?.vm?.id ?? req.name,
+    ),
+
+    GetVm: unary('GetVm', false, (caller, req) => vmMessage(broker.getVm(caller, validate.vmId('vm_id', req.vm_id)))),
+
+    ListVms: unary('ListVms', false, (caller, req) => ({ vms: broker.listVms(caller, validate.filter(req)).map(vmMessage) })),
+
+    DeleteVm: unary(
+      'DeleteVm',
+      true,
+      async (caller, req) => ({ vm: vmMessage(await broker.deleteVm(caller, validate.vmId('vm_id', req.vm_id))) }),
+      (req) => req.vm_id,
+    ),
+
+    CreateVfioDevice: unary(
+      'CreateVfioDevice',
+      true,
+      async (caller, req) => vmMessage(await broker.createVfioDevice(caller, validate.vmId('vm_id', req.vm_id))),
+      (req) => req.vm_id,
+    ),
+
+    AddGroup: unary(
+      'AddGroup',
+      true,
+      async (caller, req) => vmMessage(await broker.addGroup(caller, validate.vmId('vm_id', req.vm_id), req.group)),
+      (req) => req.vm_id,
+    ),
+
+    RemoveGroup: unary(
+      'RemoveGroup',
+      true,
+      async (caller, req) => vmMessage(await broker.removeGroup(caller, validate.vmId('vm_id', req.vm_id), req.group)),
+      (req) => req.vm_id,
+    ),
+
+    WatchVms: (call: ServerWritableStream<import('../generated/kvmvfio/v1/WatchVmsRequest').WatchVmsRequest__Output, VmEvent>) => {
+      const started = process.hrtime.bigint();
+      let caller: Caller | undefined;
+      let unsubscribe = () => {};
+      let ended = false;
+      const backlog = deps.watchBacklog ?? 4096;
+      const end = (m?: MappedStatus) => {
+        if (ended) return;
+        ended = true;
+        unsubscribe();
+        watches.delete(stop);
+        if (m) call.emit('error', toServiceError(m));
+        else call.end();
+      };
+      const stop = () => end({ code: Status.UNAVAILABLE, details: 'kvmvfiod is shutting down' });
+      try {
+        caller = callerOf(call);
+        authorizer.authorize(caller, 'WatchVms');
+        const filter = validate.filter(call.request);
+        const send = (ev: VmEvent) => {
+          if (ended) return;
+          if (call.writableLength > backlog) {
+            end(toStatus(new ResourceExhaustedError(`watcher fell more than ${backlog} events behind; watch again`)));
+            return;
+          }
+          call.write(ev);
+        };
+        const existing = broker.listVms(caller, filter);
+        // Subscribe before sending the snapshot: both run in this tick, so no change falls between.
+        unsubscribe = broker.watch(caller, (ch: VmChange) => {
+          if (vmMatches(ch.vm, filter)) send({ type: `TYPE_${ch.type}`, vm: vmMessage(ch.vm) });
+        });
+        for (const vm of existing) send({ type: 'TYPE_EXISTING', vm: vmMessage(vm) });
+        send({ type: 'TYPE_SYNCED' });
+        watches.add(stop);
+        call.on('cancelled', () => end());
+        call.on('close', () => end());
+        report('WatchVms', caller, false, undefined, started, { code: Status.OK });
+      } catch (e) {
+        const m = toStatus(e);
+        report('WatchVms', caller, false, undefined, started, m, e);
+        end(m);
+      }
+    },
+  };
+
+  return {
+    handlers,
+    endWatches: () => {
+      for (const stop of [...watches]) stop();
+    },
+  };
+}

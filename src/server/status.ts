@@ -1,0 +1,64 @@
+/**
+ * The one place where errors become gRPC statuses (DESIGN.md, "Errors").
+ * Domain errors carry their kind; kernel errors their errno; anything else
+ * is a bug and becomes INTERNAL with a reference, its stack in the log only.
+ */
+import { status as Status, type ServiceError, Metadata } from '@grpc/grpc-js';
+import { randomBytes } from 'node:crypto';
+import { DomainError } from '../broker/errors';
+import { SysError } from '../kernel';
+
+const byKind: Record<DomainError['kind'], Status> = {
+  'not-found': Status.NOT_FOUND,
+  'already-exists': Status.ALREADY_EXISTS,
+  'failed-precondition': Status.FAILED_PRECONDITION,
+  'invalid-argument': Status.INVALID_ARGUMENT,
+  'permission-denied': Status.PERMISSION_DENIED,
+  'resource-exhausted': Status.RESOURCE_EXHAUSTED,
+  unavailable: Status.UNAVAILABLE,
+  'deadline-exceeded': Status.DEADLINE_EXCEEDED,
+};
+
+const byErrno: Record<string, Status> = {
+  EBUSY: Status.FAILED_PRECONDITION,
+  EEXIST: Status.ALREADY_EXISTS,
+  ENOENT: Status.NOT_FOUND,
+  EINVAL: Status.INVALID_ARGUMENT,
+  EBADF: Status.INVALID_ARGUMENT,
+  ENXIO: Status.FAILED_PRECONDITION,
+  ENODEV: Status.FAILED_PRECONDITION,
+  ENOTTY: Status.FAILED_PRECONDITION,
+  EPERM: Status.PERMISSION_DENIED,
+  EACCES: Status.PERMISSION_DENIED,
+  EMFILE: Status.RESOURCE_EXHAUSTED,
+  ENFILE: Status.RESOURCE_EXHAUSTED,
+  ENOMEM: Status.RESOURCE_EXHAUSTED,
+  ENOSPC: Status.RESOURCE_EXHAUSTED,
+  ETIMEDOUT: Status.DEADLINE_EXCEEDED,
+  ECONNRESET: Status.UNAVAILABLE,
+  EPIPE: Status.UNAVAILABLE,
+};
+
+export interface MappedStatus {
+  code: Status;
+  details: string;
+  /** Set for INTERNAL: the reference written to the log with the stack. */
+  ref?: string;
+}
+
+/** The status for a kernel errno; a second KVM-VFIO device (EBUSY) is ALREADY_EXISTS. */
+export function statusForSysError(e: SysError): Status {
+  if (e.code === 'EBUSY' && e.call.startsWith('KVM_CREATE_DEVICE')) return Status.ALREADY_EXISTS;
+  return byErrno[e.code] ?? Status.INTERNAL;
+}
+
+export function toStatus(err: unknown): MappedStatus {
+  if (err instanceof DomainError) return { code: byKind[err.kind], details: err.message };
+  if (err instanceof SysError) return { code: statusForSysError(err), details: err.message };
+  return { code: Status.INTERNAL, details: '', ref: randomBytes(4).toString('hex') };
+}
+
+export function toServiceError(m: MappedStatus): Partial<ServiceError> {
+  const details = m.code === Status.INTERNAL && m.ref ? `internal error (ref ${m.ref}; see the kvmvfiod log)` : m.details;
+  return { code: m.code, details, metadata: new Metadata() };
+}

@@ -1,0 +1,132 @@
+/**
+ * A typed, promise-based client of kvmvfio.v1 for orchestration services and
+ * for kvmvfioctl. One channel per instance; every unary call has a deadline.
+ */
+import * as grpc from '@grpc/grpc-js';
+import { loadApi } from '../api/proto';
+import type { AddGroupRequest } from '../generated/kvmvfio/v1/AddGroupRequest';
+import type { CreateVmRequest } from '../generated/kvmvfio/v1/CreateVmRequest';
+import type { CreateVmResponse__Output } from '../generated/kvmvfio/v1/CreateVmResponse';
+import type { DeleteVmRequest } from '../generated/kvmvfio/v1/DeleteVmRequest';
+import type { DeleteVmResponse__Output } from '../generated/kvmvfio/v1/DeleteVmResponse';
+import type { HostInfo__Output } from '../generated/kvmvfio/v1/HostInfo';
+import type { IommuGroup__Output } from '../generated/kvmvfio/v1/IommuGroup';
+import type { KvmVfioClient } from '../generated/kvmvfio/v1/KvmVfio';
+import type { ListIommuGroupsResponse__Output } from '../generated/kvmvfio/v1/ListIommuGroupsResponse';
+import type { ListVmsRequest } from '../generated/kvmvfio/v1/ListVmsRequest';
+import type { ListVmsResponse__Output } from '../generated/kvmvfio/v1/ListVmsResponse';
+import type { RemoveGroupRequest } from '../generated/kvmvfio/v1/RemoveGroupRequest';
+import type { Vm__Output } from '../generated/kvmvfio/v1/Vm';
+import type { VmEvent__Output } from '../generated/kvmvfio/v1/VmEvent';
+import type { WatchVmsRequest } from '../generated/kvmvfio/v1/WatchVmsRequest';
+
+export const DEFAULT_SOCKET = '/run/kvmvfiod/api.sock';
+
+export interface ClientOptions {
+  /** Per-call deadline for unary calls, ms. */
+  timeoutMs?: number;
+}
+
+export type { Vm__Output as Vm, HostInfo__Output as HostInfo, IommuGroup__Output as IommuGroup, VmEvent__Output as VmEvent };
+
+/** A grpc-js status error, as the calls reject with. */
+export type ApiError = grpc.ServiceError;
+
+export function isApiError(e: unknown): e is ApiError {
+  return typeof e === 'object' && e !== null && 'code' in e && 'details' in e;
+}
+
+type Unary<Req, Res> = (req: Req, md: grpc.Metadata, opts: grpc.CallOptions, cb: grpc.requestCallback<Res>) => grpc.ClientUnaryCall;
+
+export class KvmVfioApi {
+  readonly socket: string;
+  readonly #client: KvmVfioClient;
+  readonly #timeoutMs: number;
+
+  constructor(socket: string = process.env.KVMVFIO_SOCKET ?? DEFAULT_SOCKET, opts: ClientOptions = {}) {
+    this.socket = socket;
+    this.#timeoutMs = opts.timeoutMs ?? 10_000;
+    const { proto } = loadApi();
+    this.#client = new proto.kvmvfio.v1.KvmVfio(`unix:${socket}`, grpc.credentials.createInsecure(), {
+      'grpc.max_receive_message_length': 16 * 1024 * 1024,
+    });
+  }
+
+  #call<Req, Res>(fn: Unary<Req, Res>, req: Req): Promise<Res> {
+    return new Promise((resolve, reject) => {
+      fn.call(this.#client, req, new grpc.Metadata(), { deadline: Date.now() + this.#timeoutMs }, (err, res) => {
+        if (err) reject(err);
+        else resolve(res as Res);
+      });
+    });
+  }
+
+  getHostInfo(): Promise<HostInfo__Output> {
+    return this.#call(this.#client.GetHostInfo, {});
+  }
+
+  listIommuGroups(): Promise<ListIommuGroupsResponse__Output> {
+    return this.#call(this.#client.ListIommuGroups, {});
+  }
+
+  getIommuGroup(number: number): Promise<IommuGroup__Output> {
+    return this.#call(this.#client.GetIommuGroup, { number });
+  }
+
+  createVm(req: CreateVmRequest): Promise<CreateVmResponse__Output> {
+    return this.#call(this.#client.CreateVm, req);
+  }
+
+  getVm(vmId: string): Promise<Vm__Output> {
+    return this.#call(this.#client.GetVm, { vm_id: vmId });
+  }
+
+  listVms(req: ListVmsRequest = {}): Promise<ListVmsResponse__Output> {
+    return this.#call(this.#client.ListVms, req);
+  }
+
+  deleteVm(req: DeleteVmRequest): Promise<DeleteVmResponse__Output> {
+    return this.#call(this.#client.DeleteVm, req);
+  }
+
+  createVfioDevice(vmId: string): Promise<Vm__Output> {
+    return this.#call(this.#client.CreateVfioDevice, { vm_id: vmId });
+  }
+
+  addGroup(req: AddGroupRequest): Promise<Vm__Output> {
+    return this.#call(this.#client.AddGroup, req);
+  }
+
+  removeGroup(req: RemoveGroupRequest): Promise<Vm__Output> {
+    return this.#call(this.#client.RemoveGroup, req);
+  }
+
+  /**
+   * The WatchVms stream as an async iterator. Breaking out of the loop
+   * cancels the call; the daemon ending it with a status throws it.
+   */
+  async *watchVms(req: WatchVmsRequest = {}): AsyncGenerator<VmEvent__Output> {
+    const call = this.#client.WatchVms(req);
+    try {
+      for await (const ev of call as AsyncIterable<VmEvent__Output>) yield ev;
+    } finally {
+      call.cancel();
+    }
+  }
+
+  /** Resolves the VM's id from an id or a name (names are unique per owner). */
+  async resolveVm(idOrName: string): Promise<string> {
+    if (/^[0-9a-f]{8}-[0-9a-f]{4}-/.test(idOrName)) return idOrName;
+    const { vms } = await this.listVms();
+    const hits = vms.filter((v) => v.name === idOrName);
+    if (hits.length === 1) return hits[0].id;
+    const err = new Error(hits.length ? `${hits.length} VMs are named ${idOrName}; use the id` : `no VM named ${idOrName}`) as Error & { code: number; details: string };
+    err.code = hits.length ? grpc.status.FAILED_PRECONDITION : grpc.status.NOT_FOUND;
+    err.details = err.message;
+    throw err;
+  }
+
+  close(): void {
+    this.#client.close();
+  }
+}

@@ -1,0 +1,135 @@
+/**
+ * Runs a real kvmvfiod (the built dist/src/daemon/main.js) in its own
+ * process, with its runtime and state dirs in a temp dir and, optionally, a
+ * fake sysfs/dev tree. Used by the API and CLI tests.
+ */
+import { type ChildProcess, spawn } from 'node:child_process';
+import { mkdtemp, readdir, rm } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { KvmVfioApi } from '../../src/client/client';
+
+export const REPO = join(__dirname, '..', '..', '..');
+export const DAEMON_JS = join(REPO, 'dist', 'src', 'daemon', 'main.js');
+export const CLI_JS = join(REPO, 'dist', 'src', 'cli', 'main.js');
+
+export interface LogLine {
+  level: number;
+  msg: string;
+  event?: string;
+  [k: string]: unknown;
+}
+
+export interface RunningDaemon {
+  proc: ChildProcess;
+  pid: number;
+  dir: string;
+  runtimeDir: string;
+  apiSocket: string;
+  logs: LogLine[];
+  client(): KvmVfioApi;
+  /** Open fds of the daemon process now. */
+  fdCount(): Promise<number>;
+  /** SIGTERM and wait for exit; resolves with the exit code and how long it took. */
+  stop(signal?: NodeJS.Signals): Promise<{ code: number | null; signal: NodeJS.Signals | null; ms: number }>;
+  cleanup(): Promise<void>;
+  waitForLog(pred: (l: LogLine) => boolean, timeoutMs?: number): Promise<LogLine>;
+}
+
+export interface DaemonOptions {
+  sysfs?: string;
+  dev?: string;
+  env?: Record<string, string>;
+  args?: string[];
+}
+
+export async function startDaemon(opts: DaemonOptions = {}): Promise<RunningDaemon> {
+  const dir = await mkdtemp(join(tmpdir(), 'kvmvfiod-test-'));
+  const runtimeDir = join(dir, 'run');
+  const args = [DAEMON_JS, '--runtime-dir', runtimeDir, '--state-dir', join(dir, 'state'), '--policy', join(dir, 'policy.json'), '--log-level', 'debug'];
+  if (opts.sysfs) args.push('--sysfs', opts.sysfs);
+  if (opts.dev) args.push('--dev', opts.dev);
+  args.push(...(opts.args ?? []));
+  const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...opts.env } });
+  const logs: LogLine[] = [];
+  const waiters = new Set<() => void>();
+  let buf = '';
+  let stderr = '';
+  proc.stdout!.setEncoding('utf8').on('data', (chunk: string) => {
+    buf += chunk;
+    let i;
+    while ((i = buf.indexOf('\n')) >= 0) {
+      const line = buf.slice(0, i);
+      buf = buf.slice(i + 1);
+      try {
+        logs.push(JSON.parse(line) as LogLine);
+      } catch {
+        logs.push({ level: 0, msg: line });
+      }
+      for (const w of waiters) w();
+    }
+  });
+  proc.stderr!.setEncoding('utf8').on('data', (c: string) => (stderr += c));
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => proc.once('exit', (code, signal) => resolve({ code, signal })));
+
+  const waitForLog = (pred: (l: LogLine) => boolean, timeoutMs = 10_000) =>
+    new Promise<LogLine>((resolve, reject) => {
+      const check = () => {
+        const hit = logs.find(pred);
+        if (hit) {
+          waiters.delete(check);
+          clearTimeout(timer);
+          resolve(hit);
+        }
+      };
+      const timer = setTimeout(() => {
+        waiters.delete(check);
+        reject(new Error(`log line not seen in ${timeoutMs} ms; stderr: ${stderr}; logs: ${JSON.stringify(logs.slice(-5))}`));
+      }, timeoutMs);
+      waiters.add(check);
+      check();
+    });
+
+  const ready = await Promise.race([
+    waitForLog((l) => l.event === 'ready' || l.event === 'start-failed').then((l) => l.event === 'ready'),
+    exited.then(() => false),
+  ]);
+  if (!ready) {
+    proc.kill('SIGKILL');
+    throw new Error(`daemon did not start; stderr: ${stderr}; logs: ${JSON.stringify(logs)}`);
+  }
+  const clients: KvmVfioApi[] = [];
+  const d: RunningDaemon = {
+    proc,
+    pid: proc.pid!,
+    dir,
+    runtimeDir,
+    apiSocket: join(runtimeDir, 'api.sock'),
+    logs,
+    client() {
+      const c = new KvmVfioApi(join(runtimeDir, 'api.sock'), { timeoutMs: 5000 });
+      clients.push(c);
+      return c;
+    },
+    async fdCount() {
+      return (await readdir(`/proc/${proc.pid}/fd`)).length;
+    },
+    async stop(signal = 'SIGTERM') {
+      for (const c of clients.splice(0)) c.close();
+      const t0 = Date.now();
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill(signal);
+      const r = await exited;
+      return { ...r, ms: Date.now() - t0 };
+    },
+    async cleanup() {
+      if (proc.exitCode === null && proc.signalCode === null) {
+        proc.kill('SIGKILL');
+        await exited;
+      }
+      if (existsSync(dir)) await rm(dir, { recursive: true, force: true });
+    },
+    waitForLog,
+  };
+  return d;
+}

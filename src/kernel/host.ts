@@ -1,5 +1,5 @@
 /** Process- and host-level calls: peer credentials, fd limits, the KVM-VFIO probe. */
-import { readdir } from 'node:fs/promises';
+import { readdir, readlink } from 'node:fs/promises';
 import { release } from 'node:os';
 import { SysError } from './errors';
 import { Kvm } from './kvm';
@@ -37,6 +37,13 @@ export function fdLimits(): FdLimits {
 /** How many fds this process has open now. */
 export async function openFdCount(): Promise<number> {
   return (await readdir('/proc/self/fd')).length - 1; // minus the one readdir itself opened
+}
+
+/** What each open fd of this process points at ("/dev/kvm", "socket:[123]", "anon_inode:kvm-vm"). */
+export async function listOpenFds(): Promise<string[]> {
+  const names = await readdir('/proc/self/fd');
+  const out = await Promise.all(names.map((n) => readlink(`/proc/self/fd/${n}`).catch(() => '')));
+  return out.filter((t) => t && !t.startsWith('/proc/'));
 }
 
 export function kernelRelease(): string {

@@ -3,5 +3,5 @@ export { SysError, errnoName, Errno } from './errors';
 export { OwnedFd } from './fd';
 export { Kvm, VmFd, KvmVfioDevice } from './kvm';
 export { VfioGroup, type VfioGroupStatus } from './vfio';
-export { peerCredentials, fdLimits, openFdCount, kernelRelease, probeKvmVfio, type PeerCred, type FdLimits, type KvmVfioSupport } from './host';
+export { peerCredentials, fdLimits, openFdCount, listOpenFds, kernelRelease, probeKvmVfio, type PeerCred, type FdLimits, type KvmVfioSupport } from './host';
 export { KVM, KVM_DEV_VFIO, VFIO } from './libc';

@@ -4,7 +4,7 @@
  * fake sysfs/dev tree. Used by the API and CLI tests.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
-import { mkdtemp, readdir, rm } from 'node:fs/promises';
+import { chmod, mkdtemp, readdir, rm } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -46,6 +46,8 @@ export interface DaemonOptions {
 
 export async function startDaemon(opts: DaemonOptions = {}): Promise<RunningDaemon> {
   const dir = await mkdtemp(join(tmpdir(), 'kvmvfiod-test-'));
+  // Unprivileged test clients must reach the socket inside.
+  await chmod(dir, 0o755);
   const runtimeDir = join(dir, 'run');
   const args = [DAEMON_JS, '--runtime-dir', runtimeDir, '--state-dir', join(dir, 'state'), '--policy', join(dir, 'policy.json'), '--log-level', 'debug'];
   if (opts.sysfs) args.push('--sysfs', opts.sysfs);

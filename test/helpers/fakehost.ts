@@ -133,6 +133,8 @@ export async function makeFakeHost(groups: FakeGroup[], opts: { vfioContainer?: 
       await writeFile(node, '', { mode: 0o600 });
       await chmod(node, 0o600);
     }
+    // The real /dev/kvm, reached through the fake dev root: KVM is tested against the real kernel.
+    await symlink('/dev/kvm', path.join(vfioDir, '..', 'kvm'));
     if (opts.vfioContainer) {
       const node = path.join(vfioDir, 'vfio');
       await writeFile(node, '', { mode: 0o600 });

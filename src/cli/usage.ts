@@ -1,0 +1,58 @@
+/** kvmvfioctl's help: the full text for --help, one synopsis per command for usage errors. */
+import { DEFAULT_SOCKET } from '../client/client';
+
+export const SYNOPSIS: Record<string, string> = {
+  info: 'kvmvfioctl info',
+  groups: 'kvmvfioctl groups [GROUP]',
+  'vm create': 'kvmvfioctl vm create NAME --vmm-uid UID [--vfio-device] [--group N]... [--label KEY=VALUE]... [--memlock SIZE] [--request-id ID]',
+  'vm get': 'kvmvfioctl vm get VM',
+  'vm list': 'kvmvfioctl vm list [--label KEY=VALUE]... [--state pending|running|exited|failed]...',
+  'vm delete': 'kvmvfioctl vm delete VM [--force]',
+  'vm watch': 'kvmvfioctl vm watch [--label KEY=VALUE]... [--state pending|running|exited|failed]...',
+  'vm vfio-device': 'kvmvfioctl vm vfio-device VM',
+  'vm add-group': 'kvmvfioctl vm add-group VM GROUP',
+  'vm remove-group': 'kvmvfioctl vm remove-group VM GROUP',
+};
+
+const VM_COMMANDS = Object.keys(SYNOPSIS).filter((k) => k.startsWith('vm '));
+
+export const HELP = `Usage: kvmvfioctl [global flags] COMMAND [ARGS]
+
+Command-line client of kvmvfiod, the broker of /dev/kvm and VFIO groups.
+
+Commands:
+  info                        what the host and its kernel can do, and what the daemon holds
+  groups [GROUP]              the host's IOMMU groups (devices, drivers, viability, holder), or one
+  vm create NAME --vmm-uid UID [--vfio-device] [--group N]... [--label KEY=VALUE]...
+            [--memlock SIZE] [--request-id ID]
+                              record a VM (PENDING) and claim its groups; --group needs --vfio-device;
+                              SIZE is bytes or K/M/G/T (powers of 1024), e.g. 2G
+  vm get VM                   one VM
+  vm list [--label KEY=VALUE]... [--state STATE]...
+                              the VMs, oldest first; every label must match, any state may
+  vm delete VM [--force]      remove a VM and return its groups (--force kills its VMM)
+  vm watch [--label KEY=VALUE]... [--state STATE]...
+                              one line per VM event until interrupted (SIGINT/SIGTERM end it, exit 0)
+  vm vfio-device VM           give the VM its KVM-VFIO device
+  vm add-group VM GROUP       add an IOMMU group to the VM
+  vm remove-group VM GROUP    remove an IOMMU group from the VM
+
+VM is a VM id or name. STATE is pending, running, exited or failed.
+
+Global flags (anywhere on the line):
+  --socket PATH   the daemon's API socket (else $KVMVFIO_SOCKET, else ${DEFAULT_SOCKET})
+  --json          print the response message as JSON (proto field names); errors as
+                  {"error":{"code":...,"message":...}} on stderr
+  --timeout MS    deadline of each call (default 10000)
+  -h, --help      this help
+  --version       kvmvfioctl's version
+
+Exit status: 0 success, 1 the call failed (the gRPC status is printed), 2 usage error.
+`;
+
+/** The synopsis shown under a usage error: the command's own, or all of vm's, or the top level. */
+export function synopsisFor(command: string | undefined): string {
+  if (command && SYNOPSIS[command]) return `Usage: ${SYNOPSIS[command]}`;
+  if (command === 'vm') return `Usage:\n${VM_COMMANDS.map((k) => `  ${SYNOPSIS[k]}`).join('\n')}`;
+  return 'Usage: kvmvfioctl [--socket PATH] [--json] [--timeout MS] info | groups [GROUP] | vm SUBCOMMAND ...';
+}

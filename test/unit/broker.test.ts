@@ -1,0 +1,490 @@
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { Broker, type Caller, type CreateVmSpec } from '../../src/broker/broker';
+import { GroupPool } from '../../src/broker/pool';
+import { VmRegistry, type VmChange, type VmRecord } from '../../src/broker/vms';
+import { AlreadyExistsError, FailedPreconditionError, NotFoundError, UnavailableError } from '../../src/broker/errors';
+import { Errno } from '../../src/kernel';
+import { makeFakeHost, type FakeGroup, type FakeHost } from '../helpers/fakehost';
+import { KernelDouble } from '../helpers/kerneldouble';
+
+const NIC = { vendor: '8086', device: '1521', class: '020000' };
+const GPU = { vendor: '10de', device: '1eb8', class: '030000' };
+const AUDIO = { vendor: '10de', device: '10f8', class: '040300' };
+
+/** Groups 1-6 and 12 viable; 7 not (audio function on snd_hda_intel). */
+const GROUPS: FakeGroup[] = [
+  ...[1, 2, 3, 4, 5, 6].map((n) => ({ number: n, devices: [{ address: `0000:0${n}:00.0`, ...NIC, driver: 'vfio-pci' }] })),
+  {
+    number: 7,
+    devices: [
+      { address: '0000:07:00.0', ...GPU, driver: 'vfio-pci' },
+      { address: '0000:07:00.1', ...AUDIO, driver: 'snd_hda_intel' },
+    ],
+  },
+  { number: 12, devices: [{ address: '0000:0c:00.0', ...GPU, driver: 'vfio-pci' }] },
+];
+
+const ROOT: Caller = { uid: 0, gid: 0, pid: 10 };
+const ALICE: Caller = { uid: 1000, gid: 1000, pid: 11 };
+const BOB: Caller = { uid: 2000, gid: 2000, pid: 12 };
+
+function spec(over: Partial<CreateVmSpec> = {}): CreateVmSpec {
+  return { name: 'web-1', labels: {}, vmmUid: 64000, vfioDevice: true, groups: [], memlockBytes: 0, requestId: '', ...over };
+}
+
+interface Ctx {
+  host: FakeHost;
+  k: KernelDouble;
+  pool: GroupPool;
+  broker: Broker;
+}
+
+async function withBroker(fn: (c: Ctx) => Promise<void>): Promise<void> {
+  const host = await makeFakeHost(GROUPS);
+  const k = new KernelDouble();
+  const pool = new GroupPool({ sysfsRoot: host.sysfs, devRoot: host.dev, procRoot: host.root, openGroup: k.openGroup });
+  const broker = new Broker(pool, new VmRegistry());
+  try {
+    await fn({ host, k, pool, broker });
+  } finally {
+    await pool.closeAll();
+    await host.cleanup();
+  }
+}
+
+async function rejectsWith<E extends Error>(p: Promise<unknown> | (() => unknown), cls: new (...a: never[]) => E): Promise<E> {
+  try {
+    await (typeof p === 'function' ? p() : p);
+  } catch (e) {
+    assert.ok(e instanceof cls, `expected ${cls.name}, got ${(e as Error)?.constructor?.name}: ${(e as Error)?.message}`);
+    return e;
+  }
+  assert.fail(`expected ${cls.name}, but it succeeded`);
+}
+
+/** A snapshot of what a failed call must not change. */
+function snap(vm: VmRecord): { groups: number[]; revision: number; vfioDevice: boolean; state: string; updateTime: string } {
+  return { groups: [...vm.groups], revision: vm.revision, vfioDevice: vm.vfioDevice, state: vm.state, updateTime: vm.updateTime };
+}
+
+describe('Broker: createVm', () => {
+  test('stores a PENDING VM with its groups claimed for it', async () => {
+    await withBroker(async ({ broker, pool, k }) => {
+      const { vm, created } = await broker.createVm(ALICE, spec({ groups: [12, 3], labels: { app: 'web' }, memlockBytes: 4096, requestId: 'r1' }));
+      assert.equal(created, true);
+      assert.equal(vm.state, 'PENDING');
+      assert.equal(vm.name, 'web-1');
+      assert.equal(vm.ownerUid, 1000);
+      assert.equal(vm.vmmUid, 64000);
+      assert.deepEqual(vm.groups, [3, 12]);
+      assert.deepEqual(vm.labels, { app: 'web' });
+      assert.equal(vm.memlockBytes, 4096);
+      assert.match(vm.id, /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/);
+      assert.deepEqual(pool.ownerOf(12), { vmId: vm.id, vmName: 'web-1' });
+      assert.deepEqual(pool.ownerOf(3), { vmId: vm.id, vmName: 'web-1' });
+      assert.equal(k.opens(12), 1);
+      assert.equal(broker.getVm(ALICE, vm.id), vm);
+    });
+  });
+
+  test('a create whose group cannot be claimed stores nothing and claims nothing', async () => {
+    await withBroker(async ({ broker, pool }) => {
+      await rejectsWith(broker.createVm(ALICE, spec({ groups: [1, 7] })), FailedPreconditionError);
+      await rejectsWith(broker.createVm(ALICE, spec({ groups: [1, 99] })), NotFoundError);
+      assert.equal(broker.vms.size, 0);
+      assert.equal(pool.claimedCount, 0);
+      // The name is still free.
+      await broker.createVm(ALICE, spec({ groups: [1] }));
+    });
+  });
+
+  test('the same request_id with the same request returns the same VM, created:false', async () => {
+    await withBroker(async ({ broker, pool, k }) => {
+      const first = await broker.createVm(ALICE, spec({ groups: [1, 2], labels: { a: '1', b: '2' }, requestId: 'req-1' }));
+      // Same request, groups and labels given in another order.
+      const again = await broker.createVm(ALICE, spec({ groups: [2, 1], labels: { b: '2', a: '1' }, requestId: 'req-1' }));
+      assert.equal(again.created, false);
+      assert.equal(again.vm.id, first.vm.id);
+      assert.equal(broker.vms.size, 1);
+      assert.equal(pool.claimedCount, 2);
+      assert.equal(k.opens(1), 1);
+    });
+  });
+
+  test('the same request_id with a different request is FailedPreconditionError and claims nothing', async () => {
+    await withBroker(async ({ broker, pool }) => {
+      const first = await broker.createVm(ALICE, spec({ groups: [1], requestId: 'req-1' }));
+      for (const other of [
+        spec({ name: 'web-2', groups: [2], requestId: 'req-1' }),
+        spec({ groups: [1, 2], requestId: 'req-1' }),
+        spec({ groups: [1], memlockBytes: 1 << 20, requestId: 'req-1' }),
+        spec({ groups: [1], labels: { x: 'y' }, requestId: 'req-1' }),
+        spec({ groups: [1], vmmUid: 1, requestId: 'req-1' }),
+      ]) {
+        const e = await rejectsWith(broker.createVm(ALICE, other), FailedPreconditionError);
+        assert.match(e.message, /req-1/);
+      }
+      assert.equal(broker.vms.size, 1);
+      assert.equal(pool.ownerOf(2), undefined);
+      assert.equal(pool.claimedCount, 1);
+      assert.deepEqual(broker.getVm(ALICE, first.vm.id).groups, [1]);
+    });
+  });
+
+  test('a request_id is per owner: another uid using it creates its own VM', async () => {
+    await withBroker(async ({ broker }) => {
+      const a = await broker.createVm(ALICE, spec({ requestId: 'req-1' }));
+      const b = await broker.createVm(BOB, spec({ requestId: 'req-1' }));
+      assert.equal(b.created, true);
+      assert.notEqual(a.vm.id, b.vm.id);
+    });
+  });
+
+  test('a duplicate name for the same owner is AlreadyExistsError and claims nothing', async () => {
+    await withBroker(async ({ broker, pool }) => {
+      await broker.createVm(ALICE, spec({ groups: [1] }));
+      const e = await rejectsWith(broker.createVm(ALICE, spec({ groups: [2] })), AlreadyExistsError);
+      assert.match(e.message, /web-1/);
+      assert.equal(pool.ownerOf(2), undefined);
+      assert.equal(broker.vms.size, 1);
+    });
+  });
+
+  test('the same name for a different owner uid is allowed', async () => {
+    await withBroker(async ({ broker }) => {
+      const a = await broker.createVm(ALICE, spec());
+      const b = await broker.createVm(BOB, spec());
+      assert.equal(b.created, true);
+      assert.notEqual(a.vm.id, b.vm.id);
+      assert.equal(broker.vms.size, 2);
+    });
+  });
+
+  test('concurrent createVm with the same name: exactly one wins, the loser claims nothing', async () => {
+    await withBroker(async ({ broker, pool }) => {
+      const results = await Promise.allSettled([broker.createVm(ALICE, spec({ groups: [1] })), broker.createVm(ALICE, spec({ groups: [2] }))]);
+      const won = results.filter((r) => r.status === 'fulfilled');
+      const lost = results.filter((r): r is PromiseRejectedResult => r.status === 'rejected');
+      assert.equal(won.length, 1);
+      assert.equal(lost.length, 1);
+      assert.ok(lost[0].reason instanceof AlreadyExistsError, String(lost[0].reason));
+      assert.equal(broker.vms.size, 1);
+      assert.equal(pool.claimedCount, 1);
+    });
+  });
+
+  test('concurrent createVm with the same name and request_id: one VM, one created:true', async () => {
+    await withBroker(async ({ broker }) => {
+      const [a, b] = await Promise.all([broker.createVm(ALICE, spec({ groups: [1], requestId: 'r' })), broker.createVm(ALICE, spec({ groups: [1], requestId: 'r' }))]);
+      assert.equal(a.vm.id, b.vm.id);
+      assert.deepEqual([a.created, b.created].sort(), [false, true]);
+      assert.equal(broker.vms.size, 1);
+    });
+  });
+
+  test('concurrent createVm of different owners on the same group: exactly one gets it', async () => {
+    await withBroker(async ({ broker, pool, k }) => {
+      const results = await Promise.allSettled([broker.createVm(ALICE, spec({ groups: [12] })), broker.createVm(BOB, spec({ groups: [12] }))]);
+      assert.equal(results.filter((r) => r.status === 'fulfilled').length, 1);
+      const lost = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      assert.ok(lost?.reason instanceof FailedPreconditionError, String(lost?.reason));
+      assert.equal(broker.vms.size, 1);
+      assert.equal(pool.ownerOf(12)?.vmId, [...broker.vms.all()][0].id);
+      assert.equal(k.opens(12), 1);
+    });
+  });
+});
+
+describe('Broker: visibility', () => {
+  test('uid 0 sees all VMs; uid 1000 sees only its own', async () => {
+    await withBroker(async ({ broker }) => {
+      const a = (await broker.createVm(ALICE, spec({ name: 'a' }))).vm;
+      const b = (await broker.createVm(BOB, spec({ name: 'b' }))).vm;
+      const r = (await broker.createVm(ROOT, spec({ name: 'r' }))).vm;
+      assert.deepEqual(
+        broker.listVms(ROOT, { labels: {}, states: [] }).map((v) => v.name).sort(),
+        ['a', 'b', 'r'],
+      );
+      assert.deepEqual(
+        broker.listVms(ALICE, { labels: {}, states: [] }).map((v) => v.name),
+        ['a'],
+      );
+      assert.equal(broker.getVm(ROOT, b.id), b);
+      assert.equal(broker.getVm(ALICE, a.id), a);
+      await rejectsWith(() => broker.getVm(ALICE, b.id), NotFoundError);
+      await rejectsWith(() => broker.getVm(ALICE, r.id), NotFoundError);
+      await rejectsWith(() => broker.getVm(ALICE, '00000000-0000-4000-8000-000000000000'), NotFoundError);
+    });
+  });
+
+  test('another owner\'s VM cannot be changed or deleted (NotFoundError), and is left as it was', async () => {
+    await withBroker(async ({ broker, pool }) => {
+      const b = (await broker.createVm(BOB, spec({ name: 'b', groups: [1], vfioDevice: false }))).vm;
+      const before = snap(b);
+      await rejectsWith(broker.deleteVm(ALICE, b.id), NotFoundError);
+      await rejectsWith(broker.createVfioDevice(ALICE, b.id), NotFoundError);
+      await rejectsWith(broker.addGroup(ALICE, b.id, 2), NotFoundError);
+      await rejectsWith(broker.removeGroup(ALICE, b.id, 1), NotFoundError);
+      assert.deepEqual(snap(broker.getVm(BOB, b.id)), before);
+      assert.equal(pool.ownerOf(1)?.vmId, b.id);
+      assert.equal(pool.ownerOf(2), undefined);
+      // Root may.
+      await broker.deleteVm(ROOT, b.id);
+      assert.equal(broker.vms.size, 0);
+    });
+  });
+
+  test('listVms filters by labels (all must match) and by states (any)', async () => {
+    await withBroker(async ({ broker }) => {
+      const a = (await broker.createVm(ALICE, spec({ name: 'a', labels: { app: 'web', env: 'prod' } }))).vm;
+      await broker.createVm(ALICE, spec({ name: 'b', labels: { app: 'web', env: 'dev' } }));
+      const c = (await broker.createVm(ALICE, spec({ name: 'c', labels: { app: 'db' } }))).vm;
+      await broker.createVm(BOB, spec({ name: 'd', labels: { app: 'web', env: 'prod' } }));
+      broker.vms.transition(c, 'FAILED', 'x');
+      const names = (labels: Record<string, string>, states: VmRecord['state'][] = []) =>
+        broker.listVms(ALICE, { labels, states }).map((v) => v.name).sort();
+      assert.deepEqual(names({ app: 'web' }), ['a', 'b']);
+      assert.deepEqual(names({ app: 'web', env: 'prod' }), ['a']);
+      assert.deepEqual(names({ app: 'nope' }), []);
+      assert.deepEqual(names({}, ['FAILED']), ['c']);
+      assert.deepEqual(names({}, ['PENDING']), ['a', 'b']);
+      assert.deepEqual(names({}, ['PENDING', 'FAILED']), ['a', 'b', 'c']);
+      assert.deepEqual(names({}, ['RUNNING']), []);
+      assert.deepEqual(names({ app: 'db' }, ['PENDING']), []);
+      assert.deepEqual(
+        broker.listVms(ROOT, { labels: { env: 'prod' }, states: [] }).map((v) => v.name).sort(),
+        ['a', 'd'],
+      );
+      assert.ok(a);
+    });
+  });
+});
+
+describe('Broker: the VFIO device and groups of a pending VM', () => {
+  test('createVfioDevice sets the device; a second one is AlreadyExistsError', async () => {
+    await withBroker(async ({ broker }) => {
+      const vm = (await broker.createVm(ALICE, spec({ vfioDevice: false }))).vm;
+      const after = await broker.createVfioDevice(ALICE, vm.id);
+      assert.equal(after.vfioDevice, true);
+      const rev = after.revision;
+      await rejectsWith(broker.createVfioDevice(ALICE, vm.id), AlreadyExistsError);
+      assert.equal(broker.getVm(ALICE, vm.id).revision, rev);
+    });
+  });
+
+  test('addGroup without the device is FailedPreconditionError and claims nothing', async () => {
+    await withBroker(async ({ broker, pool, k }) => {
+      const vm = (await broker.createVm(ALICE, spec({ vfioDevice: false }))).vm;
+      const before = snap(vm);
+      const e = await rejectsWith(broker.addGroup(ALICE, vm.id, 12), FailedPreconditionError);
+      assert.match(e.message, /CreateVfioDevice/);
+      assert.deepEqual(snap(broker.getVm(ALICE, vm.id)), before);
+      assert.equal(pool.ownerOf(12), undefined);
+      assert.equal(k.attempts(12), 0);
+    });
+  });
+
+  test('addGroup claims the group and adds it in order', async () => {
+    await withBroker(async ({ broker, pool }) => {
+      const vm = (await broker.createVm(ALICE, spec({ groups: [5] }))).vm;
+      const rev = vm.revision;
+      const after = await broker.addGroup(ALICE, vm.id, 2);
+      assert.deepEqual(after.groups, [2, 5]);
+      assert.ok(after.revision > rev);
+      assert.deepEqual(pool.ownerOf(2), { vmId: vm.id, vmName: 'web-1' });
+    });
+  });
+
+  test('addGroup of a group already in the VM is AlreadyExistsError', async () => {
+    await withBroker(async ({ broker, pool }) => {
+      const vm = (await broker.createVm(ALICE, spec({ groups: [12] }))).vm;
+      const before = snap(vm);
+      await rejectsWith(broker.addGroup(ALICE, vm.id, 12), AlreadyExistsError);
+      assert.deepEqual(snap(broker.getVm(ALICE, vm.id)), before);
+      assert.equal(pool.ownerOf(12)?.vmId, vm.id);
+    });
+  });
+
+  test('addGroup of a group held by another VM names it; nothing changes', async () => {
+    await withBroker(async ({ broker, pool }) => {
+      const other = (await broker.createVm(BOB, spec({ name: 'db-1', groups: [12] }))).vm;
+      const vm = (await broker.createVm(ALICE, spec())).vm;
+      const before = snap(vm);
+      const e = await rejectsWith(broker.addGroup(ALICE, vm.id, 12), FailedPreconditionError);
+      assert.ok(e.message.includes('db-1'), e.message);
+      assert.deepEqual(snap(broker.getVm(ALICE, vm.id)), before);
+      assert.equal(pool.ownerOf(12)?.vmId, other.id);
+    });
+  });
+
+  test('a failed addGroup (not viable, unknown, busy, out of fds) changes nothing and leaves the group free', async () => {
+    await withBroker(async ({ broker, pool, k }) => {
+      k.set(3, { openErrno: Errno.EBUSY });
+      k.set(4, { openErrno: Errno.EMFILE });
+      k.set(5, { viable: false });
+      const vm = (await broker.createVm(ALICE, spec({ groups: [1] }))).vm;
+      const before = snap(vm);
+      const events: VmChange[] = [];
+      const stop = broker.watch(ROOT, (c) => events.push(c));
+      for (const g of [7, 99, 3, 4, 5]) {
+        await assert.rejects(broker.addGroup(ALICE, vm.id, g));
+        assert.deepEqual(snap(broker.getVm(ALICE, vm.id)), before, `after group ${g}`);
+        assert.equal(pool.ownerOf(g), undefined, `group ${g}`);
+      }
+      stop();
+      assert.deepEqual(events, []);
+      assert.equal(pool.openCount, 1);
+      assert.equal(k.live(5), 0);
+      // The groups can still go to another VM once fixed.
+      k.set(3, {});
+      const other = (await broker.createVm(BOB, spec({ name: 'x', groups: [3] }))).vm;
+      assert.equal(pool.ownerOf(3)?.vmId, other.id);
+    });
+  });
+
+  test('removeGroup of a group not in the VM is NotFoundError', async () => {
+    await withBroker(async ({ broker, pool }) => {
+      const other = (await broker.createVm(BOB, spec({ name: 'db-1', groups: [2] }))).vm;
+      const vm = (await broker.createVm(ALICE, spec({ groups: [1] }))).vm;
+      const before = snap(vm);
+      await rejectsWith(broker.removeGroup(ALICE, vm.id, 2), NotFoundError);
+      await rejectsWith(broker.removeGroup(ALICE, vm.id, 99), NotFoundError);
+      assert.deepEqual(snap(broker.getVm(ALICE, vm.id)), before);
+      assert.equal(pool.ownerOf(2)?.vmId, other.id, "another VM's group is not released");
+    });
+  });
+
+  test('removeGroup frees the group for another VM, keeping the daemon\'s fd', async () => {
+    await withBroker(async ({ broker, pool, k }) => {
+      const vm = (await broker.createVm(ALICE, spec({ groups: [1, 12] }))).vm;
+      await rejectsWith(broker.createVm(BOB, spec({ name: 'db-1', groups: [12] })), FailedPreconditionError);
+      const after = await broker.removeGroup(ALICE, vm.id, 12);
+      assert.deepEqual(after.groups, [1]);
+      assert.equal(pool.ownerOf(12), undefined);
+      const other = (await broker.createVm(BOB, spec({ name: 'db-1', groups: [12] }))).vm;
+      assert.equal(pool.ownerOf(12)?.vmId, other.id);
+      assert.equal(k.opens(12), 1);
+      assert.equal(k.closes(12), 0);
+    });
+  });
+
+  test('deleteVm releases the VM\'s groups and forgets it', async () => {
+    await withBroker(async ({ broker, pool }) => {
+      const keep = (await broker.createVm(ALICE, spec({ name: 'keep', groups: [3] }))).vm;
+      const vm = (await broker.createVm(ALICE, spec({ groups: [1, 2] }))).vm;
+      const gone = await broker.deleteVm(ALICE, vm.id);
+      assert.equal(gone.id, vm.id);
+      assert.equal(pool.ownerOf(1), undefined);
+      assert.equal(pool.ownerOf(2), undefined);
+      assert.equal(pool.ownerOf(3)?.vmId, keep.id);
+      await rejectsWith(() => broker.getVm(ALICE, vm.id), NotFoundError);
+      await rejectsWith(broker.deleteVm(ALICE, vm.id), NotFoundError);
+      // The name and the groups can be used again.
+      await broker.createVm(BOB, spec({ groups: [1, 2] }));
+      await broker.createVm(ALICE, spec({ groups: [] }));
+    });
+  });
+
+  test('changes to a VM that is not PENDING are FailedPreconditionError; it can still be deleted', async () => {
+    await withBroker(async ({ broker, pool }) => {
+      const failed = (await broker.createVm(ALICE, spec({ name: 'f', groups: [1], vfioDevice: false }))).vm;
+      broker.vms.transition(failed, 'FAILED', 'x');
+      const running = (await broker.createVm(ALICE, spec({ name: 'r', groups: [3] }))).vm;
+      broker.vms.transition(running, 'RUNNING');
+      for (const vm of [failed, running]) {
+        const before = snap(vm);
+        await rejectsWith(broker.createVfioDevice(ALICE, vm.id), FailedPreconditionError);
+        const e = await rejectsWith(broker.addGroup(ALICE, vm.id, 2), FailedPreconditionError);
+        assert.ok(e.message.includes(vm.state), e.message);
+        await rejectsWith(broker.removeGroup(ALICE, vm.id, vm.groups[0]), FailedPreconditionError);
+        assert.deepEqual(snap(broker.getVm(ALICE, vm.id)), before);
+        assert.equal(pool.ownerOf(vm.groups[0])?.vmId, vm.id);
+      }
+      assert.equal(pool.ownerOf(2), undefined);
+      const e = await rejectsWith(broker.createVfioDevice(ALICE, running.id), FailedPreconditionError);
+      assert.match(e.message, /RUNNING/);
+      await broker.deleteVm(ALICE, failed.id);
+      assert.equal(pool.ownerOf(1), undefined);
+    });
+  });
+});
+
+describe('Broker: watch', () => {
+  test('delivers CREATED, UPDATED, DELETED only for VMs the watcher can see', async () => {
+    await withBroker(async ({ broker }) => {
+      const seen: Record<string, [string, string][]> = { root: [], alice: [], bob: [] };
+      const stops = [
+        broker.watch(ROOT, (c) => seen.root.push([c.type, c.vm.name])),
+        broker.watch(ALICE, (c) => seen.alice.push([c.type, c.vm.name])),
+        broker.watch(BOB, (c) => seen.bob.push([c.type, c.vm.name])),
+      ];
+      const a = (await broker.createVm(ALICE, spec({ name: 'a', vfioDevice: false }))).vm;
+      const b = (await broker.createVm(BOB, spec({ name: 'b', vfioDevice: false }))).vm;
+      await broker.createVfioDevice(ALICE, a.id);
+      await broker.addGroup(ALICE, a.id, 1);
+      await broker.createVfioDevice(BOB, b.id);
+      await broker.deleteVm(ALICE, a.id);
+      await broker.deleteVm(ROOT, b.id);
+      assert.deepEqual(seen.alice, [
+        ['CREATED', 'a'],
+        ['UPDATED', 'a'],
+        ['UPDATED', 'a'],
+        ['DELETED', 'a'],
+      ]);
+      assert.deepEqual(seen.bob, [
+        ['CREATED', 'b'],
+        ['UPDATED', 'b'],
+        ['DELETED', 'b'],
+      ]);
+      assert.deepEqual(seen.root, [
+        ['CREATED', 'a'],
+        ['CREATED', 'b'],
+        ['UPDATED', 'a'],
+        ['UPDATED', 'a'],
+        ['UPDATED', 'b'],
+        ['DELETED', 'a'],
+        ['DELETED', 'b'],
+      ]);
+      for (const stop of stops) stop();
+      await broker.createVm(ALICE, spec({ name: 'c' }));
+      assert.equal(seen.alice.length, 4, 'no event after unsubscribe');
+      assert.equal(seen.root.length, 7);
+    });
+  });
+
+  test('events carry a frozen copy of the VM as it was at the change', async () => {
+    await withBroker(async ({ broker }) => {
+      const events: VmChange[] = [];
+      const stop = broker.watch(ALICE, (c) => events.push(c));
+      const vm = (await broker.createVm(ALICE, spec({ groups: [1] }))).vm;
+      await broker.addGroup(ALICE, vm.id, 2);
+      stop();
+      assert.deepEqual(events.map((e) => e.vm.groups), [[1], [1, 2]]);
+      assert.ok(Object.isFrozen(events[0].vm));
+      assert.notEqual(events[1].vm, vm);
+      assert.ok(events[1].vm.revision > events[0].vm.revision);
+    });
+  });
+});
+
+describe('Broker: shutdown', () => {
+  test('after beginShutdown every mutation is UnavailableError; reads still work', async () => {
+    await withBroker(async ({ broker, pool }) => {
+      const vm = (await broker.createVm(ALICE, spec({ groups: [1], vfioDevice: false }))).vm;
+      const bare = (await broker.createVm(ALICE, spec({ name: 'dev', groups: [] }))).vm;
+      broker.beginShutdown();
+      await rejectsWith(broker.createVm(ALICE, spec({ name: 'new', groups: [2] })), UnavailableError);
+      await rejectsWith(broker.createVfioDevice(ALICE, vm.id), UnavailableError);
+      await rejectsWith(broker.addGroup(ALICE, bare.id, 2), UnavailableError);
+      await rejectsWith(broker.removeGroup(ALICE, vm.id, 1), UnavailableError);
+      await rejectsWith(broker.deleteVm(ALICE, vm.id), UnavailableError);
+      assert.equal(broker.vms.size, 2);
+      assert.equal(pool.ownerOf(1)?.vmId, vm.id);
+      assert.equal(pool.ownerOf(2), undefined);
+      assert.equal(broker.getVm(ALICE, vm.id).vfioDevice, false);
+      assert.equal(broker.listVms(ALICE, { labels: {}, states: [] }).length, 2);
+      assert.equal((await broker.getGroup(1)).owner?.vmId, vm.id);
+    });
+  });
+});

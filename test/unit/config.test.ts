@@ -1,0 +1,42 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { ConfigError, DEFAULTS, apiSocketPath, parseConfig } from '../../src/daemon/config';
+
+test('defaults are the paths of DESIGN.md', () => {
+  const c = parseConfig([], {});
+  assert.deepEqual(c, DEFAULTS);
+  assert.equal(apiSocketPath(DEFAULTS), '/run/kvmvfiod/api.sock');
+});
+
+test('the environment overrides defaults and a flag overrides the environment', () => {
+  const env = {
+    KVMVFIOD_RUNTIME_DIR: '/tmp/env-run',
+    KVMVFIOD_STATE_DIR: '/tmp/env-state',
+    KVMVFIOD_POLICY: '/tmp/p.json',
+    KVMVFIOD_SYSFS: '/tmp/sys',
+    KVMVFIOD_DEV: '/tmp/dev',
+    KVMVFIOD_LOG_LEVEL: 'warn',
+  };
+  const fromEnv = parseConfig([], env);
+  assert.ok(typeof fromEnv === 'object');
+  assert.equal(fromEnv.runtimeDir, '/tmp/env-run');
+  assert.equal(fromEnv.stateDir, '/tmp/env-state');
+  assert.equal(fromEnv.policy, '/tmp/p.json');
+  assert.equal(fromEnv.sysfsRoot, '/tmp/sys');
+  assert.equal(fromEnv.devRoot, '/tmp/dev');
+  assert.equal(fromEnv.logLevel, 'warn');
+  const fromFlag = parseConfig(['--runtime-dir', '/tmp/flag-run', '--log-level', 'debug'], env);
+  assert.ok(typeof fromFlag === 'object');
+  assert.equal(fromFlag.runtimeDir, '/tmp/flag-run');
+  assert.equal(fromFlag.logLevel, 'debug');
+  assert.equal(fromFlag.stateDir, '/tmp/env-state');
+});
+
+test('bad settings are refused with the setting named', () => {
+  assert.throws(() => parseConfig(['--log-level', 'loud'], {}), (e: unknown) => e instanceof ConfigError && /--log-level/.test(e.message));
+  assert.throws(() => parseConfig(['--runtime-dir', 'relative/dir'], {}), (e: unknown) => e instanceof ConfigError && /runtimeDir.*absolute/.test(e.message));
+  assert.throws(() => parseConfig(['--no-such-flag'], {}), ConfigError);
+  assert.throws(() => parseConfig(['--shutdown-grace-ms', '-1'], {}), ConfigError);
+  assert.equal(parseConfig(['--help'], {}), 'help');
+  assert.equal(parseConfig(['--version'], {}), 'version');
+});

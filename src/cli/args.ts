@@ -44,6 +44,26 @@ export interface CommandLine {
   given: Set<OptionName>;
 }
 
+/**
+ * The command words of a line parseArgs refused, so the usage error can show
+ * that command's synopsis: the first two words that are neither flags nor
+ * the values of string flags.
+ */
+export function commandWords(argv: readonly string[]): string[] {
+  const words: string[] = [];
+  for (let i = 0; i < argv.length && words.length < 2; i++) {
+    const a = argv[i];
+    if (a === '--') break;
+    if (a.startsWith('-')) {
+      const opt = OPTIONS[a.slice(2) as OptionName] as { type: string } | undefined;
+      if (a.startsWith('--') && !a.includes('=') && opt?.type === 'string') i++;
+      continue;
+    }
+    words.push(a);
+  }
+  return words[0] === 'vm' ? words : words.slice(0, 1);
+}
+
 export function parseCommandLine(argv: string[]): CommandLine {
   let parsed: ReturnType<typeof parse>;
   try {
@@ -87,13 +107,14 @@ export const UINT32_MAX = 0xffffffff;
 export const UID_MAX = 0xfffffffe;
 const UINT64_MAX = (1n << 64n) - 1n;
 
-export const parseGroup = (text: string): number => parseUint(text, 'IOMMU group', UINT32_MAX);
+/** An IOMMU group number (the proto's uint32). */
+export const parseGroup = (text: string, what = 'GROUP'): number => parseUint(text, what, UINT32_MAX);
 
 /** Group numbers of repeated --group flags, in the order given; a repeat is refused. */
 export function parseGroups(texts: readonly string[] | undefined): number[] {
   const out: number[] = [];
   for (const t of texts ?? []) {
-    const n = parseGroup(t);
+    const n = parseGroup(t, '--group');
     if (out.includes(n)) throw new UsageError(`--group ${n} given twice`);
     out.push(n);
   }

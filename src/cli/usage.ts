@@ -53,6 +53,6 @@ Exit status: 0 success, 1 the call failed (the gRPC status is printed), 2 usage 
 /** The synopsis shown under a usage error: the command's own, or all of vm's, or the top level. */
 export function synopsisFor(command: string | undefined): string {
   if (command && SYNOPSIS[command]) return `Usage: ${SYNOPSIS[command]}`;
-  if (command === 'vm') return `Usage:\n${VM_COMMANDS.map((k) => `  ${SYNOPSIS[k]}`).join('\n')}`;
+  if (command === 'vm' || command?.startsWith('vm ')) return `Usage:\n${VM_COMMANDS.map((k) => `  ${SYNOPSIS[k]}`).join('\n')}`;
   return 'Usage: kvmvfioctl [--socket PATH] [--json] [--timeout MS] info | groups [GROUP] | vm SUBCOMMAND ...';
 }

@@ -1,0 +1,266 @@
+#!/usr/bin/env node
+/**
+ * kvmvfioctl: the command-line client of kvmvfiod, built on KvmVfioApi.
+ * Exit status: 0 success, 1 the call failed, 2 usage error.
+ */
+import { status as Status } from '@grpc/grpc-js';
+import { existsSync } from 'node:fs';
+import { DEFAULT_SOCKET, KvmVfioApi, isApiError, type ApiError, type Vm } from '../client/client';
+import { DAEMON_VERSION } from '../version';
+import {
+  type CommandLine,
+  type OptionName,
+  UID_MAX,
+  UsageError,
+  allowOnly,
+  commandWords,
+  parseCommandLine,
+  parseGroup,
+  parseGroups,
+  parseLabels,
+  parseSize,
+  parseStates,
+  parseUint,
+  positionals,
+} from './args';
+import * as fmt from './format';
+import * as js from './json';
+import { HELP, synopsisFor } from './usage';
+
+interface Context {
+  cl: CommandLine;
+  /** The positionals after the command words. */
+  args: string[];
+  json: boolean;
+  /** The client, created on first use so that usage errors never touch gRPC. */
+  api(): KvmVfioApi;
+  out(text: string): void;
+}
+
+interface Command {
+  options: readonly OptionName[];
+  run(ctx: Context): Promise<void>;
+}
+
+const FILTER_OPTIONS: readonly OptionName[] = ['label', 'state'];
+
+const filterOf = (cl: CommandLine) => ({ labels: parseLabels(cl.values.label), states: parseStates(cl.values.state) });
+
+/** VM commands that take only a VM: resolve the name, make the call, show the VM. */
+function onVm(call: (api: KvmVfioApi, id: string) => Promise<Vm>, say: (vm: Vm) => string): Command {
+  return {
+    options: [],
+    async run(ctx) {
+      const [ref] = positionals(ctx.args, ['VM']);
+      const api = ctx.api();
+      const vm = await call(api, await api.resolveVm(ref));
+      ctx.out(ctx.json ? js.pretty(js.vmJson(vm)) : say(vm));
+    },
+  };
+}
+
+/** add-group / remove-group: VM and a group number, checked before anything is sent. */
+function onVmGroup(call: (api: KvmVfioApi, id: string, group: number) => Promise<Vm>, verb: string): Command {
+  return {
+    options: [],
+    async run(ctx) {
+      const [ref, groupText] = positionals(ctx.args, ['VM', 'GROUP']);
+      const group = parseGroup(groupText);
+      const api = ctx.api();
+      const vm = await call(api, await api.resolveVm(ref), group);
+      ctx.out(ctx.json ? js.pretty(js.vmJson(vm)) : `vm ${vm.name}: IOMMU group ${group} ${verb}; groups now ${vm.groups.length ? vm.groups.join(',') : 'none'}\n`);
+    },
+  };
+}
+
+const COMMANDS: Record<string, Command> = {
+  info: {
+    options: [],
+    async run(ctx) {
+      positionals(ctx.args, []);
+      const h = await ctx.api().getHostInfo();
+      ctx.out(ctx.json ? js.pretty(js.hostInfoJson(h)) : fmt.hostInfo(h));
+    },
+  },
+
+  groups: {
+    options: [],
+    async run(ctx) {
+      if (ctx.args.length > 1) positionals(ctx.args, ['GROUP']);
+      if (ctx.args.length === 1) {
+        const g = await ctx.api().getIommuGroup(parseGroup(ctx.args[0]));
+        ctx.out(ctx.json ? js.pretty(js.groupJson(g)) : fmt.groupDetail(g));
+        return;
+      }
+      const res = await ctx.api().listIommuGroups();
+      if (ctx.json) ctx.out(js.pretty(js.groupsJson(res)));
+      // An empty table would look like a bug; say why there is nothing.
+      else ctx.out(res.groups.length ? fmt.groupTable(res.groups) : fmt.NO_IOMMU_GROUPS);
+    },
+  },
+
+  'vm create': {
+    options: ['vmm-uid', 'vfio-device', 'group', 'label', 'memlock', 'request-id'],
+    async run(ctx) {
+      const [name] = positionals(ctx.args, ['NAME']);
+      const v = ctx.cl.values;
+      if (v['vmm-uid'] === undefined) throw new UsageError('--vmm-uid UID is required (the uid the VMM will run as)');
+      const vmmUid = parseUint(v['vmm-uid'], '--vmm-uid', UID_MAX);
+      const groups = parseGroups(v.group);
+      const vfioDevice = v['vfio-device'] ?? false;
+      if (groups.length && !vfioDevice) throw new UsageError('--group needs --vfio-device (groups are added to the VM\'s KVM-VFIO device)');
+      const res = await ctx.api().createVm({
+        name,
+        vmm_uid: vmmUid,
+        vfio_device: vfioDevice,
+        groups,
+        labels: parseLabels(v.label),
+        memlock_bytes: v.memlock === undefined ? '0' : parseSize(v.memlock, '--memlock'),
+        request_id: v['request-id'] ?? '',
+      });
+      if (ctx.json) ctx.out(js.pretty(js.createVmJson(res)));
+      else if (res.vm) ctx.out(fmt.vmDetail(res.vm));
+    },
+  },
+
+  'vm get': onVm((api, id) => api.getVm(id), (vm) => fmt.vmDetail(vm)),
+
+  'vm list': {
+    options: FILTER_OPTIONS,
+    async run(ctx) {
+      positionals(ctx.args, []);
+      const filter = filterOf(ctx.cl);
+      const res = await ctx.api().listVms(filter);
+      if (ctx.json) ctx.out(js.pretty(js.vmsJson(res)));
+      else if (!res.vms.length) ctx.out(Object.keys(filter.labels).length || filter.states.length ? 'No VMs match.\n' : 'No VMs.\n');
+      else ctx.out(fmt.vmTable(res.vms));
+    },
+  },
+
+  'vm delete': {
+    options: ['force'],
+    async run(ctx) {
+      const [ref] = positionals(ctx.args, ['VM']);
+      const api = ctx.api();
+      const res = await api.deleteVm({ vm_id: await api.resolveVm(ref), force: ctx.cl.values.force ?? false });
+      if (ctx.json) ctx.out(js.pretty(js.deleteVmJson(res)));
+      else ctx.out(res.vm ? `deleted vm ${res.vm.name} (${res.vm.id})\n` : 'deleted\n');
+    },
+  },
+
+  'vm watch': {
+    options: FILTER_OPTIONS,
+    async run(ctx) {
+      positionals(ctx.args, []);
+      const filter = filterOf(ctx.cl);
+      // Interrupting ends the watch as asked: exit 0. The stream's iterator
+      // cannot be returned while it waits for an event, so exit outright;
+      // stdout writes are synchronous for files, pipes and terminals here.
+      const stop = () => process.exit(0);
+      process.once('SIGINT', stop);
+      process.once('SIGTERM', stop);
+      for await (const ev of ctx.api().watchVms(filter)) ctx.out(ctx.json ? js.line(js.eventJson(ev)) : fmt.eventLine(ev));
+    },
+  },
+
+  'vm vfio-device': onVm(
+    (api, id) => api.createVfioDevice(id),
+    (vm) => `vm ${vm.name}: KVM-VFIO device ${vm.state === 'VM_STATE_PENDING' ? 'planned (created when its VMM attaches)' : 'created'}\n`,
+  ),
+
+  'vm add-group': onVmGroup((api, id, group) => api.addGroup({ vm_id: id, group }), 'added'),
+  'vm remove-group': onVmGroup((api, id, group) => api.removeGroup({ vm_id: id, group }), 'removed'),
+};
+
+/** The message for a failed call; an unreachable daemon is named by its socket. */
+function describe(e: ApiError, socket: string, timeoutMs: number | undefined): string {
+  const details = e.details || e.message;
+  if (e.code === Status.UNAVAILABLE) {
+    if (!existsSync(socket)) return `no kvmvfiod socket at ${socket}: is kvmvfiod running? (--socket PATH or KVMVFIO_SOCKET selects another)`;
+    return `kvmvfiod at ${socket} is unavailable: ${details}`;
+  }
+  if (e.code === Status.DEADLINE_EXCEEDED) return `${details} (deadline ${timeoutMs ?? 10000} ms; --timeout MS changes it)`;
+  return details;
+}
+
+export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env): Promise<number> {
+  let command: string | undefined;
+  let json = argv.includes('--json');
+  let socket = env.KVMVFIO_SOCKET || DEFAULT_SOCKET;
+  let timeoutMs: number | undefined;
+  let api: KvmVfioApi | undefined;
+  try {
+    const cl = parseCommandLine(argv);
+    json = cl.values.json ?? false;
+    if (cl.values.help) {
+      process.stdout.write(HELP);
+      return 0;
+    }
+    if (cl.values.version) {
+      process.stdout.write(`kvmvfioctl ${DAEMON_VERSION}\n`);
+      return 0;
+    }
+    if (cl.values.socket !== undefined) {
+      if (cl.values.socket === '') throw new UsageError('--socket: empty path');
+      socket = cl.values.socket;
+    }
+    if (cl.values.timeout !== undefined) {
+      timeoutMs = parseUint(cl.values.timeout, '--timeout', 2 ** 31 - 1);
+      if (timeoutMs === 0) throw new UsageError('--timeout: must be at least 1 ms');
+    }
+
+    const [first, second, ...rest] = cl.positionals;
+    if (first === undefined) throw new UsageError('missing command');
+    if (first === 'help') {
+      process.stdout.write(HELP);
+      return 0;
+    }
+    let args: string[];
+    if (first === 'vm') {
+      command = 'vm';
+      if (second === undefined) throw new UsageError('missing vm subcommand');
+      if (!COMMANDS[`vm ${second}`]) throw new UsageError(`unknown command vm ${second}`);
+      command = `vm ${second}`;
+      args = rest;
+    } else {
+      if (!COMMANDS[first] || first.startsWith('vm ')) throw new UsageError(`unknown command ${first}`);
+      command = first;
+      args = cl.positionals.slice(1);
+    }
+    const cmd = COMMANDS[command];
+    allowOnly(cl, command, cmd.options);
+    const sock = socket;
+    await cmd.run({
+      cl,
+      args,
+      json,
+      api: () => (api ??= new KvmVfioApi(sock, { timeoutMs })),
+      out: (text) => process.stdout.write(text),
+    });
+    return 0;
+  } catch (e) {
+    if (e instanceof UsageError) {
+      command ??= commandWords(argv).join(' ') || undefined;
+      process.stderr.write(`kvmvfioctl: ${e.message}\n${synopsisFor(command)}\nRun 'kvmvfioctl --help' for more.\n`);
+      return 2;
+    }
+    const [code, message] = isApiError(e)
+      ? [Status[e.code] ?? `CODE_${e.code}`, describe(e, socket, timeoutMs)]
+      : ['UNKNOWN', e instanceof Error ? e.message : String(e)];
+    process.stderr.write(json ? js.line({ error: { code, message } }) : `kvmvfioctl: ${code}: ${message}\n`);
+    return 1;
+  } finally {
+    api?.close();
+  }
+}
+
+if (require.main === module) {
+  // `kvmvfioctl ... | head` closes the pipe early: that is not an error.
+  process.stdout.on('error', (e: NodeJS.ErrnoException) => {
+    if (e.code === 'EPIPE') process.exit(0);
+    throw e;
+  });
+  void main(process.argv.slice(2)).then((code) => {
+    process.exitCode = code;
+  });
+}

@@ -37,7 +37,7 @@ export interface CreateVmResult {
 
 export function vmMatches(vm: Readonly<VmRecord>, f: VmFilter): boolean {
   if (f.states.length && !f.states.includes(vm.state)) return false;
-  for (const [k, v] of Object.entries(f.labels)) if (vm.labels[k] !== v) return false;
+  for (const [k, v] of Object.entries(f.labels)) if (!Object.hasOwn(vm.labels, k) || vm.labels[k] !== v) return false;
   return true;
 }
 

@@ -25,12 +25,12 @@ const REQUEST_ID = /^[A-Za-z0-9._:-]+$/;
 const VM_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 const MAX_UID = 0xfffffffe; // (uid_t)-1 means "no uid" to the kernel
 
-const stateNames: Record<string, VmState> = {
-  VM_STATE_PENDING: 'PENDING',
-  VM_STATE_RUNNING: 'RUNNING',
-  VM_STATE_EXITED: 'EXITED',
-  VM_STATE_FAILED: 'FAILED',
-};
+const stateNames = new Map<string, VmState>([
+  ['VM_STATE_PENDING', 'PENDING'],
+  ['VM_STATE_RUNNING', 'RUNNING'],
+  ['VM_STATE_EXITED', 'EXITED'],
+  ['VM_STATE_FAILED', 'FAILED'],
+]);
 
 export function vmName(field: string, v: string): string {
   if (!v) throw new InvalidArgumentError(field, 'required');
@@ -48,16 +48,15 @@ export function vmId(field: string, v: string): string {
 export function labels(field: string, v: Record<string, string>): Record<string, string> {
   const entries = Object.entries(v ?? {});
   if (entries.length > LIMITS.labels) throw new InvalidArgumentError(field, `${entries.length} labels; at most ${LIMITS.labels}`);
-  const out: Record<string, string> = {};
   for (const [k, val] of entries) {
     if (!k || k.length > LIMITS.labelKeyLength || !LABEL_KEY.test(k)) {
       throw new InvalidArgumentError(`${field}[${JSON.stringify(k.slice(0, 80))}]`, `a key is 1-${LIMITS.labelKeyLength} characters of [A-Za-z0-9._/-]`);
     }
     if (val.length > LIMITS.labelValueLength) throw new InvalidArgumentError(`${field}[${k}]`, `value longer than ${LIMITS.labelValueLength} characters`);
     if (/[\u0000-\u001f\u007f]/.test(val)) throw new InvalidArgumentError(`${field}[${k}]`, 'value has control characters');
-    out[k] = val;
   }
-  return out;
+  // fromEntries defines own properties, so even a key "__proto__" is kept as a label.
+  return Object.fromEntries(entries);
 }
 
 export function groupList(field: string, v: number[]): number[] {
@@ -72,7 +71,7 @@ export function groupList(field: string, v: number[]): number[] {
 
 export function states(field: string, v: readonly (string | number)[]): VmState[] {
   return v.map((s) => {
-    const name = typeof s === 'string' ? stateNames[s] : undefined;
+    const name = typeof s === 'string' ? stateNames.get(s) : undefined;
     if (!name) throw new InvalidArgumentError(field, `unknown state ${JSON.stringify(s)}`);
     return name;
   });

@@ -1,0 +1,80 @@
+/**
+ * Other processes, by pidfd: who a VMM is, whether it still lives, its
+ * RLIMIT_MEMLOCK, and killing it. A pidfd names one process for good, so a
+ * recycled pid can never be signalled by mistake.
+ */
+import koffi from 'koffi';
+import { SysError } from './errors';
+import { OwnedFd } from './fd';
+import { lastErrno, libc } from './libc';
+
+const lib = koffi.load('libc.so.6');
+const sys = {
+  syscall3: lib.func('long syscall(long nr, long a, long b, long c)'),
+  syscall4: lib.func('long syscall(long nr, long a, long b, void *c, long d)'),
+  prlimit: lib.func('int prlimit(int pid, int resource, const void *newlim, void *oldlim)'),
+};
+
+const SYS_pidfd_send_signal = 424;
+const SYS_pidfd_open = 434;
+const SOL_SOCKET = 1;
+const SO_PEERPIDFD = 77; // Linux 6.5
+const RLIMIT_MEMLOCK = 8;
+export const SIGKILL = 9;
+export const SIGTERM = 15;
+
+/** pidfd_open(2): a close-on-exec pidfd of `pid` (PIDFD_CLOEXEC is implied). ESRCH: no such process. */
+export function pidfdOpen(pid: number): OwnedFd {
+  const r = Number(sys.syscall3(SYS_pidfd_open, pid, 0, 0));
+  if (r < 0) throw new SysError('pidfd_open', `pid ${pid}`, lastErrno());
+  return new OwnedFd(r, `pidfd of ${pid}`);
+}
+
+/**
+ * The pidfd of the process on the other end of a Unix socket: SO_PEERPIDFD
+ * where the kernel has it (no race with pid reuse), else pidfd_open of the
+ * SO_PEERCRED pid.
+ */
+export function peerPidfd(socketFd: number, pid: number): OwnedFd {
+  const out = Buffer.alloc(4);
+  const len = Buffer.alloc(4);
+  len.writeUInt32LE(4, 0);
+  const r = libc.getsockopt(socketFd, SOL_SOCKET, SO_PEERPIDFD, out, len) as number;
+  if (r === 0) return new OwnedFd(out.readInt32LE(0), `pidfd of ${pid}`);
+  const errno = lastErrno();
+  if (errno !== 92 /* ENOPROTOOPT */ && errno !== 22 /* EINVAL */) throw new SysError('getsockopt(SO_PEERPIDFD)', `pid ${pid}`, errno);
+  return pidfdOpen(pid);
+}
+
+/** pidfd_send_signal(2). ESRCH: the process is gone already. */
+export function pidfdSendSignal(pidfd: number, signal: number, who: string): void {
+  const r = Number(sys.syscall4(SYS_pidfd_send_signal, pidfd, signal, null, 0));
+  if (r < 0) throw new SysError('pidfd_send_signal', who, lastErrno());
+}
+
+export interface Rlimit {
+  soft: bigint;
+  hard: bigint;
+}
+
+/**
+ * prlimit(2) on RLIMIT_MEMLOCK of another process: the soft limit becomes
+ * `bytes`; the hard limit is raised to match only when it is lower (raising a
+ * hard limit needs CAP_SYS_RESOURCE: EPERM without it). Returns the old limits.
+ */
+export function setMemlockLimit(pid: number, bytes: bigint): Rlimit {
+  const current = getMemlockLimit(pid);
+  const next = Buffer.alloc(16);
+  next.writeBigUInt64LE(bytes, 0);
+  next.writeBigUInt64LE(bytes > current.hard ? bytes : current.hard, 8);
+  const old = Buffer.alloc(16);
+  if ((sys.prlimit(pid, RLIMIT_MEMLOCK, next, old) as number) < 0) throw new SysError('prlimit(RLIMIT_MEMLOCK)', `pid ${pid}`, lastErrno());
+  return { soft: old.readBigUInt64LE(0), hard: old.readBigUInt64LE(8) };
+}
+
+/** prlimit(2) read of RLIMIT_MEMLOCK. */
+export function getMemlockLimit(pid: number): Rlimit {
+  const old = Buffer.alloc(16);
+  if ((sys.prlimit(pid, RLIMIT_MEMLOCK, null, old) as number) < 0) throw new SysError('prlimit(RLIMIT_MEMLOCK)', `pid ${pid}`, lastErrno());
+  return { soft: old.readBigUInt64LE(0), hard: old.readBigUInt64LE(8) };
+}

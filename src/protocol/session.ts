@@ -1,0 +1,125 @@
+/**
+ * The handoff session protocol, version 1 (docs/session-protocol.md):
+ * encoding and strict decoding of one SOCK_SEQPACKET record. Shared by the
+ * daemon (src/server/session) and the VMM library (src/vmm). No I/O here.
+ */
+
+export const MAGIC = 0x3146564b; // the bytes "KVF1"
+export const VERSION = 1;
+export const HEADER_BYTES = 32;
+export const MANIFEST_ENTRY_BYTES = 8;
+export const RESULT_BIT = 0x8000;
+/** Same bounds as the transport (src/kernel/unix.ts). */
+export const MAX_RECORD_BYTES = 4096;
+export const MAX_FDS_PER_RECORD = 8;
+
+export const MsgType = {
+  ATTACH: 1,
+  VM_CREATED: 2,
+  PING: 3,
+  CREATE_VFIO_DEVICE: 16,
+  ADD_GROUP: 17,
+  REMOVE_GROUP: 18,
+  SHUTDOWN: 19,
+} as const;
+export type MsgTypeName = keyof typeof MsgType;
+
+const typeNames = new Map<number, MsgTypeName>(Object.entries(MsgType).map(([k, v]) => [v, k as MsgTypeName]));
+
+export const FdKind = {
+  KVM: 1,
+  VFIO_CONTAINER: 2,
+  VFIO_GROUP: 3,
+} as const;
+
+const fdKinds = new Set<number>(Object.values(FdKind));
+
+export interface FdEntry {
+  kind: number;
+  id: number;
+}
+
+export interface Message {
+  type: number;
+  seq: number;
+  /** 0 or a positive errno; requests carry 0. */
+  status: number;
+  arg: number;
+  manifest: FdEntry[];
+  text: string;
+}
+
+/** A record that breaks the protocol; the session ends with this reason. */
+export class ProtocolError extends Error {
+  override readonly name = 'ProtocolError';
+}
+
+export function isResult(type: number): boolean {
+  return (type & RESULT_BIT) !== 0;
+}
+
+/** "ADD_GROUP", "ADD_GROUP result", or "type 0x1234" for an unknown one. */
+export function typeName(type: number): string {
+  const base = typeNames.get(type & ~RESULT_BIT);
+  if (!base) return `type 0x${type.toString(16)}`;
+  return isResult(type) ? `${base} result` : base;
+}
+
+export function encode(m: Message): Buffer {
+  const text = Buffer.from(m.text, 'utf8');
+  const len = HEADER_BYTES + MANIFEST_ENTRY_BYTES * m.manifest.length + text.length;
+  if (m.manifest.length > MAX_FDS_PER_RECORD) throw new RangeError(`${m.manifest.length} fds > ${MAX_FDS_PER_RECORD}`);
+  if (len > MAX_RECORD_BYTES) throw new RangeError(`record of ${len} bytes > ${MAX_RECORD_BYTES}`);
+  const b = Buffer.alloc(len);
+  b.writeUInt32LE(MAGIC, 0);
+  b.writeUInt16LE(VERSION, 4);
+  b.writeUInt16LE(m.type, 6);
+  b.writeUInt32LE(m.seq >>> 0, 8);
+  b.writeInt32LE(m.status, 12);
+  b.writeBigUInt64LE(BigInt(m.arg), 16);
+  b.writeUInt16LE(m.manifest.length, 24);
+  b.writeUInt16LE(text.length, 26);
+  b.writeUInt32LE(0, 28);
+  m.manifest.forEach((e, i) => {
+    b.writeUInt32LE(e.kind, HEADER_BYTES + 8 * i);
+    b.writeUInt32LE(e.id, HEADER_BYTES + 8 * i + 4);
+  });
+  text.copy(b, HEADER_BYTES + MANIFEST_ENTRY_BYTES * m.manifest.length);
+  return b;
+}
+
+/**
+ * Decodes one record received with `fdsReceived` fds. Throws ProtocolError
+ * for anything the document calls garbled.
+ */
+export function decode(b: Uint8Array, fdsReceived: number): Message {
+  if (b.length < HEADER_BYTES) throw new ProtocolError(`record of ${b.length} bytes is shorter than the ${HEADER_BYTES}-byte header`);
+  if (b.length > MAX_RECORD_BYTES) throw new ProtocolError(`record longer than ${MAX_RECORD_BYTES} bytes`);
+  const buf = Buffer.from(b.buffer, b.byteOffset, b.length);
+  const magic = buf.readUInt32LE(0);
+  if (magic !== MAGIC) throw new ProtocolError(`bad magic 0x${magic.toString(16)}`);
+  const version = buf.readUInt16LE(4);
+  if (version !== VERSION) throw new ProtocolError(`protocol version ${version} is not supported (this side speaks ${VERSION})`);
+  const type = buf.readUInt16LE(6);
+  if (!typeNames.has(type & ~RESULT_BIT)) throw new ProtocolError(`unknown message ${typeName(type)}`);
+  const nfds = buf.readUInt16LE(24);
+  const textLen = buf.readUInt16LE(26);
+  if (buf.readUInt32LE(28) !== 0) throw new ProtocolError('reserved header field is not 0');
+  if (nfds > MAX_FDS_PER_RECORD) throw new ProtocolError(`manifest of ${nfds} fds > ${MAX_FDS_PER_RECORD}`);
+  const expected = HEADER_BYTES + MANIFEST_ENTRY_BYTES * nfds + textLen;
+  if (expected !== buf.length) throw new ProtocolError(`record is ${buf.length} bytes, its header says ${expected}`);
+  if (nfds !== fdsReceived) throw new ProtocolError(`manifest lists ${nfds} fds, ${fdsReceived} arrived`);
+  const arg = buf.readBigUInt64LE(16);
+  if (arg > BigInt(Number.MAX_SAFE_INTEGER)) throw new ProtocolError('arg out of range');
+  const manifest: FdEntry[] = [];
+  for (let i = 0; i < nfds; i++) {
+    const kind = buf.readUInt32LE(HEADER_BYTES + 8 * i);
+    if (!fdKinds.has(kind)) throw new ProtocolError(`unknown fd kind ${kind} in the manifest`);
+    manifest.push({ kind, id: buf.readUInt32LE(HEADER_BYTES + 8 * i + 4) });
+  }
+  const textBytes = buf.subarray(HEADER_BYTES + MANIFEST_ENTRY_BYTES * nfds);
+  const text = new TextDecoder('utf-8', { fatal: false }).decode(textBytes);
+  const status = buf.readInt32LE(12);
+  if (status < 0) throw new ProtocolError(`negative status ${status}`);
+  return { type, seq: buf.readUInt32LE(8), status, arg: Number(arg), manifest, text };
+}

@@ -3,9 +3,12 @@
  * state, and the claims on IOMMU groups that go with it. No gRPC here: the
  * server turns requests into these calls and errors into statuses.
  */
-import { AlreadyExistsError, FailedPreconditionError, NotFoundError, UnavailableError } from './errors';
+import { SysError } from '../kernel';
+import { AlreadyExistsError, DeadlineExceededError, FailedPreconditionError, NotFoundError, UnavailableError } from './errors';
 import { KeyedMutex } from './mutex';
 import type { GroupPool, GroupView } from './pool';
+import type { IssuedToken, TokenStore } from './tokens';
+import type { AttachGrant, VmmHost, VmmLink } from './vmm';
 import { type NewVm, type VmChange, type VmRecord, type VmRegistry, type VmState } from './vms';
 
 export interface Caller {
@@ -33,7 +36,19 @@ export interface CreateVmResult {
   vm: VmRecord;
   /** false when a retry with the same request_id returned the existing VM. */
   created: boolean;
+  /** A fresh attach token (a retry mints a new one while the VM is PENDING and unattached). */
+  token?: IssuedToken;
 }
+
+export interface BrokerOptions {
+  tokens: TokenStore;
+  host: VmmHost;
+  /** How long DeleteVm waits for a VMM to exit, and a failed VMM gets before SIGKILL. */
+  exitGraceMs: number;
+  log?: (event: Record<string, unknown>, msg: string) => void;
+}
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms).unref());
 
 export function vmMatches(vm: Readonly<VmRecord>, f: VmFilter): boolean {
   if (f.states.length && !f.states.includes(vm.state)) return false;
@@ -41,22 +56,42 @@ export function vmMatches(vm: Readonly<VmRecord>, f: VmFilter): boolean {
   return true;
 }
 
-/** Only these states take changes to the VM's plan; RUNNING VMs change through their VMM's session. */
-function assertEditable(vm: VmRecord): void {
-  if (vm.state !== 'PENDING') {
-    throw new FailedPreconditionError(`vm ${vm.name} (${vm.id}) is ${vm.state} and takes no changes`);
-  }
+function notEditable(vm: VmRecord): FailedPreconditionError {
+  return new FailedPreconditionError(`vm ${vm.name} (${vm.id}) is ${vm.state} and takes no changes`);
 }
 
+const describeError = (e: unknown) => (e instanceof Error ? e.message : String(e));
+
+/**
+ * How a VM's groups relate to its VMM: once a group's fd has been sent to a
+ * VMM, the group stays held by that VM until the VMM process exits, whatever
+ * the VMM answered — it may still hold the fd, and a VFIO group must never be
+ * in two VMMs at once. `vm.groups` lists the groups in the VM's KVM-VFIO
+ * device (or planned for it); the pool may hold more for the VM ("lingering").
+ */
 export class Broker {
   readonly pool: GroupPool;
   readonly vms: VmRegistry;
+  readonly tokens: TokenStore;
+  readonly #opts: BrokerOptions;
   readonly #locks = new KeyedMutex();
+  readonly #links = new Map<string, VmmLink>();
   #closing = false;
 
-  constructor(pool: GroupPool, vms: VmRegistry) {
+  constructor(pool: GroupPool, vms: VmRegistry, opts: BrokerOptions) {
     this.pool = pool;
     this.vms = vms;
+    this.tokens = opts.tokens;
+    this.#opts = opts;
+  }
+
+  /** The VMM attached to a VM, if any. */
+  linkOf(vmId: string): VmmLink | undefined {
+    return this.#links.get(vmId);
+  }
+
+  get sessionCount(): number {
+    return this.#links.size;
   }
 
   /** uid 0 sees every VM; anyone else sees the VMs they created. */
@@ -75,14 +110,16 @@ export class Broker {
         if (earlier.requestFingerprint !== fingerprint) {
           throw new FailedPreconditionError(`request_id ${spec.requestId} was used for a different CreateVm (vm ${earlier.name}, ${earlier.id})`);
         }
-        return { vm: earlier, created: false };
+        const token = earlier.state === 'PENDING' && !this.#links.has(earlier.id) ? this.tokens.issue(earlier.id, earlier.vmmUid) : undefined;
+        return { vm: earlier, created: false, token };
       }
       const same = this.vms.findByName(caller.uid, spec.name);
       if (same) throw new AlreadyExistsError(`vm ${spec.name} already exists (${same.id})`);
       const id = this.vms.newId();
       await this.pool.claim(spec.groups, { vmId: id, vmName: spec.name });
       const record: NewVm = { ...spec, ownerUid: caller.uid, requestFingerprint: fingerprint };
-      return { vm: this.vms.insert(id, record), created: true };
+      const vm = this.vms.insert(id, record);
+      return { vm, created: true, token: this.tokens.issue(vm.id, vm.vmmUid) };
     });
   }
 
@@ -92,16 +129,45 @@ export class Broker {
     return vm;
   }
 
+  /** A new attach token for a PENDING VM no VMM has attached to; earlier tokens stop working. */
+  async createAttachToken(caller: Caller, id: string): Promise<{ vm: VmRecord; token: IssuedToken }> {
+    this.#assertOpen();
+    return this.#onVm(caller, id, async (vm) => {
+      if (vm.state !== 'PENDING') throw new FailedPreconditionError(`vm ${vm.name} is ${vm.state}; only a PENDING VM takes an attach token`);
+      if (this.#links.has(vm.id)) throw new FailedPreconditionError(`vm ${vm.name} already has a VMM attached (pid ${vm.vmmPid})`);
+      return { vm, token: this.tokens.issue(vm.id, vm.vmmUid) };
+    });
+  }
+
   listVms(caller: Caller, filter: VmFilter): VmRecord[] {
     const out: VmRecord[] = [];
     for (const vm of this.vms.all()) if (this.canSee(caller, vm) && vmMatches(vm, filter)) out.push(vm);
     return out.sort((a, b) => a.createTime.localeCompare(b.createTime) || a.revision - b.revision);
   }
 
-  async deleteVm(caller: Caller, id: string): Promise<VmRecord> {
+  /**
+   * Removes the VM. With a VMM attached it first asks it to exit (SHUTDOWN),
+   * or with `force` kills it, and waits for the process to be gone, so the
+   * VM's groups come back clean before the record goes.
+   */
+  async deleteVm(caller: Caller, id: string, force = false): Promise<VmRecord> {
     this.#assertOpen();
+    this.getVm(caller, id);
+    const link = this.#links.get(id);
+    if (link) {
+      if (force) link.kill();
+      else link.shutdown('DeleteVm');
+      const gone = await Promise.race([link.exited.then(() => true), sleep(this.#opts.exitGraceMs).then(() => false)]);
+      if (!gone) {
+        throw new DeadlineExceededError(
+          `the VMM of vm ${id} (pid ${link.pid}) did not exit within ${this.#opts.exitGraceMs} ms${force ? '' : '; DeleteVm with force kills it'}`,
+        );
+      }
+      // vmmExited() runs under the VM's lock; wait for it before removing.
+    }
     return this.#onVm(caller, id, async (vm) => {
-      this.pool.release(vm.groups, vm.id);
+      this.tokens.revokeVm(vm.id);
+      this.pool.release(this.pool.heldBy(vm.id), vm.id);
       this.vms.remove(vm);
       return vm;
     });
@@ -110,7 +176,11 @@ export class Broker {
   async createVfioDevice(caller: Caller, id: string): Promise<VmRecord> {
     this.#assertOpen();
     return this.#onVm(caller, id, async (vm) => {
-      assertEditable(vm);
+      if (vm.state === 'RUNNING') {
+        await this.#activeLink(vm).createVfioDevice();
+        return this.vms.update(vm, (v) => (v.vfioDevice = true));
+      }
+      this.#assertPlanEditable(vm);
       if (vm.vfioDevice) throw new AlreadyExistsError(`vm ${vm.name} already has its KVM-VFIO device (one per VM)`);
       return this.vms.update(vm, (v) => (v.vfioDevice = true));
     });
@@ -119,7 +189,17 @@ export class Broker {
   async addGroup(caller: Caller, id: string, group: number): Promise<VmRecord> {
     this.#assertOpen();
     return this.#onVm(caller, id, async (vm) => {
-      assertEditable(vm);
+      if (vm.state === 'RUNNING') {
+        const link = this.#activeLink(vm);
+        if (!vm.vfioDevice) throw new FailedPreconditionError(`vm ${vm.name} has no KVM-VFIO device; call CreateVfioDevice before AddGroup`);
+        // Already ours (in the device, or lingering since a removal): the VMM's kernel gives the verdict (EEXIST).
+        if (this.pool.ownerOf(group)?.vmId !== vm.id) await this.pool.claim([group], { vmId: vm.id, vmName: vm.name });
+        await link.addGroup(group, this.#groupFd(group));
+        return this.vms.update(vm, (v) => {
+          if (!v.groups.includes(group)) v.groups.push(group);
+        });
+      }
+      this.#assertPlanEditable(vm);
       if (vm.groups.includes(group)) throw new AlreadyExistsError(`IOMMU group ${group} is already in vm ${vm.name}`);
       if (!vm.vfioDevice) {
         throw new FailedPreconditionError(`vm ${vm.name} has no KVM-VFIO device; call CreateVfioDevice before AddGroup`);
@@ -132,10 +212,107 @@ export class Broker {
   async removeGroup(caller: Caller, id: string, group: number): Promise<VmRecord> {
     this.#assertOpen();
     return this.#onVm(caller, id, async (vm) => {
-      assertEditable(vm);
+      if (vm.state === 'RUNNING') {
+        const link = this.#activeLink(vm);
+        if (!vm.groups.includes(group)) throw new NotFoundError(`IOMMU group ${group} is not in vm ${vm.name}`);
+        await link.removeGroup(group);
+        // The group stays held by this VM until its VMM exits (see the class comment).
+        return this.vms.update(vm, (v) => (v.groups = v.groups.filter((g) => g !== group)));
+      }
+      this.#assertPlanEditable(vm);
       if (!vm.groups.includes(group)) throw new NotFoundError(`IOMMU group ${group} is not in vm ${vm.name}`);
       this.pool.release([group], vm.id);
       return this.vms.update(vm, (v) => (v.groups = v.groups.filter((g) => g !== group)));
+    });
+  }
+
+  /**
+   * A VMM presents its token. Checks it (PermissionDeniedError naming the
+   * failed check; nothing is sent), records the VMM, raises its
+   * RLIMIT_MEMLOCK when the VM asks, and returns the fds to send. A failure
+   * after the token was spent fails the VM.
+   */
+  async attach(token: string, vmm: Caller, link: VmmLink): Promise<AttachGrant> {
+    this.#assertOpen();
+    const vmId = this.tokens.redeem(token, vmm.uid);
+    return this.#locks.run(`vm:${vmId}`, async () => {
+      const vm = this.vms.get(vmId);
+      if (!vm) throw new NotFoundError(`vm ${vmId} was deleted`);
+      if (vm.state !== 'PENDING' || this.#links.has(vm.id)) {
+        throw new FailedPreconditionError(`vm ${vm.name} is ${vm.state}${this.#links.has(vm.id) ? ' with a VMM attached' : ''}; it takes no attach`);
+      }
+      this.#links.set(vm.id, link);
+      this.vms.update(vm, (v) => {
+        v.vmmPid = vmm.pid;
+        v.passive = link.passive;
+      });
+      void link.exited.then(() => this.vmmExited(vm.id));
+      const sent: AttachGrant = { vmId: vm.id, vmName: vm.name, kvm: undefined as never, container: null, memlockBytes: vm.memlockBytes, groups: [] };
+      try {
+        if (vm.memlockBytes > 0) this.#opts.host.setMemlock(vmm.pid, vm.memlockBytes);
+        sent.kvm = this.#opts.host.dupKvm();
+        sent.container = await this.#opts.host.openContainer();
+        if (link.passive) for (const g of vm.groups) sent.groups.push({ number: g, fd: this.#groupFd(g) });
+      } catch (e) {
+        // Nothing reached the VMM: its groups can go back at once.
+        await Promise.all([sent.kvm?.close(), sent.container?.close(), ...sent.groups.map((g) => g.fd.close())]);
+        this.#links.delete(vm.id);
+        this.pool.release(this.pool.heldBy(vm.id), vm.id);
+        const reason = `attach of VMM pid ${vmm.pid}: ${describeError(e)}`;
+        this.vms.transition(vm, 'FAILED', reason);
+        this.#opts.log?.({ event: 'vm-failed', vm: vm.id, reason }, 'VM setup failed');
+        throw e;
+      }
+      if (link.passive) this.vms.transition(vm, 'RUNNING');
+      return sent;
+    });
+  }
+
+  /**
+   * The VMM made its VM: apply the plan in order (the KVM-VFIO device, then
+   * each group). A step that fails undoes the steps before it (DEL of the
+   * groups added), fails the VM with the reason, and ends its VMM.
+   */
+  async vmCreated(vmId: string): Promise<void> {
+    await this.#locks.run(`vm:${vmId}`, async () => {
+      const vm = this.vms.get(vmId);
+      const link = this.#links.get(vmId);
+      if (!vm || !link || vm.state !== 'PENDING') return;
+      const added: number[] = [];
+      let step = 'KVM-VFIO device';
+      try {
+        if (vm.vfioDevice) await link.createVfioDevice();
+        for (const g of vm.groups) {
+          step = `IOMMU group ${g}`;
+          await link.addGroup(g, this.#groupFd(g));
+          added.push(g);
+        }
+      } catch (e) {
+        for (const g of added.reverse()) await link.removeGroup(g).catch(() => undefined);
+        this.#fail(vm, link, `setting up ${step}: ${describeError(e)}`);
+        return;
+      }
+      this.vms.transition(vm, 'RUNNING');
+    });
+  }
+
+  /**
+   * The VMM process is gone (its pidfd said so): every group it held goes
+   * back to the pool clean — no VFIO container left set on it — and the VM
+   * is EXITED (a FAILED VM stays FAILED).
+   */
+  async vmmExited(vmId: string): Promise<void> {
+    await this.#locks.run(`vm:${vmId}`, async () => {
+      this.#links.delete(vmId);
+      const groups = this.pool.heldBy(vmId);
+      for (const g of groups) {
+        const problem = this.#cleanGroup(g);
+        if (problem) this.#opts.log?.({ event: 'group-clean-failed', group: g, vm: vmId, err: problem }, 'could not unset the VFIO container');
+      }
+      this.pool.release(groups, vmId);
+      const vm = this.vms.get(vmId);
+      if (vm && (vm.state === 'PENDING' || vm.state === 'RUNNING')) this.vms.transition(vm, 'EXITED');
+      this.#opts.log?.({ event: 'vmm-exited', vm: vmId, groups }, 'VMM exited; its groups are back in the pool');
     });
   }
 
@@ -157,6 +334,48 @@ export class Broker {
   /** Refuses new mutations from here on; the daemon then closes its fds. */
   beginShutdown(): void {
     this.#closing = true;
+  }
+
+  #assertPlanEditable(vm: VmRecord): void {
+    if (vm.state !== 'PENDING') throw notEditable(vm);
+    if (this.#links.has(vm.id)) throw new FailedPreconditionError(`vm ${vm.name} is being set up by its VMM (pid ${vm.vmmPid}); retry when it is RUNNING`);
+  }
+
+  #activeLink(vm: VmRecord): VmmLink {
+    const link = this.#links.get(vm.id);
+    if (!link) throw new UnavailableError(`vm ${vm.name}: its VMM is gone`);
+    if (link.passive) throw new FailedPreconditionError(`vm ${vm.name} runs a passive VMM (kvmvfioctl attach), which takes no requests`);
+    return link;
+  }
+
+  #groupFd(group: number) {
+    const h = this.pool.handle(group);
+    if (!h) throw new Error(`group ${group} is claimed but not open`);
+    return h.dup();
+  }
+
+  /** VFIO_GROUP_UNSET_CONTAINER on the daemon's own fd when a container is left set. Returns what went wrong, if anything. */
+  #cleanGroup(group: number): string | undefined {
+    const h = this.pool.handle(group);
+    if (!h) return undefined;
+    try {
+      if (h.status().containerSet) h.unsetContainer();
+      return undefined;
+    } catch (e) {
+      // An ordinary file in a test tree cannot be asked (ENOTTY): nothing to clean.
+      if (e instanceof SysError && e.code === 'ENOTTY') return undefined;
+      return describeError(e);
+    }
+  }
+
+  #fail(vm: VmRecord, link: VmmLink, reason: string): void {
+    this.vms.transition(vm, 'FAILED', reason);
+    this.#opts.log?.({ event: 'vm-failed', vm: vm.id, reason }, 'VM setup failed');
+    link.shutdown(reason);
+    // Its groups come back when the VMM is gone; one that ignores SHUTDOWN is ended.
+    const timer = setTimeout(() => link.kill(), this.#opts.exitGraceMs);
+    timer.unref();
+    void link.exited.then(() => clearTimeout(timer));
   }
 
   #assertOpen(): void {

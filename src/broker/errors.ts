@@ -47,3 +47,8 @@ export class ResourceExhaustedError extends DomainError {
 export class UnavailableError extends DomainError {
   readonly kind = 'unavailable';
 }
+
+/** A VMM did not answer in time, or did not exit when asked. */
+export class DeadlineExceededError extends DomainError {
+  readonly kind = 'deadline-exceeded';
+}

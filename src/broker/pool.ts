@@ -20,6 +20,7 @@ export interface GroupHandle {
   readonly number: number;
   readonly path: string;
   status(): VfioGroupStatus;
+  unsetContainer(): void;
   dup(): OwnedFd;
   close(): Promise<void>;
 }
@@ -120,6 +121,11 @@ export class GroupPool {
   /** Gives groups back to the pool. The daemon keeps their fds open for the next VM. */
   release(numbers: readonly number[], vmId: string): void {
     for (const n of numbers) if (this.#owners.get(n)?.vmId === vmId) this.#owners.delete(n);
+  }
+
+  /** The groups `vmId` holds, ascending. */
+  heldBy(vmId: string): number[] {
+    return [...this.#owners].filter(([, o]) => o.vmId === vmId).map(([n]) => n).sort((a, b) => a - b);
   }
 
   /** Closes every group fd the daemon holds. For shutdown. */

@@ -2,9 +2,9 @@
  * VM records and their state machine. The registry only stores and
  * announces; the rules that involve groups and callers live in broker.ts.
  *
- *   PENDING ──attach──▶ RUNNING ──session ends──▶ EXITED
- *      │                   │
- *      └──setup fails──────┴──▶ FAILED
+ *   PENDING ──VMM attached, VM made, plan applied──▶ RUNNING ──VMM exits──▶ EXITED
+ *      │ └──VMM exits before its VM is up──────────────────────────────▶ EXITED
+ *      └──setup fails (token spent, prlimit, a plan step)──▶ FAILED
  */
 import { EventEmitter } from 'node:events';
 import { randomUUID } from 'node:crypto';
@@ -29,6 +29,10 @@ export interface VmRecord {
   updateTime: string;
   failureReason: string;
   revision: number;
+  /** The attached VMM's pid; 0 before attach. */
+  vmmPid: number;
+  /** Attached by `kvmvfioctl attach` (a VMM that does not take requests). */
+  passive: boolean;
 }
 
 export type VmEventType = 'CREATED' | 'UPDATED' | 'DELETED';
@@ -40,7 +44,8 @@ export interface VmChange {
 }
 
 const allowed: Record<VmState, VmState[]> = {
-  PENDING: ['RUNNING', 'FAILED'],
+  // EXITED from PENDING: the VMM attached and exited before its VM was up.
+  PENDING: ['RUNNING', 'FAILED', 'EXITED'],
   RUNNING: ['EXITED', 'FAILED'],
   EXITED: [],
   FAILED: [],
@@ -107,6 +112,8 @@ export class VmRegistry {
       updateTime: now,
       failureReason: '',
       revision: ++this.#revision,
+      vmmPid: 0,
+      passive: false,
     };
     this.#byId.set(id, vm);
     this.#emit('CREATED', vm);

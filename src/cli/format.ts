@@ -61,13 +61,15 @@ export function vmTable(vms: readonly Vm[], now: number = Date.now()): string {
   );
 }
 
-export function vmDetail(v: Vm, now: number = Date.now()): string {
+/** `extra` lines go after the VM's own, in the same aligned block. */
+export function vmDetail(v: Vm, extra: readonly [string, string][] = [], now: number = Date.now()): string {
   const pairs: [string, string][] = [
     ['id', v.id],
     ['name', v.name],
     ['state', stateName(v.state)],
     ['owner uid', String(v.owner_uid)],
     ['vmm uid', String(v.vmm_uid)],
+    ['vmm pid', v.vmm_pid ? `${v.vmm_pid}${v.passive_vmm ? ' (passive: attached by kvmvfioctl attach)' : ''}` : '-'],
     ['vfio device', yesNo(v.vfio_device)],
     ['groups', groupList(v.groups)],
     ['memlock', memlock(v.memlock_bytes)],
@@ -78,7 +80,7 @@ export function vmDetail(v: Vm, now: number = Date.now()): string {
     ['revision', v.revision],
   ];
   if (v.failure_reason) pairs.push(['failure', v.failure_reason]);
-  return keyValues(pairs);
+  return keyValues([...pairs, ...extra]);
 }
 
 /** "0000:01:00.0 10de:1eb8 vfio-pci"; a device with no driver shows "-". */
@@ -132,6 +134,15 @@ export function hostInfo(h: HostInfo, now: number = Date.now()): string {
   ];
   if (s?.probe_errors.length) pairs.push(['probe errors', s.probe_errors.join('; ')]);
   return keyValues(pairs);
+}
+
+/** After vm create: the token its VMM presents on the handoff socket, or why there is none. */
+export function attachTokenPairs(t: { token: string; expire_time: string } | null): [string, string][] {
+  if (!t) return [['attach token', '- (a VMM already attached; none is issued on a retry)']];
+  return [
+    ['attach token', t.token],
+    ['token expires', t.expire_time],
+  ];
 }
 
 /** One line per watch event. SYNCED carries no VM: it marks the end of the VMs that already existed. */

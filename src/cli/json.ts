@@ -8,6 +8,7 @@
  * their names, as in the proto3 JSON mapping; an unset message is null.
  */
 import type { HostInfo, IommuGroup, Vm, VmEvent } from '../client/client';
+import type { AttachToken__Output } from '../generated/kvmvfio/v1/AttachToken';
 import type { CreateVmResponse__Output } from '../generated/kvmvfio/v1/CreateVmResponse';
 import type { DeleteVmResponse__Output } from '../generated/kvmvfio/v1/DeleteVmResponse';
 import type { KernelSupport__Output } from '../generated/kvmvfio/v1/KernelSupport';
@@ -31,7 +32,13 @@ export function vmJson(v: Vm): Vm {
     update_time: v.update_time,
     failure_reason: v.failure_reason,
     revision: v.revision,
+    vmm_pid: v.vmm_pid,
+    passive_vmm: v.passive_vmm,
   };
+}
+
+function tokenJson(t: AttachToken__Output): AttachToken__Output {
+  return { token: t.token, expire_time: t.expire_time };
 }
 
 function supportJson(s: KernelSupport__Output): KernelSupport__Output {
@@ -79,7 +86,10 @@ export function groupJson(g: IommuGroup): IommuGroup {
 
 export const groupsJson = (r: ListIommuGroupsResponse__Output): ListIommuGroupsResponse__Output => ({ groups: r.groups.map(groupJson) });
 export const vmsJson = (r: ListVmsResponse__Output): ListVmsResponse__Output => ({ vms: r.vms.map(vmJson) });
-export const createVmJson = (r: CreateVmResponse__Output): CreateVmResponse__Output => ({ vm: r.vm ? vmJson(r.vm) : null });
+export const createVmJson = (r: CreateVmResponse__Output): CreateVmResponse__Output => ({
+  vm: r.vm ? vmJson(r.vm) : null,
+  attach_token: r.attach_token ? tokenJson(r.attach_token) : null,
+});
 export const deleteVmJson = (r: DeleteVmResponse__Output): DeleteVmResponse__Output => ({ vm: r.vm ? vmJson(r.vm) : null });
 export const eventJson = (e: VmEvent): VmEvent => ({ type: e.type, vm: e.vm ? vmJson(e.vm) : null });
 

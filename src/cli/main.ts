@@ -119,7 +119,7 @@ const COMMANDS: Record<string, Command> = {
         request_id: v['request-id'] ?? '',
       });
       if (ctx.json) ctx.out(js.pretty(js.createVmJson(res)));
-      else if (res.vm) ctx.out(fmt.vmDetail(res.vm));
+      else if (res.vm) ctx.out(fmt.vmDetail(res.vm, fmt.attachTokenPairs(res.attach_token)));
     },
   },
 

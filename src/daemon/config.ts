@@ -15,6 +15,12 @@ export interface DaemonConfig {
   logLevel: string;
   /** How long SIGTERM waits for calls in flight before closing connections. */
   shutdownGraceMs: number;
+  /** Lifetime of an attach token. */
+  tokenTtlMs: number;
+  /** How long a request to a VMM waits for its answer. */
+  vmmTimeoutMs: number;
+  /** How long DeleteVm waits for a VMM to exit; also a failed VMM's time before SIGKILL. */
+  vmmExitGraceMs: number;
 }
 
 export const DEFAULTS: DaemonConfig = {
@@ -25,6 +31,9 @@ export const DEFAULTS: DaemonConfig = {
   devRoot: '/dev',
   logLevel: 'info',
   shutdownGraceMs: 5000,
+  tokenTtlMs: 60_000,
+  vmmTimeoutMs: 5000,
+  vmmExitGraceMs: 10_000,
 };
 
 export const USAGE = `Usage: kvmvfiod [options]
@@ -39,12 +48,17 @@ Options (environment variable in brackets):
   --dev DIR           /dev root [KVMVFIOD_DEV] (${DEFAULTS.devRoot})
   --log-level LEVEL   trace|debug|info|warn|error [KVMVFIOD_LOG_LEVEL] (${DEFAULTS.logLevel})
   --shutdown-grace-ms N  time calls in flight get at SIGTERM (${DEFAULTS.shutdownGraceMs})
+  --token-ttl-ms N    lifetime of an attach token [KVMVFIOD_TOKEN_TTL_MS] (${DEFAULTS.tokenTtlMs})
+  --vmm-timeout-ms N  how long a VMM has to answer a request (${DEFAULTS.vmmTimeoutMs})
+  --vmm-exit-grace-ms N  how long DeleteVm waits for a VMM to exit (${DEFAULTS.vmmExitGraceMs})
   --version, --help
 `;
 
 const LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'];
 
 export class ConfigError extends Error {}
+
+const ms = (v: string | undefined, fallback: number) => (v === undefined ? fallback : /^\d+$/.test(v) ? Number(v) : NaN);
 
 export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): DaemonConfig | 'help' | 'version' {
   let values;
@@ -59,6 +73,9 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): DaemonConfi
         dev: { type: 'string' },
         'log-level': { type: 'string' },
         'shutdown-grace-ms': { type: 'string' },
+        'token-ttl-ms': { type: 'string' },
+        'vmm-timeout-ms': { type: 'string' },
+        'vmm-exit-grace-ms': { type: 'string' },
         help: { type: 'boolean' },
         version: { type: 'boolean' },
       },
@@ -77,11 +94,21 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): DaemonConfi
     sysfsRoot: values.sysfs ?? env.KVMVFIOD_SYSFS ?? DEFAULTS.sysfsRoot,
     devRoot: values.dev ?? env.KVMVFIOD_DEV ?? DEFAULTS.devRoot,
     logLevel: values['log-level'] ?? env.KVMVFIOD_LOG_LEVEL ?? DEFAULTS.logLevel,
-    shutdownGraceMs: values['shutdown-grace-ms'] !== undefined ? Number(values['shutdown-grace-ms']) : DEFAULTS.shutdownGraceMs,
+    shutdownGraceMs: ms(values['shutdown-grace-ms'], DEFAULTS.shutdownGraceMs),
+    tokenTtlMs: ms(values['token-ttl-ms'] ?? env.KVMVFIOD_TOKEN_TTL_MS, DEFAULTS.tokenTtlMs),
+    vmmTimeoutMs: ms(values['vmm-timeout-ms'], DEFAULTS.vmmTimeoutMs),
+    vmmExitGraceMs: ms(values['vmm-exit-grace-ms'], DEFAULTS.vmmExitGraceMs),
   };
   if (!LEVELS.includes(cfg.logLevel)) throw new ConfigError(`--log-level: "${cfg.logLevel}" is not one of ${LEVELS.join(', ')}`);
-  if (!Number.isInteger(cfg.shutdownGraceMs) || cfg.shutdownGraceMs < 0 || cfg.shutdownGraceMs > 600_000) {
-    throw new ConfigError('--shutdown-grace-ms: an integer from 0 to 600000');
+  const bounds: [keyof DaemonConfig, string, number, number][] = [
+    ['shutdownGraceMs', '--shutdown-grace-ms', 0, 600_000],
+    ['tokenTtlMs', '--token-ttl-ms', 1000, 86_400_000],
+    ['vmmTimeoutMs', '--vmm-timeout-ms', 10, 600_000],
+    ['vmmExitGraceMs', '--vmm-exit-grace-ms', 10, 600_000],
+  ];
+  for (const [key, flag, lo, hi] of bounds) {
+    const v = cfg[key] as number;
+    if (!Number.isInteger(v) || v < lo || v > hi) throw new ConfigError(`${flag}: an integer from ${lo} to ${hi}`);
   }
   for (const k of ['runtimeDir', 'stateDir', 'sysfsRoot', 'devRoot'] as const) {
     if (!cfg[k].startsWith('/')) throw new ConfigError(`${k}: "${cfg[k]}" must be an absolute path`);

@@ -7,7 +7,8 @@
 import { Server, ServerCredentials } from '@grpc/grpc-js';
 import { HealthImplementation } from 'grpc-health-check';
 import { ReflectionService } from '@grpc/reflection';
-import { existsSync } from 'node:fs';
+import { constants, existsSync, open as fsOpen } from 'node:fs';
+import { join } from 'node:path';
 import { mkdir } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import { loadApi } from '../api/proto';
@@ -15,11 +16,14 @@ import { Broker } from '../broker/broker';
 import { type HostFacts, learnHost } from '../broker/host';
 import { GroupPool } from '../broker/pool';
 import { VmRegistry } from '../broker/vms';
-import { Kvm, VfioGroup, listOpenFds } from '../kernel';
+import { TokenStore } from '../broker/tokens';
+import type { VmmHost } from '../broker/vmm';
+import { Kvm, OwnedFd, SysError, VfioGroup, listOpenFds, setMemlockLimit } from '../kernel';
+import { HandoffServer } from '../server/session/handoff';
 import { RootOnly } from '../server/auth';
 import { ApiListener } from '../server/listener';
 import { createService } from '../server/service';
-import { type DaemonConfig, apiSocketPath } from './config';
+import { type DaemonConfig, apiSocketPath, handoffSocketPath } from './config';
 
 export const SERVICE_NAME = 'kvmvfio.v1.KvmVfio';
 /** gRPC messages above this are refused (RESOURCE_EXHAUSTED): no request needs more. */
@@ -33,6 +37,7 @@ export class Daemon {
   #broker?: Broker;
   #grpc?: Server;
   #listener?: ApiListener;
+  #handoff?: HandoffServer;
   #health?: HealthImplementation;
   #endWatches: () => void = () => {};
   #stopping?: Promise<void>;
@@ -64,7 +69,24 @@ export class Daemon {
       onStatusUnavailable: (group, err) =>
         log.warn({ event: 'group-status-unavailable', group, err: err.message }, 'not a VFIO group node; trusting sysfs'),
     });
-    this.#broker = new Broker(this.#pool, new VmRegistry());
+    const kvm = this.#kvm;
+    const host: VmmHost = {
+      dupKvm: () => kvm.dup(),
+      openContainer: async () => {
+        const path = join(config.devRoot, 'vfio', 'vfio');
+        if (!existsSync(path)) return null;
+        return new Promise<OwnedFd>((resolve, reject) =>
+          fsOpen(path, constants.O_RDWR | 0o2000000, (err, fd) => (err ? reject(SysError.fromNode('open', path, err)) : resolve(new OwnedFd(fd, path)))),
+        );
+      },
+      setMemlock: (pid, bytes) => void setMemlockLimit(pid, BigInt(bytes)),
+    };
+    this.#broker = new Broker(this.#pool, new VmRegistry(), {
+      tokens: new TokenStore(config.tokenTtlMs),
+      host,
+      exitGraceMs: config.vmmExitGraceMs,
+      log: (event, msg) => log.info(event, msg),
+    });
 
     const { definition, proto } = loadApi();
     this.#grpc = new Server({
@@ -87,6 +109,8 @@ export class Daemon {
     await mkdir(config.runtimeDir, { recursive: true, mode: 0o755 });
     this.#listener = new ApiListener(this.#grpc.createConnectionInjector(ServerCredentials.createInsecure()), log);
     await this.#listener.listen(apiSocketPath(config));
+    this.#handoff = new HandoffServer(this.#broker, log, { requestTimeoutMs: config.vmmTimeoutMs });
+    await this.#handoff.listen(handoffSocketPath(config));
   }
 
   /** Idempotent; resolves when every fd the daemon owns is closed. */
@@ -102,6 +126,7 @@ export class Daemon {
     this.#health?.setStatus('', 'NOT_SERVING');
     this.#health?.setStatus(SERVICE_NAME, 'NOT_SERVING');
     await this.#listener?.stopAccepting();
+    await this.#handoff?.stopAccepting();
     this.#endWatches();
     if (this.#grpc) {
       const grpc = this.#grpc;
@@ -113,6 +138,9 @@ export class Daemon {
       }
     }
     this.#listener?.destroyConnections();
+    // VMs live in their VMMs: closing the sessions ends no guest, but without
+    // a daemon their VMMs take no more requests.
+    this.#handoff?.closeSessions();
     await this.#pool?.closeAll();
     await this.#kvm?.close();
     // What is still open after cleanup is Node's own (epoll, eventfd, stdio);

@@ -1,5 +1,7 @@
 /** Domain records to API messages. */
 import type { GroupView } from '../broker/pool';
+import type { IssuedToken } from '../broker/tokens';
+import type { AttachToken } from '../generated/kvmvfio/v1/AttachToken';
 import type { VmRecord, VmState } from '../broker/vms';
 import type { IommuGroup } from '../generated/kvmvfio/v1/IommuGroup';
 import type { Vm } from '../generated/kvmvfio/v1/Vm';
@@ -28,7 +30,13 @@ export function vmMessage(vm: Readonly<VmRecord>): Vm {
     update_time: vm.updateTime,
     failure_reason: vm.failureReason,
     revision: String(vm.revision),
+    vmm_pid: vm.vmmPid,
+    passive_vmm: vm.passive,
   };
+}
+
+export function tokenMessage(t: IssuedToken): AttachToken {
+  return { token: t.token, expire_time: t.expiresAt.toISOString() };
 }
 
 export function groupMessage(g: GroupView): IommuGroup {

@@ -15,7 +15,7 @@ import type { KvmVfioHandlers } from '../generated/kvmvfio/v1/KvmVfio';
 import type { VmEvent } from '../generated/kvmvfio/v1/VmEvent';
 import { DAEMON_VERSION } from '../version';
 import type { Authorizer } from './auth';
-import { groupMessage, vmMessage } from './convert';
+import { groupMessage, tokenMessage, vmMessage } from './convert';
 import { type MappedStatus, toServiceError, toStatus } from './status';
 import * as validate from './validate';
 
@@ -127,21 +127,28 @@ export function createService(deps: ServiceDeps): { handlers: KvmVfioHandlers; e
       'CreateVm',
       true,
       async (caller, req) => {
-        const { vm, created } = await broker.createVm(caller, validate.createVm(req));
+        const { vm, created, token } = await broker.createVm(caller, validate.createVm(req));
         if (!created) log.info({ event: 'create-retry', vm: vm.id, request_id: vm.requestId }, 'CreateVm retry returned the existing VM');
-        return { vm: vmMessage(vm) };
+        return { vm: vmMessage(vm), attach_token: token ? tokenMessage(token) : null };
       },
       (req, res) => res?.vm?.id ?? req.name,
     ),
 
     GetVm: unary('GetVm', false, (caller, req) => vmMessage(broker.getVm(caller, validate.vmId('vm_id', req.vm_id)))),
 
+    CreateAttachToken: unary(
+      'CreateAttachToken',
+      true,
+      async (caller, req) => tokenMessage((await broker.createAttachToken(caller, validate.vmId('vm_id', req.vm_id))).token),
+      (req) => req.vm_id,
+    ),
+
     ListVms: unary('ListVms', false, (caller, req) => ({ vms: broker.listVms(caller, validate.filter(req)).map(vmMessage) })),
 
     DeleteVm: unary(
       'DeleteVm',
       true,
-      async (caller, req) => ({ vm: vmMessage(await broker.deleteVm(caller, validate.vmId('vm_id', req.vm_id))) }),
+      async (caller, req) => ({ vm: vmMessage(await broker.deleteVm(caller, validate.vmId('vm_id', req.vm_id), req.force)) }),
       (req) => req.vm_id,
     ),
 

@@ -38,7 +38,7 @@ function ok(r: Run, what: string): string {
 }
 
 /** The fields of each message in kvmvfio.proto, in proto order: --json prints exactly these. */
-const VM_FIELDS = ['id', 'name', 'labels', 'state', 'owner_uid', 'vmm_uid', 'vfio_device', 'groups', 'memlock_bytes', 'request_id', 'create_time', 'update_time', 'failure_reason', 'revision'];
+const VM_FIELDS = ['id', 'name', 'labels', 'state', 'owner_uid', 'vmm_uid', 'vfio_device', 'groups', 'memlock_bytes', 'request_id', 'create_time', 'update_time', 'failure_reason', 'revision', 'vmm_pid', 'passive_vmm'];
 const HOST_FIELDS = ['kernel_release', 'kvm_api_version', 'support', 'daemon_version', 'fd_limit_soft', 'fd_limit_hard', 'fds_open', 'vm_count', 'claimed_group_count', 'iommu_group_count', 'start_time'];
 const SUPPORT_FIELDS = ['kvm_vfio_device', 'vfio_file_add', 'vfio_file_del', 'vfio_container', 'iommu_groups', 'probe_errors'];
 const GROUP_FIELDS = ['number', 'devices', 'viable', 'not_viable_reasons', 'vm_id', 'vm_name', 'open_in_daemon'];
@@ -145,7 +145,12 @@ describe('kvmvfioctl against a daemon with IOMMU groups', () => {
 
   test('vm create with groups, then vm list and vm get by name', async () => {
     const created = await run('vm', 'create', 'web-1', '--vmm-uid', '1000', '--vfio-device', '--group', '4', '--group', '3', '--label', 'app=web', '--label', 'tier=front', '--memlock', '2G', '--request-id', 'req-1', '--json');
-    const vm = parse(ok(created, 'vm create')).vm as Json;
+    const res = parse(ok(created, 'vm create'));
+    assert.deepEqual(Object.keys(res), ['vm', 'attach_token']);
+    const token = res.attach_token as Json;
+    assert.deepEqual(Object.keys(token), ['token', 'expire_time']);
+    assert.ok(String(token.token).length >= 16, 'an attach token');
+    const vm = res.vm as Json;
     assert.deepEqual(Object.keys(vm), VM_FIELDS);
     assert.match(String(vm.id), /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/);
     assert.equal(vm.state, 'VM_STATE_PENDING');
@@ -184,7 +189,12 @@ describe('kvmvfioctl against a daemon with IOMMU groups', () => {
   });
 
   test('vm vfio-device, add-group and remove-group change a PENDING VM', async () => {
-    ok(await run('vm', 'create', 'db', '--vmm-uid', '0'), 'vm create db');
+    const made = ok(await run('vm', 'create', 'db', '--vmm-uid', '0'), 'vm create db');
+    // People get the VM and the token its VMM needs, in one aligned block.
+    assert.match(made, /^name: +db$/m);
+    assert.match(made, /^attach token: +\S{16,}$/m);
+    const cols = made.trimEnd().split('\n').map((l) => /^[^:]+: +/.exec(l)?.[0].length);
+    assert.ok(cols.every((c) => c === cols[0]), `not aligned:\n${made}`);
     // No KVM-VFIO device yet: the daemon refuses groups.
     const early = await run('vm', 'add-group', 'db', '12');
     assert.equal(early.code, 1);

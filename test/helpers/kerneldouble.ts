@@ -19,6 +19,7 @@
  */
 import { openSync } from 'node:fs';
 import type { GroupHandle, OpenGroup } from '../../src/broker/pool';
+import type { VmmHost } from '../../src/broker/vmm';
 import { OwnedFd, SysError, type VfioGroupStatus } from '../../src/kernel';
 
 export interface GroupBehaviour {
@@ -37,6 +38,9 @@ export class DoubleGroup implements GroupHandle {
   readonly path: string;
   closeCalls = 0;
   statusCalls = 0;
+  unsetCalls = 0;
+  /** Set by a test to play a VMM that left its container on the group. */
+  containerSet = false;
   readonly #double: KernelDouble;
 
   constructor(double: KernelDouble, number: number, path: string) {
@@ -54,7 +58,13 @@ export class DoubleGroup implements GroupHandle {
     if (this.closed) throw new Error(`double: status() on closed group ${this.number}`);
     const b = this.#double.behaviour(this.number);
     if (b.statusErrno !== undefined) throw new SysError('VFIO_GROUP_GET_STATUS', this.path, b.statusErrno);
-    return { viable: b.viable ?? true, containerSet: false };
+    return { viable: b.viable ?? true, containerSet: this.containerSet };
+  }
+
+  unsetContainer(): void {
+    this.unsetCalls++;
+    if (!this.containerSet) throw new SysError('VFIO_GROUP_UNSET_CONTAINER', this.path, 22);
+    this.containerSet = false;
   }
 
   dup(): OwnedFd {
@@ -142,4 +152,20 @@ export function gate(): { promise: Promise<void>; open: () => void } {
   let open!: () => void;
   const promise = new Promise<void>((r) => (open = r));
   return { promise, open };
+}
+
+/** A VmmHost double: /dev/null stands in for the fds, memlock requests are recorded. */
+export class HostDouble implements VmmHost {
+  readonly memlock: { pid: number; bytes: number }[] = [];
+  memlockErrno?: number;
+  dupKvm(): OwnedFd {
+    return new OwnedFd(openSync('/dev/null', 'r'), '/dev/kvm (double)');
+  }
+  async openContainer(): Promise<OwnedFd | null> {
+    return null;
+  }
+  setMemlock(pid: number, bytes: number): void {
+    if (this.memlockErrno !== undefined) throw new SysError('prlimit(RLIMIT_MEMLOCK)', `pid ${pid}`, this.memlockErrno);
+    this.memlock.push({ pid, bytes });
+  }
 }

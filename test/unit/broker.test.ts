@@ -6,7 +6,8 @@ import { VmRegistry, type VmChange, type VmRecord } from '../../src/broker/vms';
 import { AlreadyExistsError, FailedPreconditionError, NotFoundError, UnavailableError } from '../../src/broker/errors';
 import { Errno } from '../../src/kernel';
 import { makeFakeHost, type FakeGroup, type FakeHost } from '../helpers/fakehost';
-import { KernelDouble } from '../helpers/kerneldouble';
+import { HostDouble, KernelDouble } from '../helpers/kerneldouble';
+import { TokenStore } from '../../src/broker/tokens';
 
 const NIC = { vendor: '8086', device: '1521', class: '020000' };
 const GPU = { vendor: '10de', device: '1eb8', class: '030000' };
@@ -44,7 +45,7 @@ async function withBroker(fn: (c: Ctx) => Promise<void>): Promise<void> {
   const host = await makeFakeHost(GROUPS);
   const k = new KernelDouble();
   const pool = new GroupPool({ sysfsRoot: host.sysfs, devRoot: host.dev, procRoot: host.root, openGroup: k.openGroup });
-  const broker = new Broker(pool, new VmRegistry());
+  const broker = new Broker(pool, new VmRegistry(), { tokens: new TokenStore(60_000), host: new HostDouble(), exitGraceMs: 1000 });
   try {
     await fn({ host, k, pool, broker });
   } finally {

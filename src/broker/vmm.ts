@@ -1,0 +1,47 @@
+/**
+ * What the broker needs of a VMM attached over a session, and of the host to
+ * attach one. The server's session implements VmmLink; tests use doubles.
+ */
+import type { OwnedFd } from '../kernel';
+
+export interface VmmLink {
+  readonly pid: number;
+  /** A VMM attached by `kvmvfioctl attach`: it does not take requests. */
+  readonly passive: boolean;
+  /**
+   * Each runs one request in the VMM and resolves when it succeeded. A
+   * kernel failure in the VMM rejects with a SysError carrying its errno; no
+   * answer in time with DeadlineExceededError; a gone session with
+   * UnavailableError.
+   */
+  createVfioDevice(): Promise<void>;
+  /** Takes ownership of `fd` (closed once sent). */
+  addGroup(group: number, fd: OwnedFd): Promise<void>;
+  removeGroup(group: number): Promise<void>;
+  /** Asks the VMM to stop its VM and exit. */
+  shutdown(reason: string): void;
+  /** SIGKILL through the pidfd. */
+  kill(): void;
+  /** Resolves once the VMM process has exited (its pidfd became readable). */
+  readonly exited: Promise<void>;
+}
+
+export interface VmmHost {
+  /** A duplicate of the daemon's /dev/kvm fd, for a VMM. */
+  dupKvm(): OwnedFd;
+  /** A fresh VFIO container (/dev/vfio/vfio), or null where the host has none. */
+  openContainer(): Promise<OwnedFd | null>;
+  /** Raise the VMM's RLIMIT_MEMLOCK (prlimit). */
+  setMemlock(pid: number, bytes: number): void;
+}
+
+/** What the session sends a VMM at attach. The fds are the session's to close once sent. */
+export interface AttachGrant {
+  vmId: string;
+  vmName: string;
+  kvm: OwnedFd;
+  container: OwnedFd | null;
+  memlockBytes: number;
+  /** For `kvmvfioctl attach`: the group fds, since a passive VMM gets its plan at once. */
+  groups: { number: number; fd: OwnedFd }[];
+}

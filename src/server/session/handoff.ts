@@ -1,0 +1,83 @@
+/**
+ * The handoff socket: a SOCK_SEQPACKET listener at <runtime>/handoff.sock,
+ * mode 0666 (the token and SO_PEERCRED are the gate), accepted on Node's
+ * event loop through a uv_poll — never a blocking accept.
+ */
+import { chmod, unlink } from 'node:fs/promises';
+import type { Logger } from 'pino';
+import type { Broker } from '../../broker/broker';
+import { type FdWatch, SeqpacketListener, peerCredentials, watchReadable } from '../../kernel';
+import { clearStaleSocket } from '../listener';
+import { Session } from './session';
+
+export interface HandoffOptions {
+  requestTimeoutMs: number;
+}
+
+export class HandoffServer {
+  readonly #broker: Broker;
+  readonly #log: Logger;
+  readonly #opts: HandoffOptions;
+  readonly sessions = new Set<Session>();
+  #listener?: SeqpacketListener;
+  #watch?: FdWatch;
+  #nextId = 0;
+
+  constructor(broker: Broker, log: Logger, opts: HandoffOptions) {
+    this.#broker = broker;
+    this.#log = log;
+    this.#opts = opts;
+  }
+
+  async listen(path: string): Promise<void> {
+    await clearStaleSocket(path);
+    this.#listener = SeqpacketListener.listen(path);
+    await chmod(path, 0o666);
+    this.#watch = watchReadable(this.#listener.fd, () => this.#accept());
+    this.#log.info({ event: 'handoff-listening', path }, 'handoff socket ready');
+  }
+
+  #accept(): void {
+    const listener = this.#listener;
+    if (!listener) return;
+    for (;;) {
+      let sock;
+      try {
+        sock = listener.accept();
+      } catch (e) {
+        // EMFILE and friends: leave the connection queued; the next readable event retries.
+        this.#log.error({ event: 'handoff-accept-failed', err: (e as Error).message }, 'accept failed');
+        return;
+      }
+      if (!sock) return;
+      let cred;
+      try {
+        cred = peerCredentials(sock.fd);
+      } catch (e) {
+        this.#log.warn({ event: 'handoff-no-credentials', err: (e as Error).message }, 'dropping a connection without credentials');
+        sock.closeSync();
+        continue;
+      }
+      const session = new Session(++this.#nextId, sock, cred, this.#broker, this.#log, {
+        requestTimeoutMs: this.#opts.requestTimeoutMs,
+        onClosed: (s) => this.sessions.delete(s),
+      });
+      this.sessions.add(session);
+      this.#log.debug({ event: 'session-open', session: session.id, vmm_pid: cred.pid, vmm_uid: cred.uid }, 'handoff connection');
+    }
+  }
+
+  /** Stops accepting; sessions stay. */
+  async stopAccepting(): Promise<void> {
+    this.#watch?.close();
+    this.#watch = undefined;
+    const path = this.#listener?.path;
+    await this.#listener?.close();
+    this.#listener = undefined;
+    if (path) await unlink(path).catch(() => undefined);
+  }
+
+  closeSessions(): void {
+    for (const s of [...this.sessions]) s.close();
+  }
+}

@@ -1,0 +1,301 @@
+/**
+ * The daemon's side of one handoff session (docs/session-protocol.md): reads
+ * records from the VMM on the event loop, attaches it with its token, and
+ * is the broker's VmmLink to it — each request carries a sequence number and
+ * waits for its result with a deadline.
+ *
+ * fds: every fd received is owned here and closed unless a handler keeps it;
+ * every fd sent is closed right after sendmsg (the VMM has its own copy).
+ */
+import type { Logger } from 'pino';
+import type { Broker, Caller } from '../../broker/broker';
+import { DeadlineExceededError, DomainError, PermissionDeniedError, UnavailableError } from '../../broker/errors';
+import type { AttachGrant, VmmLink } from '../../broker/vmm';
+import { type FdWatch, type OwnedFd, SIGKILL, type SeqpacketSocket, SysError, peerPidfd, pidfdSendSignal, watchReadable } from '../../kernel';
+import { FdKind, type Message, MsgType, ProtocolError, RESULT_BIT, decode, encode, isResult, typeName } from '../../protocol/session';
+
+const EACCES = 13;
+const EPROTO = 71;
+
+export interface SessionOptions {
+  /** How long a request waits for the VMM's result. */
+  requestTimeoutMs: number;
+  /** Called once the session needs nothing more: socket closed and, if a VM was attached, the VMM gone. */
+  onClosed(session: Session): void;
+}
+
+interface Pending {
+  type: number;
+  resolve(m: Message): void;
+  reject(e: Error): void;
+  timer: NodeJS.Timeout;
+}
+
+type Phase = 'new' | 'attached' | 'ready' | 'closed';
+
+export class Session implements VmmLink {
+  readonly peer: Caller;
+  readonly id: number;
+  readonly #sock: SeqpacketSocket;
+  readonly #broker: Broker;
+  readonly #log: Logger;
+  readonly #opts: SessionOptions;
+  readonly #pending = new Map<number, Pending>();
+  #watch: FdWatch | undefined;
+  #pidfd: OwnedFd | undefined;
+  #pidWatch: FdWatch | undefined;
+  #phase: Phase = 'new';
+  #seq = 0;
+  #vmId = '';
+  #vmName = '';
+  #passive = false;
+  #exited!: () => void;
+  readonly exited: Promise<void>;
+
+  constructor(id: number, sock: SeqpacketSocket, peer: Caller, broker: Broker, log: Logger, opts: SessionOptions) {
+    this.id = id;
+    this.#sock = sock;
+    this.peer = peer;
+    this.#broker = broker;
+    this.#opts = opts;
+    this.#log = log.child({ session: id, vmm_pid: peer.pid, vmm_uid: peer.uid });
+    this.exited = new Promise((r) => (this.#exited = r));
+    this.#watch = watchReadable(sock.fd, () => this.#onReadable());
+  }
+
+  get pid(): number {
+    return this.peer.pid;
+  }
+
+  get passive(): boolean {
+    return this.#passive;
+  }
+
+  get vmId(): string {
+    return this.#vmId;
+  }
+
+  get isOpen(): boolean {
+    return this.#phase !== 'closed';
+  }
+
+  // --- VmmLink -------------------------------------------------------------
+
+  async createVfioDevice(): Promise<void> {
+    await this.#request(MsgType.CREATE_VFIO_DEVICE, 0, [], 'KVM_CREATE_DEVICE(VFIO)');
+  }
+
+  async addGroup(group: number, fd: OwnedFd): Promise<void> {
+    await this.#request(MsgType.ADD_GROUP, group, [{ kind: FdKind.VFIO_GROUP, id: group, fd }], 'KVM_SET_DEVICE_ATTR(VFIO_FILE_ADD)', `group ${group}`);
+  }
+
+  async removeGroup(group: number): Promise<void> {
+    await this.#request(MsgType.REMOVE_GROUP, group, [], 'KVM_SET_DEVICE_ATTR(VFIO_FILE_DEL)', `group ${group}`);
+  }
+
+  shutdown(reason: string): void {
+    if (this.#phase === 'closed') return;
+    // The result is not awaited: the VMM answers, then exits.
+    this.#request(MsgType.SHUTDOWN, 0, [], 'SHUTDOWN', '', reason).catch(() => undefined);
+  }
+
+  kill(): void {
+    if (!this.#pidfd?.isOpen) return;
+    try {
+      pidfdSendSignal(this.#pidfd.fd, SIGKILL, `VMM pid ${this.pid}`);
+      this.#log.warn({ event: 'vmm-killed', vm: this.#vmId }, 'VMM killed');
+    } catch (e) {
+      if (!(e instanceof SysError && e.code === 'ESRCH')) throw e;
+    }
+  }
+
+  // --- reading ---------------------------------------------------------------
+
+  #onReadable(): void {
+    while (this.#phase !== 'closed') {
+      let rec;
+      try {
+        rec = this.#sock.recv();
+      } catch (e) {
+        this.#end(`recvmsg failed: ${(e as Error).message}`);
+        return;
+      }
+      if (!rec) return;
+      if (rec.data.length === 0 && rec.fds.length === 0) {
+        this.#end('VMM closed the session');
+        return;
+      }
+      const fds = rec.fds;
+      try {
+        if (rec.truncated) throw new ProtocolError('record or its fds were truncated (MSG_TRUNC/MSG_CTRUNC)');
+        const msg = decode(rec.data, fds.length);
+        this.#handle(msg, fds);
+      } catch (e) {
+        for (const f of fds) f.closeSync();
+        if (e instanceof ProtocolError) {
+          this.#log.warn({ event: 'session-protocol-error', reason: e.message }, 'ending a session that broke the protocol');
+          this.#end(`protocol error: ${e.message}`);
+          return;
+        }
+        throw e;
+      }
+    }
+  }
+
+  #handle(msg: Message, fds: OwnedFd[]): void {
+    // No message from a VMM carries fds in protocol v1.
+    if (fds.length) throw new ProtocolError(`${typeName(msg.type)} carries ${fds.length} fds; none are expected from a VMM`);
+    if (isResult(msg.type)) {
+      const p = this.#pending.get(msg.seq);
+      if (!p || p.type !== (msg.type & ~RESULT_BIT)) throw new ProtocolError(`${typeName(msg.type)} answers no request (seq ${msg.seq})`);
+      this.#pending.delete(msg.seq);
+      clearTimeout(p.timer);
+      p.resolve(msg);
+      return;
+    }
+    switch (msg.type) {
+      case MsgType.ATTACH:
+        if (this.#phase !== 'new') throw new ProtocolError('ATTACH sent twice');
+        this.#phase = 'attached';
+        void this.#attach(msg);
+        return;
+      case MsgType.VM_CREATED:
+        if (this.#phase !== 'attached' || this.#passive) throw new ProtocolError(`VM_CREATED in phase ${this.#phase}`);
+        this.#phase = 'ready';
+        this.#reply(msg, 0, 'ok');
+        this.#log.info({ event: 'vm-created', vm: this.#vmId }, 'VMM made its VM; applying the plan');
+        void this.#broker.vmCreated(this.#vmId);
+        return;
+      case MsgType.PING:
+        this.#reply(msg, 0, 'pong');
+        return;
+      default:
+        throw new ProtocolError(`${typeName(msg.type)} may not be sent by a VMM`);
+    }
+  }
+
+  async #attach(msg: Message): Promise<void> {
+    this.#passive = (msg.arg & 1) === 1;
+    let grant: AttachGrant;
+    try {
+      if (!msg.text) throw new PermissionDeniedError('attach token missing');
+      // The pidfd first: from here on the VMM is named by it, never by a pid that could be reused.
+      this.#pidfd = peerPidfd(this.#sock.fd, this.peer.pid);
+      const pidfd = this.#pidfd;
+      this.#pidWatch = watchReadable(pidfd.fd, () => this.#onExit());
+      grant = await this.#broker.attach(msg.text, this.peer, this);
+    } catch (e) {
+      const reason = e instanceof DomainError || e instanceof SysError ? e.message : 'internal error';
+      this.#log.warn({ event: 'attach-refused', reason }, 'attach refused');
+      const errno = e instanceof SysError ? e.errno : e instanceof PermissionDeniedError ? EACCES : EPROTO;
+      this.#reply(msg, errno, reason);
+      this.#end(`attach refused: ${reason}`);
+      return;
+    }
+    this.#vmId = grant.vmId;
+    this.#vmName = grant.vmName;
+    const sent: { kind: number; id: number; fd: OwnedFd }[] = [{ kind: FdKind.KVM, id: 0, fd: grant.kvm }];
+    if (grant.container) sent.push({ kind: FdKind.VFIO_CONTAINER, id: 0, fd: grant.container });
+    for (const g of grant.groups) sent.push({ kind: FdKind.VFIO_GROUP, id: g.number, fd: g.fd });
+    try {
+      this.#send({ type: msg.type | RESULT_BIT, seq: msg.seq, status: 0, arg: grant.memlockBytes, manifest: sent, text: `${grant.vmId} ${grant.vmName}` }, sent);
+    } catch (e) {
+      this.#end(`sending the attach result failed: ${(e as Error).message}`);
+      return;
+    }
+    this.#log.info({ event: 'vmm-attached', vm: grant.vmId, passive: this.#passive, fds: sent.map((s) => s.kind) }, 'VMM attached');
+  }
+
+  // --- writing ---------------------------------------------------------------
+
+  #reply(req: Message, status: number, text: string): void {
+    try {
+      this.#send({ type: req.type | RESULT_BIT, seq: req.seq, status, arg: 0, manifest: [], text }, []);
+    } catch (e) {
+      this.#end(`reply failed: ${(e as Error).message}`);
+    }
+  }
+
+  /** Sends one record and closes the fds it carried (the peer has its copies). */
+  #send(m: Message, fds: { fd: OwnedFd }[]): void {
+    try {
+      this.#sock.send(encode(m), fds.map((f) => f.fd.fd));
+    } finally {
+      for (const f of fds) void f.fd.close();
+    }
+  }
+
+  #request(type: number, arg: number, fds: { kind: number; id: number; fd: OwnedFd }[], call: string, object = '', text = ''): Promise<Message> {
+    if (this.#phase === 'closed') {
+      for (const f of fds) void f.fd.close();
+      return Promise.reject(new UnavailableError(`the session with VMM pid ${this.pid} has ended`));
+    }
+    if (this.#passive) {
+      for (const f of fds) void f.fd.close();
+      return Promise.reject(new UnavailableError('a passive VMM takes no requests'));
+    }
+    const seq = (this.#seq = (this.#seq + 1) >>> 0);
+    return new Promise<Message>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.#pending.delete(seq);
+        reject(new DeadlineExceededError(`VMM pid ${this.pid} did not answer ${typeName(type)} within ${this.#opts.requestTimeoutMs} ms`));
+      }, this.#opts.requestTimeoutMs);
+      this.#pending.set(seq, { type, resolve, reject, timer });
+      try {
+        this.#send({ type, seq, status: 0, arg, manifest: fds.map(({ kind, id }) => ({ kind, id })), text }, fds);
+      } catch (e) {
+        clearTimeout(timer);
+        this.#pending.delete(seq);
+        reject(e instanceof SysError ? new UnavailableError(`VMM pid ${this.pid}: ${e.message}`) : e);
+      }
+    }).then((res) => {
+      // The VMM's kernel verdict, named as the call it made in its own process.
+      if (res.status !== 0) throw new SysError(call, `${object ? `${object}, ` : ''}vm ${this.#vmName} (VMM pid ${this.pid})`, res.status);
+      return res;
+    });
+  }
+
+  // --- ending ----------------------------------------------------------------
+
+  #onExit(): void {
+    this.#pidWatch?.close();
+    this.#pidWatch = undefined;
+    void this.#pidfd?.close();
+    this.#end('VMM exited');
+    this.#log.info({ event: 'vmm-exit', vm: this.#vmId }, 'VMM process exited');
+    this.#exited();
+    this.#opts.onClosed(this);
+  }
+
+  /** Closes the socket. The VM itself ends when the VMM process exits (the pidfd), not here. */
+  #end(reason: string): void {
+    if (this.#phase === 'closed') return;
+    this.#phase = 'closed';
+    this.#watch?.close();
+    this.#watch = undefined;
+    this.#sock.closeSync();
+    for (const [, p] of this.#pending) {
+      clearTimeout(p.timer);
+      p.reject(new UnavailableError(`the session with VMM pid ${this.pid} ended: ${reason}`));
+    }
+    this.#pending.clear();
+    this.#log.info({ event: 'session-end', vm: this.#vmId || undefined, reason }, 'session ended');
+    // Before attach no VM depends on the process: stop watching it. After,
+    // the session is done only when the process is gone (#onExit).
+    if (!this.#vmId) {
+      this.#pidWatch?.close();
+      this.#pidWatch = undefined;
+      void this.#pidfd?.close();
+      this.#opts.onClosed(this);
+    }
+  }
+
+  /** For daemon shutdown: close the socket and stop watching the process. */
+  close(): void {
+    this.#end('daemon stopping');
+    this.#pidWatch?.close();
+    this.#pidWatch = undefined;
+    this.#pidfd?.closeSync();
+    this.#opts.onClosed(this);
+  }
+}

@@ -1,0 +1,244 @@
+/**
+ * The VMM's side of a handoff session (docs/session-protocol.md). A VMM —
+ * unprivileged, with no /dev access — connects, presents its token, receives
+ * /dev/kvm (and a VFIO container), makes its VM in its own process and then
+ * runs the daemon's requests there: the KVM-VFIO device, and adding and
+ * removing VFIO groups, each answered with the kernel's errno.
+ */
+import { type FdWatch, Kvm, type KvmVfioDevice, type OwnedFd, SeqpacketSocket, SysError, type VmFd, watchReadable } from '../kernel';
+import { FdKind, type Message, MsgType, ProtocolError, RESULT_BIT, decode, encode, isResult, typeName } from '../protocol/session';
+
+export interface AttachResult {
+  vmId: string;
+  vmName: string;
+  /** RLIMIT_MEMLOCK the daemon gave this process (0: untouched). */
+  memlockBytes: number;
+  kvm: Kvm;
+  container: OwnedFd | null;
+  /** Passive attach only: the VM's group fds, by number. */
+  groups: Map<number, OwnedFd>;
+}
+
+export class AttachError extends Error {
+  readonly errno: number;
+  constructor(errno: number, message: string) {
+    super(message);
+    this.name = 'AttachError';
+    this.errno = errno;
+  }
+}
+
+export interface VmmEvents {
+  /** After each request is answered (for logs and tests). */
+  onRequest?(type: string, arg: number, errno: number): void;
+  /** SHUTDOWN from the daemon (answered already); the VMM should stop its VM and exit. */
+  onShutdown?(reason: string): void;
+  /** The session ended (the daemon closed it or broke the protocol). */
+  onClosed?(reason: string): void;
+}
+
+/** Waits until `sock` is readable, then returns the next record (the socket is non-blocking). */
+function nextRecord(sock: SeqpacketSocket): Promise<{ msg: Message; fds: OwnedFd[] }> {
+  return new Promise((resolve, reject) => {
+    const tryRead = (): boolean => {
+      const r = sock.recv();
+      if (!r) return false;
+      if (r.data.length === 0) throw new AttachError(104 /* ECONNRESET */, 'the daemon closed the session');
+      if (r.truncated) throw new ProtocolError('truncated record');
+      try {
+        resolve({ msg: decode(r.data, r.fds.length), fds: r.fds });
+      } catch (e) {
+        for (const f of r.fds) f.closeSync();
+        throw e;
+      }
+      return true;
+    };
+    let w: FdWatch | undefined;
+    const step = () => {
+      try {
+        if (tryRead()) w?.close();
+      } catch (e) {
+        w?.close();
+        reject(e);
+      }
+    };
+    w = watchReadable(sock.fd, step);
+    step();
+  });
+}
+
+export class VmmSession {
+  readonly sock: SeqpacketSocket;
+  readonly attach: AttachResult;
+  vm?: VmFd;
+  device?: KvmVfioDevice;
+  /** Group fds this VMM holds, by group number (kept for DEL and for VFIO use). */
+  readonly groups = new Map<number, OwnedFd>();
+  #watch?: FdWatch;
+  #events: VmmEvents = {};
+  #closed = false;
+
+  private constructor(sock: SeqpacketSocket, attach: AttachResult) {
+    this.sock = sock;
+    this.attach = attach;
+  }
+
+  /**
+   * Connects to the handoff socket and attaches with `token`. Rejects with
+   * AttachError (the daemon's errno and reason) when refused.
+   */
+  static async connect(path: string, token: string, opts: { passive?: boolean } = {}): Promise<VmmSession> {
+    const sock = SeqpacketSocket.connect(path, true);
+    try {
+      sock.send(encode({ type: MsgType.ATTACH, seq: 1, status: 0, arg: opts.passive ? 1 : 0, manifest: [], text: token }));
+      const { msg, fds } = await nextRecord(sock);
+      const owned = [...fds];
+      try {
+        if (msg.type !== (MsgType.ATTACH | RESULT_BIT) || msg.seq !== 1) throw new ProtocolError(`expected the ATTACH result, got ${typeName(msg.type)}`);
+        if (msg.status !== 0) throw new AttachError(msg.status, msg.text || `attach refused (errno ${msg.status})`);
+        let kvm: Kvm | undefined;
+        let container: OwnedFd | null = null;
+        const groups = new Map<number, OwnedFd>();
+        msg.manifest.forEach((e, i) => {
+          const fd = fds[i];
+          if (e.kind === FdKind.KVM && !kvm) kvm = Kvm.fromFd(fd);
+          else if (e.kind === FdKind.VFIO_CONTAINER && !container) container = fd;
+          else if (e.kind === FdKind.VFIO_GROUP && !groups.has(e.id)) groups.set(e.id, fd);
+          else throw new ProtocolError(`unexpected fd kind ${e.kind} in the ATTACH result`);
+        });
+        if (!kvm) throw new ProtocolError('the ATTACH result carries no /dev/kvm fd');
+        owned.length = 0;
+        const [vmId, ...name] = msg.text.split(' ');
+        return new VmmSession(sock, { vmId, vmName: name.join(' '), memlockBytes: msg.arg, kvm, container, groups });
+      } finally {
+        for (const f of owned) f.closeSync();
+      }
+    } catch (e) {
+      sock.closeSync();
+      throw e;
+    }
+  }
+
+  /** KVM_CREATE_VM with the received /dev/kvm, in this process, and tells the daemon. */
+  async createVm(): Promise<VmFd> {
+    this.vm = this.attach.kvm.createVmSync(`vm ${this.attach.vmName}`);
+    this.sock.send(encode({ type: MsgType.VM_CREATED, seq: 2, status: 0, arg: 0, manifest: [], text: '' }));
+    return this.vm;
+  }
+
+  /** Answers the daemon's requests from the event loop until the session ends. Call after createVm(). */
+  serve(events: VmmEvents = {}): void {
+    this.#events = events;
+    this.#watch = watchReadable(this.sock.fd, () => this.#onReadable());
+    this.#onReadable();
+  }
+
+  #onReadable(): void {
+    while (!this.#closed) {
+      let r;
+      try {
+        r = this.sock.recv();
+      } catch (e) {
+        this.close(`recvmsg: ${(e as Error).message}`);
+        return;
+      }
+      if (!r) return;
+      if (r.data.length === 0) {
+        this.close('the daemon closed the session');
+        return;
+      }
+      let msg: Message;
+      try {
+        if (r.truncated) throw new ProtocolError('truncated record');
+        msg = decode(r.data, r.fds.length);
+      } catch (e) {
+        for (const f of r.fds) f.closeSync();
+        this.close(`protocol error: ${(e as Error).message}`);
+        return;
+      }
+      if (isResult(msg.type)) {
+        for (const f of r.fds) f.closeSync();
+        continue; // the VM_CREATED result
+      }
+      this.#answer(msg, r.fds);
+    }
+  }
+
+  #answer(msg: Message, fds: OwnedFd[]): void {
+    let errno = 0;
+    let text = 'ok';
+    try {
+      switch (msg.type) {
+        case MsgType.CREATE_VFIO_DEVICE:
+          if (!this.vm) throw new SysError('KVM_CREATE_DEVICE(VFIO)', 'no VM yet', 22);
+          if (this.device) {
+            // A second device: ask the kernel anyway, so the answer is its own (EBUSY).
+            void this.vm.createVfioDevice().close();
+          }
+          this.device = this.vm.createVfioDevice();
+          break;
+        case MsgType.ADD_GROUP: {
+          const fd = fds.shift();
+          if (!fd) throw new SysError('KVM_SET_DEVICE_ATTR(VFIO_FILE_ADD)', `group ${msg.arg}: no fd`, 9);
+          if (!this.device) {
+            void fd.close();
+            throw new SysError('KVM_SET_DEVICE_ATTR(VFIO_FILE_ADD)', 'no KVM-VFIO device', 19 /* ENODEV */);
+          }
+          try {
+            this.device.addFile(fd.fd, `group ${msg.arg}`);
+          } catch (e) {
+            void fd.close();
+            throw e;
+          }
+          const earlier = this.groups.get(msg.arg);
+          this.groups.set(msg.arg, fd);
+          if (earlier) void earlier.close();
+          break;
+        }
+        case MsgType.REMOVE_GROUP: {
+          const fd = this.groups.get(msg.arg);
+          if (!fd || !this.device) throw new SysError('KVM_SET_DEVICE_ATTR(VFIO_FILE_DEL)', `group ${msg.arg}`, 2 /* ENOENT */);
+          this.device.deleteFile(fd.fd, `group ${msg.arg}`);
+          this.groups.delete(msg.arg);
+          void fd.close();
+          break;
+        }
+        case MsgType.PING:
+          text = 'pong';
+          break;
+        case MsgType.SHUTDOWN:
+          text = 'stopping';
+          break;
+        default:
+          throw new SysError(typeName(msg.type), 'this VMM', 95 /* EOPNOTSUPP */);
+      }
+    } catch (e) {
+      if (!(e instanceof SysError)) throw e;
+      errno = e.errno;
+      text = e.message;
+    } finally {
+      for (const f of fds) f.closeSync();
+    }
+    try {
+      this.sock.send(encode({ type: msg.type | RESULT_BIT, seq: msg.seq, status: errno, arg: 0, manifest: [], text: text.slice(0, 1000) }));
+    } catch (e) {
+      this.close(`sendmsg: ${(e as Error).message}`);
+      return;
+    }
+    this.#events.onRequest?.(typeName(msg.type), msg.arg, errno);
+    if (msg.type === MsgType.SHUTDOWN) this.#events.onShutdown?.(msg.text);
+  }
+
+  /** Ends the session and closes every fd this VMM holds, the VM's last. */
+  close(reason = 'closed by the VMM'): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#watch?.close();
+    this.sock.closeSync();
+    for (const fd of this.groups.values()) fd.closeSync();
+    this.groups.clear();
+    for (const fd of this.attach.groups.values()) fd.closeSync();
+    this.attach.container?.closeSync();
+    this.#events.onClosed?.(reason);
+  }
+}

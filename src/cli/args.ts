@@ -55,8 +55,8 @@ export function commandWords(argv: readonly string[]): string[] {
     const a = argv[i];
     if (a === '--') break;
     if (a.startsWith('-')) {
-      const opt = OPTIONS[a.slice(2) as OptionName] as { type: string } | undefined;
-      if (a.startsWith('--') && !a.includes('=') && opt?.type === 'string') i++;
+      const name = a.slice(2);
+      if (a.startsWith('--') && !a.includes('=') && Object.hasOwn(OPTIONS, name) && OPTIONS[name as OptionName].type === 'string') i++;
       continue;
     }
     words.push(a);
@@ -123,15 +123,16 @@ export function parseGroups(texts: readonly string[] | undefined): number[] {
 
 /** Repeated --label k=v flags. The value may be empty; the key may not; a key given twice is refused. */
 export function parseLabels(texts: readonly string[] | undefined): Record<string, string> {
-  const out: Record<string, string> = {};
+  // A Map, then fromEntries: a key like "__proto__" stays an ordinary key.
+  const out = new Map<string, string>();
   for (const t of texts ?? []) {
     const eq = t.indexOf('=');
     if (eq <= 0) throw new UsageError(`--label ${JSON.stringify(t)}: expected KEY=VALUE`);
     const key = t.slice(0, eq);
-    if (Object.prototype.hasOwnProperty.call(out, key)) throw new UsageError(`--label ${key} given twice`);
-    out[key] = t.slice(eq + 1);
+    if (out.has(key)) throw new UsageError(`--label ${key} given twice`);
+    out.set(key, t.slice(eq + 1));
   }
-  return out;
+  return Object.fromEntries(out);
 }
 
 const STATES: Record<string, VmState> = {
@@ -145,7 +146,8 @@ const STATES: Record<string, VmState> = {
 export function parseStates(texts: readonly string[] | undefined): VmState[] {
   const out: VmState[] = [];
   for (const t of texts ?? []) {
-    const s = STATES[t.toLowerCase().replace(/^vm_state_/, '')];
+    const key = t.toLowerCase().replace(/^vm_state_/, '');
+    const s = Object.hasOwn(STATES, key) ? STATES[key] : undefined;
     if (!s) throw new UsageError(`--state ${JSON.stringify(t)}: expected one of ${Object.keys(STATES).join(', ')}`);
     if (!out.includes(s)) out.push(s);
   }

@@ -185,7 +185,7 @@ function describe(e: ApiError, socket: string, timeoutMs: number | undefined): s
 
 export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env): Promise<number> {
   let command: string | undefined;
-  let json = argv.includes('--json');
+  let json = false;
   let socket = env.KVMVFIO_SOCKET || DEFAULT_SOCKET;
   let timeoutMs: number | undefined;
   let api: KvmVfioApi | undefined;
@@ -219,11 +219,12 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
     if (first === 'vm') {
       command = 'vm';
       if (second === undefined) throw new UsageError('missing vm subcommand');
-      if (!COMMANDS[`vm ${second}`]) throw new UsageError(`unknown command vm ${second}`);
+      if (!Object.hasOwn(COMMANDS, `vm ${second}`)) throw new UsageError(`unknown command vm ${second}`);
       command = `vm ${second}`;
       args = rest;
     } else {
-      if (!COMMANDS[first] || first.startsWith('vm ')) throw new UsageError(`unknown command ${first}`);
+      // hasOwn: "toString" is not a command.
+      if (!Object.hasOwn(COMMANDS, first) || first.startsWith('vm ')) throw new UsageError(`unknown command ${first}`);
       command = first;
       args = cl.positionals.slice(1);
     }

@@ -43,7 +43,7 @@ Global flags (anywhere on the line):
   --socket PATH   the daemon's API socket (else $KVMVFIO_SOCKET, else ${DEFAULT_SOCKET})
   --json          print the response message as JSON (proto field names); errors as
                   {"error":{"code":...,"message":...}} on stderr
-  --timeout MS    deadline of each call (default 10000)
+  --timeout MS    deadline of each call (default 10000; vm watch runs until interrupted)
   -h, --help      this help
   --version       kvmvfioctl's version
 
@@ -52,7 +52,7 @@ Exit status: 0 success, 1 the call failed (the gRPC status is printed), 2 usage 
 
 /** The synopsis shown under a usage error: the command's own, or all of vm's, or the top level. */
 export function synopsisFor(command: string | undefined): string {
-  if (command && SYNOPSIS[command]) return `Usage: ${SYNOPSIS[command]}`;
+  if (command && Object.hasOwn(SYNOPSIS, command)) return `Usage: ${SYNOPSIS[command]}`;
   if (command === 'vm' || command?.startsWith('vm ')) return `Usage:\n${VM_COMMANDS.map((k) => `  ${SYNOPSIS[k]}`).join('\n')}`;
   return 'Usage: kvmvfioctl [--socket PATH] [--json] [--timeout MS] info | groups [GROUP] | vm SUBCOMMAND ...';
 }

@@ -5,6 +5,7 @@
 import * as grpc from '@grpc/grpc-js';
 import { loadApi } from '../api/proto';
 import type { AddGroupRequest } from '../generated/kvmvfio/v1/AddGroupRequest';
+import type { AttachToken__Output } from '../generated/kvmvfio/v1/AttachToken';
 import type { CreateVmRequest } from '../generated/kvmvfio/v1/CreateVmRequest';
 import type { CreateVmResponse__Output } from '../generated/kvmvfio/v1/CreateVmResponse';
 import type { DeleteVmRequest } from '../generated/kvmvfio/v1/DeleteVmRequest';
@@ -79,6 +80,11 @@ export class KvmVfioApi {
 
   getVm(vmId: string): Promise<Vm__Output> {
     return this.#call(this.#client.GetVm, { vm_id: vmId });
+  }
+
+  /** A new attach token for a PENDING VM; earlier tokens of the VM stop working. */
+  createAttachToken(vmId: string): Promise<AttachToken__Output> {
+    return this.#call(this.#client.CreateAttachToken, { vm_id: vmId });
   }
 
   listVms(req: ListVmsRequest = {}): Promise<ListVmsResponse__Output> {

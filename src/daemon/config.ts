@@ -21,6 +21,8 @@ export interface DaemonConfig {
   vmmTimeoutMs: number;
   /** How long DeleteVm waits for a VMM to exit; also a failed VMM's time before SIGKILL. */
   vmmExitGraceMs: number;
+  /** How long a handoff connection has to present its token. */
+  attachTimeoutMs: number;
 }
 
 export const DEFAULTS: DaemonConfig = {
@@ -34,6 +36,7 @@ export const DEFAULTS: DaemonConfig = {
   tokenTtlMs: 60_000,
   vmmTimeoutMs: 5000,
   vmmExitGraceMs: 10_000,
+  attachTimeoutMs: 10_000,
 };
 
 export const USAGE = `Usage: kvmvfiod [options]
@@ -51,6 +54,7 @@ Options (environment variable in brackets):
   --token-ttl-ms N    lifetime of an attach token [KVMVFIOD_TOKEN_TTL_MS] (${DEFAULTS.tokenTtlMs})
   --vmm-timeout-ms N  how long a VMM has to answer a request (${DEFAULTS.vmmTimeoutMs})
   --vmm-exit-grace-ms N  how long DeleteVm waits for a VMM to exit (${DEFAULTS.vmmExitGraceMs})
+  --attach-timeout-ms N  how long a handoff connection has to attach (${DEFAULTS.attachTimeoutMs})
   --version, --help
 `;
 
@@ -76,6 +80,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): DaemonConfi
         'token-ttl-ms': { type: 'string' },
         'vmm-timeout-ms': { type: 'string' },
         'vmm-exit-grace-ms': { type: 'string' },
+        'attach-timeout-ms': { type: 'string' },
         help: { type: 'boolean' },
         version: { type: 'boolean' },
       },
@@ -98,6 +103,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): DaemonConfi
     tokenTtlMs: ms(values['token-ttl-ms'] ?? env.KVMVFIOD_TOKEN_TTL_MS, DEFAULTS.tokenTtlMs),
     vmmTimeoutMs: ms(values['vmm-timeout-ms'], DEFAULTS.vmmTimeoutMs),
     vmmExitGraceMs: ms(values['vmm-exit-grace-ms'], DEFAULTS.vmmExitGraceMs),
+    attachTimeoutMs: ms(values['attach-timeout-ms'], DEFAULTS.attachTimeoutMs),
   };
   if (!LEVELS.includes(cfg.logLevel)) throw new ConfigError(`--log-level: "${cfg.logLevel}" is not one of ${LEVELS.join(', ')}`);
   const bounds: [keyof DaemonConfig, string, number, number][] = [
@@ -105,6 +111,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): DaemonConfi
     ['tokenTtlMs', '--token-ttl-ms', 1000, 86_400_000],
     ['vmmTimeoutMs', '--vmm-timeout-ms', 10, 600_000],
     ['vmmExitGraceMs', '--vmm-exit-grace-ms', 10, 600_000],
+    ['attachTimeoutMs', '--attach-timeout-ms', 10, 600_000],
   ];
   for (const [key, flag, lo, hi] of bounds) {
     const v = cfg[key] as number;

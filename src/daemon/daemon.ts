@@ -109,7 +109,7 @@ export class Daemon {
     await mkdir(config.runtimeDir, { recursive: true, mode: 0o755 });
     this.#listener = new ApiListener(this.#grpc.createConnectionInjector(ServerCredentials.createInsecure()), log);
     await this.#listener.listen(apiSocketPath(config));
-    this.#handoff = new HandoffServer(this.#broker, log, { requestTimeoutMs: config.vmmTimeoutMs });
+    this.#handoff = new HandoffServer(this.#broker, log, { requestTimeoutMs: config.vmmTimeoutMs, attachTimeoutMs: config.attachTimeoutMs });
     await this.#handoff.listen(handoffSocketPath(config));
   }
 

@@ -348,6 +348,9 @@ describe('kvmvfioctl against a daemon with IOMMU groups', () => {
   test('usage errors exit 2 with a short usage and send nothing', async () => {
     const cases: [string[], RegExp][] = [
       [['frobnicate'], /unknown command frobnicate/],
+      [['toString'], /unknown command toString/],
+      [['vm', 'constructor'], /unknown command vm constructor/],
+      [['vm', 'create', 'dup-label', '--vmm-uid', '0', '--label', 'a=1', '--label', 'a=2'], /--label a given twice/],
       [[], /missing command/],
       [['vm'], /missing vm subcommand/],
       [['vm', 'create', 'bad-group', '--vmm-uid', '0', '--vfio-device', '--group', '1a'], /--group: "1a" is not a non-negative integer/],
@@ -377,7 +380,7 @@ describe('kvmvfioctl against a daemon with IOMMU groups', () => {
     // The synopsis shown is the command's own.
     assert.match((await run('vm', 'add-group', 'db')).stderr, /^Usage: kvmvfioctl vm add-group VM GROUP$/m);
     const names = (parse(ok(await run('vm', 'list', '--json'), 'list')).vms as Json[]).map((v) => v.name);
-    for (const n of ['bad-group', 'neg-group', 'huge-group', 'no-uid', 'uid-x', 'no-device', 'mem', 'lbl']) assert.ok(!names.includes(n), `${n} was created`);
+    for (const n of ['dup-label', 'bad-group', 'neg-group', 'huge-group', 'no-uid', 'uid-x', 'no-device', 'mem', 'lbl']) assert.ok(!names.includes(n), `${n} was created`);
   });
 
   test('the socket comes from --socket, else KVMVFIO_SOCKET; global flags go anywhere', async () => {

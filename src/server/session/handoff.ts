@@ -12,6 +12,7 @@ import { Session } from './session';
 
 export interface HandoffOptions {
   requestTimeoutMs: number;
+  attachTimeoutMs: number;
 }
 
 export class HandoffServer {
@@ -60,6 +61,7 @@ export class HandoffServer {
       }
       const session = new Session(++this.#nextId, sock, cred, this.#broker, this.#log, {
         requestTimeoutMs: this.#opts.requestTimeoutMs,
+        attachTimeoutMs: this.#opts.attachTimeoutMs,
         onClosed: (s) => this.sessions.delete(s),
       });
       this.sessions.add(session);

@@ -20,6 +20,8 @@ const EPROTO = 71;
 export interface SessionOptions {
   /** How long a request waits for the VMM's result. */
   requestTimeoutMs: number;
+  /** How long a new connection has to send ATTACH. */
+  attachTimeoutMs: number;
   /** Called once the session needs nothing more: socket closed and, if a VM was attached, the VMM gone. */
   onClosed(session: Session): void;
 }
@@ -41,6 +43,8 @@ export class Session implements VmmLink {
   readonly #log: Logger;
   readonly #opts: SessionOptions;
   readonly #pending = new Map<number, Pending>();
+  readonly #abandoned = new Set<number>();
+  #attachTimer: NodeJS.Timeout | undefined;
   #watch: FdWatch | undefined;
   #pidfd: OwnedFd | undefined;
   #pidWatch: FdWatch | undefined;
@@ -61,6 +65,8 @@ export class Session implements VmmLink {
     this.#log = log.child({ session: id, vmm_pid: peer.pid, vmm_uid: peer.uid });
     this.exited = new Promise((r) => (this.#exited = r));
     this.#watch = watchReadable(sock.fd, () => this.#onReadable());
+    this.#attachTimer = setTimeout(() => this.#end(`no ATTACH within ${opts.attachTimeoutMs} ms`), opts.attachTimeoutMs);
+    this.#attachTimer.unref();
   }
 
   get pid(): number {
@@ -146,6 +152,10 @@ export class Session implements VmmLink {
     // No message from a VMM carries fds in protocol v1.
     if (fds.length) throw new ProtocolError(`${typeName(msg.type)} carries ${fds.length} fds; none are expected from a VMM`);
     if (isResult(msg.type)) {
+      if (this.#abandoned.delete(msg.seq)) {
+        this.#log.warn({ event: 'late-result', type: typeName(msg.type), seq: msg.seq, errno: msg.status }, 'result after its deadline; ignored');
+        return;
+      }
       const p = this.#pending.get(msg.seq);
       if (!p || p.type !== (msg.type & ~RESULT_BIT)) throw new ProtocolError(`${typeName(msg.type)} answers no request (seq ${msg.seq})`);
       this.#pending.delete(msg.seq);
@@ -157,6 +167,7 @@ export class Session implements VmmLink {
       case MsgType.ATTACH:
         if (this.#phase !== 'new') throw new ProtocolError('ATTACH sent twice');
         this.#phase = 'attached';
+        clearTimeout(this.#attachTimer);
         void this.#attach(msg);
         return;
       case MsgType.VM_CREATED:
@@ -238,6 +249,9 @@ export class Session implements VmmLink {
     return new Promise<Message>((resolve, reject) => {
       const timer = setTimeout(() => {
         this.#pending.delete(seq);
+        // Its result may still come: remember the seq (a few) so a late answer is not a protocol error.
+        this.#abandoned.add(seq);
+        if (this.#abandoned.size > 64) this.#abandoned.delete(this.#abandoned.values().next().value as number);
         reject(new DeadlineExceededError(`VMM pid ${this.pid} did not answer ${typeName(type)} within ${this.#opts.requestTimeoutMs} ms`));
       }, this.#opts.requestTimeoutMs);
       this.#pending.set(seq, { type, resolve, reject, timer });
@@ -271,6 +285,7 @@ export class Session implements VmmLink {
   #end(reason: string): void {
     if (this.#phase === 'closed') return;
     this.#phase = 'closed';
+    clearTimeout(this.#attachTimer);
     this.#watch?.close();
     this.#watch = undefined;
     this.#sock.closeSync();

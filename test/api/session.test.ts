@@ -1,0 +1,310 @@
+/**
+ * VMM sessions on the real /dev/kvm: an unprivileged VMM attaches with a
+ * token, runs its guest, and runs the daemon's requests in its own process;
+ * tokens, faults and bad peers.
+ */
+import { test, describe, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { openSync, closeSync, readdirSync, readlinkSync } from 'node:fs';
+import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { status } from '@grpc/grpc-js';
+import { isApiError, type KvmVfioApi, type VmEvent } from '../../src/client/client';
+import { SeqpacketSocket } from '../../src/kernel';
+import { MsgType, decode, encode } from '../../src/protocol/session';
+import { makeFakeHost, type FakeHost } from '../helpers/fakehost';
+import { startDaemon, type RunningDaemon } from '../helpers/daemon';
+import { NOBODY, REFERENCE_VMM, SILENT_VMM, runVmm, type VmmProc } from '../helpers/vmmproc';
+
+const GROUPS = [5, 6, 8].map((n) => ({ number: n, devices: [{ address: `0000:00:0${n}.0`, vendor: '8086', device: '10d3', class: '020000', driver: 'vfio-pci' }] }));
+
+async function expectStatus(p: Promise<unknown>, code: status, detail?: RegExp): Promise<string> {
+  try {
+    await p;
+  } catch (e) {
+    assert.ok(isApiError(e), `not a gRPC error: ${String(e)}`);
+    assert.equal(status[e.code], status[code], `got ${status[e.code]}: ${e.details}`);
+    if (detail) assert.match(e.details, detail);
+    return e.details;
+  }
+  assert.fail(`expected ${status[code]}`);
+}
+
+async function until<T>(what: string, fn: () => Promise<T | undefined | false>, timeoutMs = 5000): Promise<T> {
+  const end = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() > end) assert.fail(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+async function settledFdCount(d: RunningDaemon, target: number): Promise<number> {
+  let n = await d.fdCount();
+  for (let i = 0; i < 100 && n > target; i++) {
+    await new Promise((r) => setTimeout(r, 50));
+    n = await d.fdCount();
+  }
+  return n;
+}
+
+describe('VMM sessions', () => {
+  let host: FakeHost;
+  let d: RunningDaemon;
+  let c: KvmVfioApi;
+  let handoff: string;
+  const vmms: VmmProc[] = [];
+  const refVmm = (token: string, asNobody = true) => {
+    const v = runVmm([process.execPath, REFERENCE_VMM, '--socket', handoff], token, asNobody);
+    vmms.push(v);
+    return v;
+  };
+
+  before(async () => {
+    host = await makeFakeHost(GROUPS);
+    d = await startDaemon({ sysfs: host.sysfs, dev: host.dev, args: ['--vmm-timeout-ms', '500', '--vmm-exit-grace-ms', '3000'] });
+    c = d.client();
+    handoff = join(d.runtimeDir, 'handoff.sock');
+  });
+
+  after(async () => {
+    for (const v of vmms) v.kill();
+    await d?.cleanup();
+    await host?.cleanup();
+  });
+
+  test('the handoff socket is a SOCK_SEQPACKET socket anyone may connect to', async () => {
+    const { mode } = await import('node:fs').then((fs) => fs.statSync(handoff));
+    assert.equal(mode & 0o777, 0o666);
+    const s = SeqpacketSocket.connect(handoff);
+    s.closeSync();
+  });
+
+  test('an unprivileged VMM, unable to open /dev/kvm, attaches, runs its guest to HLT and makes its KVM-VFIO device', async () => {
+    const { vm, attach_token } = await c.createVm({ name: 'guest-1', vmm_uid: 65534, vfio_device: true });
+    assert.ok(vm && attach_token);
+    assert.ok(attach_token.token.length >= 43, '≥ 256 bits, base64url');
+    assert.ok(Date.parse(attach_token.expire_time) > Date.now());
+    // The VMM's uid really cannot open /dev/kvm by path.
+    const probe = runVmm([process.execPath, '-e', "try{require('fs').openSync('/dev/kvm','r+');console.log(JSON.stringify({event:'opened'}))}catch(e){console.log(JSON.stringify({event:'refused',code:e.code}))}"], '');
+    assert.equal((await probe.waitFor('refused')).code, 'EACCES');
+
+    const v = refVmm(attach_token.token);
+    assert.equal((await v.waitFor('attached')).uid, 65534);
+    const guest = await v.waitFor('guest');
+    assert.equal(guest.serial, 'kvmvfio guest ok\n');
+    assert.equal(guest.halted, true);
+    const running = await until('RUNNING', async () => {
+      const g = await c.getVm(vm.id);
+      return g.state === 'VM_STATE_RUNNING' && g;
+    });
+    assert.equal(running.vmm_pid, v.pid);
+    assert.equal(running.vfio_device, true);
+    assert.ok(v.events.some((e) => e.event === 'request' && e.type === 'CREATE_VFIO_DEVICE' && e.errno === 0), 'the device was made in the VMM');
+
+    await expectStatus(c.createVfioDevice(vm.id), status.ALREADY_EXISTS, /KVM_CREATE_DEVICE\(VFIO\) on vm guest-1 \(VMM pid \d+\): EBUSY/);
+    assert.ok(v.events.some((e) => e.event === 'request' && e.type === 'CREATE_VFIO_DEVICE' && e.errno === 16), "the VMM's kernel said EBUSY");
+
+    // With a fake tree the group node is an ordinary file: the VMM's kernel refuses it.
+    await expectStatus(c.addGroup({ vm_id: vm.id, group: 5 }), status.INVALID_ARGUMENT, /KVM_SET_DEVICE_ATTR\(VFIO_FILE_ADD\) on group 5, vm guest-1 .*: EINVAL/);
+    const g5 = await c.getIommuGroup(5);
+    assert.equal(g5.vm_id, vm.id, 'a group whose fd reached a VMM stays with its VM until the VMM exits');
+    await expectStatus(c.createVm({ name: 'thief', vmm_uid: 1, vfio_device: true, groups: [5] }), status.FAILED_PRECONDITION, /group 5 is held by vm guest-1/);
+    await expectStatus(c.removeGroup({ vm_id: vm.id, group: 5 }), status.NOT_FOUND);
+    assert.deepEqual((await c.getVm(vm.id)).groups, [], 'the record changes only when the VMM reports success');
+
+    const del = await c.deleteVm({ vm_id: vm.id });
+    assert.equal(del.vm?.state, 'VM_STATE_EXITED');
+    assert.deepEqual(await v.exit, { code: 0, signal: null });
+    assert.ok(v.events.some((e) => e.event === 'shutdown'));
+    assert.equal((await c.getIommuGroup(5)).vm_id, '', 'back in the pool once the VMM is gone');
+    await expectStatus(c.getVm(vm.id), status.NOT_FOUND);
+  });
+
+  test('the plan is applied at attach; a failing step fails the VM with the reason, ends its VMM and returns the groups', async () => {
+    const { vm, attach_token } = await c.createVm({ name: 'plan-fails', vmm_uid: 65534, vfio_device: true, groups: [6] });
+    const events: VmEvent[] = [];
+    const watch = (async () => {
+      for await (const ev of c.watchVms()) {
+        if (ev.vm?.id === vm!.id) events.push(ev);
+        if (ev.vm?.id === vm!.id && ev.vm.state === 'VM_STATE_FAILED') break;
+      }
+    })();
+    const v = refVmm(attach_token!.token);
+    await watch;
+    const failed = await c.getVm(vm!.id);
+    assert.equal(failed.state, 'VM_STATE_FAILED');
+    assert.match(failed.failure_reason, /setting up IOMMU group 6: KVM_SET_DEVICE_ATTR\(VFIO_FILE_ADD\) on group 6.*EINVAL/);
+    assert.equal((await v.exit).code, 0, 'the VMM was told to shut down');
+    await until('group 6 free', async () => (await c.getIommuGroup(6)).vm_id === '');
+    assert.deepEqual(
+      events.map((e) => e.vm!.state),
+      events.map((e) => e.vm!.state).filter((s) => s === 'VM_STATE_PENDING' || s === 'VM_STATE_FAILED'),
+      'PENDING → FAILED, never RUNNING',
+    );
+    await c.deleteVm({ vm_id: vm!.id });
+  });
+
+  test('a VMM killed with SIGKILL: EXITED within 1 s, its groups back', async () => {
+    const { vm, attach_token } = await c.createVm({ name: 'killed', vmm_uid: 65534, vfio_device: true });
+    const v = refVmm(attach_token!.token);
+    await until('RUNNING', async () => (await c.getVm(vm!.id)).state === 'VM_STATE_RUNNING');
+    await expectStatus(c.addGroup({ vm_id: vm!.id, group: 8 }), status.INVALID_ARGUMENT);
+    assert.equal((await c.getIommuGroup(8)).vm_id, vm!.id);
+    const seen = new Promise<number>((resolve) => {
+      void (async () => {
+        for await (const ev of c.watchVms()) if (ev.vm?.id === vm!.id && ev.vm.state === 'VM_STATE_EXITED') return resolve(Date.now());
+      })();
+    });
+    const t0 = Date.now();
+    v.kill('SIGKILL');
+    const t1 = await seen;
+    assert.ok(t1 - t0 < 1000, `EXITED after ${t1 - t0} ms`);
+    assert.equal((await c.getIommuGroup(8)).vm_id, '');
+    await c.deleteVm({ vm_id: vm!.id });
+  });
+
+  test('tokens: single use, bound to vmm_uid; a refused attach gets EACCES and no fds', async () => {
+    const { vm, attach_token } = await c.createVm({ name: 'tok', vmm_uid: 65534 });
+    // Presented by root, not 65534: refused, and the token stays good for 65534.
+    const wrongUid = refVmm(attach_token!.token, false);
+    const refused = await wrongUid.waitFor('attach-refused');
+    assert.equal(refused.errno, 13);
+    assert.match(String(refused.reason), /attach token is for vmm uid 65534, not uid 0/);
+    const v = refVmm(attach_token!.token);
+    await v.waitFor('guest');
+    const replay = refVmm(attach_token!.token);
+    assert.match(String((await replay.waitFor('attach-refused')).reason), /already used/);
+    assert.equal((await replay.exit).code, 1);
+    await expectStatus(c.createAttachToken(vm!.id), status.FAILED_PRECONDITION, /RUNNING|attached/);
+
+    // A raw refusal: the result record carries no fds.
+    const s = SeqpacketSocket.connect(handoff);
+    try {
+      s.send(encode({ type: MsgType.ATTACH, seq: 7, status: 0, arg: 0, manifest: [], text: randomBytes(32).toString('base64url') }));
+      const r = await until('a result', async () => s.recv() ?? undefined);
+      assert.equal(r.fds.length, 0);
+      const m = decode(r.data, 0);
+      assert.equal(m.type, MsgType.ATTACH | 0x8000);
+      assert.equal(m.seq, 7);
+      assert.equal(m.status, 13);
+      assert.match(m.text, /not known/);
+    } finally {
+      s.closeSync();
+    }
+    await c.deleteVm({ vm_id: vm!.id });
+  });
+
+  test('CreateAttachToken mints a new token for a PENDING VM and the old one stops working', async () => {
+    const { vm, attach_token } = await c.createVm({ name: 'remint', vmm_uid: 65534 });
+    const fresh = await c.createAttachToken(vm!.id);
+    assert.notEqual(fresh.token, attach_token!.token);
+    const old = refVmm(attach_token!.token);
+    assert.match(String((await old.waitFor('attach-refused')).reason), /not known/);
+    const v = refVmm(fresh.token);
+    await v.waitFor('guest');
+    await c.deleteVm({ vm_id: vm!.id, force: true });
+    assert.equal((await v.exit).signal, 'SIGKILL', 'force kills through the pidfd');
+  });
+
+  test('a VMM that never answers: DEADLINE_EXCEEDED, and the daemon keeps serving', async () => {
+    const { vm, attach_token } = await c.createVm({ name: 'silent', vmm_uid: 65534 });
+    const v = runVmm([process.execPath, SILENT_VMM, handoff], attach_token!.token);
+    vmms.push(v);
+    await v.waitFor('silent');
+    await until('RUNNING', async () => (await c.getVm(vm!.id)).state === 'VM_STATE_RUNNING');
+    await expectStatus(c.createVfioDevice(vm!.id), status.DEADLINE_EXCEEDED, /did not answer CREATE_VFIO_DEVICE within 500 ms/);
+    assert.equal((await c.getVm(vm!.id)).vfio_device, false);
+    await c.getHostInfo();
+    await c.deleteVm({ vm_id: vm!.id, force: true });
+  });
+
+  test('garbage on the handoff socket ends that session only; fds come back', async () => {
+    await c.getHostInfo();
+    const base = await d.fdCount();
+    const records: Buffer[] = [
+      randomBytes(64),
+      Buffer.alloc(0),
+      Buffer.from('KVF1'),
+      encode({ type: MsgType.ATTACH, seq: 1, status: 0, arg: 0, manifest: [], text: 'x' }).subarray(0, 40),
+      encode({ type: 999, seq: 1, status: 0, arg: 0, manifest: [], text: '' }),
+      encode({ type: MsgType.VM_CREATED, seq: 1, status: 0, arg: 0, manifest: [], text: '' }),
+      randomBytes(4096),
+    ];
+    const nul = openSync('/dev/null', 'r');
+    try {
+      for (const rec of records) {
+        const s = SeqpacketSocket.connect(handoff);
+        s.send(rec, rec.length % 2 ? [nul, nul] : []);
+        // The daemon closes a garbling session: we read end of stream.
+        const r = await until('end of stream', async () => s.recv() ?? undefined);
+        for (const f of r.fds) f.closeSync();
+        s.closeSync();
+      }
+      // An ATTACH with an fd attached is garbled too (a VMM sends no fds).
+      const s = SeqpacketSocket.connect(handoff);
+      s.send(encode({ type: MsgType.ATTACH, seq: 1, status: 0, arg: 0, manifest: [{ kind: 1, id: 0 }], text: 't' }), [nul]);
+      const r = await until('end of stream', async () => s.recv() ?? undefined);
+      assert.equal(r.data.length, 0);
+      s.closeSync();
+    } finally {
+      closeSync(nul);
+    }
+    await c.getHostInfo();
+    assert.equal(await settledFdCount(d, base), base);
+    assert.ok(d.logs.some((l) => l.event === 'session-protocol-error'));
+  });
+
+  test('1,000 connections that send nothing: the daemon stays healthy and its fds return', async () => {
+    await c.getHostInfo();
+    const base = await d.fdCount();
+    const socks: SeqpacketSocket[] = [];
+    try {
+      for (let i = 0; i < 1000; i++) socks.push(SeqpacketSocket.connect(handoff));
+      await until('1000 sessions', async () => (await d.fdCount()) >= base + 1000);
+      assert.ok((await c.getHostInfo()).kvm_api_version === 12);
+    } finally {
+      for (const s of socks) s.closeSync();
+    }
+    assert.equal(await settledFdCount(d, base), base);
+  });
+
+  test('no fd of the daemon leaks into a VMM: it receives only what the manifest lists', async () => {
+    const { vm, attach_token } = await c.createVm({ name: 'fds', vmm_uid: 65534 });
+    const v = refVmm(attach_token!.token);
+    await v.waitFor('guest');
+    const targets = readdirSync(`/proc/${v.pid}/fd`).map((n) => {
+      try {
+        return readlinkSync(`/proc/${v.pid}/fd/${n}`);
+      } catch {
+        return '?';
+      }
+    });
+    assert.equal(targets.filter((t) => t === '/dev/kvm').length, 1);
+    assert.ok(!targets.some((t) => t.includes('api.sock')));
+    await c.deleteVm({ vm_id: vm!.id });
+  });
+});
+
+describe('token expiry and idle connections', () => {
+  test('an expired token is refused; an idle connection is closed after the attach timeout', async () => {
+    const d = await startDaemon({ args: ['--token-ttl-ms', '1000', '--attach-timeout-ms', '300'] });
+    try {
+      const c = d.client();
+      const { attach_token } = await c.createVm({ name: 'late', vmm_uid: 65534 });
+      await new Promise((r) => setTimeout(r, 1100));
+      const v = runVmm([process.execPath, REFERENCE_VMM, '--socket', join(d.runtimeDir, 'handoff.sock')], attach_token!.token);
+      assert.match(String((await v.waitFor('attach-refused')).reason), /expired/);
+      const s = SeqpacketSocket.connect(join(d.runtimeDir, 'handoff.sock'));
+      const r = await until('closed by the daemon', async () => s.recv() ?? undefined, 3000);
+      assert.equal(r.data.length, 0);
+      s.closeSync();
+      assert.ok(d.logs.some((l) => l.event === 'session-end' && /no ATTACH within 300 ms/.test(String(l.reason))));
+    } finally {
+      await d.cleanup();
+    }
+  });
+});
+
+assert.ok(NOBODY.length > 0);

@@ -37,7 +37,7 @@ export function vmJson(v: Vm): Vm {
   };
 }
 
-function tokenJson(t: AttachToken__Output): AttachToken__Output {
+export function tokenJson(t: AttachToken__Output): AttachToken__Output {
   return { token: t.token, expire_time: t.expire_time };
 }
 

@@ -125,6 +125,16 @@ const COMMANDS: Record<string, Command> = {
 
   'vm get': onVm((api, id) => api.getVm(id), (vm) => fmt.vmDetail(vm)),
 
+  'vm token': {
+    options: [],
+    async run(ctx) {
+      const [ref] = positionals(ctx.args, ['VM']);
+      const api = ctx.api();
+      const t = await api.createAttachToken(await api.resolveVm(ref));
+      ctx.out(ctx.json ? js.pretty(js.tokenJson(t)) : fmt.keyValues(fmt.attachTokenPairs(t)));
+    },
+  },
+
   'vm list': {
     options: FILTER_OPTIONS,
     async run(ctx) {

@@ -6,6 +6,7 @@ export const SYNOPSIS: Record<string, string> = {
   groups: 'kvmvfioctl groups [GROUP]',
   'vm create': 'kvmvfioctl vm create NAME --vmm-uid UID [--vfio-device] [--group N]... [--label KEY=VALUE]... [--memlock SIZE] [--request-id ID]',
   'vm get': 'kvmvfioctl vm get VM',
+  'vm token': 'kvmvfioctl vm token VM',
   'vm list': 'kvmvfioctl vm list [--label KEY=VALUE]... [--state pending|running|exited|failed]...',
   'vm delete': 'kvmvfioctl vm delete VM [--force]',
   'vm watch': 'kvmvfioctl vm watch [--label KEY=VALUE]... [--state pending|running|exited|failed]...',
@@ -28,6 +29,7 @@ Commands:
                               record a VM (PENDING) and claim its groups; --group needs --vfio-device;
                               SIZE is bytes or K/M/G/T (powers of 1024), e.g. 2G
   vm get VM                   one VM
+  vm token VM                 a new attach token for a PENDING VM (earlier ones stop working)
   vm list [--label KEY=VALUE]... [--state STATE]...
                               the VMs, oldest first; every label must match, any state may
   vm delete VM [--force]      remove a VM and return its groups (--force kills its VMM)

@@ -44,7 +44,7 @@ export class KvmVfioApi {
   readonly #client: KvmVfioClient;
   readonly #timeoutMs: number;
 
-  constructor(socket: string = process.env.KVMVFIO_SOCKET ?? DEFAULT_SOCKET, opts: ClientOptions = {}) {
+  constructor(socket: string = process.env.KVMVFIO_SOCKET || DEFAULT_SOCKET, opts: ClientOptions = {}) {
     this.socket = socket;
     this.#timeoutMs = opts.timeoutMs ?? 10_000;
     const { proto } = loadApi();
@@ -111,18 +111,25 @@ export class KvmVfioApi {
    * The WatchVms stream as an async iterator. Breaking out of the loop
    * cancels the call; the daemon ending it with a status throws it.
    */
-  async *watchVms(req: WatchVmsRequest = {}): AsyncGenerator<VmEvent__Output> {
+  async *watchVms(req: WatchVmsRequest = {}, signal?: AbortSignal): AsyncGenerator<VmEvent__Output> {
     const call = this.#client.WatchVms(req);
+    // An abort cancels at once, even while the stream waits for its next event.
+    const onAbort = () => call.cancel();
+    signal?.addEventListener('abort', onAbort, { once: true });
     try {
       for await (const ev of call as AsyncIterable<VmEvent__Output>) yield ev;
+    } catch (e) {
+      if (signal?.aborted && isApiError(e) && e.code === grpc.status.CANCELLED) return;
+      throw e;
     } finally {
+      signal?.removeEventListener('abort', onAbort);
       call.cancel();
     }
   }
 
   /** Resolves the VM's id from an id or a name (names are unique per owner). */
   async resolveVm(idOrName: string): Promise<string> {
-    if (/^[0-9a-f]{8}-[0-9a-f]{4}-/.test(idOrName)) return idOrName;
+    if (/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/.test(idOrName)) return idOrName;
     const { vms } = await this.listVms();
     const hits = vms.filter((v) => v.name === idOrName);
     if (hits.length === 1) return hits[0].id;

@@ -125,7 +125,7 @@ export class Daemon {
     this.#broker?.beginShutdown();
     this.#health?.setStatus('', 'NOT_SERVING');
     this.#health?.setStatus(SERVICE_NAME, 'NOT_SERVING');
-    await this.#listener?.stopAccepting();
+    this.#listener?.stopAccepting();
     await this.#handoff?.stopAccepting();
     this.#endWatches();
     if (this.#grpc) {

@@ -19,7 +19,8 @@ async function main(): Promise<number> {
   if (cfg === 'help') return process.stdout.write(USAGE), 0;
   if (cfg === 'version') return process.stdout.write(`${DAEMON_VERSION}\n`), 0;
 
-  const log = pino({ level: cfg.logLevel, base: { pid: process.pid, name: 'kvmvfiod' } });
+  // No pid in the base: `pid` on a call line is the caller's (the daemon's pid is on the ready line).
+  const log = pino({ level: cfg.logLevel, base: { name: 'kvmvfiod' } });
   const daemon = new Daemon(cfg, log);
   try {
     await daemon.start();
@@ -28,7 +29,7 @@ async function main(): Promise<number> {
     await daemon.stop().catch(() => {});
     return 1;
   }
-  log.info({ event: 'ready', runtimeDir: cfg.runtimeDir, version: DAEMON_VERSION }, 'kvmvfiod ready');
+  log.info({ event: 'ready', runtimeDir: cfg.runtimeDir, version: DAEMON_VERSION, daemon_pid: process.pid }, 'kvmvfiod ready');
 
   return new Promise<number>((resolve) => {
     const onSignal = (signal: NodeJS.Signals) => {

@@ -78,3 +78,31 @@ export function getMemlockLimit(pid: number): Rlimit {
   if ((sys.prlimit(pid, RLIMIT_MEMLOCK, null, old) as number) < 0) throw new SysError('prlimit(RLIMIT_MEMLOCK)', `pid ${pid}`, lastErrno());
   return { soft: old.readBigUInt64LE(0), hard: old.readBigUInt64LE(8) };
 }
+
+const exec = {
+  execvp: lib.func('int execvp(const char *file, const char **argv)'),
+  setenv: lib.func('int setenv(const char *name, const char *value, int overwrite)'),
+  fcntl: lib.func('int fcntl(int fd, int cmd, int arg)'),
+};
+const F_GETFD = 1;
+const F_SETFD = 2;
+const FD_CLOEXEC = 1;
+
+/** Clears FD_CLOEXEC so `fd` survives an exec (an fd handed on to an exec'd VMM). */
+export function inheritAcrossExec(fd: number, what: string): void {
+  const flags = exec.fcntl(fd, F_GETFD, 0) as number;
+  if (flags < 0 || (exec.fcntl(fd, F_SETFD, flags & ~FD_CLOEXEC) as number) < 0) throw new SysError('fcntl(F_SETFD)', what, lastErrno());
+}
+
+/**
+ * execvp(3): replaces this process (same pid, so a daemon's pidfd of it stays
+ * true) with `argv[0]`, searched in PATH, with `env` added to the
+ * environment. Returns only by throwing.
+ */
+export function execReplace(argv: string[], env: Record<string, string>): never {
+  for (const [k, v] of Object.entries(env)) {
+    if ((exec.setenv(k, v, 1) as number) < 0) throw new SysError('setenv', k, lastErrno());
+  }
+  exec.execvp(argv[0], [...argv, null]);
+  throw new SysError('execvp', argv[0], lastErrno());
+}

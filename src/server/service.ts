@@ -97,6 +97,7 @@ export function createService(deps: ServiceDeps): { handlers: KvmVfioHandlers; e
   const handlers: KvmVfioHandlers = {
     GetHostInfo: unary('GetHostInfo', false, async () => {
       const h = await snapshot(deps.host);
+      const groups = await broker.listGroups();
       return {
         kernel_release: h.kernelRelease,
         kvm_api_version: h.kvmApiVersion,
@@ -105,7 +106,7 @@ export function createService(deps: ServiceDeps): { handlers: KvmVfioHandlers; e
           vfio_file_add: h.support.fileAdd,
           vfio_file_del: h.support.fileDel,
           vfio_container: h.support.vfioContainer,
-          iommu_groups: (await broker.listGroups()).length > 0,
+          iommu_groups: groups.length > 0,
           probe_errors: h.support.errors,
         },
         daemon_version: DAEMON_VERSION,
@@ -114,7 +115,7 @@ export function createService(deps: ServiceDeps): { handlers: KvmVfioHandlers; e
         fds_open: String(h.fdsOpen),
         vm_count: broker.vms.size,
         claimed_group_count: broker.pool.claimedCount,
-        iommu_group_count: (await broker.listGroups()).length,
+        iommu_group_count: groups.length,
         start_time: h.startTime,
       };
     }),

@@ -43,7 +43,10 @@ function nextRecord(sock: SeqpacketSocket): Promise<{ msg: Message; fds: OwnedFd
     const tryRead = (): boolean => {
       const r = sock.recv();
       if (!r) return false;
-      if (r.data.length === 0) throw new AttachError(104 /* ECONNRESET */, 'the daemon closed the session');
+      if (r.data.length === 0) {
+        for (const f of r.fds) f.closeSync();
+        throw new AttachError(104 /* ECONNRESET */, 'the daemon closed the session');
+      }
       if (r.truncated) throw new ProtocolError('truncated record');
       try {
         resolve({ msg: decode(r.data, r.fds.length), fds: r.fds });
@@ -144,6 +147,7 @@ export class VmmSession {
       }
       if (!r) return;
       if (r.data.length === 0) {
+        for (const f of r.fds) f.closeSync();
         this.close('the daemon closed the session');
         return;
       }

@@ -262,6 +262,32 @@ describe('daemon lifecycle', () => {
     }
   });
 
+  test('SIGTERM with a watcher and idle clients connected: the watch ends UNAVAILABLE and the daemon exits 0 in bound', async () => {
+    const d = await startDaemon();
+    try {
+      const idle = d.client();
+      await idle.getHostInfo();
+      const watcher = d.client();
+      const ended = (async () => {
+        try {
+          for await (const ev of watcher.watchVms()) void ev;
+          return 'ended without status';
+        } catch (e) {
+          return isApiError(e) ? status[e.code] : String(e);
+        }
+      })();
+      await new Promise((r) => setTimeout(r, 200));
+      const t0 = Date.now();
+      d.proc.kill('SIGTERM');
+      assert.equal(await ended, 'UNAVAILABLE');
+      const r = await d.stop();
+      assert.equal(r.code, 0);
+      assert.ok(Date.now() - t0 < 7000, `exited ${Date.now() - t0} ms after SIGTERM`);
+    } finally {
+      await d.cleanup();
+    }
+  });
+
   test('connections that come and go leave the fd count where it was', async () => {
     const d = await startDaemon();
     try {

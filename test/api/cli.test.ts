@@ -175,6 +175,12 @@ describe('kvmvfioctl against a daemon with IOMMU groups', () => {
     assert.match(get, /^memlock: +2147483648 \(2 GiB\)$/m);
     assert.doesNotMatch(get, /VM_STATE_/);
 
+    // A fresh token replaces the one CreateVm gave.
+    const fresh = parse(ok(await run('vm', 'token', 'web-1', '--json'), 'vm token'));
+    assert.deepEqual(Object.keys(fresh), ['token', 'expire_time']);
+    assert.notEqual(fresh.token, token.token);
+    assert.match(ok(await run('vm', 'token', 'web-1'), 'vm token'), /^attach token: +\S{16,}\ntoken expires: +\d{4}-/);
+
     const byId = parse(ok(await run('vm', 'get', String(vm.id), '--json'), 'vm get id --json'));
     assert.deepEqual(byId, vm);
 

@@ -33,7 +33,7 @@ interface Pending {
   timer: NodeJS.Timeout;
 }
 
-type Phase = 'new' | 'attached' | 'ready' | 'closed';
+type Phase = 'new' | 'attaching' | 'attached' | 'ready' | 'closed';
 
 export class Session implements VmmLink {
   readonly peer: Caller;
@@ -163,10 +163,16 @@ export class Session implements VmmLink {
       p.resolve(msg);
       return;
     }
+    if (this.#phase === 'new' ? msg.type !== MsgType.ATTACH : msg.type === MsgType.ATTACH) {
+      // The document's rule: ATTACH first and once; otherwise EACCES and the session ends.
+      const reason = this.#phase === 'new' ? `${typeName(msg.type)} before ATTACH` : 'ATTACH sent twice';
+      this.#reply(msg, EACCES, reason);
+      throw new ProtocolError(reason);
+    }
     switch (msg.type) {
       case MsgType.ATTACH:
-        if (this.#phase !== 'new') throw new ProtocolError('ATTACH sent twice');
-        this.#phase = 'attached';
+        if (msg.arg & ~1) throw new ProtocolError(`ATTACH arg 0x${msg.arg.toString(16)} has unknown bits`);
+        this.#phase = 'attaching';
         clearTimeout(this.#attachTimer);
         void this.#attach(msg);
         return;
@@ -205,11 +211,17 @@ export class Session implements VmmLink {
     }
     this.#vmId = grant.vmId;
     this.#vmName = grant.vmName;
+    if (this.#phase !== 'attaching') {
+      // The session ended while the broker attached it: nothing is sent, the VMM's exit ends the VM.
+      for (const f of [grant.kvm, grant.container, ...grant.groups.map((g) => g.fd)]) void f?.close();
+      return;
+    }
     const sent: { kind: number; id: number; fd: OwnedFd }[] = [{ kind: FdKind.KVM, id: 0, fd: grant.kvm }];
     if (grant.container) sent.push({ kind: FdKind.VFIO_CONTAINER, id: 0, fd: grant.container });
     for (const g of grant.groups) sent.push({ kind: FdKind.VFIO_GROUP, id: g.number, fd: g.fd });
     try {
       this.#send({ type: msg.type | RESULT_BIT, seq: msg.seq, status: 0, arg: grant.memlockBytes, manifest: sent, text: `${grant.vmId} ${grant.vmName}` }, sent);
+      this.#phase = 'attached';
     } catch (e) {
       this.#end(`sending the attach result failed: ${(e as Error).message}`);
       return;

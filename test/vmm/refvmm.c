@@ -1,0 +1,363 @@
+/*
+ * refvmm: a reference VMM in C (libc and the kernel's uapi headers only) for
+ * kvmvfiod's handoff session protocol v1 (docs/session-protocol.md); it shows
+ * the protocol needs neither TypeScript nor protobuf. Like src/vmm/reference.ts:
+ *
+ *   KVMVFIO_TOKEN=... refvmm SOCKET_PATH
+ *
+ * attaches with the token, makes its VM with the /dev/kvm fd it is given,
+ * runs the tiny guest of src/vmm/tinyguest.ts to HLT, sends VM_CREATED, then
+ * answers the daemon's requests with its own kernel's errnos until SHUTDOWN
+ * or the end of the stream. One JSON line per event on stdout. Exit: 0
+ * shutdown or end of stream, 1 attach refused, 2 usage or system error,
+ * 3 protocol error (a garbled record), 4 KVM or guest failure. exit() closes
+ * every fd, which ends the session and, with it, the VM.
+ *
+ * Build: gcc -O2 -Wall -Wextra -Werror -std=c11 -D_GNU_SOURCE refvmm.c
+ */
+#include <errno.h>
+#include <linux/kvm.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#define KVF_MAGIC 0x3146564bu /* the bytes "KVF1" */
+#define HDR 32
+#define MAX_REC 4096
+#define MAX_FDS 8
+#define RESULT 0x8000
+enum { ATTACH = 1, VM_CREATED = 2, PING = 3, CREATE_VFIO_DEVICE = 16, ADD_GROUP = 17, REMOVE_GROUP = 18, SHUTDOWN = 19 };
+enum { FD_KVM = 1, FD_VFIO_CONTAINER = 2, FD_VFIO_GROUP = 3 };
+/* KVM_DEV_VFIO_FILE, _FILE_ADD, _FILE_DEL: older headers call them _GROUP, _GROUP_ADD, _GROUP_DEL. */
+enum { VFIO_FILE = 1, VFIO_FILE_ADD = 1, VFIO_FILE_DEL = 2 };
+#define SERIAL_PORT 0x3f8
+#define GUEST_MEM 0x10000 /* 64 KiB at guest physical 0 */
+#define GUEST_ENTRY 0x1000 /* cs:ip = 0000:1000; the message follows the 16 code bytes */
+#define MAX_KEPT 256
+
+struct rec {
+	unsigned type, seq, nfds, text_len;
+	int32_t status;
+	uint64_t arg;
+	uint32_t kind[MAX_FDS], id[MAX_FDS];
+	int fds[MAX_FDS];
+	char text[MAX_REC];
+};
+
+static const char *type_name(unsigned t) {
+	static const char *const names[] = { [ATTACH] = "ATTACH", [VM_CREATED] = "VM_CREATED", [PING] = "PING",
+		[CREATE_VFIO_DEVICE] = "CREATE_VFIO_DEVICE", [ADD_GROUP] = "ADD_GROUP", [REMOVE_GROUP] = "REMOVE_GROUP", [SHUTDOWN] = "SHUTDOWN" };
+	t &= ~RESULT;
+	return t < sizeof names / sizeof *names ? names[t] : NULL;
+}
+
+static uint64_t get_le(const unsigned char *p, int n) {
+	uint64_t v = 0;
+	while (n-- > 0) v = v << 8 | p[n];
+	return v;
+}
+
+static void put_le(unsigned char *p, uint64_t v, int n) {
+	for (int i = 0; i < n; i++, v >>= 8) p[i] = (unsigned char)v;
+}
+
+/* A JSON string of n bytes: quotes, backslashes and control bytes escaped; UTF-8 passes through. */
+static void json_str(const char *s, size_t n) {
+	putchar('"');
+	for (size_t i = 0; i < n; i++) {
+		unsigned char c = (unsigned char)s[i];
+		if (c == '"' || c == '\\') printf("\\%c", c);
+		else if (c == '\n') fputs("\\n", stdout);
+		else if (c < 0x20 || c == 0x7f) printf("\\u%04x", c);
+		else putchar(c);
+	}
+	putchar('"');
+}
+
+/* Closes an event line and flushes it, so that a reader sees each event at once. */
+static void end_event(void) {
+	fputs("}\n", stdout);
+	fflush(stdout);
+}
+
+static void event_reason(const char *event, const char *reason) {
+	printf("{\"event\":\"%s\",\"reason\":", event);
+	json_str(reason, strlen(reason));
+	end_event();
+}
+
+static _Noreturn void fail(int code, const char *call, int err) {
+	printf("{\"event\":\"error\",\"call\":\"%s\",\"errno\":%d,\"reason\":", call, err);
+	json_str(strerror(err), strlen(strerror(err)));
+	end_event();
+	exit(code);
+}
+
+static _Noreturn void garbled(const char *why) {
+	event_reason("protocol-error", why);
+	exit(3);
+}
+
+static int xioctl(int fd, unsigned long req, void *arg, const char *call) {
+	int r = ioctl(fd, req, arg);
+	if (r < 0) fail(4, call, errno);
+	return r;
+}
+
+/* Receives one record into r; 0 at the end of the stream. A garbled record (the document's list) exits. */
+static int recv_rec(int sock, struct rec *r) {
+	unsigned char b[MAX_REC + 1]; /* a longer record is cut and flagged MSG_TRUNC */
+	union { struct cmsghdr h; char c[CMSG_SPACE(MAX_FDS * sizeof(int))]; } cm;
+	struct iovec iov = { b, sizeof b };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.c, .msg_controllen = sizeof cm.c };
+	ssize_t n;
+	unsigned got = 0;
+
+	do n = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC);
+	while (n < 0 && errno == EINTR);
+	if (n < 0 && errno == ECONNRESET) return 0;
+	if (n < 0) fail(2, "recvmsg", errno);
+	for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c))
+		if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+			for (size_t i = 0; i < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int) && got < MAX_FDS; i++)
+				memcpy(&r->fds[got++], CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+	if (n == 0 && got == 0) return 0;
+	if (mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) garbled("record or its fds were truncated (MSG_TRUNC/MSG_CTRUNC)");
+	if (n < HDR) garbled("record shorter than the 32-byte header");
+	if (get_le(b, 4) != KVF_MAGIC) garbled("bad magic");
+	if (get_le(b + 4, 2) != 1) garbled("unsupported protocol version");
+	if (get_le(b + 28, 4) != 0) garbled("reserved header field is not 0");
+	r->type = (unsigned)get_le(b + 6, 2);
+	r->seq = (unsigned)get_le(b + 8, 4);
+	r->status = (int32_t)(uint32_t)get_le(b + 12, 4);
+	r->arg = get_le(b + 16, 8);
+	r->nfds = (unsigned)get_le(b + 24, 2);
+	r->text_len = (unsigned)get_le(b + 26, 2);
+	if ((size_t)n != HDR + 8 * (size_t)r->nfds + r->text_len) garbled("record length is not 32 + 8*nfds + text_len");
+	if (r->nfds != got) garbled("manifest entries and fds received differ");
+	if (!type_name(r->type)) garbled("unknown message type");
+	for (unsigned i = 0; i < r->nfds; i++) {
+		r->kind[i] = (uint32_t)get_le(b + HDR + 8 * i, 4);
+		r->id[i] = (uint32_t)get_le(b + HDR + 8 * i + 4, 4);
+		if (r->kind[i] < FD_KVM || r->kind[i] > FD_VFIO_GROUP) garbled("unknown fd kind in the manifest");
+	}
+	memcpy(r->text, b + HDR + 8 * r->nfds, r->text_len);
+	r->text[r->text_len] = '\0';
+	return 1;
+}
+
+/* Sends a record without fds (arg 0): requests have status 0, results echo their request's seq. */
+static void send_rec(int sock, unsigned type, unsigned seq, int status, const char *text) {
+	unsigned char b[MAX_REC] = { 0 };
+	size_t len = strlen(text) < MAX_REC - HDR ? strlen(text) : MAX_REC - HDR;
+	ssize_t n;
+
+	put_le(b, KVF_MAGIC, 4);
+	put_le(b + 4, 1, 2); /* version */
+	put_le(b + 6, type, 2);
+	put_le(b + 8, seq, 4);
+	put_le(b + 12, (uint32_t)status, 4);
+	put_le(b + 26, len, 2);
+	memcpy(b + HDR, text, len);
+	do n = send(sock, b, HDR + len, MSG_NOSIGNAL);
+	while (n < 0 && errno == EINTR);
+	if (n < 0) { /* the daemon is gone: the session has ended */
+		event_reason("closed", strerror(errno));
+		exit(0);
+	}
+}
+
+/* Runs the tiny guest on vm: RAM in slot 0, vCPU 0 in real mode at 0000:1000, OUTs to 0x3f8 collected until HLT. */
+static void run_guest(int kvm, int vm, const char *msg) {
+	static const unsigned char code[] = {
+		0xba, 0xf8, 0x03, /* mov dx, 0x3f8 */
+		0xbe, 0x10, 0x10, /* mov si, 0x1010 (the message) */
+		0xb9, 0x00, 0x00, /* mov cx, <length> (patched) */
+		0xe3, 0x04,       /* jcxz hlt */
+		0xac,             /* lodsb */
+		0xee,             /* out dx, al */
+		0xe2, 0xfc,       /* loop lodsb */
+		0xf4,             /* hlt */
+	};
+	size_t len = strlen(msg), got = 0, exits = 0;
+	char serial[512];
+	int halted = 0;
+
+	unsigned char *mem = mmap(NULL, GUEST_MEM, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (mem == MAP_FAILED) fail(4, "mmap(guest memory)", errno);
+	memcpy(mem + GUEST_ENTRY, code, sizeof code);
+	put_le(mem + GUEST_ENTRY + 7, len, 2);
+	memcpy(mem + GUEST_ENTRY + sizeof code, msg, len);
+	struct kvm_userspace_memory_region region = { .slot = 0, .memory_size = GUEST_MEM, .userspace_addr = (uintptr_t)mem };
+	xioctl(vm, KVM_SET_USER_MEMORY_REGION, &region, "KVM_SET_USER_MEMORY_REGION");
+	int run_size = xioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, NULL, "KVM_GET_VCPU_MMAP_SIZE");
+	int vcpu = xioctl(vm, KVM_CREATE_VCPU, NULL, "KVM_CREATE_VCPU");
+	struct kvm_run *run = mmap(NULL, (size_t)run_size, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu, 0);
+	if (run == MAP_FAILED) fail(4, "mmap(kvm_run)", errno);
+
+	/* A new vCPU is at the reset vector, already in real mode: point cs, and ds for lodsb, at 0. */
+	struct kvm_sregs sregs;
+	xioctl(vcpu, KVM_GET_SREGS, &sregs, "KVM_GET_SREGS");
+	sregs.cs.base = 0, sregs.cs.selector = 0, sregs.ds.base = 0, sregs.ds.selector = 0;
+	xioctl(vcpu, KVM_SET_SREGS, &sregs, "KVM_SET_SREGS");
+	struct kvm_regs regs;
+	xioctl(vcpu, KVM_GET_REGS, &regs, "KVM_GET_REGS");
+	regs.rip = GUEST_ENTRY, regs.rflags = 0x2;
+	xioctl(vcpu, KVM_SET_REGS, &regs, "KVM_SET_REGS");
+
+	for (; !halted && exits < len + 64; exits++) {
+		if (ioctl(vcpu, KVM_RUN, 0) < 0) {
+			if (errno == EINTR) continue; /* KVM_EXIT_INTR: run again */
+			fail(4, "KVM_RUN", errno);
+		}
+		if (run->exit_reason == KVM_EXIT_HLT) {
+			halted = 1;
+		} else if (run->exit_reason == KVM_EXIT_IO && run->io.direction == KVM_EXIT_IO_OUT && run->io.port == SERIAL_PORT) {
+			size_t n = (size_t)run->io.size * run->io.count;
+			if (run->io.data_offset + n > (size_t)run_size || got + n > sizeof serial) fail(4, "KVM_EXIT_IO", ERANGE);
+			memcpy(serial + got, (char *)run + run->io.data_offset, n);
+			got += n;
+		} else {
+			printf("{\"event\":\"error\",\"call\":\"KVM_RUN\",\"exit_reason\":%u", run->exit_reason);
+			end_event();
+			exit(4);
+		}
+	}
+	/* Undo in reverse; the VM keeps vCPU 0 until the VM is closed, as KVM does. */
+	munmap(run, (size_t)run_size);
+	close(vcpu);
+	region.memory_size = 0;
+	xioctl(vm, KVM_SET_USER_MEMORY_REGION, &region, "KVM_SET_USER_MEMORY_REGION(delete)");
+	munmap(mem, GUEST_MEM);
+
+	fputs("{\"event\":\"guest\",\"serial\":", stdout);
+	json_str(serial, got);
+	printf(",\"halted\":%s,\"exits\":%zu", halted ? "true" : "false", exits);
+	end_event();
+}
+
+int main(int argc, char **argv) {
+	const char *token = getenv("KVMVFIO_TOKEN");
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct rec r;
+	int kvm = -1, container = -1, dev = -1, nkept = 0;
+	struct { uint64_t group; int fd; } kept[MAX_KEPT]; /* group fds added to the device, for REMOVE_GROUP */
+	char text[256];
+
+	if (argc != 2 || !token || !*token || strlen(argv[1]) >= sizeof sa.sun_path) {
+		fputs("usage: KVMVFIO_TOKEN=TOKEN refvmm SOCKET_PATH\n", stderr);
+		return 2;
+	}
+	strcpy(sa.sun_path, argv[1]);
+	int sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+	if (sock < 0) fail(2, "socket", errno);
+	if (connect(sock, (struct sockaddr *)&sa, sizeof sa) < 0) fail(2, "connect", errno);
+
+	send_rec(sock, ATTACH, 1, 0, token);
+	if (!recv_rec(sock, &r)) {
+		printf("{\"event\":\"attach-refused\",\"errno\":%d,\"reason\":\"the daemon closed the session\"", ECONNRESET);
+		end_event();
+		return 1;
+	}
+	if (r.type != (ATTACH | RESULT) || r.seq != 1) garbled("expected the ATTACH result");
+	if (r.status != 0) {
+		printf("{\"event\":\"attach-refused\",\"errno\":%d,\"reason\":", (int)r.status);
+		json_str(r.text, r.text_len);
+		end_event();
+		return 1;
+	}
+	/* One KVM fd and, where the host has /dev/vfio/vfio, one VFIO_CONTAINER fd (kept open, unused here). */
+	for (unsigned i = 0; i < r.nfds; i++) {
+		if (r.kind[i] == FD_KVM && kvm < 0 && r.id[i] == 0) kvm = r.fds[i];
+		else if (r.kind[i] == FD_VFIO_CONTAINER && container < 0 && r.id[i] == 0) container = r.fds[i];
+		else garbled("unexpected fd in the ATTACH result");
+	}
+	if (kvm < 0) garbled("the ATTACH result carries no /dev/kvm fd");
+	const char *name = memchr(r.text, ' ', r.text_len); /* text: "<vm id> <vm name>" */
+	size_t idlen = name ? (size_t)(name - r.text) : r.text_len;
+	fputs("{\"event\":\"attached\",\"vm\":", stdout);
+	json_str(r.text, idlen);
+	fputs(",\"name\":", stdout);
+	json_str(name ? name + 1 : "", name ? r.text_len - idlen - 1 : 0);
+	printf(",\"memlock\":%llu,\"container\":%s,\"uid\":%u", (unsigned long long)r.arg, container >= 0 ? "true" : "false", (unsigned)getuid());
+	end_event();
+
+	int vm = xioctl(kvm, KVM_CREATE_VM, 0, "KVM_CREATE_VM");
+	run_guest(kvm, vm, "kvmvfio guest ok\n");
+	send_rec(sock, VM_CREATED, 2, 0, "");
+
+	for (int created_answered = 0;;) {
+		if (!recv_rec(sock, &r)) {
+			event_reason("closed", "the daemon closed the session");
+			return 0;
+		}
+		if (r.type & RESULT) { /* from here the only request this VMM has sent is VM_CREATED */
+			if (r.type != (VM_CREATED | RESULT) || r.seq != 2 || created_answered++ || r.nfds) garbled("a result that answers no request");
+			if (r.status != 0) fail(3, "VM_CREATED", (int)r.status);
+			continue;
+		}
+		/* fds come only with ADD_GROUP: exactly one, a VFIO_GROUP whose id is the group number. */
+		if (r.type == ADD_GROUP ? r.nfds != 1 || r.kind[0] != FD_VFIO_GROUP || r.id[0] != r.arg : r.nfds != 0)
+			garbled("the manifest does not match the request type");
+		int err = 0, i;
+		const char *call = type_name(r.type);
+		struct kvm_device_attr attr = { .group = VFIO_FILE };
+		int32_t file; /* attr.addr points at the VFIO file's fd */
+		switch (r.type) {
+		case CREATE_VFIO_DEVICE: {
+			/* A second device is asked of the kernel too, so that the answer is its own EBUSY. */
+			struct kvm_create_device cd = { .type = KVM_DEV_TYPE_VFIO };
+			call = "KVM_CREATE_DEVICE(VFIO)";
+			if (ioctl(vm, KVM_CREATE_DEVICE, &cd) < 0) err = errno;
+			else if (dev < 0) dev = (int)cd.fd;
+			else close((int)cd.fd);
+			break;
+		}
+		case ADD_GROUP: /* kept on success, closed on failure */
+			call = "KVM_SET_DEVICE_ATTR(VFIO_FILE_ADD)";
+			file = r.fds[0], attr.attr = VFIO_FILE_ADD, attr.addr = (uintptr_t)&file;
+			for (i = 0; i < nkept && kept[i].group != r.arg; i++);
+			if (dev < 0) err = ENODEV;
+			else if (i == MAX_KEPT) err = EMFILE;
+			else if (ioctl(dev, KVM_SET_DEVICE_ATTR, &attr) < 0) err = errno;
+			if (err) {
+				close(r.fds[0]);
+				break;
+			}
+			if (i < nkept) close(kept[i].fd); /* the fd of an earlier ADD of this group */
+			else nkept++;
+			kept[i].group = r.arg, kept[i].fd = r.fds[0];
+			break;
+		case REMOVE_GROUP: /* with the fd kept from ADD_GROUP, closed on success */
+			call = "KVM_SET_DEVICE_ATTR(VFIO_FILE_DEL)";
+			for (i = 0; i < nkept && kept[i].group != r.arg; i++);
+			file = i < nkept ? kept[i].fd : -1, attr.attr = VFIO_FILE_DEL, attr.addr = (uintptr_t)&file;
+			if (dev < 0 || i == nkept) err = ENOENT;
+			else if (ioctl(dev, KVM_SET_DEVICE_ATTR, &attr) < 0) err = errno;
+			else close(kept[i].fd), kept[i] = kept[--nkept];
+			break;
+		case PING:
+		case SHUTDOWN:
+			break;
+		default: /* ATTACH and VM_CREATED are not the daemon's to send */
+			err = EOPNOTSUPP;
+		}
+		if (err && (r.type == ADD_GROUP || r.type == REMOVE_GROUP))
+			snprintf(text, sizeof text, "%s, group %llu: %s", call, (unsigned long long)r.arg, strerror(err));
+		else if (err) snprintf(text, sizeof text, "%s: %s", call, strerror(err));
+		else snprintf(text, sizeof text, "%s", r.type == PING ? "pong" : r.type == SHUTDOWN ? "stopping" : "ok");
+		send_rec(sock, r.type | RESULT, r.seq, err, text);
+		printf("{\"event\":\"request\",\"type\":\"%s\",\"arg\":%llu,\"errno\":%d", type_name(r.type), (unsigned long long)r.arg, err);
+		end_event();
+		if (r.type == SHUTDOWN) {
+			event_reason("shutdown", r.text);
+			return 0;
+		}
+	}
+}

@@ -48,7 +48,16 @@ export interface BrokerOptions {
   log?: (event: Record<string, unknown>, msg: string) => void;
 }
 
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms).unref());
+/** Whether `p` settles within `ms`; the timer is cleared either way. */
+async function within(p: Promise<unknown>, ms: number): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<boolean>((r) => (timer = setTimeout(() => r(false), ms)));
+  try {
+    return await Promise.race([p.then(() => true), late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
 
 export function vmMatches(vm: Readonly<VmRecord>, f: VmFilter): boolean {
   if (f.states.length && !f.states.includes(vm.state)) return false;
@@ -157,8 +166,7 @@ export class Broker {
     if (link) {
       if (force) link.kill();
       else link.shutdown('DeleteVm');
-      const gone = await Promise.race([link.exited.then(() => true), sleep(this.#opts.exitGraceMs).then(() => false)]);
-      if (!gone) {
+      if (!(await within(link.exited, this.#opts.exitGraceMs))) {
         throw new DeadlineExceededError(
           `the VMM of vm ${id} (pid ${link.pid}) did not exit within ${this.#opts.exitGraceMs} ms${force ? '' : '; DeleteVm with force kills it'}`,
         );

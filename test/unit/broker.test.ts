@@ -392,7 +392,7 @@ describe('Broker: the VFIO device and groups of a pending VM', () => {
       const failed = (await broker.createVm(ALICE, spec({ name: 'f', groups: [1], vfioDevice: false }))).vm;
       broker.vms.transition(failed, 'FAILED', 'x');
       const running = (await broker.createVm(ALICE, spec({ name: 'r', groups: [3] }))).vm;
-      broker.vms.transition(running, 'RUNNING');
+      broker.vms.transition(running, 'EXITED');
       for (const vm of [failed, running]) {
         const before = snap(vm);
         await rejectsWith(broker.createVfioDevice(ALICE, vm.id), FailedPreconditionError);
@@ -404,7 +404,7 @@ describe('Broker: the VFIO device and groups of a pending VM', () => {
       }
       assert.equal(pool.ownerOf(2), undefined);
       const e = await rejectsWith(broker.createVfioDevice(ALICE, running.id), FailedPreconditionError);
-      assert.match(e.message, /RUNNING/);
+      assert.match(e.message, /EXITED/);
       await broker.deleteVm(ALICE, failed.id);
       assert.equal(pool.ownerOf(1), undefined);
     });

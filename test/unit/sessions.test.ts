@@ -1,0 +1,215 @@
+/**
+ * The broker's rules for attached VMMs, against a VmmLink double: attach
+ * checks, the plan applied in order with undo on failure, groups held until
+ * the VMM exits and handed back clean (VFIO_GROUP_UNSET_CONTAINER).
+ */
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { Broker, type Caller, type CreateVmSpec } from '../../src/broker/broker';
+import { DeadlineExceededError, FailedPreconditionError, PermissionDeniedError, UnavailableError } from '../../src/broker/errors';
+import { GroupPool } from '../../src/broker/pool';
+import { TokenStore } from '../../src/broker/tokens';
+import type { VmmLink } from '../../src/broker/vmm';
+import { VmRegistry } from '../../src/broker/vms';
+import { type OwnedFd, SysError } from '../../src/kernel';
+import { makeFakeHost } from '../helpers/fakehost';
+import { HostDouble, KernelDouble } from '../helpers/kerneldouble';
+
+const ROOT: Caller = { uid: 0, gid: 0, pid: 1 };
+const VMM: Caller = { uid: 64000, gid: 64000, pid: 4242 };
+
+/** Plays a VMM: records requests, answers with the errno set per request type. */
+class LinkDouble implements VmmLink {
+  readonly pid = VMM.pid;
+  passive = false;
+  readonly calls: string[] = [];
+  readonly fail = new Map<string, number>();
+  readonly heldFds: OwnedFd[] = [];
+  shutdowns: string[] = [];
+  killed = false;
+  #exit!: () => void;
+  readonly exited = new Promise<void>((r) => (this.#exit = r));
+  #answer(what: string): Promise<void> {
+    this.calls.push(what);
+    const errno = this.fail.get(what.split(' ')[0]);
+    return errno ? Promise.reject(new SysError(what, 'vmm double', errno)) : Promise.resolve();
+  }
+  createVfioDevice() {
+    return this.#answer('device');
+  }
+  addGroup(group: number, fd: OwnedFd) {
+    this.heldFds.push(fd);
+    return this.#answer(`add ${group}`);
+  }
+  removeGroup(group: number) {
+    return this.#answer(`remove ${group}`);
+  }
+  shutdown(reason: string) {
+    this.shutdowns.push(reason);
+  }
+  kill() {
+    this.killed = true;
+  }
+  exit() {
+    for (const fd of this.heldFds) fd.closeSync();
+    this.#exit();
+  }
+}
+
+async function setup() {
+  const host = await makeFakeHost([1, 2, 3].map((n) => ({ number: n, devices: [{ address: `0000:0${n}:00.0`, vendor: '8086', device: '1521', class: '020000', driver: 'vfio-pci' }] })));
+  const k = new KernelDouble();
+  const hostDouble = new HostDouble();
+  const pool = new GroupPool({ sysfsRoot: host.sysfs, devRoot: host.dev, openGroup: k.openGroup });
+  const broker = new Broker(pool, new VmRegistry(), { tokens: new TokenStore(60_000), host: hostDouble, exitGraceMs: 200 });
+  const create = async (over: Partial<CreateVmSpec> = {}) =>
+    broker.createVm(ROOT, { name: 'vm-a', labels: {}, vmmUid: VMM.uid, vfioDevice: true, groups: [], memlockBytes: 0, requestId: '', ...over });
+  return {
+    k,
+    pool,
+    broker,
+    hostDouble,
+    create,
+    async done() {
+      await pool.closeAll();
+      await host.cleanup();
+    },
+  };
+}
+
+describe('Broker with attached VMMs', () => {
+  test('attach checks the token and uid, raises memlock, sends kvm; the plan runs device first, then groups in order', async () => {
+    const t = await setup();
+    try {
+      const { vm, token } = await t.create({ groups: [2, 1], memlockBytes: 1 << 20 });
+      const link = new LinkDouble();
+      await assert.rejects(t.broker.attach(token!.token, { ...VMM, uid: 1 }, link), PermissionDeniedError);
+      const grant = await t.broker.attach(token!.token, VMM, link);
+      assert.equal(grant.vmId, vm.id);
+      assert.deepEqual(t.hostDouble.memlock, [{ pid: VMM.pid, bytes: 1 << 20 }]);
+      assert.equal(grant.groups.length, 0, 'an active VMM gets group fds with ADD_GROUP, not at attach');
+      await grant.kvm.close();
+      await assert.rejects(t.broker.attach(token!.token, VMM, new LinkDouble()), /already used/);
+      await t.broker.vmCreated(vm.id);
+      assert.deepEqual(link.calls, ['device', 'add 1', 'add 2']);
+      assert.equal(t.broker.getVm(ROOT, vm.id).state, 'RUNNING');
+      assert.equal(t.broker.getVm(ROOT, vm.id).vmmPid, VMM.pid);
+      link.exit();
+    } finally {
+      await t.done();
+    }
+  });
+
+  test('a failing plan step undoes the earlier ones, fails the VM with the reason and shuts the VMM down', async () => {
+    const t = await setup();
+    try {
+      const { vm, token } = await t.create({ groups: [1, 2, 3] });
+      const link = new LinkDouble();
+      link.fail.set('add', 0);
+      const grant = await t.broker.attach(token!.token, VMM, link);
+      await grant.kvm.close();
+      // The third ADD fails.
+      const orig = link.addGroup.bind(link);
+      link.addGroup = (g: number, fd: OwnedFd) => (g === 3 ? (link.heldFds.push(fd), Promise.reject(new SysError('KVM_SET_DEVICE_ATTR(VFIO_FILE_ADD)', 'group 3', 22))) : orig(g, fd));
+      await t.broker.vmCreated(vm.id);
+      assert.deepEqual(link.calls, ['device', 'add 1', 'add 2', 'remove 2', 'remove 1']);
+      const failed = t.broker.getVm(ROOT, vm.id);
+      assert.equal(failed.state, 'FAILED');
+      assert.match(failed.failureReason, /setting up IOMMU group 3: KVM_SET_DEVICE_ATTR\(VFIO_FILE_ADD\) on group 3: EINVAL/);
+      assert.equal(link.shutdowns.length, 1);
+      assert.deepEqual(t.pool.heldBy(vm.id), [1, 2, 3], 'held until the VMM is gone');
+      await new Promise((r) => setTimeout(r, 300));
+      assert.equal(link.killed, true, 'a failed VMM that does not exit is killed after the grace');
+      link.exit();
+      await link.exited;
+      await new Promise((r) => setImmediate(r));
+      await t.broker.vmmExited(vm.id);
+      assert.deepEqual(t.pool.heldBy(vm.id), []);
+      assert.equal(t.broker.getVm(ROOT, vm.id).state, 'FAILED');
+    } finally {
+      await t.done();
+    }
+  });
+
+  test('requests on a RUNNING VM go to its VMM; the record changes only on success; a removed group stays held until exit, then returns clean', async () => {
+    const t = await setup();
+    try {
+      const { vm, token } = await t.create({ groups: [1] });
+      const link = new LinkDouble();
+      (await t.broker.attach(token!.token, VMM, link)).kvm.closeSync();
+      await t.broker.vmCreated(vm.id);
+
+      link.fail.set('device', 16);
+      const busy = await t.broker.createVfioDevice(ROOT, vm.id).catch((e: unknown) => e);
+      assert.ok(busy instanceof SysError && busy.code === 'EBUSY');
+
+      link.fail.set('add', 22);
+      await assert.rejects(t.broker.addGroup(ROOT, vm.id, 2), (e: unknown) => e instanceof SysError && e.code === 'EINVAL');
+      assert.deepEqual(t.broker.getVm(ROOT, vm.id).groups, [1]);
+      assert.equal(t.pool.ownerOf(2)?.vmId, vm.id, 'its fd reached the VMM: held');
+      await assert.rejects(t.create({ name: 'other', groups: [2] }), FailedPreconditionError);
+      link.fail.delete('add');
+      assert.deepEqual((await t.broker.addGroup(ROOT, vm.id, 2)).groups, [1, 2], 're-adding a held group does not claim it again');
+
+      await t.broker.removeGroup(ROOT, vm.id, 1);
+      assert.deepEqual(t.broker.getVm(ROOT, vm.id).groups, [2]);
+      assert.equal(t.pool.ownerOf(1)?.vmId, vm.id, 'removed from a running VM: held until the VMM exits');
+
+      // The VMM left a container set on group 2; the daemon unsets it on its own fd.
+      t.k.handles.find((h) => h.number === 2)!.containerSet = true;
+      link.exit();
+      await link.exited;
+      await new Promise((r) => setImmediate(r));
+      await t.broker.vmmExited(vm.id);
+      assert.equal(t.k.handles.find((h) => h.number === 2)!.containerSet, false);
+      assert.equal(t.k.handles.find((h) => h.number === 2)!.unsetCalls, 1);
+      assert.equal(t.k.handles.find((h) => h.number === 1)!.unsetCalls, 0, 'no container set: nothing to unset');
+      assert.deepEqual(t.pool.heldBy(vm.id), []);
+      assert.equal(t.broker.getVm(ROOT, vm.id).state, 'EXITED');
+      await assert.rejects(t.broker.addGroup(ROOT, vm.id, 3), FailedPreconditionError);
+    } finally {
+      await t.done();
+    }
+  });
+
+  test('DeleteVm asks the VMM to stop and waits; with force it kills; a VMM that stays gives DEADLINE_EXCEEDED', async () => {
+    const t = await setup();
+    try {
+      const { vm, token } = await t.create();
+      const link = new LinkDouble();
+      (await t.broker.attach(token!.token, VMM, link)).kvm.closeSync();
+      await t.broker.vmCreated(vm.id);
+      await assert.rejects(t.broker.deleteVm(ROOT, vm.id), DeadlineExceededError);
+      assert.deepEqual(link.shutdowns, ['DeleteVm']);
+      const deleting = t.broker.deleteVm(ROOT, vm.id, true);
+      await new Promise((r) => setTimeout(r, 20));
+      assert.equal(link.killed, true);
+      link.exit();
+      assert.equal((await deleting).id, vm.id);
+      assert.equal(t.broker.vms.get(vm.id), undefined);
+    } finally {
+      await t.done();
+    }
+  });
+
+  test('a RUNNING VM whose VMM is gone answers UNAVAILABLE; a passive one FAILED_PRECONDITION', async () => {
+    const t = await setup();
+    try {
+      const a = await t.create({ name: 'gone' });
+      t.broker.vms.transition(a.vm, 'RUNNING');
+      await assert.rejects(t.broker.createVfioDevice(ROOT, a.vm.id), UnavailableError);
+      const p = await t.create({ name: 'passive', groups: [3] });
+      const link = new LinkDouble();
+      link.passive = true;
+      const grant = await t.broker.attach(p.token!.token, VMM, link);
+      assert.deepEqual(grant.groups.map((g) => g.number), [3], 'a passive VMM gets its group fds at attach');
+      for (const g of grant.groups) g.fd.closeSync();
+      grant.kvm.closeSync();
+      assert.equal(t.broker.getVm(ROOT, p.vm.id).state, 'RUNNING');
+      await assert.rejects(t.broker.addGroup(ROOT, p.vm.id, 1), /passive/);
+      link.exit();
+    } finally {
+      await t.done();
+    }
+  });
+});

@@ -5,7 +5,7 @@
  */
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { openSync, closeSync, readdirSync, readlinkSync } from 'node:fs';
+import { openSync, closeSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { status } from '@grpc/grpc-js';
@@ -268,6 +268,30 @@ describe('VMM sessions', () => {
       for (const s of socks) s.closeSync();
     }
     assert.equal(await settledFdCount(d, base), base);
+  });
+
+  test("memlock_bytes becomes the VMM's RLIMIT_MEMLOCK (prlimit); where the daemon may not, the VM fails with EPERM named", async () => {
+    const { vm, attach_token } = await c.createVm({ name: 'memlock-root', vmm_uid: 0, memlock_bytes: String(4 << 20) });
+    const v = refVmm(attach_token!.token, false);
+    assert.equal((await v.waitFor('attached')).memlock, 4 << 20);
+    const limits = readFileSync(`/proc/${v.pid}/limits`, 'utf8');
+    assert.match(limits, /Max locked memory\s+4194304\s/);
+    await c.deleteVm({ vm_id: vm!.id });
+
+    // Another uid's limit needs CAP_SYS_RESOURCE (bit 24), which some sandboxes lack.
+    const capEff = BigInt('0x' + /CapEff:\s+([0-9a-f]+)/.exec(readFileSync('/proc/self/status', 'utf8'))![1]);
+    const mayRaise = (capEff & (1n << 24n)) !== 0n;
+    const other = await c.createVm({ name: 'memlock-nobody', vmm_uid: 65534, memlock_bytes: String(4 << 20) });
+    const w = refVmm(other.attach_token!.token);
+    if (mayRaise) {
+      assert.equal((await w.waitFor('attached')).memlock, 4 << 20);
+    } else {
+      assert.match(String((await w.waitFor('attach-refused')).reason), /prlimit\(RLIMIT_MEMLOCK\) on pid \d+: EPERM/);
+      const failed = await c.getVm(other.vm!.id);
+      assert.equal(failed.state, 'VM_STATE_FAILED');
+      assert.match(failed.failure_reason, /EPERM/);
+    }
+    await c.deleteVm({ vm_id: other.vm!.id, force: true });
   });
 
   test('no fd of the daemon leaks into a VMM: it receives only what the manifest lists', async () => {

@@ -25,6 +25,8 @@ const OPTIONS = {
   'request-id': { type: 'string' },
   state: { type: 'string', multiple: true },
   force: { type: 'boolean' },
+  token: { type: 'string' },
+  handoff: { type: 'string' },
 } as const;
 
 export type OptionName = keyof typeof OPTIONS;
@@ -42,6 +44,12 @@ export interface CommandLine {
   values: Values;
   /** The flags present on the command line, by long name. */
   given: Set<OptionName>;
+  /**
+   * Where `--` stood: the number of positionals before it (those after it are
+   * `positionals.slice(terminatorAt)`, taken as they are, flags or not);
+   * undefined when there was none.
+   */
+  terminatorAt?: number;
 }
 
 /**
@@ -70,11 +78,20 @@ export function parseCommandLine(argv: string[]): CommandLine {
     parsed = parse(argv);
   } catch (e) {
     // parseArgs throws TypeErrors with ERR_PARSE_ARGS_* codes and a readable message.
-    throw new UsageError((e as Error).message);
+    let message = (e as Error).message;
+    // `attach --token T qemu -m 1G`: the VMM's own flags reached the parser.
+    if (commandWords(argv)[0] === 'attach' && !argv.includes('--')) message += ' (the VMM command and its arguments go after --)';
+    throw new UsageError(message);
   }
   const given = new Set<OptionName>();
-  for (const t of parsed.tokens) if (t.kind === 'option') given.add(t.name as OptionName);
-  return { positionals: parsed.positionals, values: parsed.values, given };
+  let seen = 0;
+  let terminatorAt: number | undefined;
+  for (const t of parsed.tokens) {
+    if (t.kind === 'option') given.add(t.name as OptionName);
+    else if (t.kind === 'positional') seen++;
+    else if (t.kind === 'option-terminator') terminatorAt = seen;
+  }
+  return { positionals: parsed.positionals, values: parsed.values, given, terminatorAt };
 }
 
 /** Refuses flags the command does not take (parseArgs knows only the union of all commands' flags). */

@@ -1,11 +1,11 @@
 #!/usr/bin/env node
 /**
  * kvmvfioctl: the command-line client of kvmvfiod, built on KvmVfioApi.
- * Exit status: 0 success, 1 the call failed, 2 usage error.
+ * Exit status: 0 success, 1 the call failed, 2 usage error; `attach`, which
+ * execs its VMM, 127 when the VMM was not found and 126 when it could not run.
  */
-import { status as Status } from '@grpc/grpc-js';
 import { existsSync } from 'node:fs';
-import { DEFAULT_SOCKET, KvmVfioApi, isApiError, type ApiError, type Vm } from '../client/client';
+import type { ApiError, KvmVfioApi, Vm } from '../client/client';
 import { DAEMON_VERSION } from '../version';
 import {
   type CommandLine,
@@ -23,18 +23,56 @@ import {
   parseUint,
   positionals,
 } from './args';
+import { AttachFailure, DEFAULT_HANDOFF, ExecFailure, runAttach } from './attach';
 import * as fmt from './format';
 import * as js from './json';
-import { HELP, synopsisFor } from './usage';
+import { help, synopsisFor } from './usage';
+
+type ClientModule = typeof import('../client/client');
+type GrpcModule = typeof import('@grpc/grpc-js');
+
+/**
+ * The gRPC client and grpc-js, loaded on first use. Loading grpc-js loads
+ * node:assert, which creates process.stderr to choose its colours, which
+ * makes a pipe or socket stderr O_NONBLOCK: a flag of the open file, that
+ * `attach` would hand on to its VMM. attach never loads them.
+ */
+const clientModule = (): ClientModule => require('../client/client') as ClientModule;
+const grpcStatus = (): GrpcModule['status'] => (require('@grpc/grpc-js') as GrpcModule).status;
 
 interface Context {
   cl: CommandLine;
   /** The positionals after the command words. */
   args: string[];
   json: boolean;
+  env: NodeJS.ProcessEnv;
+  /** --timeout, when given. */
+  timeoutMs: number | undefined;
   /** The client, created on first use so that usage errors never touch gRPC. */
   api(): KvmVfioApi;
   out(text: string): void;
+  /** Work is left pending that must not keep the process alive: exit as soon as main() returns. */
+  exitWhenDone(): void;
+}
+
+let stdoutReady = false;
+let exitPromptly = false;
+
+/**
+ * process.stdout, created on first use. Creating it makes a pipe or socket
+ * stdout O_NONBLOCK (see clientModule): attach never writes to stdout, so it
+ * never creates it.
+ */
+function stdout(): NodeJS.WriteStream {
+  if (!stdoutReady) {
+    stdoutReady = true;
+    // `kvmvfioctl ... | head` closes the pipe early: that is not an error.
+    process.stdout.on('error', (e: NodeJS.ErrnoException) => {
+      if (e.code === 'EPIPE') process.exit(0);
+      throw e;
+    });
+  }
+  return process.stdout;
 }
 
 interface Command {
@@ -180,10 +218,34 @@ const COMMANDS: Record<string, Command> = {
 
   'vm add-group': onVmGroup((api, id, group) => api.addGroup({ vm_id: id, group }), 'added'),
   'vm remove-group': onVmGroup((api, id, group) => api.removeGroup({ vm_id: id, group }), 'removed'),
+
+  attach: {
+    options: ['token', 'handoff'],
+    async run(ctx) {
+      const { cl, env } = ctx;
+      const at = cl.terminatorAt;
+      // `attach` itself must come before --, and nothing else may.
+      if (at === 0) throw new UsageError('attach must come before --');
+      const extra = cl.positionals.slice(1, at ?? cl.positionals.length);
+      if (extra.length) throw new UsageError(`unexpected argument ${JSON.stringify(extra[0])}: the VMM command and its arguments go after --`);
+      if (at === undefined) throw new UsageError('missing -- CMD [ARG]...: the VMM command to run');
+      const argv = cl.positionals.slice(at);
+      if (!argv.length) throw new UsageError('missing CMD after --');
+      if (argv[0] === '') throw new UsageError('CMD: empty');
+
+      const token = cl.values.token ?? env.KVMVFIO_TOKEN ?? '';
+      if (cl.values.token === '') throw new UsageError('--token: empty');
+      if (!token) throw new UsageError('missing attach token: set KVMVFIO_TOKEN (or pass --token, which every user can read in ps)');
+      if (cl.values.handoff === '') throw new UsageError('--handoff: empty path');
+      const handoff = cl.values.handoff ?? (env.KVMVFIO_HANDOFF || DEFAULT_HANDOFF);
+      await runAttach({ handoff, token, argv, timeoutMs: ctx.timeoutMs ?? 10_000, onAbandon: () => ctx.exitWhenDone() });
+    },
+  },
 };
 
 /** The message for a failed call; an unreachable daemon is named by its socket. */
 function describe(e: ApiError, socket: string, timeoutMs: number | undefined): string {
+  const Status = grpcStatus();
   const details = e.details || e.message;
   if (e.code === Status.UNAVAILABLE) {
     if (!existsSync(socket)) return `no kvmvfiod socket at ${socket}: is kvmvfiod running? (--socket PATH or KVMVFIO_SOCKET selects another)`;
@@ -196,18 +258,19 @@ function describe(e: ApiError, socket: string, timeoutMs: number | undefined): s
 export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env): Promise<number> {
   let command: string | undefined;
   let json = false;
-  let socket = env.KVMVFIO_SOCKET || DEFAULT_SOCKET;
+  /** --socket, else KVMVFIO_SOCKET; empty: the client's default. */
+  let socket = env.KVMVFIO_SOCKET || '';
   let timeoutMs: number | undefined;
   let api: KvmVfioApi | undefined;
   try {
     const cl = parseCommandLine(argv);
     json = cl.values.json ?? false;
     if (cl.values.help) {
-      process.stdout.write(HELP);
+      stdout().write(help());
       return 0;
     }
     if (cl.values.version) {
-      process.stdout.write(`kvmvfioctl ${DAEMON_VERSION}\n`);
+      stdout().write(`kvmvfioctl ${DAEMON_VERSION}\n`);
       return 0;
     }
     if (cl.values.socket !== undefined) {
@@ -222,7 +285,7 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
     const [first, second, ...rest] = cl.positionals;
     if (first === undefined) throw new UsageError('missing command');
     if (first === 'help') {
-      process.stdout.write(HELP);
+      stdout().write(help());
       return 0;
     }
     let args: string[];
@@ -245,8 +308,11 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
       cl,
       args,
       json,
-      api: () => (api ??= new KvmVfioApi(sock, { timeoutMs })),
-      out: (text) => process.stdout.write(text),
+      env,
+      timeoutMs,
+      api: () => (api ??= new (clientModule().KvmVfioApi)(sock || clientModule().DEFAULT_SOCKET, { timeoutMs })),
+      out: (text) => stdout().write(text),
+      exitWhenDone: () => (exitPromptly = true),
     });
     return 0;
   } catch (e) {
@@ -255,23 +321,23 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
       process.stderr.write(`kvmvfioctl: ${e.message}\n${synopsisFor(command)}\nRun 'kvmvfioctl --help' for more.\n`);
       return 2;
     }
-    const [code, message] = isApiError(e)
-      ? [Status[e.code] ?? `CODE_${e.code}`, describe(e, socket, timeoutMs)]
-      : ['UNKNOWN', e instanceof Error ? e.message : String(e)];
+    // Only a call makes an ApiError, and a call needs the client loaded.
+    const [code, message] = api && clientModule().isApiError(e)
+      ? [grpcStatus()[e.code] ?? `CODE_${e.code}`, describe(e, api.socket, timeoutMs)]
+      : e instanceof AttachFailure || e instanceof ExecFailure
+        ? [e.code, e.message]
+        : ['UNKNOWN', e instanceof Error ? e.message : String(e)];
     process.stderr.write(json ? js.line({ error: { code, message } }) : `kvmvfioctl: ${code}: ${message}\n`);
-    return 1;
+    return e instanceof ExecFailure ? e.exitCode : 1;
   } finally {
     api?.close();
   }
 }
 
 if (require.main === module) {
-  // `kvmvfioctl ... | head` closes the pipe early: that is not an error.
-  process.stdout.on('error', (e: NodeJS.ErrnoException) => {
-    if (e.code === 'EPIPE') process.exit(0);
-    throw e;
-  });
   void main(process.argv.slice(2)).then((code) => {
+    // stderr and stdout writes are synchronous for files, pipes and terminals here.
+    if (exitPromptly) process.exit(code);
     process.exitCode = code;
   });
 }

@@ -1,5 +1,5 @@
 /** kvmvfioctl's help: the full text for --help, one synopsis per command for usage errors. */
-import { DEFAULT_SOCKET } from '../client/client';
+import { DEFAULT_HANDOFF } from './attach';
 
 export const SYNOPSIS: Record<string, string> = {
   info: 'kvmvfioctl info',
@@ -13,11 +13,13 @@ export const SYNOPSIS: Record<string, string> = {
   'vm vfio-device': 'kvmvfioctl vm vfio-device VM',
   'vm add-group': 'kvmvfioctl vm add-group VM GROUP',
   'vm remove-group': 'kvmvfioctl vm remove-group VM GROUP',
+  attach: 'kvmvfioctl attach [--token TOKEN] [--handoff PATH] -- CMD [ARG]...',
 };
 
 const VM_COMMANDS = Object.keys(SYNOPSIS).filter((k) => k.startsWith('vm '));
 
-export const HELP = `Usage: kvmvfioctl [global flags] COMMAND [ARGS]
+/** The full help. A function: it loads the client for its default socket, which attach must not load (see main.ts). */
+export const help = (): string => `Usage: kvmvfioctl [global flags] COMMAND [ARGS]
 
 Command-line client of kvmvfiod, the broker of /dev/kvm and VFIO groups.
 
@@ -38,23 +40,39 @@ Commands:
   vm vfio-device VM           give the VM its KVM-VFIO device
   vm add-group VM GROUP       add an IOMMU group to the VM
   vm remove-group VM GROUP    remove an IOMMU group from the VM
+  attach [--token TOKEN] [--handoff PATH] -- CMD [ARG]...
+                              be the VMM of the VM the token names, for VMMs that do not speak the
+                              handoff session (QEMU, cloud-hypervisor): receive /dev/kvm, the VFIO
+                              container and the VM's group fds, then exec CMD (searched in PATH) in
+                              this process, same pid, with them inherited and listed in $KVMVFIO_FDS,
+                              e.g. kvm:17,vfio-container:18,group-12:19,session:20 (vfio-container only
+                              when the daemon sent one), and $KVMVFIO_VM_ID, $KVMVFIO_VM_NAME set.
+                              CMD holds the session; the VM ends when CMD exits. CMD inherits stdin,
+                              stdout, stderr and the fds in $KVMVFIO_FDS, no other fd.
+                              The token comes from --token, else $KVMVFIO_TOKEN; prefer the variable:
+                              a command line is visible to every user in ps. The handoff socket: --handoff,
+                              else $KVMVFIO_HANDOFF, else ${DEFAULT_HANDOFF}.
+                              The daemon's VM operations on such a VM fail with FAILED_PRECONDITION.
 
 VM is a VM id or name. STATE is pending, running, exited or failed.
 
 Global flags (anywhere on the line):
-  --socket PATH   the daemon's API socket (else $KVMVFIO_SOCKET, else ${DEFAULT_SOCKET})
+  --socket PATH   the daemon's API socket (else $KVMVFIO_SOCKET, else ${(require('../client/client') as typeof import('../client/client')).DEFAULT_SOCKET})
   --json          print the response message as JSON (proto field names); errors as
                   {"error":{"code":...,"message":...}} on stderr
-  --timeout MS    deadline of each call (default 10000; vm watch runs until interrupted)
+  --timeout MS    deadline of each call (default 10000; vm watch runs until interrupted;
+                  for attach, of the daemon's answer)
   -h, --help      this help
   --version       kvmvfioctl's version
 
 Exit status: 0 success, 1 the call failed (the gRPC status is printed), 2 usage error.
+attach returns only when CMD could not be run: 1 the daemon refused (PERMISSION_DENIED for a bad,
+expired or used token), 127 CMD not found, 126 CMD found but not runnable (the errno is printed).
 `;
 
 /** The synopsis shown under a usage error: the command's own, or all of vm's, or the top level. */
 export function synopsisFor(command: string | undefined): string {
   if (command && Object.hasOwn(SYNOPSIS, command)) return `Usage: ${SYNOPSIS[command]}`;
   if (command === 'vm' || command?.startsWith('vm ')) return `Usage:\n${VM_COMMANDS.map((k) => `  ${SYNOPSIS[k]}`).join('\n')}`;
-  return 'Usage: kvmvfioctl [--socket PATH] [--json] [--timeout MS] info | groups [GROUP] | vm SUBCOMMAND ...';
+  return 'Usage: kvmvfioctl [--socket PATH] [--json] [--timeout MS] info | groups [GROUP] | vm SUBCOMMAND ... | attach ... -- CMD [ARG]...';
 }

@@ -46,8 +46,14 @@ export class HandoffServer {
       try {
         sock = listener.accept();
       } catch (e) {
-        // EMFILE and friends: leave the connection queued; the next readable event retries.
-        this.#log.error({ event: 'handoff-accept-failed', err: (e as Error).message }, 'accept failed');
+        // EMFILE and friends: the connection stays queued. The listener is
+        // level-triggered, so stop watching it for a moment rather than spin.
+        this.#log.error({ event: 'handoff-accept-failed', err: (e as Error).message }, 'accept failed; retrying in 100 ms');
+        this.#watch?.close();
+        this.#watch = undefined;
+        setTimeout(() => {
+          if (this.#listener && !this.#watch) this.#watch = watchReadable(this.#listener.fd, () => this.#accept());
+        }, 100).unref();
         return;
       }
       if (!sock) return;

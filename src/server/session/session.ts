@@ -212,8 +212,10 @@ export class Session implements VmmLink {
     this.#vmId = grant.vmId;
     this.#vmName = grant.vmName;
     if (this.#phase !== 'attaching') {
-      // The session ended while the broker attached it: nothing is sent, the VMM's exit ends the VM.
+      // The session ended while the broker attached it: nothing reached the
+      // VMM, so its VM ends here and its groups go back.
       for (const f of [grant.kvm, grant.container, ...grant.groups.map((g) => g.fd)]) void f?.close();
+      this.#exited();
       return;
     }
     const sent: { kind: number; id: number; fd: OwnedFd }[] = [{ kind: FdKind.KVM, id: 0, fd: grant.kvm }];

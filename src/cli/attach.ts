@@ -1,0 +1,202 @@
+/**
+ * `kvmvfioctl attach`: runs a VMM that does not speak the handoff session
+ * (QEMU, cloud-hypervisor) as the VMM of a VM recorded by kvmvfiod.
+ *
+ * It attaches as a *passive* VMM (docs/session-protocol.md: bit 0 of the
+ * ATTACH arg), receives /dev/kvm, the VFIO container (when the daemon has
+ * one) and the VM's group fds, and then execs the VMM in this very process:
+ * the pid stays, so the daemon's pidfd of its peer now names the VMM, and
+ * the VM ends when the VMM exits. The received fds and the session socket
+ * are inherited by the VMM and described in KVMVFIO_FDS.
+ *
+ * What the exec'd VMM inherits is chosen, not left to chance: exactly
+ * stdin, stdout, stderr and the fds listed in KVMVFIO_FDS.
+ * - Node sets FD_CLOEXEC at startup on fd 0 and up, to the first gap
+ *   (measured with Node 20.20: strace shows fcntl(n, F_SETFD, FD_CLOEXEC)
+ *   for 0, 1, 2, 3...): stdio is made inheritable again here, else the VMM
+ *   would have no stdout. The same startup step closes-on-exec whatever low
+ *   fds the caller meant to pass on (a tap fd, say), before any of this code
+ *   runs, so they cannot be told from Node's own; rather than pass some
+ *   inherited fds and not others, none are passed.
+ * - Any fd left without close-on-exec (opened so by mistake, or inherited
+ *   above the first gap) is closed just before the exec.
+ * - SIGPIPE and SIGXFSZ, which Node ignores and an exec would leave ignored,
+ *   get a handler first so that the exec resets them to their defaults;
+ * - the token leaves the environment (it is spent).
+ * stdout and stderr must not have been made non-blocking by Node before the
+ * exec (main.ts creates process.stdout only when it writes): O_NONBLOCK
+ * belongs to the open file, which the VMM shares.
+ */
+import { closeSync, readFileSync, readdirSync } from 'node:fs';
+import { SysError, errnoName, execReplace, inheritAcrossExec } from '../kernel';
+import { ProtocolError } from '../protocol/session';
+import { AttachError, VmmSession } from '../vmm/session';
+
+export const DEFAULT_HANDOFF = '/run/kvmvfiod/handoff.sock';
+
+/** A failed attach, named like a failed gRPC call: the status name and the message. */
+export class AttachFailure extends Error {
+  override readonly name = 'AttachFailure';
+  readonly code: string;
+  constructor(code: string, message: string) {
+    super(message);
+    this.code = code;
+  }
+}
+
+/** The VMM could not be exec'd. Exit status 127 when it was not found, 126 otherwise, as sh(1) does. */
+export class ExecFailure extends Error {
+  override readonly name = 'ExecFailure';
+  readonly code: string;
+  readonly exitCode: number;
+  constructor(code: string, message: string, exitCode: number) {
+    super(message);
+    this.code = code;
+    this.exitCode = exitCode;
+  }
+}
+
+export interface AttachOptions {
+  handoff: string;
+  token: string;
+  /** CMD and its arguments; CMD is searched in PATH. */
+  argv: string[];
+  /** How long to wait for the daemon's ATTACH result. */
+  timeoutMs: number;
+  /** Called when the attach is given up with the daemon's answer still due (the process should exit promptly). */
+  onAbandon(): void;
+}
+
+/** How the daemon's errno on a refused ATTACH reads as a status (the mapping of the gRPC API). */
+const REFUSAL_STATUS: Record<string, string> = {
+  EACCES: 'PERMISSION_DENIED',
+  EPERM: 'PERMISSION_DENIED',
+  ENOENT: 'NOT_FOUND',
+  EEXIST: 'ALREADY_EXISTS',
+  EINVAL: 'INVALID_ARGUMENT',
+  EBUSY: 'FAILED_PRECONDITION',
+  // The daemon answers EPROTO for the refusals that are not about the token (the VM is not PENDING, say).
+  EPROTO: 'FAILED_PRECONDITION',
+  EMFILE: 'RESOURCE_EXHAUSTED',
+  ENFILE: 'RESOURCE_EXHAUSTED',
+  ENOMEM: 'RESOURCE_EXHAUSTED',
+  ECONNRESET: 'UNAVAILABLE',
+  EPIPE: 'UNAVAILABLE',
+};
+
+/** /proc/self/fdinfo shows FD_CLOEXEC as O_CLOEXEC in `flags`. */
+const O_CLOEXEC = 0o2000000;
+
+/** This process's open fds and their flags, from /proc/self/fdinfo. */
+function openFdFlags(): Map<number, number> {
+  const out = new Map<number, number>();
+  for (const name of readdirSync('/proc/self/fd')) {
+    const fd = Number(name);
+    let info: string;
+    try {
+      info = readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8');
+    } catch {
+      continue; // the directory's own fd, closed by now
+    }
+    const m = /^flags:\s+([0-7]+)$/m.exec(info);
+    if (m) out.set(fd, parseInt(m[1], 8));
+  }
+  return out;
+}
+
+/** The fds an exec would leave open: those without close-on-exec. */
+function inheritable(): number[] {
+  const out: number[] = [];
+  for (const [fd, flags] of openFdFlags()) if (!(flags & O_CLOEXEC)) out.push(fd);
+  return out.sort((a, b) => a - b);
+}
+
+function connectFailure(e: SysError, handoff: string): AttachFailure {
+  const hint = 'is kvmvfiod running? (--handoff PATH or KVMVFIO_HANDOFF selects another socket)';
+  switch (e.code) {
+    case 'ENOENT':
+      return new AttachFailure('UNAVAILABLE', `no kvmvfiod handoff socket at ${handoff}: ${hint}`);
+    case 'ECONNREFUSED':
+      return new AttachFailure('UNAVAILABLE', `nothing listens on ${handoff} (ECONNREFUSED): ${hint}`);
+    case 'EACCES':
+    case 'EPERM':
+      return new AttachFailure('PERMISSION_DENIED', `cannot connect to ${handoff}: ${e.code}`);
+    default:
+      return new AttachFailure('UNAVAILABLE', `cannot connect to ${handoff}: ${e.message}`);
+  }
+}
+
+/** VmmSession.connect as a passive VMM, with a deadline and every failure as an AttachFailure. */
+async function connect(opts: AttachOptions): Promise<VmmSession> {
+  const connecting = VmmSession.connect(opts.handoff, opts.token, { passive: true });
+  let timer: NodeJS.Timeout | undefined;
+  const deadline = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => {
+      // The answer may still come: then end that session; this process is leaving.
+      connecting.then((s) => s.close('given up'), () => undefined);
+      opts.onAbandon();
+      reject(new AttachFailure('DEADLINE_EXCEEDED', `kvmvfiod at ${opts.handoff} did not answer the attach within ${opts.timeoutMs} ms (--timeout MS changes it)`));
+    }, opts.timeoutMs);
+  });
+  try {
+    return await Promise.race([connecting, deadline]);
+  } catch (e) {
+    if (e instanceof AttachFailure) throw e;
+    if (e instanceof AttachError) {
+      const name = errnoName(e.errno);
+      const reason = e.errno === 104 /* ECONNRESET */ ? `kvmvfiod closed the session on ${opts.handoff} without answering` : e.message;
+      throw new AttachFailure(REFUSAL_STATUS[name] ?? 'UNKNOWN', Object.hasOwn(REFUSAL_STATUS, name) ? reason : `${reason} (${name})`);
+    }
+    if (e instanceof SysError) {
+      if (e.call === 'connect' || e.call.startsWith('socket')) throw connectFailure(e, opts.handoff);
+      throw new AttachFailure('UNAVAILABLE', `session with kvmvfiod at ${opts.handoff}: ${e.message}`);
+    }
+    if (e instanceof ProtocolError) throw new AttachFailure('INTERNAL', `kvmvfiod at ${opts.handoff} broke the session protocol: ${e.message}`);
+    throw e;
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/**
+ * KVMVFIO_FDS: `name:fd` pairs, comma-separated, in this order: `kvm`,
+ * `vfio-container` (only when the daemon sent one), `group-N` for each of
+ * the VM's IOMMU groups, `session`.
+ */
+export function describeFds(fds: readonly (readonly [string, number])[]): string {
+  return fds.map(([name, fd]) => `${name}:${fd}`).join(',');
+}
+
+/** Attaches, then execs the VMM. Returns only by throwing (AttachFailure, ExecFailure). */
+export async function runAttach(opts: AttachOptions): Promise<never> {
+  const s = await connect(opts);
+  const { attach } = s;
+  const handed: [string, number][] = [['kvm', attach.kvm.fd]];
+  if (attach.container) handed.push(['vfio-container', attach.container.fd]);
+  for (const [group, fd] of attach.groups) handed.push([`group-${group}`, fd.fd]);
+  handed.push(['session', s.sock.fd]);
+
+  // Ignored signals stay ignored across exec, caught ones go back to SIG_DFL.
+  for (const sig of ['SIGPIPE', 'SIGXFSZ'] as const) process.on(sig, () => undefined);
+  delete process.env.KVMVFIO_TOKEN;
+
+  inheritAcrossExec(0, 'stdin');
+  inheritAcrossExec(1, 'stdout');
+  inheritAcrossExec(2, 'stderr');
+  for (const [name, fd] of handed) inheritAcrossExec(fd, name);
+  const keep = new Set([0, 1, 2, ...handed.map(([, fd]) => fd)]);
+  for (const fd of inheritable()) {
+    if (!keep.has(fd)) closeSync(fd);
+  }
+
+  const env = { KVMVFIO_FDS: describeFds(handed), KVMVFIO_VM_ID: attach.vmId, KVMVFIO_VM_NAME: attach.vmName };
+  try {
+    return execReplace(opts.argv, env);
+  } catch (e) {
+    if (!(e instanceof SysError)) throw e;
+    // The session closes when this process exits, and the VM ends with it.
+    const cmd = JSON.stringify(opts.argv[0]);
+    if (e.code === 'ENOENT') throw new ExecFailure(e.code, `cannot exec ${cmd}: not found${opts.argv[0].includes('/') ? '' : ' in PATH'}`, 127);
+    throw new ExecFailure(e.code, `cannot exec ${cmd}: ${e.code}`, 126);
+  }
+}

@@ -1,0 +1,352 @@
+/**
+ * `kvmvfioctl attach` end to end: a real daemon with a fake host, the built
+ * CLI run as uid 65534, and test/helpers/fdcheck.js as the VMM it execs,
+ * which reports what it inherited. Asserts what the exec'd VMM gets (fds,
+ * environment, pid), what the daemon makes of a passive VMM, and the exit
+ * statuses of refusals, usage errors and exec failures.
+ */
+import { test, describe, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
+import { readFileSync, readdirSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { status } from '@grpc/grpc-js';
+import { isApiError, type KvmVfioApi } from '../../src/client/client';
+import { makeFakeHost, type FakeHost } from '../helpers/fakehost';
+import { CLI_JS, REPO, startDaemon, type RunningDaemon } from '../helpers/daemon';
+import { NOBODY } from '../helpers/vmmproc';
+
+const FDCHECK = join(REPO, 'dist', 'test', 'helpers', 'fdcheck.js');
+const NOBODY_UID = 65534;
+const vfioGroup = (n: number) => ({ number: n, devices: [{ address: `0000:00:${String(n).padStart(2, '0')}.0`, vendor: '8086', device: '10d3', class: '020000', driver: 'vfio-pci' }] });
+
+type Json = Record<string, unknown>;
+
+interface Attached {
+  proc: ChildProcess;
+  pid: number;
+  lines: Json[];
+  stdout(): string;
+  stderr(): string;
+  /** The first line with this event, or a rejection naming what was seen. */
+  waitFor(event: string, timeoutMs?: number): Promise<Json>;
+  exit: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+}
+
+const running: Attached[] = [];
+
+/**
+ * `setpriv --reuid=65534 ... node kvmvfioctl attach ARGS` with `env` added to
+ * a clean environment (no KVMVFIO_* of the test's own) and a PATH in which
+ * `-- node ...` is found by the exec's PATH search. With `extraFd`
+ * the child also gets an fd 3 without close-on-exec, as a caller passing a
+ * tap fd would.
+ */
+function attach(args: readonly string[], env: Record<string, string> = {}, extraFd = false): Attached {
+  const base: NodeJS.ProcessEnv = { ...process.env };
+  for (const k of Object.keys(base)) if (k.startsWith('KVMVFIO')) delete base[k];
+  const argv = [...NOBODY, process.execPath, CLI_JS, 'attach', ...args];
+  const proc = spawn(argv[0], argv.slice(1), {
+    stdio: extraFd ? ['ignore', 'pipe', 'pipe', 'pipe'] : ['ignore', 'pipe', 'pipe'],
+    // Only directories uid 65534 may search: execvp reports EACCES, not ENOENT, after one it may not.
+    env: { ...base, PATH: `${dirname(process.execPath)}:/usr/bin:/bin`, ...env },
+  });
+  const lines: Json[] = [];
+  const waiters = new Set<() => void>();
+  let out = '';
+  let err = '';
+  let buf = '';
+  proc.stdout!.setEncoding('utf8').on('data', (c: string) => {
+    out += c;
+    buf += c;
+    let i;
+    while ((i = buf.indexOf('\n')) >= 0) {
+      const line = buf.slice(0, i);
+      buf = buf.slice(i + 1);
+      try {
+        lines.push(JSON.parse(line) as Json);
+      } catch {
+        lines.push({ event: 'text', line });
+      }
+      for (const w of waiters) w();
+    }
+  });
+  proc.stderr!.setEncoding('utf8').on('data', (c: string) => (err += c));
+  const exit = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((r) => proc.once('exit', (code, signal) => r({ code, signal })));
+  const a: Attached = {
+    proc,
+    pid: proc.pid!,
+    lines,
+    stdout: () => out,
+    stderr: () => err,
+    exit,
+    waitFor: (event, timeoutMs = 15_000) =>
+      new Promise((resolve, reject) => {
+        const check = () => {
+          const hit = lines.find((l) => l.event === event);
+          if (hit) {
+            waiters.delete(check);
+            clearTimeout(t);
+            resolve(hit);
+          }
+        };
+        const t = setTimeout(() => {
+          waiters.delete(check);
+          reject(new Error(`no ${event} line in ${timeoutMs} ms; stdout: ${out}; stderr: ${err}`));
+        }, timeoutMs);
+        waiters.add(check);
+        check();
+        // Exited without it: say so now rather than at the timeout.
+        void exit.then((x) =>
+          setTimeout(() => {
+            if (!waiters.has(check)) return;
+            waiters.delete(check);
+            clearTimeout(t);
+            reject(new Error(`exited ${JSON.stringify(x)} without a ${event} line; stdout: ${out}; stderr: ${err}`));
+          }, 50),
+        );
+      }),
+  };
+  running.push(a);
+  return a;
+}
+
+async function expectStatus(p: Promise<unknown>, code: status, detail?: RegExp): Promise<string> {
+  try {
+    await p;
+  } catch (e) {
+    assert.ok(isApiError(e), `not a gRPC error: ${String(e)}`);
+    assert.equal(status[e.code], status[code], `got ${status[e.code]}: ${e.details}`);
+    if (detail) assert.match(e.details, detail);
+    return e.details;
+  }
+  assert.fail(`expected ${status[code]}`);
+}
+
+async function until<T>(what: string, fn: () => Promise<T | undefined | false>, timeoutMs = 10_000): Promise<T> {
+  const end = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() > end) assert.fail(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
+
+/** fds of this test process without close-on-exec: every child it spawns inherits them. */
+function inheritedHere(): number[] {
+  const out: number[] = [];
+  for (const name of readdirSync('/proc/self/fd')) {
+    try {
+      const m = /^flags:\s+([0-7]+)$/m.exec(readFileSync(`/proc/self/fdinfo/${name}`, 'utf8'));
+      if (m && !(parseInt(m[1], 8) & 0o2000000) && Number(name) > 2) out.push(Number(name));
+    } catch {
+      /* readdir's own fd */
+    }
+  }
+  return out;
+}
+
+
+after(async () => {
+  for (const a of running) if (a.proc.exitCode === null && a.proc.signalCode === null) a.proc.kill('SIGKILL');
+  await Promise.all(running.map((a) => a.exit));
+});
+
+describe('kvmvfioctl attach with a VFIO container', () => {
+  let host: FakeHost;
+  let d: RunningDaemon;
+  let c: KvmVfioApi;
+  let handoff: string;
+  /** A token spent by the first test, for the refusal test. */
+  let spentToken = '';
+
+  before(async () => {
+    host = await makeFakeHost([vfioGroup(12), vfioGroup(13), vfioGroup(14), vfioGroup(15)], { vfioContainer: true });
+    d = await startDaemon({ sysfs: host.sysfs, dev: host.dev });
+    c = d.client();
+    handoff = join(d.runtimeDir, 'handoff.sock');
+  });
+
+  after(async () => {
+    await d?.cleanup();
+    await host?.cleanup();
+  });
+
+  test('the exec\'d VMM keeps the pid and gets its fds; the VM is RUNNING, passive, and ends when it exits', async () => {
+    const { vm, attach_token } = await c.createVm({ name: 'passive-1', vmm_uid: NOBODY_UID, vfio_device: true, groups: [12] });
+    assert.ok(vm && attach_token);
+    spentToken = attach_token.token;
+    const a = attach(['--handoff', handoff, '--', 'node', FDCHECK], { KVMVFIO_TOKEN: attach_token.token });
+    const ev = await a.waitFor('fds');
+
+    assert.deepEqual(ev.problems, [], JSON.stringify(ev));
+    assert.equal(ev.uid, NOBODY_UID);
+    assert.equal(ev.pid, a.pid, 'the VMM runs in the process that attached (exec kept the pid)');
+    assert.equal(ev.kvmApi, 12);
+    const fds = ev.fds as Record<string, number>;
+    assert.deepEqual(Object.keys(fds), ['kvm', 'vfio-container', 'group-12', 'session']);
+    assert.match(String(ev.spec), /^kvm:\d+,vfio-container:\d+,group-12:\d+,session:\d+$/);
+    assert.equal(ev.sessionIsSocket, true);
+    assert.equal(ev.container, join(host.dev, 'vfio', 'vfio'));
+    assert.deepEqual(ev.groups, { '12': join(host.dev, 'vfio', '12') });
+    assert.equal(ev.vmId, vm.id);
+    assert.equal(ev.vmName, 'passive-1');
+    assert.equal(ev.tokenInEnv, false, 'the spent token is not handed to the VMM');
+    assert.deepEqual(ev.stdioNonBlocking, [], 'kvmvfioctl left stdio O_NONBLOCK for the VMM');
+    assert.equal(a.stderr(), '');
+
+    const live = await c.getVm(vm.id);
+    assert.equal(live.state, 'VM_STATE_RUNNING');
+    assert.equal(live.passive_vmm, true);
+    assert.equal(live.vmm_pid, a.pid);
+    assert.equal((await c.getIommuGroup(12)).vm_name, 'passive-1');
+
+    await expectStatus(c.createVfioDevice(vm.id), status.FAILED_PRECONDITION, /passive/);
+    await expectStatus(c.addGroup({ vm_id: vm.id, group: 13 }), status.FAILED_PRECONDITION, /passive/);
+    assert.equal((await c.getIommuGroup(13)).vm_id, '', 'a refused AddGroup claimed the group');
+    assert.deepEqual((await c.getVm(vm.id)).groups, [12]);
+
+    // Only fdcheck's SIGTERM handler exits 0: a signal death would mean the CLI still ran.
+    a.proc.kill('SIGTERM');
+    assert.deepEqual(await a.exit, { code: 0, signal: null });
+    const ended = await until('vm EXITED', async () => {
+      const v = await c.getVm(vm.id);
+      return v.state === 'VM_STATE_EXITED' && v;
+    });
+    assert.equal(ended.state, 'VM_STATE_EXITED');
+    await until('group 12 free', async () => (await c.getIommuGroup(12)).vm_id === '');
+    // Free means claimable by the next VM.
+    const next = await c.createVm({ name: 'after-passive', vmm_uid: NOBODY_UID, vfio_device: true, groups: [12] });
+    assert.deepEqual(next.vm?.groups, [12]);
+    await c.deleteVm({ vm_id: next.vm!.id });
+  });
+
+  test('the VMM inherits stdin, stdout, stderr and the fds in KVMVFIO_FDS, and no other fd', async () => {
+    const { vm, attach_token } = await c.createVm({ name: 'fd-table', vmm_uid: NOBODY_UID, vfio_device: true, groups: [15] });
+    assert.ok(vm && attach_token);
+    // ls opens one fd of its own (the directory); sh -c ... exec opens none. The caller adds an
+    // fd 3 without close-on-exec, and this test process may pass more to every child.
+    const passedToChildren = inheritedHere();
+    const a = attach(['--handoff', handoff, '--', 'sh', '-c', 'echo "$KVMVFIO_FDS"; exec ls /proc/self/fd'], { KVMVFIO_TOKEN: attach_token.token }, true);
+    assert.deepEqual(await a.exit, { code: 0, signal: null }, a.stderr());
+    const [spec, ...entries] = a.stdout().trimEnd().split('\n');
+    assert.match(spec, /^kvm:\d+,vfio-container:\d+,group-15:\d+,session:\d+$/);
+    const described = spec.split(',').map((item) => Number(item.split(':')[1]));
+    const open = entries.map(Number);
+    const expected = [0, 1, 2, ...described];
+    for (const fd of expected) assert.ok(open.includes(fd), `fd ${fd} is not open in the VMM: ${entries.join(' ')}`);
+    const others = open.filter((fd) => !expected.includes(fd));
+    assert.equal(others.length, 1, `fds beyond stdio, the described ones and ls's own: ${JSON.stringify(others)} (caller's fd 3 and ${JSON.stringify(passedToChildren)} must not pass)`);
+    await until('vm fd-table EXITED', async () => (await c.getVm(vm.id)).state === 'VM_STATE_EXITED');
+  });
+
+  test('a used token: exit 1, PERMISSION_DENIED with the daemon\'s reason, nothing exec\'d', async () => {
+    assert.ok(spentToken, 'the first test ran');
+    const a = attach(['--handoff', handoff, '--', 'node', FDCHECK], { KVMVFIO_TOKEN: spentToken });
+    assert.deepEqual(await a.exit, { code: 1, signal: null });
+    assert.match(a.stderr(), /^kvmvfioctl: PERMISSION_DENIED: \S.*\n$/);
+    assert.equal(a.stdout(), '', 'fdcheck ran');
+
+    const j = attach(['--json', '--handoff', handoff, '--', 'node', FDCHECK], { KVMVFIO_TOKEN: 'not-a-token-at-all' });
+    assert.deepEqual(await j.exit, { code: 1, signal: null });
+    const err = (JSON.parse(j.stderr()) as { error: Json }).error;
+    assert.deepEqual(Object.keys(err), ['code', 'message']);
+    assert.equal(err.code, 'PERMISSION_DENIED');
+    assert.ok(String(err.message).length > 0);
+  });
+
+  test('usage errors exit 2 and spend no token; then the token attaches (--token, KVMVFIO_HANDOFF)', async () => {
+    const { vm, attach_token } = await c.createVm({ name: 'usage', vmm_uid: NOBODY_UID, vfio_device: true, groups: [14] });
+    assert.ok(vm && attach_token);
+    const token = { KVMVFIO_TOKEN: attach_token.token };
+    const cases: [string[], Record<string, string>, RegExp][] = [
+      [['--handoff', handoff], token, /missing -- CMD/],
+      [['--handoff', handoff, '--'], token, /missing CMD after --/],
+      [['--handoff', handoff, 'node', FDCHECK], token, /unexpected argument "node": the VMM command and its arguments go after --/],
+      [['--handoff', handoff, 'node', '--exit-after', '1'], token, /Unknown option '--exit-after'.*go after --/],
+      [['--handoff', handoff, '--', 'node', FDCHECK], {}, /missing attach token: set KVMVFIO_TOKEN/],
+      [['--handoff', '', '--', 'node', FDCHECK], token, /--handoff: empty path/],
+      [['--handoff', handoff, '--force', '--', 'node', FDCHECK], token, /attach does not take --force/],
+    ];
+    for (const [args, env, message] of cases) {
+      const a = attach(args, env);
+      const x = await a.exit;
+      assert.deepEqual(x, { code: 2, signal: null }, `${args.join(' ')}: ${a.stderr()}`);
+      assert.match(a.stderr(), /^kvmvfioctl: /, args.join(' '));
+      assert.match(a.stderr(), message, args.join(' '));
+      assert.match(a.stderr(), /^Usage: kvmvfioctl attach \[--token TOKEN\] \[--handoff PATH\] -- CMD \[ARG\]\.\.\.$/m, args.join(' '));
+      assert.equal(a.stdout(), '');
+    }
+    assert.equal((await c.getVm(vm.id)).state, 'VM_STATE_PENDING');
+
+    // The token on the command line, the socket from the environment; fdcheck exits by itself.
+    const a = attach(['--token', attach_token.token, '--', 'node', FDCHECK, '--exit-after', '100'], { KVMVFIO_HANDOFF: handoff });
+    const ev = await a.waitFor('fds');
+    assert.deepEqual(ev.problems, []);
+    assert.equal(ev.pid, a.pid);
+    assert.deepEqual(Object.keys(ev.fds as Json), ['kvm', 'vfio-container', 'group-14', 'session']);
+    assert.deepEqual(await a.exit, { code: 0, signal: null });
+    await until('vm usage EXITED', async () => (await c.getVm(vm.id)).state === 'VM_STATE_EXITED');
+    await until('group 14 free', async () => (await c.getIommuGroup(14)).vm_id === '');
+  });
+
+  test('a CMD that is not found: exit 127 with the errno; the VM ends', async () => {
+    const { vm, attach_token } = await c.createVm({ name: 'no-such-vmm', vmm_uid: NOBODY_UID, vfio_device: true, groups: [13] });
+    assert.ok(vm && attach_token);
+    const a = attach(['--handoff', handoff, '--', 'kvmvfio-no-such-vmm', '-m', '1G'], { KVMVFIO_TOKEN: attach_token.token });
+    assert.deepEqual(await a.exit, { code: 127, signal: null });
+    assert.equal(a.stderr(), 'kvmvfioctl: ENOENT: cannot exec "kvmvfio-no-such-vmm": not found in PATH\n');
+    // It attached (the token is spent), and its exit ended the VM.
+    await until('vm no-such-vmm EXITED', async () => (await c.getVm(vm.id)).state === 'VM_STATE_EXITED');
+    await until('group 13 free', async () => (await c.getIommuGroup(13)).vm_id === '');
+    assert.equal((await c.getVm(vm.id)).vmm_pid, a.pid);
+
+    // Found but not executable (a .js file without x): 126, as sh says.
+    const t2 = await c.createVm({ name: 'not-executable', vmm_uid: NOBODY_UID });
+    const b = attach(['--handoff', handoff, '--', FDCHECK], { KVMVFIO_TOKEN: t2.attach_token!.token });
+    assert.deepEqual(await b.exit, { code: 126, signal: null });
+    assert.equal(b.stderr(), `kvmvfioctl: EACCES: cannot exec ${JSON.stringify(FDCHECK)}: EACCES\n`);
+  });
+
+  test('--help describes attach and why the token belongs in the environment', () => {
+    const help = execFileSync(process.execPath, [CLI_JS, 'attach', '--help'], { encoding: 'utf8' });
+    assert.ok(help.includes('attach [--token TOKEN] [--handoff PATH] -- CMD [ARG]...'));
+    assert.ok(help.includes('KVMVFIO_TOKEN'));
+    assert.match(help, /visible to every user in ps/);
+    assert.ok(help.includes('KVMVFIO_HANDOFF'));
+    assert.ok(help.includes('KVMVFIO_FDS'));
+  });
+});
+
+describe('kvmvfioctl attach without a VFIO container', () => {
+  let host: FakeHost;
+  let d: RunningDaemon;
+  let c: KvmVfioApi;
+
+  before(async () => {
+    host = await makeFakeHost([vfioGroup(7)]);
+    d = await startDaemon({ sysfs: host.sysfs, dev: host.dev });
+    c = d.client();
+  });
+
+  after(async () => {
+    await d?.cleanup();
+    await host?.cleanup();
+  });
+
+  test('KVMVFIO_FDS lists only what the daemon sent', async () => {
+    const { vm, attach_token } = await c.createVm({ name: 'no-container', vmm_uid: NOBODY_UID, vfio_device: true, groups: [7] });
+    assert.ok(vm && attach_token);
+    const a = attach(['--handoff', join(d.runtimeDir, 'handoff.sock'), '--', 'node', FDCHECK], { KVMVFIO_TOKEN: attach_token.token });
+    const ev = await a.waitFor('fds');
+    assert.deepEqual(ev.problems, []);
+    assert.match(String(ev.spec), /^kvm:\d+,group-7:\d+,session:\d+$/);
+    assert.equal(ev.container, null);
+    assert.deepEqual(ev.groups, { '7': join(host.dev, 'vfio', '7') });
+    assert.equal(ev.kvmApi, 12);
+    a.proc.kill('SIGKILL');
+    await a.exit;
+    await until('vm EXITED', async () => (await c.getVm(vm.id)).state === 'VM_STATE_EXITED');
+  });
+});

@@ -62,9 +62,15 @@ export const VFIO = {
   GROUP_SET_CONTAINER: 0x3b68,
   GROUP_UNSET_CONTAINER: 0x3b69,
   GROUP_GET_DEVICE_FD: 0x3b6a,
+  DEVICE_GET_REGION_INFO: 0x3b6c, // struct vfio_region_info, 32 bytes
+  IOMMU_MAP_DMA: 0x3b71, // struct vfio_iommu_type1_dma_map, 32 bytes
   GROUP_FLAGS_VIABLE: 1,
   GROUP_FLAGS_CONTAINER_SET: 2,
   TYPE1_IOMMU: 1,
+  TYPE1v2_IOMMU: 3,
+  PCI_CONFIG_REGION_INDEX: 7,
+  DMA_MAP_FLAG_READ: 1,
+  DMA_MAP_FLAG_WRITE: 2,
 } as const;
 
 export const SOCK = {

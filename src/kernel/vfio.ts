@@ -3,7 +3,7 @@
  * system-wide (EBUSY), so the daemon opens each group it claims once and
  * hands out duplicates.
  */
-import { open as fsOpen, constants } from 'node:fs';
+import { open as fsOpen, constants, readSync } from 'node:fs';
 import { SysError } from './errors';
 import { OwnedFd } from './fd';
 import { O_CLOEXEC, VFIO, allocInt32, lastErrno, libc, vfioGroupStatus } from './libc';
@@ -66,11 +66,105 @@ export class VfioGroup {
     if (r < 0) throw new SysError('VFIO_GROUP_UNSET_CONTAINER', this.path, lastErrno());
   }
 
+  /** VFIO_GROUP_GET_DEVICE_FD: the device's fd, by its name in the group ("0000:00:02.0"). Needs a container with an IOMMU set. */
+  getDeviceFd(name: string): VfioDevice {
+    const r = libc.ioctlPtr(this.fd, VFIO.GROUP_GET_DEVICE_FD, Buffer.from(`${name}\0`)) as number;
+    if (r < 0) throw new SysError('VFIO_GROUP_GET_DEVICE_FD', `${name} in ${this.path}`, lastErrno());
+    return new VfioDevice(new OwnedFd(r, `vfio device ${name}`), name);
+  }
+
   close(): Promise<void> {
     return this.#fd.close();
   }
 
   closeSync(): void {
     this.#fd.closeSync();
+  }
+}
+
+/** A VFIO container (/dev/vfio/vfio): the IOMMU context groups join. */
+export class VfioContainer {
+  readonly #fd: OwnedFd;
+
+  constructor(fd: OwnedFd) {
+    this.#fd = fd;
+  }
+
+  get fd(): number {
+    return this.#fd.fd;
+  }
+
+  /** VFIO_CHECK_EXTENSION: nonzero when the container supports `ext` (an IOMMU type, say). */
+  checkExtension(ext: number): number {
+    const r = libc.ioctlInt(this.fd, VFIO.CHECK_EXTENSION, ext) as number;
+    if (r < 0) throw new SysError('VFIO_CHECK_EXTENSION', 'container', lastErrno());
+    return r;
+  }
+
+  /** VFIO_SET_IOMMU: once, after the first group joined. */
+  setIommu(type: number): void {
+    const r = libc.ioctlInt(this.fd, VFIO.SET_IOMMU, type) as number;
+    if (r < 0) throw new SysError('VFIO_SET_IOMMU', `container (type ${type})`, lastErrno());
+  }
+
+  /** VFIO_IOMMU_MAP_DMA of [vaddr, vaddr+size) at `iova`, read-write. Pins the pages (RLIMIT_MEMLOCK). */
+  mapDma(vaddr: bigint, iova: bigint, size: bigint): void {
+    const b = Buffer.alloc(32);
+    b.writeUInt32LE(32, 0);
+    b.writeUInt32LE(VFIO.DMA_MAP_FLAG_READ | VFIO.DMA_MAP_FLAG_WRITE, 4);
+    b.writeBigUInt64LE(vaddr, 8);
+    b.writeBigUInt64LE(iova, 16);
+    b.writeBigUInt64LE(size, 24);
+    const r = libc.ioctlPtr(this.fd, VFIO.IOMMU_MAP_DMA, b) as number;
+    if (r < 0) throw new SysError('VFIO_IOMMU_MAP_DMA', `container (iova 0x${iova.toString(16)})`, lastErrno());
+  }
+
+  close(): Promise<void> {
+    return this.#fd.close();
+  }
+
+  closeSync(): void {
+    this.#fd.closeSync();
+  }
+}
+
+/** A VFIO device fd (from VFIO_GROUP_GET_DEVICE_FD). */
+export class VfioDevice {
+  readonly name: string;
+  readonly #fd: OwnedFd;
+
+  constructor(fd: OwnedFd, name: string) {
+    this.#fd = fd;
+    this.name = name;
+  }
+
+  get fd(): number {
+    return this.#fd.fd;
+  }
+
+  /** VFIO_DEVICE_GET_REGION_INFO: where region `index` lives in the device fd. */
+  regionInfo(index: number): { size: bigint; offset: bigint; flags: number } {
+    const b = Buffer.alloc(32);
+    b.writeUInt32LE(32, 0);
+    b.writeUInt32LE(index, 8);
+    const r = libc.ioctlPtr(this.fd, VFIO.DEVICE_GET_REGION_INFO, b) as number;
+    if (r < 0) throw new SysError('VFIO_DEVICE_GET_REGION_INFO', `${this.name} region ${index}`, lastErrno());
+    return { flags: b.readUInt32LE(4), size: b.readBigUInt64LE(16), offset: b.readBigUInt64LE(24) };
+  }
+
+  /** The PCI vendor id, read from the config space region (VFIO_PCI_CONFIG_REGION_INDEX). */
+  pciVendorId(): number {
+    const { offset } = this.regionInfo(VFIO.PCI_CONFIG_REGION_INDEX);
+    const b = Buffer.alloc(2);
+    try {
+      readSync(this.fd, b, 0, 2, Number(offset));
+    } catch (e) {
+      throw SysError.fromNode('pread(config space)', this.name, e as NodeJS.ErrnoException);
+    }
+    return b.readUInt16LE(0);
+  }
+
+  close(): Promise<void> {
+    return this.#fd.close();
   }
 }

@@ -10,6 +10,7 @@
 import { parseArgs } from 'node:util';
 import { runTinyGuest } from './tinyguest';
 import { AttachError, VmmSession } from './session';
+import { VfioUser } from './vfio';
 
 const say = (event: string, fields: Record<string, unknown> = {}) => process.stdout.write(`${JSON.stringify({ event, ...fields })}\n`);
 
@@ -37,14 +38,20 @@ async function main(): Promise<number> {
   const vm = await s.createVm();
   const guest = runTinyGuest(s.attach.kvm, vm, values.message!);
   say('guest', { ...guest });
+  // KVMVFIO_USE_VFIO=1: use each group added (container, IOMMU, device fd, config space, DMA), as QEMU would.
+  const vfio = process.env.KVMVFIO_USE_VFIO === '1' ? new VfioUser(s.attach.container) : undefined;
   return new Promise<number>((resolve) => {
     s.serve({
       onRequest: (type, arg, errno) => say('request', { type, arg, errno }),
+      onGroupAdded: (group, fd) => {
+        if (vfio) say('vfio-use', { ...vfio.use(group, fd) });
+      },
       onShutdown: (reason) => {
         say('shutdown', { reason });
         s.close('shutdown');
       },
       onClosed: (reason) => {
+        vfio?.close();
         say('closed', { reason });
         resolve(0);
       },

@@ -31,6 +31,8 @@ export class AttachError extends Error {
 export interface VmmEvents {
   /** After each request is answered (for logs and tests). */
   onRequest?(type: string, arg: number, errno: number): void;
+  /** A group was added to the KVM-VFIO device (answered already); its fd stays owned by the session. */
+  onGroupAdded?(group: number, fd: OwnedFd): void;
   /** SHUTDOWN from the daemon (answered already); the VMM should stop its VM and exit. */
   onShutdown?(reason: string): void;
   /** The session ended (the daemon closed it or broke the protocol). */
@@ -230,6 +232,10 @@ export class VmmSession {
       return;
     }
     this.#events.onRequest?.(typeName(msg.type), msg.arg, errno);
+    if (msg.type === MsgType.ADD_GROUP && errno === 0) {
+      const fd = this.groups.get(msg.arg);
+      if (fd) this.#events.onGroupAdded?.(msg.arg, fd);
+    }
     if (msg.type === MsgType.SHUTDOWN) this.#events.onShutdown?.(msg.text);
   }
 

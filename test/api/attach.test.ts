@@ -8,10 +8,12 @@
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
-import { readFileSync, readdirSync } from 'node:fs';
+import { chmodSync, mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { status } from '@grpc/grpc-js';
 import { isApiError, type KvmVfioApi } from '../../src/client/client';
+import { SeqpacketListener } from '../../src/kernel';
 import { makeFakeHost, type FakeHost } from '../helpers/fakehost';
 import { CLI_JS, REPO, startDaemon, type RunningDaemon } from '../helpers/daemon';
 import { NOBODY } from '../helpers/vmmproc';
@@ -34,20 +36,23 @@ interface Attached {
 }
 
 const running: Attached[] = [];
+const EXTRA_FD = 40;
 
 /**
  * `setpriv --reuid=65534 ... node kvmvfioctl attach ARGS` with `env` added to
  * a clean environment (no KVMVFIO_* of the test's own) and a PATH in which
  * `-- node ...` is found by the exec's PATH search. With `extraFd`
- * the child also gets an fd 3 without close-on-exec, as a caller passing a
- * tap fd would.
+ * the child also gets an fd EXTRA_FD without close-on-exec, as a caller
+ * passing a tap fd would (high, past a gap: Node's startup marks fds 0, 1,
+ * 2, 3... close-on-exec up to the first gap, so a low one would never reach
+ * kvmvfioctl's own code).
  */
 function attach(args: readonly string[], env: Record<string, string> = {}, extraFd = false): Attached {
   const base: NodeJS.ProcessEnv = { ...process.env };
   for (const k of Object.keys(base)) if (k.startsWith('KVMVFIO')) delete base[k];
   const argv = [...NOBODY, process.execPath, CLI_JS, 'attach', ...args];
   const proc = spawn(argv[0], argv.slice(1), {
-    stdio: extraFd ? ['ignore', 'pipe', 'pipe', 'pipe'] : ['ignore', 'pipe', 'pipe'],
+    stdio: ['ignore', 'pipe', 'pipe', ...(extraFd ? [...Array<'ignore'>(EXTRA_FD - 3).fill('ignore'), 'pipe' as const] : [])],
     // Only directories uid 65534 may search: execvp reports EACCES, not ENOENT, after one it may not.
     env: { ...base, PATH: `${dirname(process.execPath)}:/usr/bin:/bin`, ...env },
   });
@@ -225,19 +230,25 @@ describe('kvmvfioctl attach with a VFIO container', () => {
   test('the VMM inherits stdin, stdout, stderr and the fds in KVMVFIO_FDS, and no other fd', async () => {
     const { vm, attach_token } = await c.createVm({ name: 'fd-table', vmm_uid: NOBODY_UID, vfio_device: true, groups: [15] });
     assert.ok(vm && attach_token);
-    // ls opens one fd of its own (the directory); sh -c ... exec opens none. The caller adds an
-    // fd 3 without close-on-exec, and this test process may pass more to every child.
+    // ls opens one fd of its own (the directory); sh -c ... exec opens none. The caller adds
+    // EXTRA_FD without close-on-exec, and this test process may pass more to every child.
     const passedToChildren = inheritedHere();
-    const a = attach(['--handoff', handoff, '--', 'sh', '-c', 'echo "$KVMVFIO_FDS"; exec ls /proc/self/fd'], { KVMVFIO_TOKEN: attach_token.token }, true);
+    const script = 'echo "$KVMVFIO_FDS"; grep ^SigIgn: /proc/$$/status; exec ls /proc/self/fd';
+    const a = attach(['--handoff', handoff, '--', 'sh', '-c', script], { KVMVFIO_TOKEN: attach_token.token }, true);
     assert.deepEqual(await a.exit, { code: 0, signal: null }, a.stderr());
-    const [spec, ...entries] = a.stdout().trimEnd().split('\n');
+    const [spec, sigIgn, ...entries] = a.stdout().trimEnd().split('\n');
+    // Node ignores SIGPIPE and SIGXFSZ; an exec keeps a signal ignored, so attach must undo that.
+    const ignored = BigInt(`0x${/^SigIgn:\s+([0-9a-f]+)$/.exec(sigIgn)?.[1] ?? 'ffffffffffffffff'}`);
+    assert.equal(ignored & (1n << 12n), 0n, `SIGPIPE is ignored in the VMM: ${sigIgn}`);
+    assert.equal(ignored & (1n << 24n), 0n, `SIGXFSZ is ignored in the VMM: ${sigIgn}`);
     assert.match(spec, /^kvm:\d+,vfio-container:\d+,group-15:\d+,session:\d+$/);
     const described = spec.split(',').map((item) => Number(item.split(':')[1]));
     const open = entries.map(Number);
     const expected = [0, 1, 2, ...described];
     for (const fd of expected) assert.ok(open.includes(fd), `fd ${fd} is not open in the VMM: ${entries.join(' ')}`);
+    assert.ok(!open.includes(EXTRA_FD), `the caller's fd ${EXTRA_FD} reached the VMM`);
     const others = open.filter((fd) => !expected.includes(fd));
-    assert.equal(others.length, 1, `fds beyond stdio, the described ones and ls's own: ${JSON.stringify(others)} (caller's fd 3 and ${JSON.stringify(passedToChildren)} must not pass)`);
+    assert.equal(others.length, 1, `fds beyond stdio, the described ones and ls's own: ${JSON.stringify(others)} (the caller's ${[EXTRA_FD, ...passedToChildren].join(', ')} must not pass)`);
     await until('vm fd-table EXITED', async () => (await c.getVm(vm.id)).state === 'VM_STATE_EXITED');
   });
 
@@ -348,5 +359,41 @@ describe('kvmvfioctl attach without a VFIO container', () => {
     a.proc.kill('SIGKILL');
     await a.exit;
     await until('vm EXITED', async () => (await c.getVm(vm.id)).state === 'VM_STATE_EXITED');
+  });
+});
+
+describe('kvmvfioctl attach without an answering daemon', () => {
+  let dir: string;
+  let silent: SeqpacketListener | undefined;
+
+  before(() => {
+    dir = mkdtempSync(join(tmpdir(), 'kvmvfioctl-attach-'));
+    chmodSync(dir, 0o755);
+  });
+
+  after(async () => {
+    await silent?.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  test('no socket: UNAVAILABLE naming the path, exit 1', async () => {
+    const path = join(dir, 'absent.sock');
+    const a = attach(['--handoff', path, '--', 'node', FDCHECK], { KVMVFIO_TOKEN: 'some-token' });
+    assert.deepEqual(await a.exit, { code: 1, signal: null });
+    assert.equal(a.stderr(), `kvmvfioctl: UNAVAILABLE: no kvmvfiod handoff socket at ${path}: is kvmvfiod running? (--handoff PATH or KVMVFIO_HANDOFF selects another socket)\n`);
+    assert.equal(a.stdout(), '');
+  });
+
+  test('a listener that never answers: DEADLINE_EXCEEDED after --timeout, exit 1', async () => {
+    const path = join(dir, 'silent.sock');
+    // Never accepted: connect and the ATTACH record still succeed (the backlog holds them).
+    silent = SeqpacketListener.listen(path);
+    chmodSync(path, 0o666);
+    const t0 = Date.now();
+    const a = attach(['--timeout', '300', '--handoff', path, '--', 'node', FDCHECK], { KVMVFIO_TOKEN: 'some-token' });
+    assert.deepEqual(await a.exit, { code: 1, signal: null });
+    assert.ok(Date.now() - t0 < 5000, `took ${Date.now() - t0} ms`);
+    assert.match(a.stderr(), /^kvmvfioctl: DEADLINE_EXCEEDED: kvmvfiod at \S+ did not answer the attach within 300 ms/);
+    assert.equal(a.stdout(), '');
   });
 });

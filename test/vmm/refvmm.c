@@ -8,15 +8,19 @@
  * attaches with the token, makes its VM with the /dev/kvm fd it is given,
  * runs the tiny guest of src/vmm/tinyguest.ts to HLT, sends VM_CREATED, then
  * answers the daemon's requests with its own kernel's errnos until SHUTDOWN
- * or the end of the stream. One JSON line per event on stdout. Exit: 0
+ * or the end of the stream. One JSON line per event on stdout. With
+ * KVMVFIO_USE_VFIO=1 it also uses each group it adds, after answering the
+ * ADD_GROUP (see vfio_use). Exit: 0
  * shutdown or end of stream, 1 attach refused, 2 usage or system error,
  * 3 protocol error (a garbled record), 4 KVM or guest failure. exit() closes
  * every fd, which ends the session and, with it, the VM.
  *
  * Build: gcc -O2 -Wall -Wextra -Werror -std=c11 -D_GNU_SOURCE refvmm.c
  */
+#include <dirent.h>
 #include <errno.h>
 #include <linux/kvm.h>
+#include <linux/vfio.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,6 +44,7 @@ enum { VFIO_FILE = 1, VFIO_FILE_ADD = 1, VFIO_FILE_DEL = 2 };
 #define GUEST_MEM 0x10000 /* 64 KiB at guest physical 0 */
 #define GUEST_ENTRY 0x1000 /* cs:ip = 0000:1000; the message follows the 16 code bytes */
 #define MAX_KEPT 256
+#define DMA_SIZE (1u << 20) /* 1 MiB per group, mapped at iova group × 2 MiB */
 
 struct rec {
 	unsigned type, seq, nfds, text_len;
@@ -242,8 +247,97 @@ static void run_guest(int kvm, int vm, const char *msg) {
 	end_event();
 }
 
+/* A sysfs PCI device name, DDDD:BB:DD.F (the domain may have more digits). */
+static int is_pci(const char *s) {
+	static const char hex[] = "0123456789abcdef";
+	size_t n = strlen(s);
+	return n >= 12 && strspn(s, hex) == n - 8 && s[n - 8] == ':' && strspn(s + n - 7, hex) == 2 && s[n - 5] == ':'
+		&& strspn(s + n - 4, hex) == 2 && s[n - 2] == '.' && s[n - 1] >= '0' && s[n - 1] <= '7';
+}
+
+/*
+ * KVMVFIO_USE_VFIO=1: uses a group just added to the KVM-VFIO device as a VMM would (include/uapi/linux/vfio.h):
+ * puts it in the container, sets the IOMMU once, opens its first PCI device, reads the vendor id from config
+ * space and maps 1 MiB for DMA, kept until exit. One "vfio-use" event line either way; the session goes on.
+ */
+static void vfio_use(int container, uint64_t group, int gfd) {
+	static int iommu_set, nmapped;
+	static uint64_t mapped[MAX_KEPT]; /* groups whose DMA window is mapped: a re-ADD does not map it again */
+	struct vfio_group_status gs = { .argsz = sizeof gs };
+	struct vfio_region_info ri = { .argsz = sizeof ri, .index = VFIO_PCI_CONFIG_REGION_INDEX };
+	struct vfio_iommu_type1_dma_map dma = { .argsz = sizeof dma, .flags = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
+		.iova = group << 21, .size = DMA_SIZE };
+	unsigned long long g = (unsigned long long)group;
+	char path[64], dev_name[sizeof ((struct dirent *)0)->d_name] = "";
+	unsigned char vendor[2];
+	const char *step;
+	int err, dfd = -1, i;
+	ssize_t n;
+	DIR *dir;
+
+	if (container < 0) {
+		printf("{\"event\":\"vfio-use\",\"group\":%llu,\"ok\":false,\"step\":\"container\",\"errno\":0,\"reason\":\"no container\"", g);
+		end_event();
+		return;
+	}
+	step = "set_container"; /* each failure below jumps to out with errno set by the failed call */
+	if (ioctl(gfd, VFIO_GROUP_GET_STATUS, &gs) < 0) goto out;
+	if (!(gs.flags & VFIO_GROUP_FLAGS_CONTAINER_SET) && ioctl(gfd, VFIO_GROUP_SET_CONTAINER, &container) < 0) goto out;
+	step = "set_iommu";
+	if (!iommu_set) {
+		int type = ioctl(container, VFIO_CHECK_EXTENSION, (unsigned long)VFIO_TYPE1v2_IOMMU) > 0 ? VFIO_TYPE1v2_IOMMU : VFIO_TYPE1_IOMMU;
+		if (ioctl(container, VFIO_SET_IOMMU, (unsigned long)type) < 0) goto out;
+		iommu_set = 1;
+	}
+	step = "sysfs";
+	snprintf(path, sizeof path, "/sys/kernel/iommu_groups/%llu/devices", g);
+	if (!(dir = opendir(path))) goto out;
+	for (struct dirent *e; (e = readdir(dir));)
+		if (is_pci(e->d_name) && (!*dev_name || strcmp(e->d_name, dev_name) < 0)) strcpy(dev_name, e->d_name);
+	closedir(dir);
+	if (!*dev_name) {
+		errno = ENOENT; /* no PCI device in the group */
+		goto out;
+	}
+	step = "get_device_fd";
+	if ((dfd = ioctl(gfd, VFIO_GROUP_GET_DEVICE_FD, dev_name)) < 0) goto out;
+	step = "region_info";
+	if (ioctl(dfd, VFIO_DEVICE_GET_REGION_INFO, &ri) < 0) goto out;
+	step = "pread";
+	if ((n = pread(dfd, vendor, sizeof vendor, (off_t)ri.offset)) != (ssize_t)sizeof vendor) {
+		if (n >= 0) errno = EIO; /* a short read */
+		goto out;
+	}
+	step = "map_dma";
+	for (i = 0; i < nmapped && mapped[i] != group; i++);
+	if (i == nmapped) {
+		void *mem = mmap(NULL, DMA_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (mem == MAP_FAILED) goto out;
+		dma.vaddr = (uintptr_t)mem;
+		if (ioctl(container, VFIO_IOMMU_MAP_DMA, &dma) < 0) {
+			err = errno;
+			munmap(mem, DMA_SIZE);
+			errno = err;
+			goto out;
+		}
+		if (nmapped < MAX_KEPT) mapped[nmapped++] = group;
+	}
+	close(dfd);
+	printf("{\"event\":\"vfio-use\",\"group\":%llu,\"ok\":true,\"device\":", g);
+	json_str(dev_name, strlen(dev_name));
+	printf(",\"vendor\":\"0x%04x\",\"dma\":true", (unsigned)get_le(vendor, 2));
+	end_event();
+	return;
+out:
+	err = errno;
+	if (dfd >= 0) close(dfd);
+	printf("{\"event\":\"vfio-use\",\"group\":%llu,\"ok\":false,\"step\":\"%s\",\"errno\":%d,\"reason\":", g, step, err);
+	json_str(strerror(err), strlen(strerror(err)));
+	end_event();
+}
+
 int main(int argc, char **argv) {
-	const char *token = getenv("KVMVFIO_TOKEN");
+	const char *token = getenv("KVMVFIO_TOKEN"), *use = getenv("KVMVFIO_USE_VFIO");
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
 	struct rec r;
 	int kvm = -1, container = -1, dev = -1, nkept = 0;
@@ -272,7 +366,7 @@ int main(int argc, char **argv) {
 		end_event();
 		return 1;
 	}
-	/* One KVM fd and, where the host has /dev/vfio/vfio, one VFIO_CONTAINER fd (kept open, unused here). */
+	/* One KVM fd and, where the host has /dev/vfio/vfio, one VFIO_CONTAINER fd (kept open; used by vfio_use). */
 	for (unsigned i = 0; i < r.nfds; i++) {
 		if (r.kind[i] == FD_KVM && kvm < 0 && r.id[i] == 0) kvm = r.fds[i];
 		else if (r.kind[i] == FD_VFIO_CONTAINER && container < 0 && r.id[i] == 0) container = r.fds[i];
@@ -355,6 +449,7 @@ int main(int argc, char **argv) {
 		send_rec(sock, r.type | RESULT, r.seq, err, text);
 		printf("{\"event\":\"request\",\"type\":\"%s\",\"arg\":%llu,\"errno\":%d", type_name(r.type), (unsigned long long)r.arg, err);
 		end_event();
+		if (r.type == ADD_GROUP && !err && use && !strcmp(use, "1")) vfio_use(container, r.arg, r.fds[0]);
 		if (r.type == SHUTDOWN) {
 			event_reason("shutdown", r.text);
 			return 0;

@@ -72,10 +72,33 @@ export function commandWords(argv: readonly string[]): string[] {
   return words[0] === 'vm' ? words : words.slice(0, 1);
 }
 
+/** String flags whose values are opaque and may start with "-": an attach token is base64url, 1 in 32 starts so. */
+const OPAQUE: readonly string[] = ['--token'];
+
+/**
+ * `--token -Abc` as `--token=-Abc`: parseArgs refuses a value starting with
+ * "-" after a space (it may be a forgotten value), which would make one
+ * token in 32 unusable as `--token "$T"`. Not after `--`, and `--` itself
+ * is never taken as the value.
+ */
+function joinOpaqueValues(argv: readonly string[]): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    if (a === '--') return out.concat(argv.slice(i));
+    const next = argv[i + 1];
+    if (OPAQUE.includes(a) && next !== undefined && next !== '--' && next.startsWith('-')) {
+      out.push(`${a}=${next}`);
+      i++;
+    } else out.push(a);
+  }
+  return out;
+}
+
 export function parseCommandLine(argv: string[]): CommandLine {
   let parsed: ReturnType<typeof parse>;
   try {
-    parsed = parse(argv);
+    parsed = parse(joinOpaqueValues(argv));
   } catch (e) {
     // parseArgs throws TypeErrors with ERR_PARSE_ARGS_* codes and a readable message.
     let message = (e as Error).message;

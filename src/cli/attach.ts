@@ -24,8 +24,10 @@
  *   get a handler first so that the exec resets them to their defaults;
  * - the token leaves the environment (it is spent).
  * stdout and stderr must not have been made non-blocking by Node before the
- * exec (main.ts creates process.stdout only when it writes): O_NONBLOCK
- * belongs to the open file, which the VMM shares.
+ * exec: O_NONBLOCK belongs to the open file, which the VMM shares, and Node
+ * sets it on a pipe or socket stdio when it creates process.stdout/stderr.
+ * So this path writes nothing on success and main.ts does not load grpc-js
+ * for it (grpc-js loads node:assert, which creates process.stderr).
  */
 import { closeSync, readFileSync, readdirSync } from 'node:fs';
 import { SysError, errnoName, execReplace, inheritAcrossExec } from '../kernel';
@@ -75,8 +77,9 @@ const REFUSAL_STATUS: Record<string, string> = {
   EEXIST: 'ALREADY_EXISTS',
   EINVAL: 'INVALID_ARGUMENT',
   EBUSY: 'FAILED_PRECONDITION',
-  // The daemon answers EPROTO for the refusals that are not about the token (the VM is not PENDING, say).
-  EPROTO: 'FAILED_PRECONDITION',
+  ESHUTDOWN: 'UNAVAILABLE',
+  // Anything else the daemon could not name more precisely.
+  EPROTO: 'INTERNAL',
   EMFILE: 'RESOURCE_EXHAUSTED',
   ENFILE: 'RESOURCE_EXHAUSTED',
   ENOMEM: 'RESOURCE_EXHAUSTED',

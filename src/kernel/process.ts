@@ -98,6 +98,11 @@ export function inheritAcrossExec(fd: number, what: string): void {
  * execvp(3): replaces this process (same pid, so a daemon's pidfd of it stays
  * true) with `argv[0]`, searched in PATH, with `env` added to the
  * environment. Returns only by throwing.
+ *
+ * What a Node caller must settle first: Node marks its stdio close-on-exec
+ * and ignores SIGPIPE and SIGXFSZ, and ignored signals stay ignored across
+ * exec (kvmvfioctl attach clears the one and installs handlers for the
+ * other, so exec resets them to their defaults).
  */
 export function execReplace(argv: string[], env: Record<string, string>): never {
   for (const [k, v] of Object.entries(env)) {

@@ -17,6 +17,15 @@ import { FdKind, type Message, MsgType, ProtocolError, RESULT_BIT, decode, encod
 const EACCES = 13;
 const EPROTO = 71;
 
+/** The errno an ATTACH refusal carries, by the broker's error kind (documented in docs/session-protocol.md). */
+const refusalErrno: Partial<Record<DomainError['kind'], number>> = {
+  'permission-denied': EACCES,
+  'not-found': 2, // ENOENT: the VM was deleted
+  'failed-precondition': 16, // EBUSY: the VM is not waiting for a VMM
+  'resource-exhausted': 24, // EMFILE
+  unavailable: 108, // ESHUTDOWN: the daemon is stopping
+};
+
 export interface SessionOptions {
   /** How long a request waits for the VMM's result. */
   requestTimeoutMs: number;
@@ -204,7 +213,7 @@ export class Session implements VmmLink {
     } catch (e) {
       const reason = e instanceof DomainError || e instanceof SysError ? e.message : 'internal error';
       this.#log.warn({ event: 'attach-refused', reason }, 'attach refused');
-      const errno = e instanceof SysError ? e.errno : e instanceof PermissionDeniedError ? EACCES : EPROTO;
+      const errno = e instanceof SysError ? e.errno : e instanceof DomainError ? (refusalErrno[e.kind] ?? EPROTO) : EPROTO;
       this.#reply(msg, errno, reason);
       this.#end(`attach refused: ${reason}`);
       return;

@@ -1,0 +1,93 @@
+/**
+ * The VFIO lane's own smoke test: the plumbing the daemon tests stand on.
+ * It runs inside the lane's guest (test/vfio/lane.sh sets KVMVFIO_GUEST=1 and
+ * KVMVFIO_GUEST_GROUPS to the groups.json its /init wrote from sysfs);
+ * anywhere else it skips. `npm test` does not load test/vfio/.
+ *
+ * It proves: the groups the guest /init described are what sysfs shows; each
+ * viable group opens, a second open is EBUSY, and the kernel's
+ * VFIO_GROUP_GET_STATUS agrees with the predicted viability (also for the
+ * group that is not viable); /dev/kvm is there and answers.
+ */
+import { test, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { closeSync, constants, openSync, readdirSync, readlinkSync, statSync } from 'node:fs';
+import { basename } from 'node:path';
+import { Kvm, VfioGroup } from '../../src/kernel';
+import { VFIO_GUEST_SKIP, blockedGroups, guestGroup, loadGuestGroups, singleDeviceGroups } from './guest-groups';
+
+function driverOf(address: string): string {
+  try {
+    return basename(readlinkSync(`/sys/bus/pci/devices/${address}/driver`));
+  } catch {
+    return '';
+  }
+}
+
+function openFails(path: string): string | undefined {
+  try {
+    closeSync(openSync(path, constants.O_RDWR));
+    return undefined;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code;
+  }
+}
+
+describe('VFIO lane plumbing', { skip: VFIO_GUEST_SKIP }, () => {
+  test('groups.json matches sysfs and has the promised cases', () => {
+    const g = loadGuestGroups();
+    for (const grp of g.groups) {
+      const inSysfs = readdirSync(`/sys/kernel/iommu_groups/${grp.number}/devices`).sort();
+      assert.deepEqual(grp.devices.map((d) => d.address).sort(), inSysfs, `devices of group ${grp.number}`);
+      for (const d of grp.devices) assert.equal(d.driver, driverOf(d.address), `driver of ${d.address}`);
+    }
+    const singles = singleDeviceGroups(g);
+    assert.ok(singles.length >= 2, `>= 2 viable single-device groups on vfio-pci, got ${JSON.stringify(g.viable)}`);
+    const blocked = blockedGroups(g);
+    assert.ok(blocked.length >= 1, `a VFIO group made non-viable by a kernel driver, got ${JSON.stringify(g.notViable)}`);
+    for (const x of blocked) {
+      for (const b of x.blockers) assert.notEqual(b.driver, '', `blocker ${b.address} names its driver`);
+    }
+  });
+
+  test('each viable group opens once; a second open is EBUSY; the kernel says VIABLE', async () => {
+    const g = loadGuestGroups();
+    for (const n of g.viable) {
+      const grp = guestGroup(g, n);
+      assert.equal(grp.path, `/dev/vfio/${n}`);
+      assert.ok(statSync(grp.path).isCharacterDevice(), `${grp.path} is a character device`);
+      const opened = await VfioGroup.open(grp.path, n);
+      try {
+        assert.deepEqual(opened.status(), { viable: true, containerSet: false }, `VFIO_GROUP_GET_STATUS of ${grp.path}`);
+        assert.equal(openFails(grp.path), 'EBUSY', `second open of ${grp.path}`);
+      } finally {
+        await opened.close();
+      }
+      assert.equal(openFails(grp.path), undefined, `${grp.path} opens again once closed`);
+    }
+  });
+
+  test('the kernel agrees that each non-viable group is not viable', async () => {
+    const g = loadGuestGroups();
+    for (const n of g.notViable) {
+      const grp = guestGroup(g, n);
+      const opened = await VfioGroup.open(grp.path, n);
+      try {
+        assert.equal(opened.status().viable, false, `VFIO_GROUP_GET_STATUS of ${grp.path} (blockers ${JSON.stringify(grp.blockers)})`);
+      } finally {
+        await opened.close();
+      }
+    }
+  });
+
+  test('/dev/kvm and /dev/vfio/vfio are there; KVM answers', () => {
+    assert.ok(statSync('/dev/kvm').isCharacterDevice(), '/dev/kvm');
+    assert.ok(statSync('/dev/vfio/vfio').isCharacterDevice(), '/dev/vfio/vfio');
+    const kvm = Kvm.open('/dev');
+    try {
+      assert.equal(kvm.apiVersion(), 12, 'KVM_GET_API_VERSION');
+    } finally {
+      kvm.closeSync();
+    }
+  });
+});

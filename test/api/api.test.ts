@@ -12,20 +12,10 @@ import { status } from '@grpc/grpc-js';
 import { isApiError, type KvmVfioApi, type VmEvent } from '../../src/client/client';
 import { makeFakeHost, type FakeHost } from '../helpers/fakehost';
 import { REPO, startDaemon, type RunningDaemon } from '../helpers/daemon';
+import { expectStatus } from '../helpers/assert';
 
 const run = promisify(execFile);
 
-async function expectStatus(p: Promise<unknown>, code: status, detail?: RegExp): Promise<string> {
-  try {
-    await p;
-  } catch (e) {
-    assert.ok(isApiError(e), `not a gRPC error: ${String(e)}`);
-    assert.equal(status[e.code], status[code], `got ${status[e.code]}: ${e.details}`);
-    if (detail) assert.match(e.details, detail);
-    return e.details;
-  }
-  assert.fail(`expected ${status[code]}`);
-}
 
 async function fdTargets(pid: number): Promise<string[]> {
   const names = await readdir(`/proc/${pid}/fd`);

@@ -12,11 +12,12 @@ import { chmodSync, mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { status } from '@grpc/grpc-js';
-import { isApiError, type KvmVfioApi } from '../../src/client/client';
+import { type KvmVfioApi } from '../../src/client/client';
 import { SeqpacketListener } from '../../src/kernel';
 import { makeFakeHost, type FakeHost } from '../helpers/fakehost';
 import { CLI_JS, REPO, startDaemon, type RunningDaemon } from '../helpers/daemon';
 import { NOBODY } from '../helpers/vmmproc';
+import { expectStatus, until } from '../helpers/assert';
 
 const FDCHECK = join(REPO, 'dist', 'test', 'helpers', 'fdcheck.js');
 const NOBODY_UID = 65534;
@@ -116,27 +117,7 @@ function attach(args: readonly string[], env: Record<string, string> = {}, extra
   return a;
 }
 
-async function expectStatus(p: Promise<unknown>, code: status, detail?: RegExp): Promise<string> {
-  try {
-    await p;
-  } catch (e) {
-    assert.ok(isApiError(e), `not a gRPC error: ${String(e)}`);
-    assert.equal(status[e.code], status[code], `got ${status[e.code]}: ${e.details}`);
-    if (detail) assert.match(e.details, detail);
-    return e.details;
-  }
-  assert.fail(`expected ${status[code]}`);
-}
 
-async function until<T>(what: string, fn: () => Promise<T | undefined | false>, timeoutMs = 10_000): Promise<T> {
-  const end = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() > end) assert.fail(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-}
 
 /** fds of this test process without close-on-exec: every child it spawns inherits them. */
 function inheritedHere(): number[] {

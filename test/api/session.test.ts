@@ -9,36 +9,17 @@ import { openSync, closeSync, readdirSync, readFileSync, readlinkSync } from 'no
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { status } from '@grpc/grpc-js';
-import { isApiError, type KvmVfioApi, type VmEvent } from '../../src/client/client';
+import { type KvmVfioApi, type VmEvent } from '../../src/client/client';
 import { SeqpacketSocket } from '../../src/kernel';
 import { MsgType, decode, encode } from '../../src/protocol/session';
 import { makeFakeHost, type FakeHost } from '../helpers/fakehost';
 import { startDaemon, type RunningDaemon } from '../helpers/daemon';
 import { NOBODY, REFERENCE_VMM, SILENT_VMM, runVmm, type VmmProc } from '../helpers/vmmproc';
+import { expectStatus, until } from '../helpers/assert';
 
 const GROUPS = [5, 6, 8].map((n) => ({ number: n, devices: [{ address: `0000:00:0${n}.0`, vendor: '8086', device: '10d3', class: '020000', driver: 'vfio-pci' }] }));
 
-async function expectStatus(p: Promise<unknown>, code: status, detail?: RegExp): Promise<string> {
-  try {
-    await p;
-  } catch (e) {
-    assert.ok(isApiError(e), `not a gRPC error: ${String(e)}`);
-    assert.equal(status[e.code], status[code], `got ${status[e.code]}: ${e.details}`);
-    if (detail) assert.match(e.details, detail);
-    return e.details;
-  }
-  assert.fail(`expected ${status[code]}`);
-}
 
-async function until<T>(what: string, fn: () => Promise<T | undefined | false>, timeoutMs = 5000): Promise<T> {
-  const end = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() > end) assert.fail(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
 
 async function settledFdCount(d: RunningDaemon, target: number): Promise<number> {
   let n = await d.fdCount();

@@ -9,34 +9,18 @@ import assert from 'node:assert/strict';
 import { openSync, closeSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { status } from '@grpc/grpc-js';
-import { isApiError, type IommuGroup, type KvmVfioApi } from '../../src/client/client';
+import { type IommuGroup, type KvmVfioApi } from '../../src/client/client';
 import { startDaemon, type RunningDaemon } from '../helpers/daemon';
 import { REFERENCE_VMM, runVmm, type VmmProc } from '../helpers/vmmproc';
 import { buildCVmm } from '../helpers/cvmm';
+import { expectStatus, until as untilShort } from '../helpers/assert';
+
+/** TCG is slow: a minute for anything in the guest. */
+const until = <T>(what: string, fn: () => Promise<T | undefined | false>) => untilShort(what, fn, 60_000);
 
 const inGuest = process.env.KVMVFIO_GUEST === '1';
 
-async function expectStatus(p: Promise<unknown>, code: status, detail?: RegExp): Promise<string> {
-  try {
-    await p;
-  } catch (e) {
-    assert.ok(isApiError(e), `not a gRPC error: ${String(e)}`);
-    assert.equal(status[e.code], status[code], `got ${status[e.code]}: ${e.details}`);
-    if (detail) assert.match(e.details, detail);
-    return e.details;
-  }
-  assert.fail(`expected ${status[code]}`);
-}
 
-async function until<T>(what: string, fn: () => Promise<T | undefined | false>, timeoutMs = 30_000): Promise<T> {
-  const end = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() > end) assert.fail(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
 
 const sysfsVendor = (address: string) => readFileSync(`/sys/bus/pci/devices/${address}/vendor`, 'utf8').trim();
 

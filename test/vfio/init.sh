@@ -42,7 +42,7 @@ finish() {
 }
 fail() {
   say "FAIL step=$STEP: $*"
-  [ -n "$OUT" ] && printf '%s: %s\n' "$STEP" "$*" > "$OUT/fail"
+  [ -n "$OUT" ] && printf '%s\n' "$*" > "$OUT/fail"
   finish 1
 }
 
@@ -192,5 +192,5 @@ NODEDIR=${NODE%/*}
 ) | tee /out/tests.log | sed 's/^/test| /'
 read -r RC < /out/tests.rc 2>/dev/null || RC=
 say "tests-end uptime=$(up) rc=${RC:-none}"
-[ "$RC" = 0 ] || { echo "tests: node --test exited ${RC:-without a code}" > /out/fail; finish 1; }
+[ "$RC" = 0 ] || { echo "node --test exited ${RC:-without an exit code} (the test output above says which)" > /out/fail; finish 1; }
 finish 0

@@ -244,7 +244,7 @@ QEMU=(qemu-system-x86_64 -name kvmvfio-lane -nographic -no-reboot -nic none
   -device pci-testdev,addr=0x5
   -device pcie-pci-bridge,id=lanebr,addr=0x6
   -device edu,bus=lanebr,addr=0x1
-  -device e1000,bus=lanebr,addr=0x2
+  -device e1000,bus=lanebr,addr=0x2,romfile=
   -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap
   -virtfs "local,path=$SHARE,mount_tag=results,security_model=none"
   -kernel "$VMLINUZ" -initrd "$LANE/initramfs.cpio"
@@ -324,10 +324,18 @@ if [ "$RC" = 0 ] && [ -z "$KILLED" ]; then
   echo "vfio lane: PASSED (${#TESTS[@]} test file(s) in the guest; console: $CONSOLE)"
   exit 0
 fi
-echo "== guest console ($CONSOLE)"
-cat "$CONSOLE"
+if [ -f "$SHARE/tests.log" ]; then
+  echo "== guest console ($CONSOLE; its 'test|' lines, the output above, left out)"
+  grep -a -v -E '^ *[0-9.]+ test\| ' "$CONSOLE"
+else
+  echo "== guest console ($CONSOLE)"
+  cat "$CONSOLE"
+fi
+panic=$(grep -a -m1 -E 'Kernel panic|BUG: kernel NULL|Oops:' "$CONSOLE" | sed 's/^ *[0-9.]* //')
 gstep=$(guest_step)
-if [ -n "$KILLED" ]; then
+if [ -n "$panic" ]; then
+  STEP=${gstep:-boot}; fail "guest kernel panic/oops: $panic (QEMU exit $QRC)"
+elif [ -n "$KILLED" ]; then
   STEP=${gstep:-boot}; fail "$KILLED (QEMU exit $QRC)"
 elif [ "$QRC" = 124 ] || [ "$QRC" = 137 ]; then
   STEP=${gstep:-boot}; fail "the guest ran past KVMVFIO_LANE_TIMEOUT=${TIMEOUT}s"

@@ -23,7 +23,8 @@
 #                              space-separated (default: every dist/test/vfio/*.test.js)
 #   KVMVFIO_LANE_TIMEOUT       bound of the whole guest run, seconds (default 600)
 #   KVMVFIO_LANE_BOOT_TIMEOUT  QEMU start to /init, seconds (default 120; it takes ~3-5 s)
-#   KVMVFIO_LANE_STALL         fail when the guest console is silent this long, seconds (default 300)
+#   KVMVFIO_LANE_STALL         fail when the guest console is silent this long, seconds (default 120;
+#                              the guest prints a heartbeat every 20 s while its tests run)
 #   KVMVFIO_GUEST_TEST_TIMEOUT node --test-timeout in the guest, ms (default 300000)
 #   KVMVFIO_LANE_MEM, KVMVFIO_LANE_SMP   guest memory (MiB, default 2048) and vCPUs (default 2)
 #   KVMVFIO_LANE_OFFLINE=1     no apt at all: use the packages installed and the newest kernel cached
@@ -35,7 +36,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)
 LANE=${KVMVFIO_LANE_DIR:-/tmp/kvmvfio-vfio-lane}
 TIMEOUT=${KVMVFIO_LANE_TIMEOUT:-600}
 BOOT_TIMEOUT=${KVMVFIO_LANE_BOOT_TIMEOUT:-120}
-STALL=${KVMVFIO_LANE_STALL:-300}
+STALL=${KVMVFIO_LANE_STALL:-120}
 TEST_TIMEOUT=${KVMVFIO_GUEST_TEST_TIMEOUT:-300000}
 MEM=${KVMVFIO_LANE_MEM:-2048}
 SMP=${KVMVFIO_LANE_SMP:-2}
@@ -113,6 +114,7 @@ log "$(qemu-system-x86_64 --version | head -n1); missing before: ${missing[*]:-n
 
 # ------------------------------------------------------------------ 2. kernel: find, download, unpack
 step kernel
+t=$(now_us)
 newest_cached() { ls -d "$LANE"/kernel/*/.unpacked 2>/dev/null | sed 's#/.unpacked$##; s#.*/##' | sort -V | tail -n1; }
 KPKG=
 [ "$OFFLINE" != 1 ] && KPKG=$(apt-cache search --names-only "$KERNEL_RE" | awk '{print $1}' | sort -V | tail -n1)
@@ -124,6 +126,7 @@ else
   [ -n "$KV" ] || fail "no package matches $KERNEL_RE (apt lists: $APT_UPDATED updated) and none is cached in $LANE/kernel"
   log "guest kernel: $KV from the cache (no package list to ask)"
 fi
+timing "kernel lookup (apt-cache)" "$(since "$t")"
 KDIR=$LANE/kernel/$KV
 DL_TIME=cached; UNPACK_TIME=cached
 if [ ! -f "$KDIR/.unpacked" ]; then

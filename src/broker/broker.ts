@@ -46,6 +46,8 @@ export interface BrokerOptions {
   /** How long DeleteVm waits for a VMM to exit, and a failed VMM gets before SIGKILL. */
   exitGraceMs: number;
   log?: (event: Record<string, unknown>, msg: string) => void;
+  /** Told after changes that are not VM record events (a VMM gone, a group back), for the state file. */
+  onChange?: () => void;
 }
 
 /** Whether `p` settles within `ms`; the timer is cleared either way. */
@@ -321,7 +323,21 @@ export class Broker {
       const vm = this.vms.get(vmId);
       if (vm && (vm.state === 'PENDING' || vm.state === 'RUNNING')) this.vms.transition(vm, 'EXITED');
       this.#opts.log?.({ event: 'vmm-exited', vm: vmId, groups }, 'VMM exited; its groups are back in the pool');
+      this.#opts.onChange?.();
     });
+  }
+
+  /**
+   * After a restart: the VMM of `vmId` is still attached through a session
+   * from the fd store. A VM caught mid-setup (PENDING with a VMM) cannot
+   * resume its plan: it fails, and its VMM is told to stop.
+   */
+  restoreLink(vmId: string, link: VmmLink): void {
+    const vm = this.vms.get(vmId);
+    if (!vm) throw new Error(`restored session of unknown vm ${vmId}`);
+    this.#links.set(vmId, link);
+    void link.exited.then(() => this.vmmExited(vmId));
+    if (vm.state === 'PENDING') this.#fail(vm, link, 'the daemon restarted while the VM was being set up');
   }
 
   /** Calls `listener` with every change to a VM the caller can see. Returns the unsubscribe. */

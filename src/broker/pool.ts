@@ -44,6 +44,9 @@ export interface PoolOptions {
   openGroup: OpenGroup;
   /** Told when a group's status cannot be read (an ordinary file in a test tree). */
   onStatusUnavailable?: (group: number, err: SysError) => void;
+  /** Told when the daemon opens a group's fd (to put it in the fd store) and when it closes one. */
+  onOpened?: (group: number, handle: GroupHandle) => void;
+  onClosed?: (group: number) => void;
 }
 
 export class GroupPool {
@@ -106,8 +109,10 @@ export class GroupPool {
           throw new FailedPreconditionError(`IOMMU group ${n} is not viable: ${inv.notViableReasons.join('; ')}`);
         }
         if (!this.#open.has(n)) {
-          this.#open.set(n, await this.#openGroup(n));
+          const handle = await this.#openGroup(n);
+          this.#open.set(n, handle);
           openedHere.push(n);
+          this.#opts.onOpened?.(n, handle);
         }
         this.#checkStatus(n);
       }
@@ -128,11 +133,30 @@ export class GroupPool {
     return [...this.#owners].filter(([, o]) => o.vmId === vmId).map(([n]) => n).sort((a, b) => a - b);
   }
 
-  /** Closes every group fd the daemon holds. For shutdown. */
+  /** Takes a group fd the daemon held before a restart (from the fd store). */
+  adopt(n: number, handle: GroupHandle): void {
+    if (this.#open.has(n)) throw new Error(`group ${n} adopted twice`);
+    this.#open.set(n, handle);
+  }
+
+  /** Restores who held a group before a restart. */
+  restoreOwner(n: number, owner: GroupOwner): void {
+    this.#owners.set(n, owner);
+  }
+
+  /** Every claim, for the state file. */
+  claims(): { group: number; vmId: string; vmName: string }[] {
+    return [...this.#owners].map(([group, o]) => ({ group, ...o })).sort((a, b) => a.group - b.group);
+  }
+
+  /**
+   * Closes every group fd the daemon holds. For shutdown: `onClosed` is not
+   * told, so the fd store keeps its copies for the next start.
+   */
   async closeAll(): Promise<void> {
     const all = [...this.#open.keys()];
     this.#owners.clear();
-    await Promise.all(all.map((n) => this.#closeGroup(n)));
+    await Promise.all(all.map((n) => this.#closeGroup(n, false)));
   }
 
   async #inventory(n: number): Promise<GroupInventory> {
@@ -186,9 +210,10 @@ export class GroupPool {
     }
   }
 
-  async #closeGroup(n: number): Promise<void> {
+  async #closeGroup(n: number, tell = true): Promise<void> {
     const g = this.#open.get(n);
     this.#open.delete(n);
+    if (g && tell) this.#opts.onClosed?.(n);
     await g?.close();
   }
 

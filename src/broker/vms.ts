@@ -139,6 +139,16 @@ export class VmRegistry {
     });
   }
 
+  /** Puts back the records of a previous run (no events: nothing changed), and its revision counter. */
+  restore(records: VmRecord[], revision: number): void {
+    for (const r of records) this.#byId.set(r.id, { ...r, groups: [...r.groups], labels: { ...r.labels } });
+    this.#revision = Math.max(this.#revision, revision, ...records.map((r) => r.revision));
+  }
+
+  get revision(): number {
+    return this.#revision;
+  }
+
   remove(vm: VmRecord): void {
     if (!this.#byId.delete(vm.id)) return;
     vm.revision = ++this.#revision;

@@ -1,8 +1,9 @@
 #!/usr/bin/env node
 /**
  * kvmvfioctl: the command-line client of kvmvfiod, built on KvmVfioApi.
- * Exit status: 0 success, 1 the call failed, 2 usage error; `attach`, which
- * execs its VMM, 127 when the VMM was not found and 126 when it could not run.
+ * Exit status: 0 success, 1 the call failed, 2 usage error; `health`, 1 also
+ * when the daemon answers but is not SERVING; `attach`, which execs its VMM,
+ * 127 when the VMM was not found and 126 when it could not run.
  */
 import { existsSync } from 'node:fs';
 import type { ApiError, KvmVfioApi, Vm } from '../client/client';
@@ -30,6 +31,7 @@ import { help, synopsisFor } from './usage';
 
 type ClientModule = typeof import('../client/client');
 type GrpcModule = typeof import('@grpc/grpc-js');
+type HealthModule = typeof import('./health');
 
 /**
  * The gRPC client and grpc-js, loaded on first use. Loading grpc-js loads
@@ -39,6 +41,7 @@ type GrpcModule = typeof import('@grpc/grpc-js');
  */
 const clientModule = (): ClientModule => require('../client/client') as ClientModule;
 const grpcStatus = (): GrpcModule['status'] => (require('@grpc/grpc-js') as GrpcModule).status;
+const healthModule = (): HealthModule => require('./health') as HealthModule;
 
 interface Context {
   cl: CommandLine;
@@ -50,6 +53,8 @@ interface Context {
   timeoutMs: number | undefined;
   /** The client, created on first use so that usage errors never touch gRPC. */
   api(): KvmVfioApi;
+  /** The API socket, for a call made without the client (health); failures are then described by it. */
+  socket(): string;
   out(text: string): void;
   /** Work is left pending that must not keep the process alive: exit as soon as main() returns. */
   exitWhenDone(): void;
@@ -77,7 +82,8 @@ function stdout(): NodeJS.WriteStream {
 
 interface Command {
   options: readonly OptionName[];
-  run(ctx: Context): Promise<void>;
+  /** Resolves to the exit status when it is not 0 without an error (health: not SERVING). */
+  run(ctx: Context): Promise<void | number>;
 }
 
 const FILTER_OPTIONS: readonly OptionName[] = ['label', 'state'];
@@ -118,6 +124,18 @@ const COMMANDS: Record<string, Command> = {
       positionals(ctx.args, []);
       const h = await ctx.api().getHostInfo();
       ctx.out(ctx.json ? js.pretty(js.hostInfoJson(h)) : fmt.hostInfo(h));
+    },
+  },
+
+  health: {
+    options: [],
+    async run(ctx) {
+      // "" asks about the daemon as a whole; kvmvfio.v1.KvmVfio about its API service.
+      if (ctx.args.length > 1) positionals(ctx.args, ['SERVICE']);
+      const service = ctx.args[0] ?? '';
+      const status = await healthModule().checkHealth(ctx.socket(), service, ctx.timeoutMs ?? 10_000);
+      ctx.out(ctx.json ? js.pretty({ status }) : `${status}\n`);
+      return status === 'SERVING' ? 0 : 1;
     },
   },
 
@@ -262,6 +280,8 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
   let socket = env.KVMVFIO_SOCKET || '';
   let timeoutMs: number | undefined;
   let api: KvmVfioApi | undefined;
+  /** The API socket once a call was made (by the client or by health). */
+  let reached: string | undefined;
   try {
     const cl = parseCommandLine(argv);
     json = cl.values.json ?? false;
@@ -304,17 +324,22 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
     const cmd = COMMANDS[command];
     allowOnly(cl, command, cmd.options);
     const sock = socket;
-    await cmd.run({
+    const status = await cmd.run({
       cl,
       args,
       json,
       env,
       timeoutMs,
-      api: () => (api ??= new (clientModule().KvmVfioApi)(sock || clientModule().DEFAULT_SOCKET, { timeoutMs })),
+      api: () => {
+        api ??= new (clientModule().KvmVfioApi)(sock || clientModule().DEFAULT_SOCKET, { timeoutMs });
+        reached = api.socket;
+        return api;
+      },
+      socket: () => (reached = sock || clientModule().DEFAULT_SOCKET),
       out: (text) => stdout().write(text),
       exitWhenDone: () => (exitPromptly = true),
     });
-    return 0;
+    return status ?? 0;
   } catch (e) {
     if (e instanceof UsageError) {
       command ??= commandWords(argv).join(' ') || undefined;
@@ -322,8 +347,8 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
       return 2;
     }
     // Only a call makes an ApiError, and a call needs the client loaded.
-    const [code, message] = api && clientModule().isApiError(e)
-      ? [grpcStatus()[e.code] ?? `CODE_${e.code}`, describe(e, api.socket, timeoutMs)]
+    const [code, message] = reached !== undefined && clientModule().isApiError(e)
+      ? [grpcStatus()[e.code] ?? `CODE_${e.code}`, describe(e, reached, timeoutMs)]
       : e instanceof AttachFailure || e instanceof ExecFailure
         ? [e.code, e.message]
         : ['UNKNOWN', e instanceof Error ? e.message : String(e)];

@@ -3,6 +3,7 @@ import { DEFAULT_HANDOFF } from './attach';
 
 export const SYNOPSIS: Record<string, string> = {
   info: 'kvmvfioctl info',
+  health: 'kvmvfioctl health [SERVICE]',
   groups: 'kvmvfioctl groups [GROUP]',
   'vm create': 'kvmvfioctl vm create NAME --vmm-uid UID [--vfio-device] [--group N]... [--label KEY=VALUE]... [--memlock SIZE] [--request-id ID]',
   'vm get': 'kvmvfioctl vm get VM',
@@ -25,6 +26,9 @@ Command-line client of kvmvfiod, the broker of /dev/kvm and VFIO groups.
 
 Commands:
   info                        what the host and its kernel can do, and what the daemon holds
+  health [SERVICE]            grpc.health.v1 Check of the daemon (or of SERVICE, e.g. kvmvfio.v1.KvmVfio):
+                              prints SERVING, NOT_SERVING...; exit 0 only when SERVING (a container
+                              HEALTHCHECK or liveness probe)
   groups [GROUP]              the host's IOMMU groups (devices, drivers, viability, holder), or one
   vm create NAME --vmm-uid UID [--vfio-device] [--group N]... [--label KEY=VALUE]...
             [--memlock SIZE] [--request-id ID]
@@ -65,7 +69,8 @@ Global flags (anywhere on the line):
   -h, --help      this help
   --version       kvmvfioctl's version
 
-Exit status: 0 success, 1 the call failed (the gRPC status is printed), 2 usage error.
+Exit status: 0 success, 1 the call failed (the gRPC status is printed) or health is not SERVING,
+2 usage error.
 attach returns only when CMD could not be run: 1 the daemon refused (PERMISSION_DENIED for a bad,
 expired or used token), 127 CMD not found, 126 CMD found but not runnable (the errno is printed).
 `;
@@ -74,5 +79,5 @@ expired or used token), 127 CMD not found, 126 CMD found but not runnable (the e
 export function synopsisFor(command: string | undefined): string {
   if (command && Object.hasOwn(SYNOPSIS, command)) return `Usage: ${SYNOPSIS[command]}`;
   if (command === 'vm' || command?.startsWith('vm ')) return `Usage:\n${VM_COMMANDS.map((k) => `  ${SYNOPSIS[k]}`).join('\n')}`;
-  return 'Usage: kvmvfioctl [--socket PATH] [--json] [--timeout MS] info | groups [GROUP] | vm SUBCOMMAND ... | attach ... -- CMD [ARG]...';
+  return 'Usage: kvmvfioctl [--socket PATH] [--json] [--timeout MS] info | health [SERVICE] | groups [GROUP] | vm SUBCOMMAND ... | attach ... -- CMD [ARG]...';
 }

@@ -94,7 +94,8 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): DaemonConfi
   if (values.version) return 'version';
   const cfg: DaemonConfig = {
     runtimeDir: values['runtime-dir'] ?? env.KVMVFIOD_RUNTIME_DIR ?? DEFAULTS.runtimeDir,
-    stateDir: values['state-dir'] ?? env.KVMVFIOD_STATE_DIR ?? DEFAULTS.stateDir,
+    // STATE_DIRECTORY: set by systemd for StateDirectory=.
+    stateDir: values['state-dir'] ?? env.KVMVFIOD_STATE_DIR ?? env.STATE_DIRECTORY?.split(':')[0] ?? DEFAULTS.stateDir,
     policy: values.policy ?? env.KVMVFIOD_POLICY ?? DEFAULTS.policy,
     sysfsRoot: values.sysfs ?? env.KVMVFIOD_SYSFS ?? DEFAULTS.sysfsRoot,
     devRoot: values.dev ?? env.KVMVFIOD_DEV ?? DEFAULTS.devRoot,

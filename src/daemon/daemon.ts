@@ -9,7 +9,7 @@ import { HealthImplementation } from 'grpc-health-check';
 import { ReflectionService } from '@grpc/reflection';
 import { constants, existsSync, open as fsOpen } from 'node:fs';
 import { join } from 'node:path';
-import { mkdir } from 'node:fs/promises';
+import { mkdir, rename } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import { loadApi } from '../api/proto';
 import { Broker } from '../broker/broker';
@@ -18,7 +18,9 @@ import { GroupPool } from '../broker/pool';
 import { VmRegistry } from '../broker/vms';
 import { TokenStore } from '../broker/tokens';
 import type { VmmHost } from '../broker/vmm';
-import { Kvm, OwnedFd, SysError, VfioGroup, listOpenFds, setMemlockLimit } from '../kernel';
+import { StateFile } from '../broker/state';
+import { Kvm, OwnedFd, SeqpacketSocket, SysError, Systemd, VfioGroup, listOpenFds, setMemlockLimit, takeListenFds } from '../kernel';
+import { FdStore, fdName } from './fdstore';
 import { HandoffServer } from '../server/session/handoff';
 import { RootOnly } from '../server/auth';
 import { ApiListener } from '../server/listener';
@@ -41,6 +43,10 @@ export class Daemon {
   #health?: HealthImplementation;
   #endWatches: () => void = () => {};
   #stopping?: Promise<void>;
+  #store?: FdStore;
+  #state?: StateFile;
+  #watchdog?: NodeJS.Timeout;
+  #statusTimer?: NodeJS.Timeout;
   host?: HostFacts;
 
   constructor(config: DaemonConfig, log: Logger) {
@@ -55,7 +61,19 @@ export class Daemon {
 
   async start(): Promise<void> {
     const { config, log } = this;
-    this.#kvm = Kvm.open(config.devRoot);
+    const passed = takeListenFds();
+    const take = (name: string): OwnedFd | undefined => {
+      const list = passed.get(name);
+      const fd = list?.shift();
+      if (list && list.length === 0) passed.delete(name);
+      return fd;
+    };
+    const store = (this.#store = new FdStore(log));
+    if (passed.size) log.info({ event: 'fds-from-systemd', names: [...passed.keys()].slice(0, 50), count: [...passed.values()].reduce((a, l) => a + l.length, 0) }, 'fds passed by systemd');
+
+    const storedKvm = take(fdName.kvm);
+    this.#kvm = storedKvm ? Kvm.fromFd(storedKvm, join(config.devRoot, 'kvm')) : Kvm.open(config.devRoot);
+    if (!storedKvm) store.put(fdName.kvm, this.#kvm.fd);
     this.host = await learnHost(this.#kvm, config.devRoot);
     log.info({ event: 'host', ...this.host }, 'kernel probed');
     if (existsSync(config.policy)) {
@@ -68,6 +86,11 @@ export class Daemon {
       openGroup: (path, n) => VfioGroup.open(path, n),
       onStatusUnavailable: (group, err) =>
         log.warn({ event: 'group-status-unavailable', group, err: err.message }, 'not a VFIO group node; trusting sysfs'),
+      onOpened: (group, handle) => {
+        store.put(fdName.group(group), (handle as VfioGroup).fd);
+        this.#state?.changed();
+      },
+      onClosed: (group) => store.remove(fdName.group(group)),
     });
     const kvm = this.#kvm;
     const host: VmmHost = {
@@ -86,7 +109,23 @@ export class Daemon {
       host,
       exitGraceMs: config.vmmExitGraceMs,
       log: (event, msg) => log.info(event, msg),
+      onChange: () => this.#state?.changed(),
     });
+    const broker = this.#broker;
+    const pool = this.#pool;
+    this.#state = new StateFile(
+      config.stateDir,
+      () => ({
+        revision: broker.vms.revision,
+        vms: [...broker.vms.all()],
+        claims: pool.claims(),
+        sessions: [...(this.#handoff?.sessions ?? [])]
+          .filter((s) => s.vmId && s.storableFds)
+          .map((s) => ({ vmId: s.vmId, pid: s.peer.pid, uid: s.peer.uid, gid: s.peer.gid, passive: s.passive })),
+      }),
+      (e) => log.error({ event: 'state-write-failed', err: e.message }, 'could not write the state file'),
+    );
+    broker.vms.subscribe(() => this.#state?.changed());
 
     const { definition, proto } = loadApi();
     this.#grpc = new Server({
@@ -106,11 +145,128 @@ export class Daemon {
     this.#health.addToServer(this.#grpc);
     new ReflectionService(definition).addToServer(this.#grpc);
 
+    this.#handoff = new HandoffServer(this.#broker, log, {
+      requestTimeoutMs: config.vmmTimeoutMs,
+      attachTimeoutMs: config.attachTimeoutMs,
+      onAttached: (s) => {
+        const fds = s.storableFds;
+        if (fds) {
+          store.put(fdName.session(s.vmId), fds.socket);
+          store.put(fdName.pidfd(s.vmId), fds.pidfd);
+        }
+        this.#state?.changed();
+      },
+      onSocketClosed: (s) => {
+        store.remove(fdName.session(s.vmId));
+        this.#state?.changed();
+      },
+      onDone: (s) => {
+        if (s.vmId) {
+          store.remove(fdName.session(s.vmId));
+          store.remove(fdName.pidfd(s.vmId));
+        }
+        this.#state?.changed();
+      },
+    });
+
+    await this.#restore(take, storedKvm !== undefined);
+    for (const [name, fds] of passed) {
+      if (name === 'api' || name === 'handoff') continue;
+      log.warn({ event: 'fdstore-unused', name, count: fds.length }, 'a stored fd nothing refers to; dropping it');
+      for (const fd of fds) fd.closeSync();
+      store.remove(name);
+    }
+
     await mkdir(config.runtimeDir, { recursive: true, mode: 0o755 });
     this.#listener = new ApiListener(this.#grpc.createConnectionInjector(ServerCredentials.createInsecure()), log);
-    await this.#listener.listen(apiSocketPath(config));
-    this.#handoff = new HandoffServer(this.#broker, log, { requestTimeoutMs: config.vmmTimeoutMs, attachTimeoutMs: config.attachTimeoutMs });
-    await this.#handoff.listen(handoffSocketPath(config));
+    const api = take('api');
+    if (api) await this.#listener.listenFd(api);
+    else await this.#listener.listen(apiSocketPath(config));
+    const handoff = take('handoff');
+    if (handoff) this.#handoff.listenFd(handoff, handoffSocketPath(config));
+    else await this.#handoff.listen(handoffSocketPath(config));
+    this.#state.changed();
+    await this.#state.flush();
+    this.#notifyReady();
+  }
+
+  /**
+   * Rebuilds the records of the previous process from the state file and
+   * the fds systemd kept. Without the kept fds (no systemd, or `systemctl
+   * stop` flushed the store) there is nothing to carry on: the old state is
+   * set aside and the daemon starts empty.
+   */
+  async #restore(take: (name: string) => OwnedFd | undefined, haveStore: boolean): Promise<void> {
+    const { log } = this;
+    const state = this.#state!;
+    let previous;
+    try {
+      previous = await state.read();
+    } catch (e) {
+      log.error({ event: 'state-unreadable', path: state.path, err: (e as Error).message }, 'state file unreadable; starting empty');
+    }
+    if (!previous) return;
+    if (!haveStore) {
+      await rename(state.path, `${state.path}.prev`).catch(() => undefined);
+      log.warn(
+        { event: 'state-set-aside', path: `${state.path}.prev`, vms: previous.vms.length, sessions: previous.sessions.length },
+        'a previous state without its stored fds: its VMs and sessions cannot be carried on; starting empty',
+      );
+      return;
+    }
+    const t0 = Date.now();
+    const broker = this.broker;
+    const pool = this.#pool!;
+    for (const c of previous.claims) {
+      const fd = take(fdName.group(c.group));
+      if (fd) pool.adopt(c.group, new VfioGroup(fd, c.group, pool.groupPath(c.group)));
+      pool.restoreOwner(c.group, { vmId: c.vmId, vmName: c.vmName });
+    }
+    broker.vms.restore(previous.vms, previous.revision);
+    let sessions = 0;
+    for (const s of previous.sessions) {
+      const vm = broker.vms.get(s.vmId);
+      const sock = take(fdName.session(s.vmId));
+      const pidfd = take(fdName.pidfd(s.vmId));
+      if (!vm) {
+        sock?.closeSync();
+        pidfd?.closeSync();
+        continue;
+      }
+      // A VMM whose socket was already closed still holds its groups: watch it through a closed pair.
+      let socket: SeqpacketSocket;
+      if (sock) socket = new SeqpacketSocket(sock, `session of vm ${vm.name}`);
+      else {
+        const [mine, other] = SeqpacketSocket.pair(`closed session of vm ${vm.name}`);
+        other.closeSync();
+        socket = mine;
+      }
+      const session = this.#handoff!.restore(socket, { pid: s.pid, uid: s.uid, gid: s.gid }, { vmId: vm.id, vmName: vm.name, passive: s.passive, pidfd });
+      broker.restoreLink(vm.id, session);
+      sessions++;
+    }
+    log.info({ event: 'restored', vms: previous.vms.length, claims: previous.claims.length, sessions, ms: Date.now() - t0 }, 'state carried over a restart');
+  }
+
+  #notifyReady(): void {
+    const usec = Systemd.watchdogUsec();
+    if (usec > 0) {
+      // From the event loop, at half the interval: a stuck loop stops the pings and systemd acts.
+      this.#watchdog = setInterval(() => Systemd.notify('WATCHDOG=1'), Math.max(1, Math.floor(usec / 2000)));
+      this.#watchdog.unref();
+    }
+    Systemd.notify(`READY=1\nSTATUS=${this.statusLine()}`);
+    this.#statusTimer = setInterval(() => Systemd.notify(`STATUS=${this.statusLine()}`), 5000);
+    this.#statusTimer.unref();
+  }
+
+  /** "3 VMs (2 running), 2 groups claimed, 2 sessions" */
+  statusLine(): string {
+    const b = this.#broker;
+    if (!b) return 'starting';
+    let running = 0;
+    for (const vm of b.vms.all()) if (vm.state === 'RUNNING') running++;
+    return `${b.vms.size} VMs (${running} running), ${b.pool.claimedCount} groups claimed, ${b.sessionCount} sessions`;
   }
 
   /** Idempotent; resolves when every fd the daemon owns is closed. */
@@ -122,6 +278,11 @@ export class Daemon {
   async #stop(): Promise<void> {
     const { log } = this;
     const t0 = Date.now();
+    // What closes from here on stays in systemd's fd store for the next start.
+    this.#store?.freeze();
+    Systemd.notify('STOPPING=1\nSTATUS=stopping');
+    clearInterval(this.#watchdog);
+    clearInterval(this.#statusTimer);
     this.#broker?.beginShutdown();
     this.#health?.setStatus('', 'NOT_SERVING');
     this.#health?.setStatus(SERVICE_NAME, 'NOT_SERVING');
@@ -138,6 +299,7 @@ export class Daemon {
       }
     }
     this.#listener?.destroyConnections();
+    await this.#state?.flush();
     // VMs live in their VMMs: closing the sessions ends no guest, but without
     // a daemon their VMMs take no more requests.
     this.#handoff?.closeSessions();

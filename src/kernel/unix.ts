@@ -212,6 +212,24 @@ export class SeqpacketSocket {
   }
 }
 
+/**
+ * A bound AF_UNIX SOCK_DGRAM socket, read with the same record API (one
+ * datagram per recv). Tests use it to stand in for systemd's NOTIFY_SOCKET.
+ */
+export function bindDatagramSocket(path: string): SeqpacketSocket {
+  const SOCK_DGRAM = 2;
+  const s = sys.socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0) as number;
+  if (s < 0) throw new SysError('socket(AF_UNIX, SOCK_DGRAM)', path, lastErrno());
+  const fd = new OwnedFd(s, path);
+  const addr = sockaddr(path);
+  if ((sys.bind(s, addr, addr.length) as number) < 0) {
+    const e = new SysError('bind', path, lastErrno());
+    fd.closeSync();
+    throw e;
+  }
+  return new SeqpacketSocket(fd, path);
+}
+
 /** A listening SOCK_SEQPACKET socket; accept() never blocks. */
 export class SeqpacketListener {
   readonly #fd: OwnedFd;

@@ -10,7 +10,7 @@ import { connect, createServer, type Server as NetServer, type Socket } from 'no
 import { chmod, lstat, unlink } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import type { Caller } from '../broker/broker';
-import { peerCredentials } from '../kernel';
+import { type OwnedFd, peerCredentials } from '../kernel';
 
 export class PeerDirectory {
   readonly #byPeer = new Map<string, Caller>();
@@ -102,6 +102,19 @@ export class ApiListener {
     // Anyone may connect: SO_PEERCRED and the policy decide what they may do.
     await chmod(path, mode);
     this.#log.info({ event: 'api-listening', path }, 'API socket ready');
+  }
+
+  /** Serves on a listening socket systemd passed (socket activation); its path and mode are the unit's. */
+  async listenFd(fd: OwnedFd): Promise<void> {
+    const n = fd.release();
+    await new Promise<void>((resolve, reject) => {
+      this.#net.once('error', reject);
+      this.#net.listen({ fd: n }, () => {
+        this.#net.off('error', reject);
+        resolve();
+      });
+    });
+    this.#log.info({ event: 'api-listening', fd: n, activated: true }, 'API socket from systemd');
   }
 
   get connections(): number {

@@ -6,13 +6,18 @@
 import { chmod, unlink } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import type { Broker } from '../../broker/broker';
-import { type FdWatch, SeqpacketListener, peerCredentials, watchReadable } from '../../kernel';
+import type { Caller } from '../../broker/broker';
+import { type FdWatch, type OwnedFd, SeqpacketListener, type SeqpacketSocket, peerCredentials, watchReadable } from '../../kernel';
 import { clearStaleSocket } from '../listener';
-import { Session } from './session';
+import { type RestoredSession, Session, type SessionOptions } from './session';
 
 export interface HandoffOptions {
   requestTimeoutMs: number;
   attachTimeoutMs: number;
+  onAttached?(session: Session): void;
+  onSocketClosed?(session: Session): void;
+  /** A session is done (and, with a VM, its VMM is gone). */
+  onDone?(session: Session): void;
 }
 
 export class HandoffServer {
@@ -23,6 +28,7 @@ export class HandoffServer {
   #listener?: SeqpacketListener;
   #watch?: FdWatch;
   #nextId = 0;
+  #unlinkOnStop = false;
 
   constructor(broker: Broker, log: Logger, opts: HandoffOptions) {
     this.#broker = broker;
@@ -34,8 +40,36 @@ export class HandoffServer {
     await clearStaleSocket(path);
     this.#listener = SeqpacketListener.listen(path);
     await chmod(path, 0o666);
+    this.#unlinkOnStop = true;
     this.#watch = watchReadable(this.#listener.fd, () => this.#accept());
     this.#log.info({ event: 'handoff-listening', path }, 'handoff socket ready');
+  }
+
+  /** Serves on a listening SOCK_SEQPACKET socket systemd passed (socket activation). */
+  listenFd(fd: OwnedFd, path: string): void {
+    this.#listener = SeqpacketListener.fromFd(fd, path);
+    this.#watch = watchReadable(this.#listener.fd, () => this.#accept());
+    this.#log.info({ event: 'handoff-listening', path, activated: true }, 'handoff socket from systemd');
+  }
+
+  /** Carries on a session of the previous daemon process (its socket and pidfd from the fd store). */
+  restore(sock: SeqpacketSocket, peer: Caller, restored: RestoredSession): Session {
+    const session = new Session(++this.#nextId, sock, peer, this.#broker, this.#log, this.#sessionOptions(), restored);
+    this.sessions.add(session);
+    this.#log.info({ event: 'session-restored', session: session.id, vm: restored.vmId, vmm_pid: peer.pid, pidfd: !!restored.pidfd }, 'session carried over a restart');
+    return session;
+  }
+
+  #sessionOptions(): SessionOptions {
+    return {
+      requestTimeoutMs: this.#opts.requestTimeoutMs,
+      attachTimeoutMs: this.#opts.attachTimeoutMs,
+      onClosed: (s) => {
+        if (this.sessions.delete(s)) this.#opts.onDone?.(s);
+      },
+      onAttached: (s) => this.#opts.onAttached?.(s),
+      onSocketClosed: (s) => this.#opts.onSocketClosed?.(s),
+    };
   }
 
   #accept(): void {
@@ -65,11 +99,7 @@ export class HandoffServer {
         sock.closeSync();
         continue;
       }
-      const session = new Session(++this.#nextId, sock, cred, this.#broker, this.#log, {
-        requestTimeoutMs: this.#opts.requestTimeoutMs,
-        attachTimeoutMs: this.#opts.attachTimeoutMs,
-        onClosed: (s) => this.sessions.delete(s),
-      });
+      const session = new Session(++this.#nextId, sock, cred, this.#broker, this.#log, this.#sessionOptions());
       this.sessions.add(session);
       this.#log.debug({ event: 'session-open', session: session.id, vmm_pid: cred.pid, vmm_uid: cred.uid }, 'handoff connection');
     }
@@ -82,10 +112,14 @@ export class HandoffServer {
     const path = this.#listener?.path;
     await this.#listener?.close();
     this.#listener = undefined;
-    if (path) await unlink(path).catch(() => undefined);
+    // A socket systemd made is systemd's to remove.
+    if (path && this.#unlinkOnStop) await unlink(path).catch(() => undefined);
   }
 
+  /** For daemon shutdown: closes our copies of the session sockets (the fd store may keep its own). */
   closeSessions(): void {
-    for (const s of [...this.sessions]) s.close();
+    const all = [...this.sessions];
+    this.sessions.clear();
+    for (const s of all) s.close();
   }
 }

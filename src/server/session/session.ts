@@ -33,6 +33,18 @@ export interface SessionOptions {
   attachTimeoutMs: number;
   /** Called once the session needs nothing more: socket closed and, if a VM was attached, the VMM gone. */
   onClosed(session: Session): void;
+  /** Called when a VMM has attached (its fds sent): the session's fds may go to the fd store. */
+  onAttached?(session: Session): void;
+  /** Called when the session's socket is closed while its VMM lives on. */
+  onSocketClosed?(session: Session): void;
+}
+
+export interface RestoredSession {
+  vmId: string;
+  vmName: string;
+  passive: boolean;
+  /** The VMM's pidfd from the fd store; without it the VMM is taken as gone. */
+  pidfd: OwnedFd | undefined;
 }
 
 interface Pending {
@@ -62,10 +74,12 @@ export class Session implements VmmLink {
   #vmId = '';
   #vmName = '';
   #passive = false;
+  /** Carried over a daemon restart: results of requests the old process sent are ignored, not errors. */
+  #restored = false;
   #exited!: () => void;
   readonly exited: Promise<void>;
 
-  constructor(id: number, sock: SeqpacketSocket, peer: Caller, broker: Broker, log: Logger, opts: SessionOptions) {
+  constructor(id: number, sock: SeqpacketSocket, peer: Caller, broker: Broker, log: Logger, opts: SessionOptions, restored?: RestoredSession) {
     this.id = id;
     this.#sock = sock;
     this.peer = peer;
@@ -73,9 +87,26 @@ export class Session implements VmmLink {
     this.#opts = opts;
     this.#log = log.child({ session: id, vmm_pid: peer.pid, vmm_uid: peer.uid });
     this.exited = new Promise((r) => (this.#exited = r));
+    if (restored) {
+      this.#restored = true;
+      this.#phase = 'ready';
+      this.#vmId = restored.vmId;
+      this.#vmName = restored.vmName;
+      this.#passive = restored.passive;
+      this.#pidfd = restored.pidfd;
+      if (this.#pidfd) this.#pidWatch = watchReadable(this.#pidfd.fd, () => this.#onExit());
+      else queueMicrotask(() => this.#onExit());
+    } else {
+      this.#attachTimer = setTimeout(() => this.#end(`no ATTACH within ${opts.attachTimeoutMs} ms`), opts.attachTimeoutMs);
+      this.#attachTimer.unref();
+    }
     this.#watch = watchReadable(sock.fd, () => this.#onReadable());
-    this.#attachTimer = setTimeout(() => this.#end(`no ATTACH within ${opts.attachTimeoutMs} ms`), opts.attachTimeoutMs);
-    this.#attachTimer.unref();
+  }
+
+  /** The fds that keep this session alive over a daemon restart (for the fd store). */
+  get storableFds(): { socket: number; pidfd: number } | undefined {
+    if (!this.#sock.isOpen || !this.#pidfd?.isOpen) return undefined;
+    return { socket: this.#sock.fd, pidfd: this.#pidfd.fd };
   }
 
   get pid(): number {
@@ -161,7 +192,7 @@ export class Session implements VmmLink {
     // No message from a VMM carries fds in protocol v1.
     if (fds.length) throw new ProtocolError(`${typeName(msg.type)} carries ${fds.length} fds; none are expected from a VMM`);
     if (isResult(msg.type)) {
-      if (this.#abandoned.delete(msg.seq)) {
+      if (this.#abandoned.delete(msg.seq) || (this.#restored && !this.#pending.has(msg.seq))) {
         this.#log.warn({ event: 'late-result', type: typeName(msg.type), seq: msg.seq, errno: msg.status }, 'result after its deadline; ignored');
         return;
       }
@@ -233,6 +264,7 @@ export class Session implements VmmLink {
     try {
       this.#send({ type: msg.type | RESULT_BIT, seq: msg.seq, status: 0, arg: grant.memlockBytes, manifest: sent, text: `${grant.vmId} ${grant.vmName}` }, sent);
       this.#phase = 'attached';
+      this.#opts.onAttached?.(this);
     } catch (e) {
       this.#end(`sending the attach result failed: ${(e as Error).message}`);
       return;
@@ -325,6 +357,8 @@ export class Session implements VmmLink {
       this.#pidWatch = undefined;
       void this.#pidfd?.close();
       this.#opts.onClosed(this);
+    } else if (reason !== 'daemon stopping') {
+      this.#opts.onSocketClosed?.(this);
     }
   }
 

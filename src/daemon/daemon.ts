@@ -91,6 +91,7 @@ export class Daemon {
         this.#state?.changed();
       },
       onClosed: (group) => store.remove(fdName.group(group)),
+      onClaimsChanged: () => this.#state?.changed(),
     });
     const kvm = this.#kvm;
     const host: VmmHost = {

@@ -240,9 +240,13 @@ export class SeqpacketListener {
     this.path = path;
   }
 
-  /** socket + bind + listen. The caller removes a stale file first and sets the mode after. */
-  static listen(path: string, backlog = 128): SeqpacketListener {
-    const s = sys.socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0) as number;
+  /**
+   * socket + bind + listen. The caller removes a stale file first and sets
+   * the mode after. `stream` makes a SOCK_STREAM listener instead (tests
+   * that play systemd hold one without accepting on it).
+   */
+  static listen(path: string, backlog = 128, stream = false): SeqpacketListener {
+    const s = sys.socket(AF_UNIX, (stream ? 1 : SOCK_SEQPACKET) | SOCK_CLOEXEC | SOCK_NONBLOCK, 0) as number;
     if (s < 0) throw new SysError('socket(AF_UNIX, SOCK_SEQPACKET)', path, lastErrno());
     const fd = new OwnedFd(s, path);
     const addr = sockaddr(path);

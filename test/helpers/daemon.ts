@@ -42,10 +42,18 @@ export interface DaemonOptions {
   dev?: string;
   env?: Record<string, string>;
   args?: string[];
+  /** Reuse a temp dir (its state dir persists across daemons). */
+  dir?: string;
+  /**
+   * fds handed to the daemon as 3, 4, ... with LISTEN_FDS/LISTEN_FDNAMES, as
+   * systemd does; LISTEN_PID is set by an exec wrapper, since it must be the
+   * daemon's own pid.
+   */
+  listenFds?: { name: string; fd: number }[];
 }
 
 export async function startDaemon(opts: DaemonOptions = {}): Promise<RunningDaemon> {
-  const dir = await mkdtemp(join(tmpdir(), 'kvmvfiod-test-'));
+  const dir = opts.dir ?? (await mkdtemp(join(tmpdir(), 'kvmvfiod-test-')));
   // Unprivileged test clients must reach the socket inside.
   await chmod(dir, 0o755);
   const runtimeDir = join(dir, 'run');
@@ -53,7 +61,18 @@ export async function startDaemon(opts: DaemonOptions = {}): Promise<RunningDaem
   if (opts.sysfs) args.push('--sysfs', opts.sysfs);
   if (opts.dev) args.push('--dev', opts.dev);
   args.push(...(opts.args ?? []));
-  const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...opts.env } });
+  const env: NodeJS.ProcessEnv = { ...process.env, ...opts.env };
+  let cmd = process.execPath;
+  let argv = args;
+  const stdio: (number | 'ignore' | 'pipe')[] = ['ignore', 'pipe', 'pipe'];
+  if (opts.listenFds?.length) {
+    env.LISTEN_FDS = String(opts.listenFds.length);
+    env.LISTEN_FDNAMES = opts.listenFds.map((f) => f.name).join(':');
+    stdio.push(...opts.listenFds.map((f) => f.fd));
+    cmd = '/bin/sh';
+    argv = ['-c', 'LISTEN_PID=$$ exec "$0" "$@"', process.execPath, ...args];
+  }
+  const proc = spawn(cmd, argv, { stdio, env });
   const logs: LogLine[] = [];
   const waiters = new Set<() => void>();
   let buf = '';
@@ -129,7 +148,7 @@ export async function startDaemon(opts: DaemonOptions = {}): Promise<RunningDaem
         proc.kill('SIGKILL');
         await exited;
       }
-      if (existsSync(dir)) await rm(dir, { recursive: true, force: true });
+      if (!opts.dir && existsSync(dir)) await rm(dir, { recursive: true, force: true });
     },
     waitForLog,
   };

@@ -9,7 +9,7 @@
  */
 import type { Logger } from 'pino';
 import type { Broker, Caller } from '../../broker/broker';
-import { DeadlineExceededError, DomainError, PermissionDeniedError, UnavailableError } from '../../broker/errors';
+import { DeadlineExceededError, DomainError, FailedPreconditionError, PermissionDeniedError, UnavailableError } from '../../broker/errors';
 import type { AttachGrant, VmmLink } from '../../broker/vmm';
 import { type FdWatch, type OwnedFd, SIGKILL, type SeqpacketSocket, SysError, peerPidfd, pidfdSendSignal, watchReadable } from '../../kernel';
 import { FdKind, type Message, MsgType, ProtocolError, RESULT_BIT, decode, encode, isResult, typeName } from '../../protocol/session';
@@ -236,6 +236,9 @@ export class Session implements VmmLink {
     let grant: AttachGrant;
     try {
       if (!msg.text) throw new PermissionDeniedError('attach token missing');
+      // SO_PEERCRED gives pid 0 for a peer outside the daemon's pid namespace: such a VMM cannot be
+      // watched, limited or killed, so it is refused (a container daemon needs the host's pid namespace).
+      if (this.peer.pid <= 0) throw new FailedPreconditionError("the VMM's pid is not visible in kvmvfiod's pid namespace; run kvmvfiod in the host pid namespace");
       // The pidfd first: from here on the VMM is named by it, never by a pid that could be reused.
       this.#pidfd = peerPidfd(this.#sock.fd, this.peer.pid);
       const pidfd = this.#pidfd;

@@ -1,0 +1,328 @@
+/**
+ * npm run bench [-- --quick] [-- --profile] [-- --only=launch,request,throughput,scale,sessions]
+ *
+ * The broker's cost against the raw kernel path, its throughput and its
+ * scale (issue 7), measured on this machine in one run: prints a table and
+ * the goals met or missed, and writes bench/results/latest.json (and a
+ * copy named by the time). --profile runs the daemon under --cpu-prof and
+ * summarises each profile (the numbers of a profiled run are inflated).
+ *
+ * Needs root (the raw path opens /dev/kvm; the daemon is root), gcc and
+ * /dev/kvm. Goals are reported, never asserted.
+ */
+import { execFileSync } from 'node:child_process';
+import { copyFileSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { cpus, totalmem } from 'node:os';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { makeFakeHost } from '../test/helpers/fakehost';
+import { buildC } from './cprogs';
+import { REPO } from './daemon';
+import { FAKE_GROUP, launchPhase, requestPhase, scalePhase, sessionsPhase, throughputPhase } from './phases';
+import type { LaunchResult, LaunchSeries, RequestResult, ScaleResult, SessionsResult, ThroughputResult } from './phases';
+import { printProfile, summarizeProfile } from './profile';
+import type { Ctx, LoopWindow } from './stand';
+import { fmtUs, round } from './stats';
+
+const PHASES = ['request', 'launch', 'throughput', 'scale', 'sessions'] as const;
+type Phase = (typeof PHASES)[number];
+
+function machine() {
+  const pkg = (name: string) => JSON.parse(readFileSync(join(REPO, 'node_modules', name, 'package.json'), 'utf8')).version as string;
+  let os = '';
+  try {
+    os = /PRETTY_NAME="([^"]+)"/.exec(readFileSync('/etc/os-release', 'utf8'))?.[1] ?? '';
+  } catch {
+    /* no os-release */
+  }
+  let gitHead = '';
+  try {
+    gitHead = execFileSync('git', ['-C', REPO, 'rev-parse', '--short', 'HEAD'], { encoding: 'utf8' }).trim();
+    if (execFileSync('git', ['-C', REPO, 'status', '--porcelain', 'src'], { encoding: 'utf8' }).trim()) gitHead += ' (src modified)';
+  } catch {
+    /* not a checkout */
+  }
+  return {
+    date: new Date().toISOString(),
+    kernel: execFileSync('uname', ['-r'], { encoding: 'utf8' }).trim(),
+    os,
+    cpu: cpus()[0]?.model ?? 'unknown',
+    cpus: cpus().length,
+    memGb: round(totalmem() / 2 ** 30, 1),
+    node: process.version,
+    grpcJs: pkg('@grpc/grpc-js'),
+    koffi: pkg('koffi'),
+    pino: pkg('pino'),
+    commit: gitHead,
+  };
+}
+
+async function main(): Promise<number> {
+  const { values } = parseArgs({
+    options: {
+      quick: { type: 'boolean', default: false },
+      profile: { type: 'boolean', default: false },
+      only: { type: 'string' },
+      out: { type: 'string' },
+    },
+  });
+  const only = new Set<Phase>((values.only ? values.only.split(',') : PHASES) as Phase[]);
+  for (const p of only) if (!PHASES.includes(p)) throw new Error(`--only: unknown phase ${p} (${PHASES.join(', ')})`);
+  if (process.getuid?.() !== 0) throw new Error('run as root: the raw path opens /dev/kvm and kvmvfiod runs as root');
+
+  const resultsDir = join(REPO, 'bench', 'results');
+  mkdirSync(resultsDir, { recursive: true });
+  const lines: string[] = [];
+  const say = (l: string) => {
+    lines.push(l);
+    process.stdout.write(`${l}\n`);
+  };
+  const host = await makeFakeHost([{ number: FAKE_GROUP, devices: [{ address: '0000:07:00.0', vendor: '10de', device: '1db6', class: '030200', driver: 'vfio-pci' }] }]);
+  if (values.profile) rmSync(join(resultsDir, 'profiles'), { recursive: true, force: true });
+  const ctx: Ctx = { quick: values.quick!, profile: values.profile!, profiles: [], host, bins: buildC(), resultsDir, say };
+  const m = machine();
+  say(`kvmvfiod benchmark${ctx.quick ? ' (--quick)' : ''}${ctx.profile ? ' (--profile: the daemon is profiled in each window; numbers inflated)' : ''}`);
+  say(`machine: ${m.os}, kernel ${m.kernel}, ${m.cpus} × ${m.cpu}, ${m.memGb} GB; node ${m.node}, grpc-js ${m.grpcJs}, koffi ${m.koffi}, pino ${m.pino}; commit ${m.commit}`);
+
+  const t0 = Date.now();
+  const results: Record<string, unknown> = { machine: m, quick: ctx.quick, profile: ctx.profile };
+  try {
+    if (only.has('request')) {
+      say('\n[request] AddGroup on a running VM against the floor (ListVms, no match), interleaved ...');
+      results.request = await requestPhase(ctx);
+    }
+    if (only.has('launch')) {
+      say('[launch] raw C against CreateVm → RUNNING, interleaved ...');
+      results.launch = await launchPhase(ctx);
+    }
+    if (only.has('throughput')) {
+      results.throughput = [];
+      for (const c of [16, 64]) {
+        say(`[throughput] ${c} clients ...`);
+        (results.throughput as unknown[]).push(await throughputPhase(ctx, c));
+      }
+    }
+    if (only.has('scale')) {
+      say('[scale] 100, 1,000, 10,000 PENDING records ...');
+      results.scale = await scalePhase(ctx);
+    }
+    if (only.has('sessions')) {
+      say('[sessions] 100 and 1,000 live sessions ...');
+      results.sessions = await sessionsPhase(ctx);
+    }
+  } finally {
+    await host.cleanup();
+  }
+  results.wallS = round((Date.now() - t0) / 1000, 1);
+
+  say('');
+  report(results as unknown as Results, say);
+  say(`\nwall time ${results.wallS} s`);
+
+  if (ctx.profile) {
+    const profiles: unknown[] = [];
+    for (const p of ctx.profiles) {
+      const s = summarizeProfile(p.path);
+      say(`\n[${p.label}]`);
+      printProfile(s, say);
+      profiles.push({ label: p.label, ...s });
+    }
+    results.profiles = profiles;
+  }
+
+  const out = values.out ?? join(resultsDir, 'latest.json');
+  writeFileSync(out, `${JSON.stringify(results, null, 2)}\n`);
+  const stamp = m.date.replace(/[:.]/g, '-');
+  copyFileSync(out, join(resultsDir, `run-${stamp}.json`));
+  writeFileSync(join(resultsDir, `run-${stamp}.txt`), `${lines.join('\n')}\n`);
+  say(`\nJSON: ${out}`);
+  return 0;
+}
+
+// --- the table -----------------------------------------------------------------------------
+
+interface Results {
+  machine: ReturnType<typeof machine>;
+  request?: RequestResult;
+  launch?: LaunchResult;
+  throughput?: ThroughputResult[];
+  scale?: ScaleResult;
+  sessions?: SessionsResult;
+}
+
+function table(rows: string[][], say: (l: string) => void): void {
+  const w = rows[0].map((_, c) => Math.max(...rows.map((r) => (r[c] ?? '').length)));
+  rows.forEach((r, i) => {
+    say(`| ${r.map((x, c) => x.padEnd(w[c])).join(' | ')} |`);
+    if (i === 0) say(`| ${w.map((n) => '-'.repeat(n)).join(' | ')} |`);
+  });
+}
+
+const loopCell = (l?: LoopWindow) =>
+  l ? `daemon ${l.daemon.maxMs} ms (probe ${l.probe ? `${l.probe.maxMs} ms` : 'n/a'}), client ${l.client.maxMs} ms${l.vmm ? `, vmm ${l.vmm.maxMs} ms` : ''}` : 'n/a';
+
+function report(r: Results, say: (l: string) => void): void {
+  const goals: string[][] = [['goal', 'measured', 'verdict']];
+  const verdict = (ok: boolean) => (ok ? 'met' : 'MISSED');
+
+  if (r.launch) {
+    const [a, b] = r.launch.series;
+    say(`1. Launch, interleaved A/B (${a.pairs} pairs back to back; ${b.pairs} pairs each after 20 ms idle). Teardown excluded from both.`);
+    say('   ready = the orchestrator received the WatchVms event with the VM RUNNING (device made in the VMM). p50 / p99:');
+    const cell = (s: { p50: number; p99: number }) => `${fmtUs(s.p50)} / ${fmtUs(s.p99)}`;
+    const row = (label: string, pick: (x: LaunchSeries) => { p50: number; p99: number }) => [label, cell(pick(a)), cell(pick(b))];
+    table(
+      [
+        ['path', a.mode, b.mode],
+        row('raw C: KVM_CREATE_VM + KVM_CREATE_DEVICE(VFIO) + KVM_SET_DEVICE_ATTR', (x) => x.raw.total),
+        row('  KVM_CREATE_VM', (x) => x.raw.createVm),
+        row('  KVM_CREATE_DEVICE(VFIO)', (x) => x.raw.createDevice),
+        row(`  KVM_SET_DEVICE_ATTR(VFIO_FILE_ADD, /dev/null fd) → errno ${a.raw.attrErrno} (EINVAL: no VFIO here)`, (x) => x.raw.setDeviceAttr),
+        row('broker: CreateVm → VMM attaches → VM + device in the VMM → RUNNING seen', (x) => x.broker),
+        row('  CreateVm round trip (gRPC)', (x) => x.stages.createVm),
+        row('  (token to the VMM over Node IPC: harness, subtracted)', (x) => x.stages.tokenHandoff),
+        row('  connect + ATTACH → /dev/kvm fd received', (x) => x.stages.attach),
+        row('  KVM_CREATE_VM in the VMM + VM_CREATED sent', (x) => x.stages.kvmCreateVm),
+        row('  plan: daemon → CREATE_VFIO_DEVICE → VMM answered', (x) => x.stages.plan),
+        row('  answer → RUNNING event at the orchestrator', (x) => x.stages.runningEvent),
+        ['ratio broker / raw: of medians (median of pair ratios)', `${a.ratio.ofMedians}× (${a.ratio.medianOfPairs}×)`, `${b.ratio.ofMedians}× (${b.ratio.medianOfPairs}×)`],
+      ],
+      say,
+    );
+    say(`   teardown (not in any launch), batches closed in parallel: raw ${r.launch.teardownMsPerVm.raw} ms/VM, VMM ${r.launch.teardownMsPerVm.vmm} ms/VM`);
+    goals.push(['launch p50 ≤ 3× raw (aim 2×), back to back', `${a.ratio.ofMedians}×`, verdict(a.ratio.ofMedians <= 3)]);
+    goals.push(['  the same, after 20 ms idle', `${b.ratio.ofMedians}×`, verdict(b.ratio.ofMedians <= 3)]);
+  }
+
+  if (r.request) {
+    const q = r.request;
+    say(`\n2. A request on a running VM (${q.pairs} interleaved pairs)`);
+    table(
+      [
+        ['call', 'p50', 'p99'],
+        ['AddGroup (gRPC → session → VMM ioctl → answer)', fmtUs(q.addGroup.p50), fmtUs(q.addGroup.p99)],
+        ['floor: ListVms, label filter matching nothing', fmtUs(q.floor.p50), fmtUs(q.floor.p99)],
+        ['AddGroup − floor', `+${fmtUs(q.overFloorP50)}`, ''],
+      ],
+      say,
+    );
+    say(`   AddGroup answered: ${q.addGroupAnswer}`);
+    goals.push(['AddGroup p50 ≤ floor + 100 µs', `floor + ${fmtUs(q.overFloorP50)}`, verdict(q.overFloorP50 <= 100)]);
+  }
+
+  if (r.throughput) {
+    say('\n3. Throughput (closed loop per client; one benchmark VMM; one WatchVms stream)');
+    const rows = [['clients', 'launches/s', 'latency p50', 'p99', 'daemon CPU/launch', 'CPU share d/vmm/bench', 'log B/launch', 'loop max']];
+    for (const t of r.throughput) {
+      rows.push([
+        String(t.clients),
+        String(t.launchesPerS),
+        fmtUs(t.latency.p50),
+        fmtUs(t.latency.p99),
+        `${t.cpuMsPerLaunch.daemon} ms`,
+        `${t.cpuShare.daemon}/${t.cpuShare.vmm}/${t.cpuShare.bench}`,
+        String(t.daemonLogBytesPerLaunch),
+        loopCell(t.loop),
+      ]);
+    }
+    table(rows, say);
+    for (const t of r.throughput) {
+      if (t.failures) say(`   ${t.clients} clients: ${t.failures} failed launches, e.g. ${t.failureSample}`);
+      say(
+        `   ${t.clients} clients: ${t.vmsLaunched} VMs; after: RSS ${t.afterRssMb} MB (peak ${t.peakRssMb}), ${t.daemonFds} fds; mass VMM exit of ${t.massExit.vms} VMs: all EXITED after ${t.massExit.exitToAllExitedMs} ms, daemon loop max ${t.massExit.loop.daemon.maxMs} ms`,
+      );
+    }
+    const t64 = r.throughput.find((t) => t.clients === 64);
+    if (t64) goals.push(['≥ 2,000 launches/s at 64 clients', `${t64.launchesPerS}/s`, verdict(t64.launchesPerS >= 2000)]);
+  }
+
+  if (r.scale) {
+    const s = r.scale;
+    say(`\n4. Scale: records (PENDING, no groups). Idle daemon: RSS ${s.idleRssMb} MB, ${s.idleFds} fds.`);
+    const rows = [['records', 'RSS', 'heap used', 'state file', 'fds/VM', 'fill CreateVm/s', 'GetVm p50', 'ListVms filtered p50', 'CreateVm p50', 'DeleteVm p50', 'ListVms all p50', 'loop max (all)']];
+    for (const l of s.levels) {
+      rows.push([
+        String(l.records),
+        `${l.rssMb} MB`,
+        `${l.heapUsedMb} MB`,
+        `${l.stateFileKb} kB`,
+        String(l.fdsPerVm),
+        String(l.fillPerS),
+        fmtUs(l.getVm.p50),
+        fmtUs(l.listVmsFiltered.p50),
+        fmtUs(l.createVm.p50),
+        fmtUs(l.deleteVm.p50),
+        fmtUs(l.listVmsAll.p50),
+        `${l.loop.daemon.maxMs} ms (${l.listAllLoopMaxMs} ms)`,
+      ]);
+    }
+    table(rows, say);
+    say("   Restore at start (state file + /dev/kvm fd passed as from systemd's fd store; PENDING records, no sessions):");
+    const med = (v: number[]) => (v.length ? [...v].sort((a, b) => a - b)[Math.floor((v.length - 1) / 2)] : NaN);
+    table(
+      [['records', 'spawn → ready (runs)', 'restore step (daemon log)', 'RSS after'], ...s.restore.map((x) => [String(x.records), `${med(x.startMs)} ms (${x.startMs.join(', ')})`, x.restoreMs.length ? `${med(x.restoreMs)} ms` : '-', `${x.rssMb} MB`])],
+      say,
+    );
+    const base = s.levels.find((l) => l.records === 100);
+    const top = s.levels.find((l) => l.records === 10_000);
+    goals.push(['RSS ≤ 80 MB idle', `${s.idleRssMb} MB`, verdict(s.idleRssMb <= 80)]);
+    if (base && top) {
+      goals.push(['RSS ≤ 150 MB with 10,000 records', `${top.rssMb} MB (peak ${s.peakRssMb} MB)`, verdict(top.rssMb <= 150)]);
+      const g = top.getVm.p50 / base.getVm.p50;
+      goals.push(['GetVm latency at 10,000 ≤ 1.2× at 100', `${round(g, 2)}× (${fmtUs(top.getVm.p50)} vs ${fmtUs(base.getVm.p50)})`, verdict(g <= 1.2)]);
+      const lf = top.listVmsFiltered.p50 / base.listVmsFiltered.p50;
+      goals.push(['  (same for ListVms with a filter)', `${round(lf, 2)}×`, verdict(lf <= 1.2)]);
+      const cr = top.createVm.p50 / base.createVm.p50;
+      goals.push(['  (same for CreateVm)', `${round(cr, 2)}×`, verdict(cr <= 1.2)]);
+    }
+  }
+
+  if (r.sessions) {
+    const s = r.sessions;
+    say(`\n4b. Live sessions (RUNNING VMs, VMM session open; one VMM process). Idle RSS ${s.idleRssMb} MB.`);
+    const rows = [['live sessions', 'launch/s (16 clients)', 'RSS', 'heap used', 'daemon fds', 'fds/VM', 'GetVm p50', 'ListVms filtered p50']];
+    for (const l of s.levels) {
+      rows.push([String(l.sessions), String(l.fillPerS), `${l.rssMb} MB`, `${l.heapUsedMb} MB`, String(l.daemonFds), String(l.fdsPerVm), fmtUs(l.getVm.p50), fmtUs(l.listVmsFiltered.p50)]);
+    }
+    table(rows, say);
+    say(`   mass VMM exit of ${s.massExit.vms} VMs: VMM teardown ${s.massExit.vmmTeardownMs} ms; exit → all EXITED ${s.massExit.exitToAllExitedMs} ms; loop max ${loopCell(s.massExit.loop)}`);
+    const top = s.levels.find((l) => l.sessions === 1000);
+    if (top) goals.push(['RSS ≤ 250 MB with 1,000 live sessions', `${top.rssMb} MB (peak ${s.peakRssMb} MB)`, verdict(top.rssMb <= 250)]);
+  }
+
+  // 5. Event-loop health: the worst stall of the daemon under load, by phase.
+  say('\n5. Event loop, longest stall per phase: daemon = monitorEventLoopDelay preloaded into it (1 ms timer, period removed);');
+  say('   idle control = the same in an idle node process beside it (the host noise); probe = PING round trip from loop_probe.c');
+  const rows = [['phase', 'daemon max', 'daemon p99', 'idle control max', 'probe max', 'probe p99', 'client max', 'vmm max']];
+  const stalls: { where: string; ms: number }[] = [];
+  const add = (where: string, l?: LoopWindow, underLoad = true) => {
+    if (!l) return;
+    rows.push([where, `${l.daemon.maxMs} ms`, `${l.daemon.p99Ms} ms`, `${l.control.maxMs} ms`, l.probe ? `${l.probe.maxMs} ms` : 'n/a', l.probe ? `${l.probe.p99Ms} ms` : 'n/a', `${l.client.maxMs} ms`, l.vmm ? `${l.vmm.maxMs} ms` : 'n/a']);
+    if (underLoad) stalls.push({ where, ms: l.daemon.maxMs });
+  };
+  add('request (AddGroup/floor)', r.request?.loop);
+  for (const x of r.launch?.series ?? []) add(`launch A/B, ${x.mode}`, x.loop);
+  for (const t of r.throughput ?? []) {
+    add(`throughput ${t.clients} clients`, t.loop);
+    add(`  mass VMM exit (${t.massExit.vms} VMs)`, t.massExit.loop, false);
+  }
+  for (const l of r.scale?.levels ?? []) add(`scale calls at ${l.records} records`, l.loop);
+  if (r.sessions) add(`  mass VMM exit (${r.sessions.massExit.vms} live sessions)`, r.sessions.massExit.loop, false);
+  table(rows, say);
+  for (const l of r.scale?.levels ?? []) if (l.listAllLoopMaxMs > 5) say(`   ListVms of all ${l.records} records: daemon loop blocked ${l.listAllLoopMaxMs} ms (one call)`);
+  if (stalls.length) {
+    const worst = stalls.reduce((a, b) => (b.ms > a.ms ? b : a));
+    goals.push(['no event-loop stall > 5 ms under load', `${worst.ms} ms (${worst.where})`, verdict(worst.ms <= 5)]);
+  }
+
+  say('\nGoals (reported, never asserted)');
+  table(goals, say);
+}
+
+main().then(
+  (code) => process.exit(code),
+  (e) => {
+    process.stderr.write(`bench: ${(e as Error).stack ?? e}\n`);
+    process.exit(1);
+  },
+);

@@ -1,0 +1,604 @@
+/**
+ * The five measurements of issue 7. Each phase opens its own stand (a fresh
+ * daemon), measures, and returns plain numbers (µs unless named otherwise)
+ * for the table and the JSON.
+ */
+import { status } from '@grpc/grpc-js';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { isApiError, type KvmVfioApi } from '../src/client/client';
+import { RawLauncher } from './cprogs';
+import { BenchDaemon } from './daemon';
+import { type Launch, launch } from './orchestrator';
+import { cpuDuring } from './procstat';
+import { type Ctx, type LoopWindow, Stand } from './stand';
+import { type Summary, nowUs, pairedRatio, round, roundSummary, sleep, summarize } from './stats';
+import { NOBODY } from './vmm-control';
+
+/** The IOMMU group of the fake sysfs tree (bench/main.ts): viable, bound to vfio-pci, its /dev node an ordinary file. */
+export const FAKE_GROUP = 7;
+
+const rs = (v: number[]) => roundSummary(summarize(v));
+
+// ---------------------------------------------------------------------------
+// 1. Launch: raw C against the broker path, interleaved.
+
+export interface LaunchSeries {
+  /** back-to-back: launches follow each other at once; idle: 20 ms of idle host before each timed launch. */
+  mode: 'back-to-back' | 'idle';
+  pairs: number;
+  raw: { total: Summary; createVm: Summary; createDevice: Summary; setDeviceAttr: Summary; attrErrno: number };
+  /** CreateVm sent → RUNNING event received, less the benchmark's own token hand-off (an IPC message to the VMM). */
+  broker: Summary;
+  /** The same with the token hand-off left in. */
+  brokerGross: Summary;
+  /** Where the broker path's time goes (each stage's own percentiles). */
+  stages: Record<string, Summary>;
+  ratio: { ofMedians: number; medianOfPairs: number; deltaP50: number };
+  loop: LoopWindow;
+}
+
+export interface LaunchResult {
+  series: LaunchSeries[];
+  /** Teardown, outside every launch: closing a batch of VMs in parallel, ms per VM (raw C threads / the VMM's libuv pool). */
+  teardownMsPerVm: { raw: number; vmm: number };
+}
+
+/**
+ * Teardown is never timed: both sides keep their VMs and close them in
+ * batches between pairs (closing a KVM-VFIO device fd waits for an RCU grace
+ * period, ~14 ms here). Two series: back to back (a busy host), and with
+ * 20 ms of idle before each timed launch (a sporadic launch: on this VM an
+ * idle vCPU is slow to wake, and the broker path wakes ~10 times).
+ */
+export async function launchPhase(ctx: Ctx): Promise<LaunchResult> {
+  const st = await Stand.open(ctx, 'launch', { vmm: true, watch: true, probe: true });
+  const raw = await RawLauncher.start(ctx.bins.rawLaunch);
+  const teardown = { raw: { n: 0, ms: 0 }, vmm: { n: 0, ms: 0 } };
+  const flush = async () => {
+    const r = await raw.flush();
+    const v = await st.vmm!.teardownAll();
+    teardown.raw.n += r.n;
+    teardown.raw.ms += r.ms;
+    teardown.vmm.n += v.n;
+    teardown.vmm.ms += v.ms;
+  };
+  try {
+    const series: LaunchSeries[] = [];
+    for (const mode of ['back-to-back', 'idle'] as const) {
+      const warm = ctx.quick ? 20 : 50;
+      const n = mode === 'idle' ? (ctx.quick ? 40 : 150) : ctx.quick ? 80 : 300;
+      const r = { total: [] as number[], vm: [] as number[], dev: [] as number[], attr: [] as number[] };
+      let attrErrno = 0;
+      const b = { net: [] as number[], gross: [] as number[] };
+      const stages: Record<string, number[]> = { createVm: [], tokenHandoff: [], attach: [], kvmCreateVm: [], plan: [], runningEvent: [] };
+      await st.beginLoopWindow();
+      for (let i = -warm; i < n; i++) {
+        if ((i + warm) % 25 === 24) await flush();
+        // ABBA: neither path always goes first.
+        for (const which of i % 2 ? (['raw', 'broker'] as const) : (['broker', 'raw'] as const)) {
+          if (mode === 'idle') await sleep(20);
+          if (which === 'raw') {
+            const x = await raw.launch();
+            if (i < 0) continue;
+            r.total.push(x.totalUs);
+            r.vm.push(x.vmUs);
+            r.dev.push(x.deviceUs);
+            r.attr.push(x.attrUs);
+            attrErrno = x.attrErrno;
+          } else {
+            const l: Launch = await launch(st.api, st.vmm!, st.watch!, 'launch', true);
+            if (i < 0) continue;
+            const v = l.vmm!;
+            const handoff = v.recvUs - l.t1;
+            b.gross.push(l.ready - l.t0);
+            b.net.push(l.ready - l.t0 - handoff);
+            stages.createVm.push(l.t1 - l.t0);
+            stages.tokenHandoff.push(handoff);
+            stages.attach.push(v.attachedUs - v.recvUs);
+            stages.kvmCreateVm.push(v.createdUs - v.attachedUs);
+            stages.plan.push(v.deviceUs - v.createdUs);
+            stages.runningEvent.push(l.ready - v.deviceUs);
+          }
+        }
+      }
+      const loop = await st.endLoopWindow(`launch-${mode}`);
+      await flush();
+      series.push({
+        mode,
+        pairs: n,
+        raw: { total: rs(r.total), createVm: rs(r.vm), createDevice: rs(r.dev), setDeviceAttr: rs(r.attr), attrErrno },
+        broker: rs(b.net),
+        brokerGross: rs(b.gross),
+        stages: Object.fromEntries(Object.entries(stages).map(([k, v]) => [k, rs(v)])),
+        ratio: mapRatio(pairedRatio(b.net, r.total)),
+        loop,
+      });
+    }
+    return {
+      series,
+      teardownMsPerVm: { raw: round(teardown.raw.ms / Math.max(1, teardown.raw.n), 2), vmm: round(teardown.vmm.ms / Math.max(1, teardown.vmm.n), 2) },
+    };
+  } finally {
+    await raw.end();
+    await st.close();
+  }
+}
+
+const mapRatio = (x: { ofMedians: number; medianOfPairs: number; deltaP50: number }) => ({
+  ofMedians: round(x.ofMedians, 2),
+  medianOfPairs: round(x.medianOfPairs, 2),
+  deltaP50: round(x.deltaP50, 1),
+});
+
+// ---------------------------------------------------------------------------
+// 2. A request on a running VM: AddGroup against the floor, interleaved.
+
+export interface RequestResult {
+  pairs: number;
+  addGroup: Summary;
+  floor: Summary;
+  /** What AddGroup answered (this host: the VMM kernel's EINVAL). */
+  addGroupAnswer: string;
+  overFloorP50: number;
+  ratio: { ofMedians: number; medianOfPairs: number; deltaP50: number };
+  loop: LoopWindow;
+}
+
+/**
+ * The floor is ListVms filtered by a label no VM has: it goes through the
+ * same path as every KvmVfio call (connection's peer credentials, the
+ * authorizer, the handler wrapper, validation) and answers the smallest
+ * message, after a scan of the 2 records this stand holds. GetHostInfo is
+ * not a floor (it reads /proc/self/fd and walks sysfs per call) and the
+ * health service skips the KvmVfio wrapper.
+ */
+export async function requestPhase(ctx: Ctx): Promise<RequestResult> {
+  const st = await Stand.open(ctx, 'request', { vmm: true, watch: true, probe: true });
+  try {
+    const vm = await launch(st.api, st.vmm!, st.watch!, 'addgroup', true);
+    let answer = '';
+    const addGroup = async () => {
+      try {
+        await st.api.addGroup({ vm_id: vm.id, group: FAKE_GROUP });
+      } catch (e) {
+        if (isApiError(e) && e.code === status.INVALID_ARGUMENT) {
+          answer ||= `${status[e.code]}: ${e.details}`;
+          return;
+        }
+        throw e;
+      }
+      throw new Error('AddGroup succeeded; on this host (fake group node) the VMM kernel should answer EINVAL');
+    };
+    const floor = async () => {
+      const { vms } = await st.api.listVms({ labels: { bench: 'none' } });
+      if (vms.length) throw new Error('the floor call matched a VM');
+    };
+    // grpc-js and the handlers need ~1,000 calls before their time settles (JIT): warm up well.
+    const warm = ctx.quick ? 500 : 1000;
+    const n = ctx.quick ? 1000 : 3000;
+    const add: number[] = [];
+    const flo: number[] = [];
+    await st.beginLoopWindow();
+    for (let i = -warm; i < n; i++) {
+      for (const which of i % 2 ? (['add', 'floor'] as const) : (['floor', 'add'] as const)) {
+        const t0 = nowUs();
+        await (which === 'add' ? addGroup() : floor());
+        const us = nowUs() - t0;
+        if (i >= 0) (which === 'add' ? add : flo).push(us);
+      }
+    }
+    const loop = await st.endLoopWindow('addgroup');
+    const a = summarize(add);
+    const f = summarize(flo);
+    return {
+      pairs: n,
+      addGroup: roundSummary(a),
+      floor: roundSummary(f),
+      addGroupAnswer: answer,
+      overFloorP50: round(a.p50 - f.p50),
+      ratio: mapRatio(pairedRatio(add, flo)),
+      loop,
+    };
+  } finally {
+    await st.close();
+  }
+}
+
+// ---------------------------------------------------------------------------
+// 3. Throughput with C concurrent orchestrator clients.
+
+export interface MassExit {
+  vms: number;
+  /** The VMM's closes of every session, VM and device fd (parallel, on its libuv pool). */
+  vmmTeardownMs: number;
+  /** VMM process exit → the orchestrator has seen every VM EXITED. */
+  exitToAllExitedMs: number;
+  loop: LoopWindow;
+}
+
+export interface ThroughputResult {
+  clients: number;
+  windowS: number;
+  launchesPerS: number;
+  /** CreateVm sent → RUNNING seen, under load (the token hand-off included). */
+  latency: Summary;
+  failures: number;
+  failureSample?: string;
+  /** CPU ms used per launch in the window, per process. */
+  cpuMsPerLaunch: Record<string, number>;
+  /** Share of one CPU each process used in the window. */
+  cpuShare: Record<string, number>;
+  daemonLogBytesPerLaunch: number;
+  loop: LoopWindow;
+  afterRssMb: number;
+  peakRssMb: number;
+  daemonFds: number;
+  vmsLaunched: number;
+  massExit: MassExit;
+}
+
+export async function throughputPhase(ctx: Ctx, clients: number): Promise<ThroughputResult> {
+  const st = await Stand.open(ctx, `tput${clients}`, { vmm: true, watch: true, probe: true });
+  try {
+    const apis = Array.from({ length: clients }, () => st.daemon.client());
+    // Every channel connected before the clock starts.
+    await Promise.all(apis.map((a) => a.listVms({ labels: { bench: 'none' } })));
+    const warmMs = ctx.quick ? 300 : 700;
+    const windowMs = ctx.quick ? 1000 : 3000;
+    let stop = false;
+    let wStart = Infinity;
+    let wEnd = Infinity;
+    let inWindow = 0;
+    let launched = 0;
+    let failures = 0;
+    let failureSample: string | undefined;
+    const lat: number[] = [];
+    const worker = async (api: KvmVfioApi) => {
+      while (!stop) {
+        try {
+          const l = await launch(api, st.vmm!, st.watch!, `t${clients}`, false);
+          launched++;
+          if (l.ready >= wStart && l.ready <= wEnd) {
+            inWindow++;
+            lat.push(l.ready - l.t0);
+          }
+        } catch (e) {
+          failures++;
+          failureSample ??= (e as Error).message;
+          if (failures > 50) stop = true;
+        }
+      }
+    };
+    const logBefore = { bytes: 0 };
+    const workers = apis.map(worker);
+    await sleep(warmMs);
+    await st.beginLoopWindow();
+    logBefore.bytes = st.daemon.logBytes();
+    st.takePeakRssMb();
+    const pids = { daemon: st.daemon.pid, vmm: st.vmm!.pid, bench: process.pid, probe: st.probe!.pid };
+    const { cpuMs, wallMs } = await cpuDuring(pids, async () => {
+      wStart = nowUs();
+      await sleep(windowMs);
+      wEnd = nowUs();
+    });
+    const logBytes = st.daemon.logBytes() - logBefore.bytes;
+    const loop = await st.endLoopWindow('window');
+    stop = true;
+    await Promise.all(workers);
+    await sleep(200);
+    const afterRssMb = round(st.daemon.rssMb(), 1);
+    const peakRssMb = st.takePeakRssMb();
+    const daemonFds = st.daemon.fdCount();
+    const massExit = await massVmmExit(st, launched);
+    return {
+      clients,
+      windowS: round(wallMs / 1000, 2),
+      launchesPerS: round(inWindow / (wallMs / 1000), 0),
+      latency: rs(lat),
+      failures,
+      failureSample,
+      cpuMsPerLaunch: Object.fromEntries(Object.entries(cpuMs).map(([k, v]) => [k, round(v / Math.max(1, inWindow), 3)])),
+      cpuShare: Object.fromEntries(Object.entries(cpuMs).map(([k, v]) => [k, round(v / wallMs, 2)])),
+      daemonLogBytesPerLaunch: round(logBytes / Math.max(1, inWindow), 0),
+      loop,
+      afterRssMb,
+      peakRssMb,
+      daemonFds,
+      vmsLaunched: launched,
+      massExit,
+    };
+  } finally {
+    await st.close();
+  }
+}
+
+/**
+ * Ends every VM of the stand's VMM at once: the VMM closes all its sessions
+ * and VM fds, then its process exits, and the daemon gets one pidfd event
+ * per VM in the same loop turn. Measures how long until the orchestrator
+ * has seen them all EXITED, and the event-loop stall that causes.
+ */
+async function massVmmExit(st: Stand, vms: number): Promise<MassExit> {
+  await st.beginLoopWindow();
+  const td = await st.vmm!.teardownAll();
+  const exitedBefore = st.watch!.exitedSeen;
+  const all = st.watch!.waitExited(exitedBefore + vms);
+  const t0 = nowUs();
+  const vmm = st.vmm!;
+  st.vmm = undefined;
+  await vmm.exit();
+  const tAll = await Promise.race([all, sleep(30_000).then(() => NaN)]);
+  const loop = await st.endLoopWindow('mass-exit');
+  return { vms, vmmTeardownMs: round(td.ms, 0), exitToAllExitedMs: round((tAll - t0) / 1000, 1), loop };
+}
+
+// ---------------------------------------------------------------------------
+// 4a. Scale in records: 100, 1,000, 10,000 PENDING VMs.
+
+export interface LevelResult {
+  records: number;
+  rssMb: number;
+  heapUsedMb: number;
+  daemonFds: number;
+  fdsPerVm: number;
+  /** CreateVm calls per second while filling up to this level (32 in flight). */
+  fillPerS: number;
+  getVm: Summary;
+  listVmsFiltered: Summary;
+  createVm: Summary;
+  deleteVm: Summary;
+  /** ListVms with no filter: every record in one answer. */
+  listVmsAll: Summary;
+  loop: LoopWindow;
+  /** The daemon's loop while ListVms answered every record. */
+  listAllLoopMaxMs: number;
+  /** The state file the daemon rewrites after every change. */
+  stateFileKb: number;
+}
+
+export interface RestoreResult {
+  records: number;
+  /** Spawn → ready, ms (each run). */
+  startMs: number[];
+  /** The daemon's own "restored" step, ms (each run). */
+  restoreMs: number[];
+  rssMb: number;
+}
+
+export interface ScaleResult {
+  idleRssMb: number;
+  idleFds: number;
+  levels: LevelResult[];
+  /** Start with N PENDING records to restore (state file + /dev/kvm fd passed as from the fd store), against an empty start. */
+  restore: RestoreResult[];
+  peakRssMb: number;
+}
+
+const SELECTED = 10;
+
+export async function scalePhase(ctx: Ctx): Promise<ScaleResult> {
+  const st = await Stand.open(ctx, 'scale', {});
+  const saved = await mkdtemp(join(tmpdir(), 'kvmvfiod-bench-states-'));
+  const states = new Map<number, string>();
+  try {
+    await sleep(1000);
+    const idleRssMb = round(st.daemon.rssMb(), 1);
+    const idleFds = st.daemon.fdCount();
+    await st.attachProbe();
+    const apis = Array.from({ length: 4 }, () => st.daemon.client());
+    const ids: string[] = [];
+    let created = 0;
+    const levels: LevelResult[] = [];
+    const rounds = ctx.quick ? 150 : 400;
+    for (const target of ctx.quick ? [100, 1000, 10_000] : [100, 1000, 10_000]) {
+      const t0 = nowUs();
+      const before = created;
+      let next = created;
+      const filler = async (api: KvmVfioApi) => {
+        while (next < target) {
+          const i = next++;
+          // The first SELECTED records carry a label the filtered ListVms asks for: it matches 10 at every level.
+          const labels: Record<string, string> = i < SELECTED ? { bench: 'fill', sel: 'probe' } : { bench: 'fill' };
+          const res = await api.createVm({ name: `s-${i}`, vmm_uid: NOBODY, labels });
+          ids.push(res.vm!.id);
+          created++;
+        }
+      };
+      await Promise.all(apis.flatMap((a) => Array.from({ length: 8 }, () => filler(a))));
+      const fillPerS = round((created - before) / ((nowUs() - t0) / 1e6), 0);
+      await sleep(500);
+      const stateFileKb = round((await saveState(st, target, join(saved, `state-${target}.json`))) / 1024, 0);
+      states.set(target, join(saved, `state-${target}.json`));
+      const stats = await st.daemon.loopStats();
+      const rssMb = round(st.daemon.rssMb(), 1);
+      const daemonFds = st.daemon.fdCount();
+      const get: number[] = [];
+      const list: number[] = [];
+      const create: number[] = [];
+      const del: number[] = [];
+      await st.beginLoopWindow();
+      for (let r = -20; r < rounds; r++) {
+        const ops = ['get', 'list', 'create'] as const;
+        for (let k = 0; k < 3; k++) {
+          const op = ops[(r + k + 30) % 3];
+          const t = nowUs();
+          if (op === 'get') {
+            await st.api.getVm(ids[((r + 100) * 7919 + k) % ids.length]);
+            if (r >= 0) get.push(nowUs() - t);
+          } else if (op === 'list') {
+            const { vms } = await st.api.listVms({ labels: { sel: 'probe' } });
+            if (vms.length !== SELECTED) throw new Error(`filtered ListVms matched ${vms.length}, not ${SELECTED}`);
+            if (r >= 0) list.push(nowUs() - t);
+          } else {
+            // Created and deleted again, so the level stays where it is.
+            const res = await st.api.createVm({ name: `tmp-${target}-${r + 20}`, vmm_uid: NOBODY, labels: { bench: 'tmp' } });
+            const t2 = nowUs();
+            await st.api.deleteVm({ vm_id: res.vm!.id });
+            if (r >= 0) {
+              create.push(t2 - t);
+              del.push(nowUs() - t2);
+            }
+          }
+        }
+      }
+      const loop = await st.endLoopWindow(`calls-${target}`);
+      const all: number[] = [];
+      for (let k = 0; k < (ctx.quick ? 3 : 5); k++) {
+        const t = nowUs();
+        const { vms } = await st.api.listVms({});
+        all.push(nowUs() - t);
+        if (vms.length < target) throw new Error(`ListVms returned ${vms.length} of ${target}`);
+      }
+      const allLoop = await st.endLoopWindow(`list-all-${target}`);
+      levels.push({
+        records: target,
+        rssMb,
+        heapUsedMb: round(stats.heapUsedMb, 1),
+        daemonFds,
+        fdsPerVm: round((daemonFds - idleFds) / target, 3),
+        fillPerS,
+        getVm: rs(get),
+        listVmsFiltered: rs(list),
+        createVm: rs(create),
+        deleteVm: rs(del),
+        listVmsAll: rs(all),
+        loop,
+        listAllLoopMaxMs: allLoop.daemon.maxMs,
+        stateFileKb,
+      });
+      ctx.say(`  ${target} records: RSS ${rssMb} MB, GetVm p50 ${round(summarize(get).p50)} µs, CreateVm p50 ${round(summarize(create).p50)} µs`);
+    }
+    const peakRssMb = st.takePeakRssMb();
+    await st.close();
+    const restore: RestoreResult[] = [];
+    for (const records of [0, 1000, 10_000]) {
+      const r: RestoreResult = { records, startMs: [], restoreMs: [], rssMb: NaN };
+      for (let k = 0; k < (ctx.quick ? 1 : 3); k++) {
+        const d = await BenchDaemon.start({ tag: `restore${records}`, sysfs: ctx.host.sysfs, dev: ctx.host.dev, stateFile: states.get(records), passKvmFd: true });
+        try {
+          if (records && d.restored?.vms !== records) throw new Error(`restored ${d.restored?.vms} records, not ${records}`);
+          r.startMs.push(d.startMs);
+          if (d.restored) r.restoreMs.push(d.restored.ms);
+          await sleep(300);
+          r.rssMb = round(d.rssMb(), 1);
+        } finally {
+          await d.stop();
+          await d.cleanup();
+        }
+      }
+      restore.push(r);
+    }
+    return { idleRssMb, idleFds, levels, restore, peakRssMb };
+  } finally {
+    await st.close();
+    await rm(saved, { recursive: true, force: true });
+  }
+}
+
+/**
+ * Copies the daemon's state file once it holds `records` VMs (it is written
+ * a moment after each change), minus the probe's live session: a restart
+ * from the fd store would bring that session's fds back, and this one
+ * passes only /dev/kvm. Returns the file's size.
+ */
+async function saveState(st: Stand, records: number, to: string): Promise<number> {
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    const text = await readFile(st.daemon.statePath, 'utf8').catch(() => '');
+    if (text) {
+      const state = JSON.parse(text) as { vms: { name: string }[]; sessions: unknown[]; claims: unknown[] };
+      const fill = state.vms.filter((v) => v.name.startsWith('s-'));
+      if (fill.length >= records) {
+        state.vms = fill;
+        state.sessions = [];
+        await writeFile(to, JSON.stringify(state));
+        return Buffer.byteLength(text);
+      }
+    }
+    if (Date.now() > deadline) throw new Error(`the state file never held ${records} records`);
+    await sleep(50);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// 4b. 1,000 live sessions (RUNNING VMs whose VMM keeps its session open).
+
+export interface SessionsLevel {
+  sessions: number;
+  /** Launches per second (16 clients) while filling up to this level. */
+  fillPerS: number;
+  rssMb: number;
+  heapUsedMb: number;
+  daemonFds: number;
+  fdsPerVm: number;
+  getVm: Summary;
+  listVmsFiltered: Summary;
+}
+
+export interface SessionsResult {
+  idleRssMb: number;
+  levels: SessionsLevel[];
+  peakRssMb: number;
+  massExit: MassExit;
+}
+
+export async function sessionsPhase(ctx: Ctx): Promise<SessionsResult> {
+  const st = await Stand.open(ctx, 'sessions', { vmm: true, watch: true, probe: true });
+  try {
+    await sleep(300);
+    const idleRssMb = round(st.daemon.rssMb(), 1);
+    const fds0 = st.daemon.fdCount();
+    const apis = Array.from({ length: 16 }, () => st.daemon.client());
+    let live = 0;
+    const levels: SessionsLevel[] = [];
+    const rounds = ctx.quick ? 150 : 300;
+    const ids: string[] = [];
+    for (const target of [100, 1000]) {
+      let next = live;
+      const t0 = nowUs();
+      const worker = async (api: KvmVfioApi) => {
+        while (next < target) {
+          next++;
+          const l = await launch(api, st.vmm!, st.watch!, 'live', false);
+          ids.push(l.id);
+          live++;
+        }
+      };
+      await Promise.all(apis.map(worker));
+      const fillPerS = round((target - (levels.at(-1)?.sessions ?? 0)) / ((nowUs() - t0) / 1e6), 0);
+      await sleep(500);
+      const rssMb = round(st.daemon.rssMb(), 1);
+      const daemonFds = st.daemon.fdCount();
+      const heap = await st.daemon.loopStats();
+      const get: number[] = [];
+      const list: number[] = [];
+      for (let r = -20; r < rounds; r++) {
+        for (const op of r % 2 ? ['get', 'list'] : ['list', 'get']) {
+          const t = nowUs();
+          if (op === 'get') await st.api.getVm(ids[((r + 100) * 7919) % ids.length]);
+          // A filter every RUNNING VM fails: it scans them all and answers the probe's PENDING VM.
+          else await st.api.listVms({ states: ['VM_STATE_PENDING'] });
+          if (r >= 0) (op === 'get' ? get : list).push(nowUs() - t);
+        }
+      }
+      levels.push({
+        sessions: target,
+        fillPerS,
+        rssMb,
+        heapUsedMb: round(heap.heapUsedMb, 1),
+        daemonFds,
+        fdsPerVm: round((daemonFds - fds0) / target, 2),
+        getVm: rs(get),
+        listVmsFiltered: rs(list),
+      });
+      ctx.say(`  ${target} live sessions: RSS ${rssMb} MB, ${daemonFds} fds`);
+    }
+    const peakRssMb = st.takePeakRssMb();
+    const massExit = await massVmmExit(st, live);
+    return { idleRssMb, levels, peakRssMb, massExit };
+  } finally {
+    await st.close();
+  }
+}

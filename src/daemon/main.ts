@@ -31,6 +31,17 @@ async function main(): Promise<number> {
   }
   log.info({ event: 'ready', runtimeDir: cfg.runtimeDir, version: DAEMON_VERSION, daemon_pid: process.pid }, 'kvmvfiod ready');
 
+  // Test hook for the watchdog lane: SIGUSR2 blocks the event loop for this many seconds, as a stuck
+  // loop would; systemd's watchdog must then act. Off unless the variable is set.
+  const stall = Number(process.env.KVMVFIOD_TEST_STALL_ON_SIGUSR2 ?? 0);
+  if (stall > 0) {
+    process.on('SIGUSR2', () => {
+      log.warn({ event: 'test-stall', seconds: stall }, 'blocking the event loop (KVMVFIOD_TEST_STALL_ON_SIGUSR2)');
+      const end = Date.now() + stall * 1000;
+      while (Date.now() < end);
+    });
+  }
+
   return new Promise<number>((resolve) => {
     const onSignal = (signal: NodeJS.Signals) => {
       log.info({ event: 'signal', signal }, 'stopping');

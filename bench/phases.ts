@@ -4,6 +4,7 @@
  * for the table and the JSON.
  */
 import { status } from '@grpc/grpc-js';
+import { execFileSync } from 'node:child_process';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -36,7 +37,8 @@ export interface LaunchSeries {
   /** Where the broker path's time goes (each stage's own percentiles). */
   stages: Record<string, Summary>;
   ratio: { ofMedians: number; medianOfPairs: number; deltaP50: number };
-  loop: LoopWindow;
+  /** Only with --profile: the latency phases run without loop watchers (they slow what is timed). */
+  loop?: LoopWindow;
 }
 
 export interface LaunchResult {
@@ -53,7 +55,7 @@ export interface LaunchResult {
  * idle vCPU is slow to wake, and the broker path wakes ~10 times).
  */
 export async function launchPhase(ctx: Ctx): Promise<LaunchResult> {
-  const st = await Stand.open(ctx, 'launch', { vmm: true, watch: true, probe: true });
+  const st = await Stand.open(ctx, 'launch', { vmm: true, watch: true });
   const raw = await RawLauncher.start(ctx.bins.rawLaunch);
   const teardown = { raw: { n: 0, ms: 0 }, vmm: { n: 0, ms: 0 } };
   const flush = async () => {
@@ -68,7 +70,7 @@ export async function launchPhase(ctx: Ctx): Promise<LaunchResult> {
     const series: LaunchSeries[] = [];
     for (const mode of ['back-to-back', 'idle'] as const) {
       const warm = ctx.quick ? 20 : 50;
-      const n = mode === 'idle' ? (ctx.quick ? 40 : 150) : ctx.quick ? 80 : 300;
+      const n = mode === 'idle' ? (ctx.quick ? 30 : 150) : ctx.quick ? 60 : 300;
       const r = { total: [] as number[], vm: [] as number[], dev: [] as number[], attr: [] as number[] };
       let attrErrno = 0;
       const b = { net: [] as number[], gross: [] as number[] };
@@ -143,7 +145,8 @@ export interface RequestResult {
   addGroupAnswer: string;
   overFloorP50: number;
   ratio: { ofMedians: number; medianOfPairs: number; deltaP50: number };
-  loop: LoopWindow;
+  /** Only with --profile. */
+  loop?: LoopWindow;
 }
 
 /**
@@ -155,7 +158,7 @@ export interface RequestResult {
  * health service skips the KvmVfio wrapper.
  */
 export async function requestPhase(ctx: Ctx): Promise<RequestResult> {
-  const st = await Stand.open(ctx, 'request', { vmm: true, watch: true, probe: true });
+  const st = await Stand.open(ctx, 'request', { vmm: true, watch: true });
   try {
     const vm = await launch(st.api, st.vmm!, st.watch!, 'addgroup', true);
     let answer = '';
@@ -176,8 +179,8 @@ export async function requestPhase(ctx: Ctx): Promise<RequestResult> {
       if (vms.length) throw new Error('the floor call matched a VM');
     };
     // grpc-js and the handlers need ~1,000 calls before their time settles (JIT): warm up well.
-    const warm = ctx.quick ? 500 : 1000;
-    const n = ctx.quick ? 1000 : 3000;
+    const warm = ctx.quick ? 400 : 1000;
+    const n = ctx.quick ? 700 : 3000;
     const add: number[] = [];
     const flo: number[] = [];
     await st.beginLoopWindow();
@@ -240,7 +243,7 @@ export interface ThroughputResult {
 }
 
 export async function throughputPhase(ctx: Ctx, clients: number): Promise<ThroughputResult> {
-  const st = await Stand.open(ctx, `tput${clients}`, { vmm: true, watch: true, probe: true });
+  const st = await Stand.open(ctx, `tput${clients}`, { vmm: true, watch: true, loop: true });
   try {
     const apis = Array.from({ length: clients }, () => st.daemon.client());
     // Every channel connected before the clock starts.
@@ -284,7 +287,7 @@ export async function throughputPhase(ctx: Ctx, clients: number): Promise<Throug
       wEnd = nowUs();
     });
     const logBytes = st.daemon.logBytes() - logBefore.bytes;
-    const loop = await st.endLoopWindow('window');
+    const loop = (await st.endLoopWindow('window'))!;
     stop = true;
     await Promise.all(workers);
     await sleep(200);
@@ -330,7 +333,7 @@ async function massVmmExit(st: Stand, vms: number): Promise<MassExit> {
   st.vmm = undefined;
   await vmm.exit();
   const tAll = await Promise.race([all, sleep(30_000).then(() => NaN)]);
-  const loop = await st.endLoopWindow('mass-exit');
+  const loop = (await st.endLoopWindow('mass-exit'))!;
   return { vms, vmmTeardownMs: round(td.ms, 0), exitToAllExitedMs: round((tAll - t0) / 1000, 1), loop };
 }
 
@@ -378,21 +381,23 @@ export interface ScaleResult {
 
 const SELECTED = 10;
 
+/** Record counts the scale phase fills to; --quick stops at 3,000 to stay under 30 s. */
+export const scaleLevels = (ctx: { quick: boolean }) => (ctx.quick ? [100, 1000, 3000] : [100, 1000, 10_000]);
+
 export async function scalePhase(ctx: Ctx): Promise<ScaleResult> {
-  const st = await Stand.open(ctx, 'scale', {});
+  const st = await Stand.open(ctx, 'scale', { loop: true });
   const saved = await mkdtemp(join(tmpdir(), 'kvmvfiod-bench-states-'));
   const states = new Map<number, string>();
   try {
     await sleep(1000);
     const idleRssMb = round(st.daemon.rssMb(), 1);
     const idleFds = st.daemon.fdCount();
-    await st.attachProbe();
     const apis = Array.from({ length: 4 }, () => st.daemon.client());
     const ids: string[] = [];
     let created = 0;
     const levels: LevelResult[] = [];
     const rounds = ctx.quick ? 150 : 400;
-    for (const target of ctx.quick ? [100, 1000, 10_000] : [100, 1000, 10_000]) {
+    for (const target of scaleLevels(ctx)) {
       const t0 = nowUs();
       const before = created;
       let next = created;
@@ -419,13 +424,15 @@ export async function scalePhase(ctx: Ctx): Promise<ScaleResult> {
       const create: number[] = [];
       const del: number[] = [];
       await st.beginLoopWindow();
-      for (let r = -20; r < rounds; r++) {
+      // The first level warms the handlers up (JIT) well, or it would look slower than the later ones.
+      const warm = levels.length === 0 ? (ctx.quick ? 200 : 500) : 20;
+      for (let r = -warm; r < rounds; r++) {
         const ops = ['get', 'list', 'create'] as const;
         for (let k = 0; k < 3; k++) {
           const op = ops[(r + k + 30) % 3];
           const t = nowUs();
           if (op === 'get') {
-            await st.api.getVm(ids[((r + 100) * 7919 + k) % ids.length]);
+            await st.api.getVm(ids[((r + warm) * 7919 + k) % ids.length]);
             if (r >= 0) get.push(nowUs() - t);
           } else if (op === 'list') {
             const { vms } = await st.api.listVms({ labels: { sel: 'probe' } });
@@ -433,7 +440,7 @@ export async function scalePhase(ctx: Ctx): Promise<ScaleResult> {
             if (r >= 0) list.push(nowUs() - t);
           } else {
             // Created and deleted again, so the level stays where it is.
-            const res = await st.api.createVm({ name: `tmp-${target}-${r + 20}`, vmm_uid: NOBODY, labels: { bench: 'tmp' } });
+            const res = await st.api.createVm({ name: `tmp-${target}-${r + warm}`, vmm_uid: NOBODY, labels: { bench: 'tmp' } });
             const t2 = nowUs();
             await st.api.deleteVm({ vm_id: res.vm!.id });
             if (r >= 0) {
@@ -443,7 +450,7 @@ export async function scalePhase(ctx: Ctx): Promise<ScaleResult> {
           }
         }
       }
-      const loop = await st.endLoopWindow(`calls-${target}`);
+      const loop = (await st.endLoopWindow(`calls-${target}`))!;
       const all: number[] = [];
       for (let k = 0; k < (ctx.quick ? 3 : 5); k++) {
         const t = nowUs();
@@ -451,7 +458,7 @@ export async function scalePhase(ctx: Ctx): Promise<ScaleResult> {
         all.push(nowUs() - t);
         if (vms.length < target) throw new Error(`ListVms returned ${vms.length} of ${target}`);
       }
-      const allLoop = await st.endLoopWindow(`list-all-${target}`);
+      const allLoop = (await st.endLoopWindow(`list-all-${target}`))!;
       levels.push({
         records: target,
         rssMb,
@@ -473,7 +480,7 @@ export async function scalePhase(ctx: Ctx): Promise<ScaleResult> {
     const peakRssMb = st.takePeakRssMb();
     await st.close();
     const restore: RestoreResult[] = [];
-    for (const records of [0, 1000, 10_000]) {
+    for (const records of [0, ...scaleLevels(ctx).slice(1)]) {
       const r: RestoreResult = { records, startMs: [], restoreMs: [], rssMb: NaN };
       for (let k = 0; k < (ctx.quick ? 1 : 3); k++) {
         const d = await BenchDaemon.start({ tag: `restore${records}`, sysfs: ctx.host.sysfs, dev: ctx.host.dev, stateFile: states.get(records), passKvmFd: true });
@@ -545,7 +552,7 @@ export interface SessionsResult {
 }
 
 export async function sessionsPhase(ctx: Ctx): Promise<SessionsResult> {
-  const st = await Stand.open(ctx, 'sessions', { vmm: true, watch: true, probe: true });
+  const st = await Stand.open(ctx, 'sessions', { vmm: true, watch: true, loop: true });
   try {
     await sleep(300);
     const idleRssMb = round(st.daemon.rssMb(), 1);
@@ -574,10 +581,11 @@ export async function sessionsPhase(ctx: Ctx): Promise<SessionsResult> {
       const heap = await st.daemon.loopStats();
       const get: number[] = [];
       const list: number[] = [];
-      for (let r = -20; r < rounds; r++) {
+      const warm = levels.length === 0 ? (ctx.quick ? 300 : 800) : 20;
+      for (let r = -warm; r < rounds; r++) {
         for (const op of r % 2 ? ['get', 'list'] : ['list', 'get']) {
           const t = nowUs();
-          if (op === 'get') await st.api.getVm(ids[((r + 100) * 7919) % ids.length]);
+          if (op === 'get') await st.api.getVm(ids[((r + warm) * 7919) % ids.length]);
           // A filter every RUNNING VM fails: it scans them all and answers the probe's PENDING VM.
           else await st.api.listVms({ states: ['VM_STATE_PENDING'] });
           if (r >= 0) (op === 'get' ? get : list).push(nowUs() - t);
@@ -601,4 +609,22 @@ export async function sessionsPhase(ctx: Ctx): Promise<SessionsResult> {
   } finally {
     await st.close();
   }
+}
+
+// ---------------------------------------------------------------------------
+// 5b. fd-table growth: a stall the daemon meets as its fds grow (bench/fdtable.ts).
+
+export interface FdTableResult {
+  /** fds whose creation waited > 1 ms, and how long, as the table grew. */
+  growing: { fd: number; ms: number }[];
+  /** The same 5,000 fds after sizing the table once at start. */
+  pregrown: { pregrowMs: number; worstMs: number };
+}
+
+export async function fdTablePhase(): Promise<FdTableResult> {
+  const run = (args: string[]) =>
+    JSON.parse(execFileSync(process.execPath, [join(__dirname, 'fdtable.js'), ...args], { encoding: 'utf8' })) as { pregrowMs?: number; slow: { fd: number; ms: number }[]; worstMs: number };
+  const growing = run([]);
+  const pregrown = run(['--pregrow']);
+  return { growing: growing.slow, pregrown: { pregrowMs: round(pregrown.pregrowMs ?? NaN, 1), worstMs: pregrown.worstMs } };
 }

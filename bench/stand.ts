@@ -26,9 +26,8 @@ export interface Ctx {
   say(msg: string): void;
 }
 
-/** The orchestrator's (this process's) own event loop. */
+/** The orchestrator's (this process's) own event loop; on only inside a loop window. */
 const clientLoop = monitorEventLoopDelay({ resolution: 1 });
-clientLoop.enable();
 
 /**
  * monitorEventLoopDelay records the whole interval between two runs of its
@@ -84,18 +83,28 @@ export class Stand {
     return round(p, 1);
   }
 
-  static async open(ctx: Ctx, tag: string, want: { vmm?: boolean; watch?: boolean; probe?: boolean } = {}): Promise<Stand> {
+  /**
+   * `loop`: watch event loops (the daemon's histogram, the external probe,
+   * the idle control process). Their timers and pings wake the processes
+   * ~4,000 times a second, which on this VM slows a sequential launch by
+   * ~25 %: the latency phases run without them.
+   */
+  static async open(ctx: Ctx, tag: string, want: { vmm?: boolean; watch?: boolean; loop?: boolean } = {}): Promise<Stand> {
     let profileDir: string | undefined;
     if (ctx.profile) {
       profileDir = join(ctx.resultsDir, 'profiles', `${tag}-windows`);
       mkdirSync(profileDir, { recursive: true });
     }
-    const daemon = await BenchDaemon.start({ tag, sysfs: ctx.host.sysfs, dev: ctx.host.dev, profileDir });
+    // --profile needs the preload's windows, so it watches loops everywhere (its numbers are inflated anyway).
+    const loop = want.loop === true || ctx.profile;
+    const daemon = await BenchDaemon.start({ tag, sysfs: ctx.host.sysfs, dev: ctx.host.dev, profileDir, loopMonitor: loop });
     daemon.profileDir = profileDir;
     const s = new Stand(ctx, tag, daemon);
     try {
-      s.control = await ControlProcess.start(daemon.dir);
-      if (want.probe) await s.attachProbe();
+      if (loop) {
+        s.control = await ControlProcess.start(daemon.dir);
+        await s.attachProbe();
+      }
       if (want.vmm) s.vmm = await BenchVmm.start(daemon.handoffSocket);
       if (want.watch) {
         s.watch = new RunningWatch();
@@ -115,16 +124,23 @@ export class Stand {
   }
 
   /** Starts an event-loop window in every process of the stand. */
+  /** Starts an event-loop window (and a profile with --profile); nothing when this stand watches no loop. */
   async beginLoopWindow(): Promise<void> {
+    if (!this.control) return;
     await this.daemon.loopStats();
-    await this.control?.loop.read();
+    await this.control.loop.read();
     await this.probe?.report();
-    await this.vmm?.stats();
+    this.vmm?.loopBegin();
     clientLoop.reset();
+    clientLoop.enable();
   }
 
-  /** Ends the window; with --profile, keeps the daemon's CPU profile of it as <tag>-<label>.cpuprofile. */
-  async endLoopWindow(label: string): Promise<LoopWindow & { daemonRaw: LoopStats }> {
+  /**
+   * Ends the window; with --profile, keeps the daemon's CPU profile of it as
+   * <tag>-<label>.cpuprofile. Undefined when this stand watches no loop.
+   */
+  async endLoopWindow(label: string): Promise<(LoopWindow & { daemonRaw: LoopStats }) | undefined> {
+    if (!this.control) return undefined;
     const d = await this.daemon.loopStats();
     if (this.daemon.profileDir) {
       const from = join(this.daemon.profileDir, `window-${d.seq}.cpuprofile`);
@@ -133,14 +149,15 @@ export class Stand {
       renameSync(from, to);
       this.#ctx.profiles.push({ label: `${this.tag} ${label}`, path: to });
     }
-    const c = await this.control?.loop.read();
+    const c = await this.control.loop.read();
+    clientLoop.disable();
     const client = { maxMs: stallMs(clientLoop.max / 1e6), p99Ms: stallMs(clientLoop.percentile(99) / 1e6) };
     const p: ProbeReport | undefined = await this.probe?.report();
     const v = await this.vmm?.stats();
     return {
       daemonRaw: d,
       daemon: { maxMs: stallMs(d.maxMs), p99Ms: stallMs(d.p99Ms), p999Ms: stallMs(d.p999Ms) },
-      control: { maxMs: c ? stallMs(c.maxMs) : NaN, p99Ms: c ? stallMs(c.p99Ms) : NaN },
+      control: { maxMs: stallMs(c.maxMs), p99Ms: stallMs(c.p99Ms) },
       probe: p && { maxMs: round(p.max_us / 1000, 2), p99Ms: round(p.p99_us / 1000, 2), p999Ms: round(p.p999_us / 1000, 2), n: p.n, over5ms: p.over_5ms },
       client,
       vmm: v && { maxMs: stallMs(v.loopMaxMs), p99Ms: stallMs(v.loopP99Ms) },

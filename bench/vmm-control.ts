@@ -102,6 +102,11 @@ export class BenchVmm {
     return p;
   }
 
+  /** Starts the VMM's event-loop histogram; stats() reads and stops it. */
+  loopBegin(): void {
+    this.#send({ t: 'loop-begin' });
+  }
+
   stats(): Promise<Stats> {
     const p = new Promise<Stats>((r) => (this.#stats = r));
     this.#send({ t: 'stats' });

@@ -13,8 +13,8 @@
  * libuv pool (UV_THREADPOOL_SIZE is raised by the parent), where concurrent
  * device closes share RCU grace periods.
  *
- * Messages in: attach, teardown-all, stats. Out: ready, up, down-all, stats,
- * error. Stamps are CLOCK_MONOTONIC µs (bench/stats.ts).
+ * Messages in: attach, teardown-all, loop-begin, stats. Out: ready, up,
+ * down-all, stats, error. Stamps are CLOCK_MONOTONIC µs (bench/stats.ts).
  */
 import { readdirSync } from 'node:fs';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
@@ -24,6 +24,7 @@ import { nowUs } from './stats';
 export type ToVmm =
   | { t: 'attach'; id: string; token: string; report: boolean }
   | { t: 'teardown-all' }
+  | { t: 'loop-begin' }
   | { t: 'stats' };
 
 export type FromVmm =
@@ -40,8 +41,8 @@ interface Held {
 
 const handoff = process.env.KVMVFIO_HANDOFF;
 const vms = new Map<string, Held>();
+// On only between loop-begin and stats: its 1 ms timer wakes this process, which would slow what is timed.
 const loop = monitorEventLoopDelay({ resolution: 1 });
-loop.enable();
 
 const send = (m: FromVmm) => process.send!(m);
 
@@ -85,9 +86,14 @@ process.on('message', (m: ToVmm) => {
       void Promise.all(ids.map(teardown)).then(() => send({ t: 'down-all', n: ids.length, ms: performance.now() - t0 }));
       return;
     }
+    case 'loop-begin':
+      loop.reset();
+      loop.enable();
+      return;
     case 'stats': {
       const mem = process.memoryUsage();
       send({ t: 'stats', loopMaxMs: loop.max / 1e6, loopP99Ms: loop.percentile(99) / 1e6, rssMb: mem.rss / 1048576, fds: readdirSync('/proc/self/fd').length, vms: vms.size });
+      loop.disable();
       loop.reset();
       return;
     }

@@ -4,7 +4,8 @@
  * server turns requests into these calls and errors into statuses.
  */
 import { SysError } from '../kernel';
-import { AlreadyExistsError, DeadlineExceededError, FailedPreconditionError, NotFoundError, UnavailableError } from './errors';
+import { AlreadyExistsError, DeadlineExceededError, FailedPreconditionError, NotFoundError, PermissionDeniedError, ResourceExhaustedError, UnavailableError } from './errors';
+import type { Principal } from './policy';
 import { KeyedMutex } from './mutex';
 import type { GroupPool, GroupView } from './pool';
 import type { IssuedToken, TokenStore } from './tokens';
@@ -15,6 +16,8 @@ export interface Caller {
   uid: number;
   gid: number;
   pid: number;
+  /** The policy principal the caller acts as (set by the server's authorization); absent: no policy limits apply. */
+  principal?: Principal;
 }
 
 export interface CreateVmSpec {
@@ -42,6 +45,10 @@ export interface CreateVmResult {
 
 export interface BrokerOptions {
   tokens: TokenStore;
+  /** Daemon-wide cap on VM records (RESOURCE_EXHAUSTED beyond it). */
+  maxVms?: number;
+  /** Throws ResourceExhaustedError when the daemon is too close to RLIMIT_NOFILE to open more fds. */
+  fdGuard?: () => Promise<void>;
   host: VmmHost;
   /** How long DeleteVm waits for a VMM to exit, and a failed VMM gets before SIGKILL. */
   exitGraceMs: number;
@@ -105,9 +112,40 @@ export class Broker {
     return this.#links.size;
   }
 
-  /** uid 0 sees every VM; anyone else sees the VMs they created. */
+  /** uid 0 and policy admins see every VM; anyone else sees the VMs they created. */
   canSee(caller: Caller, vm: Readonly<VmRecord>): boolean {
-    return caller.uid === 0 || vm.ownerUid === caller.uid;
+    return caller.uid === 0 || caller.principal?.admin === true || vm.ownerUid === caller.uid;
+  }
+
+  /** The policy's word on groups and the VMM's uid, and the principal's quotas. */
+  #checkPolicy(caller: Caller, groups: readonly number[], vmmUid: number | undefined, newVm: boolean, vmId?: string): void {
+    const p = caller.principal;
+    if (!p) return;
+    for (const g of groups) if (!p.mayUseGroup(g)) throw new PermissionDeniedError(`principal ${p.name} may not use IOMMU group ${g}`);
+    if (vmmUid !== undefined && !p.mayNameVmmUid(vmmUid)) throw new PermissionDeniedError(`principal ${p.name} may not name vmm_uid ${vmmUid}`);
+    let vms = 0;
+    let held = 0;
+    for (const vm of this.vms.all()) {
+      if (vm.principal !== p.name) continue;
+      vms++;
+      held += this.pool.heldBy(vm.id).length;
+    }
+    if (newVm && vms >= p.limits.vms) throw new ResourceExhaustedError(`principal ${p.name} holds ${vms} VMs; its limit (limits.vms) is ${p.limits.vms}`);
+    const adding = groups.filter((g) => this.pool.ownerOf(g)?.vmId !== vmId).length;
+    if (adding && held + adding > p.limits.groups) {
+      throw new ResourceExhaustedError(`principal ${p.name} holds ${held} IOMMU groups; ${adding} more would pass its limit (limits.groups) of ${p.limits.groups}`);
+    }
+  }
+
+  #checkPendingTokens(caller: Caller): void {
+    const p = caller.principal;
+    if (!p) return;
+    const mine = new Set<string>();
+    for (const vm of this.vms.all()) if (vm.principal === p.name) mine.add(vm.id);
+    const pending = this.tokens.pendingFor(mine);
+    if (pending >= p.limits.pendingTokens) {
+      throw new ResourceExhaustedError(`principal ${p.name} has ${pending} unused attach tokens; its limit (limits.pendingTokens) is ${p.limits.pendingTokens}`);
+    }
   }
 
   async createVm(caller: Caller, spec: CreateVmSpec): Promise<CreateVmResult> {
@@ -126,9 +164,14 @@ export class Broker {
       }
       const same = this.vms.findByName(caller.uid, spec.name);
       if (same) throw new AlreadyExistsError(`vm ${spec.name} already exists (${same.id})`);
+      this.#checkPolicy(caller, spec.groups, spec.vmmUid, true);
+      this.#checkPendingTokens(caller);
+      const max = this.#opts.maxVms ?? Number.MAX_SAFE_INTEGER;
+      if (this.vms.size >= max) throw new ResourceExhaustedError(`kvmvfiod holds ${this.vms.size} VMs; its limit (--max-vms) is ${max}`);
+      if (spec.groups.length) await this.#opts.fdGuard?.();
       const id = this.vms.newId();
       await this.pool.claim(spec.groups, { vmId: id, vmName: spec.name });
-      const record: NewVm = { ...spec, ownerUid: caller.uid, requestFingerprint: fingerprint };
+      const record: NewVm = { ...spec, ownerUid: caller.uid, requestFingerprint: fingerprint, principal: caller.principal?.name ?? '' };
       const vm = this.vms.insert(id, record);
       return { vm, created: true, token: this.tokens.issue(vm.id, vm.vmmUid) };
     });
@@ -146,6 +189,8 @@ export class Broker {
     return this.#onVm(caller, id, async (vm) => {
       if (vm.state !== 'PENDING') throw new FailedPreconditionError(`vm ${vm.name} is ${vm.state}; only a PENDING VM takes an attach token`);
       if (this.#links.has(vm.id)) throw new FailedPreconditionError(`vm ${vm.name} already has a VMM attached (pid ${vm.vmmPid})`);
+      this.tokens.revokeVm(vm.id);
+      this.#checkPendingTokens(caller);
       return { vm, token: this.tokens.issue(vm.id, vm.vmmUid) };
     });
   }
@@ -199,6 +244,7 @@ export class Broker {
   async addGroup(caller: Caller, id: string, group: number): Promise<VmRecord> {
     this.#assertOpen();
     return this.#onVm(caller, id, async (vm) => {
+      this.#checkPolicy(caller, [group], undefined, false, vm.id);
       if (vm.state === 'RUNNING') {
         const link = this.#activeLink(vm);
         if (!vm.vfioDevice) throw new FailedPreconditionError(`vm ${vm.name} has no KVM-VFIO device; call CreateVfioDevice before AddGroup`);
@@ -244,6 +290,7 @@ export class Broker {
    */
   async attach(token: string, vmm: Caller, link: VmmLink): Promise<AttachGrant> {
     this.#assertOpen();
+    await this.#opts.fdGuard?.();
     const vmId = this.tokens.redeem(token, vmm.uid);
     return this.#locks.run(`vm:${vmId}`, async () => {
       const vm = this.vms.get(vmId);

@@ -66,6 +66,14 @@ export class TokenStore {
     for (const [k, e] of this.#live) if (e.vmId === vmId) this.#live.delete(k);
   }
 
+  /** Tokens still redeemable for any of `vmIds`. */
+  pendingFor(vmIds: Set<string>): number {
+    this.#sweep();
+    let n = 0;
+    for (const e of this.#live.values()) if (vmIds.has(e.vmId)) n++;
+    return n;
+  }
+
   /** Tokens still redeemable. */
   get pending(): number {
     this.#sweep();

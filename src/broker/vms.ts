@@ -23,6 +23,8 @@ export interface VmRecord {
   groups: number[];
   readonly memlockBytes: number;
   readonly requestId: string;
+  /** The policy principal that created it (its quotas count it); "" without a policy. */
+  readonly principal: string;
   /** What the create request asked, to tell a true retry from a reused request_id. */
   readonly requestFingerprint: string;
   readonly createTime: string;
@@ -61,6 +63,8 @@ export interface NewVm {
   memlockBytes: number;
   requestId: string;
   requestFingerprint: string;
+  /** The policy principal that created it (its quotas count it); "" without a policy. */
+  principal: string;
 }
 
 export class VmRegistry {

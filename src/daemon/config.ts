@@ -23,6 +23,15 @@ export interface DaemonConfig {
   vmmExitGraceMs: number;
   /** How long a handoff connection has to present its token. */
   attachTimeoutMs: number;
+  /** Daemon-wide limits (RESOURCE_EXHAUSTED, or a refused connection, beyond them). */
+  maxVms: number;
+  maxSessions: number;
+  maxApiConnections: number;
+  maxHandoffConnections: number;
+  /** fds kept free under RLIMIT_NOFILE: calls that would open more fail with RESOURCE_EXHAUSTED first. */
+  fdMargin: number;
+  /** The longest any unary call may run. */
+  callTimeoutMs: number;
 }
 
 export const DEFAULTS: DaemonConfig = {
@@ -37,6 +46,12 @@ export const DEFAULTS: DaemonConfig = {
   vmmTimeoutMs: 5000,
   vmmExitGraceMs: 10_000,
   attachTimeoutMs: 10_000,
+  maxVms: 10_000,
+  maxSessions: 8_000,
+  maxApiConnections: 1024,
+  maxHandoffConnections: 2048,
+  fdMargin: 256,
+  callTimeoutMs: 60_000,
 };
 
 export const USAGE = `Usage: kvmvfiod [options]
@@ -55,6 +70,12 @@ Options (environment variable in brackets):
   --vmm-timeout-ms N  how long a VMM has to answer a request (${DEFAULTS.vmmTimeoutMs})
   --vmm-exit-grace-ms N  how long DeleteVm waits for a VMM to exit (${DEFAULTS.vmmExitGraceMs})
   --attach-timeout-ms N  how long a handoff connection has to attach (${DEFAULTS.attachTimeoutMs})
+  --max-vms N         VM records at most (${DEFAULTS.maxVms})
+  --max-sessions N    attached VMM sessions at most (${DEFAULTS.maxSessions})
+  --max-api-connections N      (${DEFAULTS.maxApiConnections})
+  --max-handoff-connections N  (${DEFAULTS.maxHandoffConnections})
+  --fd-margin N       fds kept free under RLIMIT_NOFILE (${DEFAULTS.fdMargin})
+  --call-timeout-ms N the longest a call may run (${DEFAULTS.callTimeoutMs})
   --version, --help
 `;
 
@@ -81,6 +102,12 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): DaemonConfi
         'vmm-timeout-ms': { type: 'string' },
         'vmm-exit-grace-ms': { type: 'string' },
         'attach-timeout-ms': { type: 'string' },
+        'max-vms': { type: 'string' },
+        'max-sessions': { type: 'string' },
+        'max-api-connections': { type: 'string' },
+        'max-handoff-connections': { type: 'string' },
+        'fd-margin': { type: 'string' },
+        'call-timeout-ms': { type: 'string' },
         help: { type: 'boolean' },
         version: { type: 'boolean' },
       },
@@ -105,6 +132,12 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): DaemonConfi
     vmmTimeoutMs: ms(values['vmm-timeout-ms'], DEFAULTS.vmmTimeoutMs),
     vmmExitGraceMs: ms(values['vmm-exit-grace-ms'], DEFAULTS.vmmExitGraceMs),
     attachTimeoutMs: ms(values['attach-timeout-ms'], DEFAULTS.attachTimeoutMs),
+    maxVms: ms(values['max-vms'], DEFAULTS.maxVms),
+    maxSessions: ms(values['max-sessions'], DEFAULTS.maxSessions),
+    maxApiConnections: ms(values['max-api-connections'], DEFAULTS.maxApiConnections),
+    maxHandoffConnections: ms(values['max-handoff-connections'], DEFAULTS.maxHandoffConnections),
+    fdMargin: ms(values['fd-margin'], DEFAULTS.fdMargin),
+    callTimeoutMs: ms(values['call-timeout-ms'], DEFAULTS.callTimeoutMs),
   };
   if (!LEVELS.includes(cfg.logLevel)) throw new ConfigError(`--log-level: "${cfg.logLevel}" is not one of ${LEVELS.join(', ')}`);
   const bounds: [keyof DaemonConfig, string, number, number][] = [
@@ -113,6 +146,12 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): DaemonConfi
     ['vmmTimeoutMs', '--vmm-timeout-ms', 10, 600_000],
     ['vmmExitGraceMs', '--vmm-exit-grace-ms', 10, 600_000],
     ['attachTimeoutMs', '--attach-timeout-ms', 10, 600_000],
+    ['maxVms', '--max-vms', 1, 1_000_000],
+    ['maxSessions', '--max-sessions', 1, 1_000_000],
+    ['maxApiConnections', '--max-api-connections', 1, 1_000_000],
+    ['maxHandoffConnections', '--max-handoff-connections', 1, 1_000_000],
+    ['fdMargin', '--fd-margin', 16, 1_000_000],
+    ['callTimeoutMs', '--call-timeout-ms', 100, 3_600_000],
   ];
   for (const [key, flag, lo, hi] of bounds) {
     const v = cfg[key] as number;

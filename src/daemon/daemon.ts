@@ -19,10 +19,13 @@ import { VmRegistry } from '../broker/vms';
 import { TokenStore } from '../broker/tokens';
 import type { VmmHost } from '../broker/vmm';
 import { StateFile } from '../broker/state';
-import { Kvm, OwnedFd, SeqpacketSocket, SysError, Systemd, VfioGroup, listOpenFds, setMemlockLimit, takeListenFds } from '../kernel';
+import { Kvm, OwnedFd, SeqpacketSocket, SysError, Systemd, VfioGroup, fdLimits, listOpenFds, openFdCount, setMemlockLimit, takeListenFds } from '../kernel';
 import { FdStore, fdName } from './fdstore';
 import { HandoffServer } from '../server/session/handoff';
-import { RootOnly } from '../server/auth';
+import { PolicyAuthorizer } from '../server/auth';
+import { readAccounts } from '../broker/accounts';
+import { ResourceExhaustedError } from '../broker/errors';
+import { Policy, PolicyError } from '../broker/policy';
 import { ApiListener } from '../server/listener';
 import { createService } from '../server/service';
 import { type DaemonConfig, apiSocketPath, handoffSocketPath } from './config';
@@ -44,6 +47,7 @@ export class Daemon {
   #endWatches: () => void = () => {};
   #stopping?: Promise<void>;
   #store?: FdStore;
+  #authorizer?: PolicyAuthorizer;
   #state?: StateFile;
   #watchdog?: NodeJS.Timeout;
   #statusTimer?: NodeJS.Timeout;
@@ -76,9 +80,9 @@ export class Daemon {
     if (!storedKvm) store.put(fdName.kvm, this.#kvm.fd);
     this.host = await learnHost(this.#kvm, config.devRoot);
     log.info({ event: 'host', ...this.host }, 'kernel probed');
-    if (existsSync(config.policy)) {
-      log.warn({ event: 'policy-ignored', path: config.policy }, 'policy files are not supported by this version; only uid 0 may call');
-    }
+    const policy = (await Policy.load(config.policy, readAccounts())) ?? Policy.rootOnly();
+    this.#authorizer = new PolicyAuthorizer(policy);
+    log.info({ event: 'policy', source: policy.source, principals: policy.principalCount }, policy.source === 'none' ? 'no policy file: only uid 0 may call' : 'policy loaded');
 
     this.#pool = new GroupPool({
       sysfsRoot: config.sysfsRoot,
@@ -109,6 +113,14 @@ export class Daemon {
       tokens: new TokenStore(config.tokenTtlMs),
       host,
       exitGraceMs: config.vmmExitGraceMs,
+      maxVms: config.maxVms,
+      fdGuard: async () => {
+        const open = await openFdCount();
+        const { soft } = fdLimits();
+        if (open > soft - config.fdMargin) {
+          throw new ResourceExhaustedError(`kvmvfiod has ${open} fds open; RLIMIT_NOFILE is ${soft} and ${config.fdMargin} are kept free (--fd-margin)`);
+        }
+      },
       log: (event, msg) => log.info(event, msg),
       onChange: () => this.#state?.changed(),
     });
@@ -136,7 +148,8 @@ export class Daemon {
     const service = createService({
       broker: this.#broker,
       host: this.host,
-      authorizer: new RootOnly(),
+      authorizer: this.#authorizer,
+      callTimeoutMs: config.callTimeoutMs,
       peers: (p) => this.#listener?.peers.lookup(p),
       log,
     });
@@ -149,6 +162,8 @@ export class Daemon {
     this.#handoff = new HandoffServer(this.#broker, log, {
       requestTimeoutMs: config.vmmTimeoutMs,
       attachTimeoutMs: config.attachTimeoutMs,
+      maxConnections: config.maxHandoffConnections,
+      maxSessions: config.maxSessions,
       onAttached: (s) => {
         const fds = s.storableFds;
         if (fds) {
@@ -179,7 +194,7 @@ export class Daemon {
     }
 
     await mkdir(config.runtimeDir, { recursive: true, mode: 0o755 });
-    this.#listener = new ApiListener(this.#grpc.createConnectionInjector(ServerCredentials.createInsecure()), log);
+    this.#listener = new ApiListener(this.#grpc.createConnectionInjector(ServerCredentials.createInsecure()), log, config.maxApiConnections);
     const api = take('api');
     if (api) await this.#listener.listenFd(api);
     else await this.#listener.listen(apiSocketPath(config));
@@ -268,6 +283,24 @@ export class Daemon {
     let running = 0;
     for (const vm of b.vms.all()) if (vm.state === 'RUNNING') running++;
     return `${b.vms.size} VMs (${running} running), ${b.pool.claimedCount} groups claimed, ${b.sessionCount} sessions`;
+  }
+
+  /**
+   * SIGHUP: reads the policy file again. A file that does not validate keeps
+   * the old policy (and says why); a good one applies to calls from now on.
+   */
+  async reloadPolicy(): Promise<boolean> {
+    const { log, config } = this;
+    try {
+      const next = (await Policy.load(config.policy, readAccounts())) ?? Policy.rootOnly();
+      this.#authorizer!.policy = next;
+      log.info({ event: 'policy-reloaded', source: next.source, principals: next.principalCount }, 'policy reloaded');
+      return true;
+    } catch (e) {
+      const problems = e instanceof PolicyError ? e.problems : [(e as Error).message];
+      log.error({ event: 'policy-reload-failed', path: config.policy, problems }, 'the new policy is not valid; keeping the old one');
+      return false;
+    }
   }
 
   /** Idempotent; resolves when every fd the daemon owns is closed. */

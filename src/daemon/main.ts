@@ -42,6 +42,8 @@ async function main(): Promise<number> {
     });
   }
 
+  process.on('SIGHUP', () => void daemon.reloadPolicy());
+
   return new Promise<number>((resolve) => {
     const onSignal = (signal: NodeJS.Signals) => {
       log.info({ event: 'signal', signal }, 'stopping');

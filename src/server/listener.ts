@@ -68,7 +68,7 @@ export class ApiListener {
   readonly #sockets = new Set<Socket>();
   readonly #log: Logger;
 
-  constructor(injector: ConnectionInjector, log: Logger) {
+  constructor(injector: ConnectionInjector, log: Logger, maxConnections = 1024) {
     this.#log = log;
     this.#net = createServer((sock) => {
       let key: string;
@@ -87,6 +87,9 @@ export class ApiListener {
       });
       injector.injectConnection(sock);
     });
+    // Beyond the limit Node closes new connections at once (the client sees UNAVAILABLE and retries).
+    this.#net.maxConnections = maxConnections;
+    this.#net.on('drop', () => log.warn({ event: 'api-connection-dropped', limit: maxConnections }, 'API connection refused: --max-api-connections reached'));
     this.#net.on('error', (e) => log.error({ event: 'api-listener-error', err: e.message }, 'API listener error'));
   }
 

@@ -8,7 +8,7 @@ import { type ServerUnaryCall, type ServerWritableStream, type sendUnaryData, st
 import type { Logger } from 'pino';
 import type { Broker, Caller } from '../broker/broker';
 import { vmMatches } from '../broker/broker';
-import { ResourceExhaustedError, UnavailableError } from '../broker/errors';
+import { DeadlineExceededError, ResourceExhaustedError, UnavailableError } from '../broker/errors';
 import { type HostFacts, snapshot } from '../broker/host';
 import type { VmChange } from '../broker/vms';
 import type { KvmVfioHandlers } from '../generated/kvmvfio/v1/KvmVfio';
@@ -30,6 +30,21 @@ export interface ServiceDeps {
   log: Logger;
   /** A watcher whose unsent events exceed this is ended (RESOURCE_EXHAUSTED). */
   watchBacklog?: number;
+  /** No unary call runs longer than this (DEADLINE_EXCEEDED), whatever deadline the client set. */
+  callTimeoutMs?: number;
+}
+
+/** Runs `work`, failing with DEADLINE_EXCEEDED once `ms` have passed (the work itself is not cancelled). */
+async function runWithin<T>(method: string, ms: number, work: () => Promise<T> | T): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new DeadlineExceededError(`${method} did not finish within the daemon's ${ms} ms call limit`)), ms);
+  });
+  try {
+    return await Promise.race([Promise.resolve().then(work), late]);
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 type Outcome = { code: Status; details?: string; ref?: string };
@@ -54,6 +69,7 @@ export function createService(deps: ServiceDeps): { handlers: KvmVfioHandlers; e
       uid: caller?.uid,
       gid: caller?.gid,
       pid: caller?.pid,
+      principal: caller?.principal?.name,
       vm,
       outcome: statusName(out.code),
       ms: Number(process.hrtime.bigint() - started) / 1e6,
@@ -81,8 +97,8 @@ export function createService(deps: ServiceDeps): { handlers: KvmVfioHandlers; e
       void (async () => {
         try {
           caller = callerOf(call);
-          authorizer.authorize(caller, method);
-          const res = await run(caller, call.request);
+          caller = { ...caller, principal: authorizer.authorize(caller, method) };
+          const res = await runWithin(method, deps.callTimeoutMs ?? 60_000, () => run(caller!, call.request));
           report(method, caller, mutating, vmOf(call.request, res), started, { code: Status.OK });
           callback(null, res);
         } catch (e) {
@@ -191,7 +207,7 @@ export function createService(deps: ServiceDeps): { handlers: KvmVfioHandlers; e
       const stop = () => end({ code: Status.UNAVAILABLE, details: 'kvmvfiod is shutting down' });
       try {
         caller = callerOf(call);
-        authorizer.authorize(caller, 'WatchVms');
+        caller = { ...caller, principal: authorizer.authorize(caller, 'WatchVms') };
         const filter = validate.filter(call.request);
         const send = (ev: VmEvent) => {
           if (ended) return;

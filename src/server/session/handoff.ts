@@ -14,6 +14,10 @@ import { type RestoredSession, Session, type SessionOptions } from './session';
 export interface HandoffOptions {
   requestTimeoutMs: number;
   attachTimeoutMs: number;
+  /** Connections at most (attached or not); more are closed at once. */
+  maxConnections?: number;
+  /** Attached sessions at most; an ATTACH beyond is refused with EMFILE. */
+  maxSessions?: number;
   onAttached?(session: Session): void;
   onSocketClosed?(session: Session): void;
   /** A session is done (and, with a VM, its VMM is gone). */
@@ -64,6 +68,7 @@ export class HandoffServer {
     return {
       requestTimeoutMs: this.#opts.requestTimeoutMs,
       attachTimeoutMs: this.#opts.attachTimeoutMs,
+      maxSessions: this.#opts.maxSessions,
       onClosed: (s) => {
         if (this.sessions.delete(s)) this.#opts.onDone?.(s);
       },
@@ -91,6 +96,11 @@ export class HandoffServer {
         return;
       }
       if (!sock) return;
+      if (this.sessions.size >= (this.#opts.maxConnections ?? Number.MAX_SAFE_INTEGER)) {
+        this.#log.warn({ event: 'handoff-connection-refused', limit: this.#opts.maxConnections }, 'handoff connection refused: --max-handoff-connections reached');
+        sock.closeSync();
+        continue;
+      }
       let cred;
       try {
         cred = peerCredentials(sock.fd);

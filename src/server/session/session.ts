@@ -9,7 +9,7 @@
  */
 import type { Logger } from 'pino';
 import type { Broker, Caller } from '../../broker/broker';
-import { DeadlineExceededError, DomainError, FailedPreconditionError, PermissionDeniedError, UnavailableError } from '../../broker/errors';
+import { DeadlineExceededError, DomainError, FailedPreconditionError, PermissionDeniedError, ResourceExhaustedError, UnavailableError } from '../../broker/errors';
 import type { AttachGrant, VmmLink } from '../../broker/vmm';
 import { type FdWatch, type OwnedFd, SIGKILL, type SeqpacketSocket, SysError, peerPidfd, pidfdSendSignal, watchReadable } from '../../kernel';
 import { FdKind, type Message, MsgType, ProtocolError, RESULT_BIT, decode, encode, isResult, typeName } from '../../protocol/session';
@@ -31,6 +31,8 @@ export interface SessionOptions {
   requestTimeoutMs: number;
   /** How long a new connection has to send ATTACH. */
   attachTimeoutMs: number;
+  /** Attached sessions at most, daemon-wide. */
+  maxSessions?: number;
   /** Called once the session needs nothing more: socket closed and, if a VM was attached, the VMM gone. */
   onClosed(session: Session): void;
   /** Called when a VMM has attached (its fds sent): the session's fds may go to the fd store. */
@@ -85,7 +87,7 @@ export class Session implements VmmLink {
     this.peer = peer;
     this.#broker = broker;
     this.#opts = opts;
-    this.#log = log.child({ session: id, vmm_pid: peer.pid, vmm_uid: peer.uid });
+    this.#log = log.child({ session: id, vmm_pid: peer.pid, vmm_uid: peer.uid, vmm_gid: peer.gid });
     this.exited = new Promise((r) => (this.#exited = r));
     if (restored) {
       this.#restored = true;
@@ -239,6 +241,8 @@ export class Session implements VmmLink {
       // SO_PEERCRED gives pid 0 for a peer outside the daemon's pid namespace: such a VMM cannot be
       // watched, limited or killed, so it is refused (a container daemon needs the host's pid namespace).
       if (this.peer.pid <= 0) throw new FailedPreconditionError("the VMM's pid is not visible in kvmvfiod's pid namespace; run kvmvfiod in the host pid namespace");
+      const max = this.#opts.maxSessions ?? Number.MAX_SAFE_INTEGER;
+      if (this.#broker.sessionCount >= max) throw new ResourceExhaustedError(`kvmvfiod has ${this.#broker.sessionCount} VMM sessions; its limit (--max-sessions) is ${max}`);
       // The pidfd first: from here on the VMM is named by it, never by a pid that could be reused.
       this.#pidfd = peerPidfd(this.#sock.fd, this.peer.pid);
       const pidfd = this.#pidfd;

@@ -118,6 +118,29 @@ function onVmGroup(call: (api: KvmVfioApi, id: string, group: number) => Promise
 }
 
 const COMMANDS: Record<string, Command> = {
+  'policy check': {
+    options: [],
+    async run(ctx) {
+      const [file] = positionals(ctx.args, ['FILE']);
+      // Offline: the daemon is not asked. Names resolve against this host's /etc/passwd and /etc/group.
+      const { Policy, PolicyError } = require('../broker/policy') as typeof import('../broker/policy');
+      const { readAccounts } = require('../broker/accounts') as typeof import('../broker/accounts');
+      try {
+        const p = await Policy.load(file, readAccounts());
+        if (!p) {
+          ctx.out(ctx.json ? js.pretty({ ok: false, problems: [`${file}: no such file`] }) : `${file}: no such file\n`);
+          return 1;
+        }
+        ctx.out(ctx.json ? js.pretty({ ok: true, principals: p.principalCount }) : `${file}: valid, ${p.principalCount} principal(s)\n`);
+        return 0;
+      } catch (e) {
+        if (!(e instanceof PolicyError)) throw e;
+        ctx.out(ctx.json ? js.pretty({ ok: false, problems: e.problems }) : `${file}: not valid\n${e.problems.map((x) => `  ${x}\n`).join('')}`);
+        return 1;
+      }
+    },
+  },
+
   info: {
     options: [],
     async run(ctx) {
@@ -309,7 +332,11 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
       return 0;
     }
     let args: string[];
-    if (first === 'vm') {
+    if (first === 'policy') {
+      if (second === undefined || !Object.hasOwn(COMMANDS, `policy ${second}`)) throw new UsageError(`unknown command policy ${second ?? ''}`.trim());
+      command = `policy ${second}`;
+      args = rest;
+    } else if (first === 'vm') {
       command = 'vm';
       if (second === undefined) throw new UsageError('missing vm subcommand');
       if (!Object.hasOwn(COMMANDS, `vm ${second}`)) throw new UsageError(`unknown command vm ${second}`);

@@ -15,6 +15,7 @@ export const SYNOPSIS: Record<string, string> = {
   'vm add-group': 'kvmvfioctl vm add-group VM GROUP',
   'vm remove-group': 'kvmvfioctl vm remove-group VM GROUP',
   attach: 'kvmvfioctl attach [--token TOKEN] [--handoff PATH] -- CMD [ARG]...',
+  'policy check': 'kvmvfioctl policy check FILE',
 };
 
 const VM_COMMANDS = Object.keys(SYNOPSIS).filter((k) => k.startsWith('vm '));
@@ -30,6 +31,7 @@ Commands:
                               prints SERVING, NOT_SERVING...; exit 0 only when SERVING (a container
                               HEALTHCHECK or liveness probe)
   groups [GROUP]              the host's IOMMU groups (devices, drivers, viability, holder), or one
+  policy check FILE           validate a policy file offline (exit 0 valid, 1 not, with where and what)
   vm create NAME --vmm-uid UID [--vfio-device] [--group N]... [--label KEY=VALUE]...
             [--memlock SIZE] [--request-id ID]
                               record a VM (PENDING) and claim its groups; --group needs --vfio-device;

@@ -131,7 +131,7 @@ export class Broker {
       held += this.pool.heldBy(vm.id).length;
     }
     if (newVm && vms >= p.limits.vms) throw new ResourceExhaustedError(`principal ${p.name} holds ${vms} VMs; its limit (limits.vms) is ${p.limits.vms}`);
-    const adding = groups.filter((g) => this.pool.ownerOf(g)?.vmId !== vmId).length;
+    const adding = groups.filter((g) => vmId === undefined || this.pool.ownerOf(g)?.vmId !== vmId).length;
     if (adding && held + adding > p.limits.groups) {
       throw new ResourceExhaustedError(`principal ${p.name} holds ${held} IOMMU groups; ${adding} more would pass its limit (limits.groups) of ${p.limits.groups}`);
     }

@@ -22,9 +22,8 @@ import koffi from 'koffi';
 import { SysError } from './errors';
 import { OwnedFd } from './fd';
 import type { Kvm, VmFd } from './kvm';
-import { lastErrno, libc } from './libc';
+import { lastErrno, lib, libc } from './libc';
 
-const lib = koffi.load('libc.so.6');
 // koffi 3 returns and takes `void *` as a BigInt address.
 const mm = {
   mmap: lib.func('void *mmap(void *addr, size_t len, int prot, int flags, int fd, intptr_t off)'),

@@ -10,7 +10,8 @@
  */
 import koffi from 'koffi';
 
-const lib = koffi.load('libc.so.6');
+/** The one handle of libc; every kernel module declares its functions on it. */
+export const lib = koffi.load('libc.so.6');
 
 export const libc = {
   ioctlInt: lib.func('int ioctl(int fd, unsigned long req, unsigned long arg)'),

@@ -3,12 +3,10 @@
  * RLIMIT_MEMLOCK, and killing it. A pidfd names one process for good, so a
  * recycled pid can never be signalled by mistake.
  */
-import koffi from 'koffi';
 import { SysError } from './errors';
 import { OwnedFd } from './fd';
-import { lastErrno, libc } from './libc';
+import { lastErrno, lib, libc } from './libc';
 
-const lib = koffi.load('libc.so.6');
 const sys = {
   syscall3: lib.func('long syscall(long nr, long a, long b, long c)'),
   syscall4: lib.func('long syscall(long nr, long a, long b, void *c, long d)'),

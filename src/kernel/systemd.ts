@@ -12,7 +12,7 @@
 import koffi from 'koffi';
 import { SysError } from './errors';
 import { OwnedFd } from './fd';
-import { lastErrno } from './libc';
+import { lastErrno, libc } from './libc';
 
 interface SdLib {
   notify(unsetEnv: number, state: string): number;
@@ -37,7 +37,7 @@ function sd(): SdLib | null {
   return lib;
 }
 
-const fcntl = koffi.load('libc.so.6').func('int fcntl(int fd, int cmd, int arg)');
+const fcntl = libc.fcntl;
 const F_SETFD = 2;
 const FD_CLOEXEC = 1;
 const SD_LISTEN_FDS_START = 3;

@@ -11,9 +11,8 @@
 import koffi from 'koffi';
 import { SysError } from './errors';
 import { OwnedFd } from './fd';
-import { lastErrno } from './libc';
+import { lastErrno, lib } from './libc';
 
-const lib = koffi.load('libc.so.6');
 const sys = {
   socket: lib.func('int socket(int domain, int type, int protocol)'),
   bind: lib.func('int bind(int fd, const void *addr, uint32_t len)'),

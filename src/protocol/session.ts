@@ -65,6 +65,8 @@ export function typeName(type: number): string {
   return isResult(type) ? `${base} result` : base;
 }
 
+const strictUtf8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
+
 export function encode(m: Message): Buffer {
   const text = Buffer.from(m.text, 'utf8');
   const len = HEADER_BYTES + MANIFEST_ENTRY_BYTES * m.manifest.length + text.length;
@@ -118,7 +120,13 @@ export function decode(b: Uint8Array, fdsReceived: number): Message {
     manifest.push({ kind, id: buf.readUInt32LE(HEADER_BYTES + 8 * i + 4) });
   }
   const textBytes = buf.subarray(HEADER_BYTES + MANIFEST_ENTRY_BYTES * nfds);
-  const text = new TextDecoder('utf-8', { fatal: false }).decode(textBytes);
+  let text: string;
+  try {
+    // Exactly the bytes sent: no BOM stripped, no invalid UTF-8 papered over.
+    text = strictUtf8.decode(textBytes);
+  } catch {
+    throw new ProtocolError('text is not UTF-8');
+  }
   const status = buf.readInt32LE(12);
   if (status < 0) throw new ProtocolError(`negative status ${status}`);
   return { type, seq: buf.readUInt32LE(8), status, arg: Number(arg), manifest, text };

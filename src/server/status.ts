@@ -35,6 +35,9 @@ const byErrno: Record<string, Status> = {
   ENOMEM: Status.RESOURCE_EXHAUSTED,
   ENOSPC: Status.RESOURCE_EXHAUSTED,
   ETIMEDOUT: Status.DEADLINE_EXCEEDED,
+  EIO: Status.FAILED_PRECONDITION,
+  ENOSYS: Status.UNIMPLEMENTED,
+  EOPNOTSUPP: Status.UNIMPLEMENTED,
   ECONNRESET: Status.UNAVAILABLE,
   EPIPE: Status.UNAVAILABLE,
 };
@@ -46,10 +49,14 @@ export interface MappedStatus {
   ref?: string;
 }
 
-/** The status for a kernel errno; a second KVM-VFIO device (EBUSY) is ALREADY_EXISTS. */
+/**
+ * The status for a kernel errno; a second KVM-VFIO device (EBUSY) is
+ * ALREADY_EXISTS. An errno with no mapping is UNKNOWN, not INTERNAL: it is a
+ * kernel's (or a VMM's) answer, named in the message, not a daemon bug.
+ */
 export function statusForSysError(e: SysError): Status {
   if (e.code === 'EBUSY' && e.call.startsWith('KVM_CREATE_DEVICE')) return Status.ALREADY_EXISTS;
-  return byErrno[e.code] ?? Status.INTERNAL;
+  return byErrno[e.code] ?? Status.UNKNOWN;
 }
 
 export function toStatus(err: unknown): MappedStatus {

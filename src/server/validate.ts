@@ -91,12 +91,9 @@ export function createVm(req: CreateVmRequest__Output): CreateVmSpec {
   if (groups.length && !req.vfio_device) {
     throw new InvalidArgumentError('vfio_device', 'groups need the KVM-VFIO device: set vfio_device');
   }
-  let memlock: bigint;
-  try {
-    memlock = BigInt(req.memlock_bytes || '0');
-  } catch {
-    throw new InvalidArgumentError('memlock_bytes', 'not a number');
-  }
+  const memlockText = req.memlock_bytes || '0';
+  if (!/^\d{1,20}$/.test(memlockText)) throw new InvalidArgumentError('memlock_bytes', 'not a non-negative integer');
+  const memlock = BigInt(memlockText);
   const ram = BigInt(totalmem());
   if (memlock > ram) throw new InvalidArgumentError('memlock_bytes', `${memlock} is more than the host's memory (${ram} bytes)`);
   const requestId = req.request_id;

@@ -213,7 +213,7 @@ export class Session implements VmmLink {
     }
     switch (msg.type) {
       case MsgType.ATTACH:
-        if (msg.arg & ~1) throw new ProtocolError(`ATTACH arg 0x${msg.arg.toString(16)} has unknown bits`);
+        if (msg.arg !== 0 && msg.arg !== 1) throw new ProtocolError(`ATTACH arg 0x${msg.arg.toString(16)} has unknown bits`);
         this.#phase = 'attaching';
         clearTimeout(this.#attachTimer);
         void this.#attach(msg);
@@ -234,7 +234,7 @@ export class Session implements VmmLink {
   }
 
   async #attach(msg: Message): Promise<void> {
-    this.#passive = (msg.arg & 1) === 1;
+    this.#passive = msg.arg === 1;
     let grant: AttachGrant;
     try {
       if (!msg.text) throw new PermissionDeniedError('attach token missing');

@@ -7,7 +7,7 @@ import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
-import { REPO } from './daemon';
+import { REPO, track } from './daemon';
 
 const BIN = join(REPO, 'dist', 'bench', 'bin');
 
@@ -29,7 +29,7 @@ class LineChild {
   #stderr = '';
 
   constructor(argv: string[]) {
-    this.proc = spawn(argv[0], argv.slice(1), { stdio: ['pipe', 'pipe', 'pipe'] });
+    this.proc = track(spawn(argv[0], argv.slice(1), { stdio: ['pipe', 'pipe', 'pipe'] }));
     createInterface({ input: this.proc.stdout! }).on('line', (l) => {
       const w = this.#waiters.shift();
       if (w) w(l);

@@ -18,6 +18,17 @@ import { cpuMs, fdCount, rssMb } from './procstat';
 import { sleep } from './stats';
 
 export const REPO = join(__dirname, '..', '..');
+
+/** Every child this benchmark started that may outlive a crash of it: killed when it exits, however it exits. */
+const children = new Set<ChildProcess>();
+process.on('exit', () => {
+  for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
+});
+export function track(c: ChildProcess): ChildProcess {
+  children.add(c);
+  c.once('exit', () => children.delete(c));
+  return c;
+}
 export const DAEMON_JS = join(REPO, 'dist', 'src', 'daemon', 'main.js');
 const PRELOAD_JS = join(__dirname, 'loop-preload.js');
 
@@ -84,6 +95,7 @@ export class ControlProcess {
       stdio: ['ignore', 'pipe', 'inherit'],
       env: { ...process.env, KVMVFIO_BENCH_LOOP_FILE: file },
     });
+    track(proc);
     await new Promise<void>((resolve, reject) => {
       proc.stdout!.once('data', () => resolve());
       proc.once('exit', (code) => reject(new Error(`the control process exited (${code})`)));
@@ -194,7 +206,7 @@ export class BenchDaemon {
       argv = ['-c', 'LISTEN_PID=$$ exec "$0" "$@"', process.execPath, ...args];
     }
     const spawnedAt = Date.now();
-    const proc = spawn(argv0, argv, { stdio, env });
+    const proc = track(spawn(argv0, argv, { stdio, env }));
     closeSync(out);
     if (kvm !== undefined) closeSync(kvm);
     const d = new BenchDaemon(proc, dir, logPath, loopFile);
@@ -212,6 +224,8 @@ export class BenchDaemon {
       }
       if (gone || Date.now() > deadline) {
         proc.kill('SIGKILL');
+        await d.#exited;
+        await rm(dir, { recursive: true, force: true });
         throw new Error(`kvmvfiod (${opts.tag}) did not start:\n${log.slice(-2000)}`);
       }
       await sleep(5);

@@ -1,11 +1,12 @@
 /**
- * npm run bench [-- --quick] [-- --profile] [-- --only=launch,request,throughput,scale,sessions]
+ * npm run bench [-- --quick] [-- --profile] [-- --only=request,launch,throughput,scale,sessions,fdtable]
  *
  * The broker's cost against the raw kernel path, its throughput and its
  * scale (issue 7), measured on this machine in one run: prints a table and
  * the goals met or missed, and writes bench/results/latest.json (and a
- * copy named by the time). --profile runs the daemon under --cpu-prof and
- * summarises each profile (the numbers of a profiled run are inflated).
+ * copy and the printed text named by the time). --profile takes a CPU
+ * profile of the daemon over each measured window (bench/loop-preload.ts)
+ * and summarises it; the numbers of a profiled run are inflated.
  *
  * Needs root (the raw path opens /dev/kvm; the daemon is root), gcc and
  * /dev/kvm. Goals are reported, never asserted.
@@ -86,37 +87,28 @@ async function main(): Promise<number> {
 
   const t0 = Date.now();
   const results: Record<string, unknown> = { machine: m, quick: ctx.quick, profile: ctx.profile };
+  const phaseS: Record<string, number> = {};
+  const phase = async <T>(name: Phase, title: string, run: () => Promise<T>): Promise<T | undefined> => {
+    if (!only.has(name)) return undefined;
+    const t = Date.now();
+    say(`[${name}] ${title} ...`);
+    const r = await run();
+    phaseS[name] = round((Date.now() - t) / 1000, 1);
+    say(`  (${phaseS[name]} s)`);
+    return r;
+  };
   try {
-    if (only.has('request')) {
-      say('\n[request] AddGroup on a running VM against the floor (ListVms, no match), interleaved ...');
-      results.request = await requestPhase(ctx);
-    }
-    if (only.has('launch')) {
-      say('[launch] raw C against CreateVm → RUNNING, interleaved ...');
-      results.launch = await launchPhase(ctx);
-    }
-    if (only.has('throughput')) {
-      results.throughput = [];
-      for (const c of [16, 64]) {
-        say(`[throughput] ${c} clients ...`);
-        (results.throughput as unknown[]).push(await throughputPhase(ctx, c));
-      }
-    }
-    if (only.has('scale')) {
-      say(`[scale] ${scaleLevels(ctx).join(', ')} PENDING records ...`);
-      results.scale = await scalePhase(ctx);
-    }
-    if (only.has('sessions')) {
-      say('[sessions] 100 and 1,000 live sessions ...');
-      results.sessions = await sessionsPhase(ctx);
-    }
-    if (only.has('fdtable')) {
-      say('[fdtable] fd-table growth in a process with threads ...');
-      results.fdtable = await fdTablePhase();
-    }
+    say('');
+    results.request = await phase('request', 'AddGroup on a running VM against the floor (ListVms, no match), interleaved', () => requestPhase(ctx));
+    results.launch = await phase('launch', 'raw C against CreateVm → RUNNING, interleaved', () => launchPhase(ctx));
+    results.throughput = await phase('throughput', '16, then 64 concurrent clients', async () => [await throughputPhase(ctx, 16), await throughputPhase(ctx, 64)]);
+    results.scale = await phase('scale', `${scaleLevels(ctx).join(', ')} PENDING records`, () => scalePhase(ctx));
+    results.sessions = await phase('sessions', '100 and 1,000 live sessions', () => sessionsPhase(ctx));
+    results.fdtable = await phase('fdtable', 'fd-table growth in a process with threads', () => fdTablePhase());
   } finally {
     await host.cleanup();
   }
+  results.phaseS = phaseS;
   results.wallS = round((Date.now() - t0) / 1000, 1);
 
   say('');
@@ -233,6 +225,7 @@ function report(r: Results, say: (l: string) => void): void {
     table(rows, say);
     for (const t of r.throughput) {
       if (t.failures) say(`   ${t.clients} clients: ${t.failures} failed launches, e.g. ${t.failureSample}`);
+      if (t.vmmErrors) say(`   ${t.clients} clients: the VMM reported ${t.vmmErrors} errors, e.g. ${t.vmmErrorSample}`);
       say(
         `   ${t.clients} clients: ${t.vmsLaunched} VMs; after: RSS ${t.afterRssMb} MB (peak ${t.peakRssMb}), ${t.daemonFds} fds; mass VMM exit of ${t.massExit.vms} VMs: all EXITED after ${t.massExit.exitToAllExitedMs} ms, daemon loop max ${t.massExit.loop.daemon.maxMs} ms`,
       );
@@ -244,7 +237,7 @@ function report(r: Results, say: (l: string) => void): void {
   if (r.scale) {
     const s = r.scale;
     say(`\n4. Scale: records (PENDING, no groups). Idle daemon: RSS ${s.idleRssMb} MB, ${s.idleFds} fds.`);
-    const rows = [['records', 'RSS', 'heap used', 'state file', 'fds/VM', 'fill CreateVm/s', 'GetVm p50', 'ListVms filtered p50', 'CreateVm p50', 'DeleteVm p50', 'ListVms all p50', 'loop max (all)']];
+    const rows = [['records', 'RSS', 'heap used', 'state file', 'fds/VM', 'fill CreateVm/s', 'GetVm p50', 'ListVms filtered p50', 'CreateVm p50', 'DeleteVm p50', 'GetVm after a write p50', 'ListVms all p50', 'loop max (all)']];
     for (const l of s.levels) {
       rows.push([
         String(l.records),
@@ -257,6 +250,7 @@ function report(r: Results, say: (l: string) => void): void {
         fmtUs(l.listVmsFiltered.p50),
         fmtUs(l.createVm.p50),
         fmtUs(l.deleteVm.p50),
+        fmtUs(l.getVmWhileWriting.p50),
         fmtUs(l.listVmsAll.p50),
         `${l.loop.daemon.maxMs} ms (${l.listAllLoopMaxMs} ms)`,
       ]);
@@ -280,6 +274,8 @@ function report(r: Results, say: (l: string) => void): void {
       goals.push(['  (same for ListVms with a filter)', `${round(lf, 2)}×`, verdict(lf <= 1.2)]);
       const cr = top.createVm.p50 / base.createVm.p50;
       goals.push(['  (same for CreateVm)', `${round(cr, 2)}×`, verdict(cr <= 1.2)]);
+      const gw = top.getVmWhileWriting.p50 / base.getVmWhileWriting.p50;
+      goals.push(['  (same for GetVm right after a write)', `${round(gw, 2)}×`, verdict(gw <= 1.2)]);
     }
   }
 

@@ -70,7 +70,7 @@ export async function launchPhase(ctx: Ctx): Promise<LaunchResult> {
     const series: LaunchSeries[] = [];
     for (const mode of ['back-to-back', 'idle'] as const) {
       const warm = ctx.quick ? 20 : 50;
-      const n = mode === 'idle' ? (ctx.quick ? 30 : 150) : ctx.quick ? 60 : 300;
+      const n = mode === 'idle' ? (ctx.quick ? 20 : 150) : ctx.quick ? 50 : 300;
       const r = { total: [] as number[], vm: [] as number[], dev: [] as number[], attr: [] as number[] };
       let attrErrno = 0;
       const b = { net: [] as number[], gross: [] as number[] };
@@ -153,7 +153,7 @@ export interface RequestResult {
  * The floor is ListVms filtered by a label no VM has: it goes through the
  * same path as every KvmVfio call (connection's peer credentials, the
  * authorizer, the handler wrapper, validation) and answers the smallest
- * message, after a scan of the 2 records this stand holds. GetHostInfo is
+ * message, after a scan of the one record this stand holds. GetHostInfo is
  * not a floor (it reads /proc/self/fd and walks sysfs per call) and the
  * health service skips the KvmVfio wrapper.
  */
@@ -179,8 +179,8 @@ export async function requestPhase(ctx: Ctx): Promise<RequestResult> {
       if (vms.length) throw new Error('the floor call matched a VM');
     };
     // grpc-js and the handlers need ~1,000 calls before their time settles (JIT): warm up well.
-    const warm = ctx.quick ? 400 : 1000;
-    const n = ctx.quick ? 700 : 3000;
+    const warm = ctx.quick ? 300 : 1000;
+    const n = ctx.quick ? 500 : 3000;
     const add: number[] = [];
     const flo: number[] = [];
     await st.beginLoopWindow();
@@ -229,6 +229,9 @@ export interface ThroughputResult {
   latency: Summary;
   failures: number;
   failureSample?: string;
+  /** What the VMM reported failing (attach refused, connect failed ...), with the count. */
+  vmmErrors: number;
+  vmmErrorSample?: string;
   /** CPU ms used per launch in the window, per process. */
   cpuMsPerLaunch: Record<string, number>;
   /** Share of one CPU each process used in the window. */
@@ -248,7 +251,7 @@ export async function throughputPhase(ctx: Ctx, clients: number): Promise<Throug
     const apis = Array.from({ length: clients }, () => st.daemon.client());
     // Every channel connected before the clock starts.
     await Promise.all(apis.map((a) => a.listVms({ labels: { bench: 'none' } })));
-    const warmMs = ctx.quick ? 300 : 700;
+    const warmMs = ctx.quick ? 200 : 700;
     const windowMs = ctx.quick ? 1000 : 3000;
     let stop = false;
     let wStart = Infinity;
@@ -294,6 +297,7 @@ export async function throughputPhase(ctx: Ctx, clients: number): Promise<Throug
     const afterRssMb = round(st.daemon.rssMb(), 1);
     const peakRssMb = st.takePeakRssMb();
     const daemonFds = st.daemon.fdCount();
+    const vmmErrors = [...st.vmm!.strayErrors];
     const massExit = await massVmmExit(st, launched);
     return {
       clients,
@@ -302,6 +306,8 @@ export async function throughputPhase(ctx: Ctx, clients: number): Promise<Throug
       latency: rs(lat),
       failures,
       failureSample,
+      vmmErrors: vmmErrors.length,
+      vmmErrorSample: vmmErrors[0],
       cpuMsPerLaunch: Object.fromEntries(Object.entries(cpuMs).map(([k, v]) => [k, round(v / Math.max(1, inWindow), 3)])),
       cpuShare: Object.fromEntries(Object.entries(cpuMs).map(([k, v]) => [k, round(v / wallMs, 2)])),
       daemonLogBytesPerLaunch: round(logBytes / Math.max(1, inWindow), 0),
@@ -348,7 +354,10 @@ export interface LevelResult {
   fdsPerVm: number;
   /** CreateVm calls per second while filling up to this level (32 in flight). */
   fillPerS: number;
+  /** With nothing written meanwhile. */
   getVm: Summary;
+  /** Right after another call changed the records (the state file is being rewritten). */
+  getVmWhileWriting: Summary;
   listVmsFiltered: Summary;
   createVm: Summary;
   deleteVm: Summary;
@@ -389,14 +398,14 @@ export async function scalePhase(ctx: Ctx): Promise<ScaleResult> {
   const saved = await mkdtemp(join(tmpdir(), 'kvmvfiod-bench-states-'));
   const states = new Map<number, string>();
   try {
-    await sleep(1000);
+    await sleep(ctx.quick ? 500 : 1000);
     const idleRssMb = round(st.daemon.rssMb(), 1);
     const idleFds = st.daemon.fdCount();
     const apis = Array.from({ length: 4 }, () => st.daemon.client());
     const ids: string[] = [];
     let created = 0;
     const levels: LevelResult[] = [];
-    const rounds = ctx.quick ? 150 : 400;
+    const rounds = ctx.quick ? 100 : 400;
     for (const target of scaleLevels(ctx)) {
       const t0 = nowUs();
       const before = created;
@@ -413,7 +422,7 @@ export async function scalePhase(ctx: Ctx): Promise<ScaleResult> {
       };
       await Promise.all(apis.flatMap((a) => Array.from({ length: 8 }, () => filler(a))));
       const fillPerS = round((created - before) / ((nowUs() - t0) / 1e6), 0);
-      await sleep(500);
+      await sleep(ctx.quick ? 200 : 500);
       const stateFileKb = round((await saveState(st, target, join(saved, `state-${target}.json`))) / 1024, 0);
       states.set(target, join(saved, `state-${target}.json`));
       const stats = await st.daemon.loopStats();
@@ -423,32 +432,38 @@ export async function scalePhase(ctx: Ctx): Promise<ScaleResult> {
       const list: number[] = [];
       const create: number[] = [];
       const del: number[] = [];
+      const getMixed: number[] = [];
+      const timed = async (into: number[] | undefined, call: () => Promise<unknown>) => {
+        const t = nowUs();
+        await call();
+        into?.push(nowUs() - t);
+      };
+      const getOne = (r: number) => () => st.api.getVm(ids[(r * 7919) % ids.length]);
+      const listSelected = async () => {
+        const { vms } = await st.api.listVms({ labels: { sel: 'probe' } });
+        if (vms.length !== SELECTED) throw new Error(`filtered ListVms matched ${vms.length}, not ${SELECTED}`);
+      };
+      // Created and deleted again, so the level stays where it is.
+      let tmp = 0;
+      const createDelete = async (c?: number[], d?: number[]) => {
+        let id = '';
+        await timed(c, async () => (id = (await st.api.createVm({ name: `tmp-${target}-${++tmp}`, vmm_uid: NOBODY, labels: { bench: 'tmp' } })).vm!.id));
+        await timed(d, () => st.api.deleteVm({ vm_id: id }));
+      };
       await st.beginLoopWindow();
       // The first level warms the handlers up (JIT) well, or it would look slower than the later ones.
-      const warm = levels.length === 0 ? (ctx.quick ? 200 : 500) : 20;
+      const warm = levels.length === 0 ? (ctx.quick ? 100 : 500) : 20;
+      // Reads alone: nothing is written meanwhile.
       for (let r = -warm; r < rounds; r++) {
-        const ops = ['get', 'list', 'create'] as const;
-        for (let k = 0; k < 3; k++) {
-          const op = ops[(r + k + 30) % 3];
-          const t = nowUs();
-          if (op === 'get') {
-            await st.api.getVm(ids[((r + warm) * 7919 + k) % ids.length]);
-            if (r >= 0) get.push(nowUs() - t);
-          } else if (op === 'list') {
-            const { vms } = await st.api.listVms({ labels: { sel: 'probe' } });
-            if (vms.length !== SELECTED) throw new Error(`filtered ListVms matched ${vms.length}, not ${SELECTED}`);
-            if (r >= 0) list.push(nowUs() - t);
-          } else {
-            // Created and deleted again, so the level stays where it is.
-            const res = await st.api.createVm({ name: `tmp-${target}-${r + warm}`, vmm_uid: NOBODY, labels: { bench: 'tmp' } });
-            const t2 = nowUs();
-            await st.api.deleteVm({ vm_id: res.vm!.id });
-            if (r >= 0) {
-              create.push(t2 - t);
-              del.push(nowUs() - t2);
-            }
-          }
-        }
+        await timed(r >= 0 ? get : undefined, getOne(r + warm));
+        await timed(r >= 0 ? list : undefined, listSelected);
+      }
+      // Writes: each CreateVm and DeleteVm changes the record set (and rewrites the state file).
+      for (let r = -warm / 2; r < rounds / 2; r++) await createDelete(r >= 0 ? create : undefined, r >= 0 ? del : undefined);
+      // Reads while another client writes: a GetVm right after each CreateVm and DeleteVm.
+      for (let r = 0; r < rounds / 2; r++) {
+        await createDelete();
+        await timed(getMixed, getOne(r));
       }
       const loop = (await st.endLoopWindow(`calls-${target}`))!;
       const all: number[] = [];
@@ -467,6 +482,7 @@ export async function scalePhase(ctx: Ctx): Promise<ScaleResult> {
         fdsPerVm: round((daemonFds - idleFds) / target, 3),
         fillPerS,
         getVm: rs(get),
+        getVmWhileWriting: rs(getMixed),
         listVmsFiltered: rs(list),
         createVm: rs(create),
         deleteVm: rs(del),
@@ -480,10 +496,10 @@ export async function scalePhase(ctx: Ctx): Promise<ScaleResult> {
     const peakRssMb = st.takePeakRssMb();
     await st.close();
     const restore: RestoreResult[] = [];
-    for (const records of [0, ...scaleLevels(ctx).slice(1)]) {
+    for (const records of ctx.quick ? [0, scaleLevels(ctx).at(-1)!] : [0, ...scaleLevels(ctx).slice(1)]) {
       const r: RestoreResult = { records, startMs: [], restoreMs: [], rssMb: NaN };
       for (let k = 0; k < (ctx.quick ? 1 : 3); k++) {
-        const d = await BenchDaemon.start({ tag: `restore${records}`, sysfs: ctx.host.sysfs, dev: ctx.host.dev, stateFile: states.get(records), passKvmFd: true });
+        const d = await BenchDaemon.start({ tag: `restore${records}`, sysfs: ctx.host.sysfs, dev: ctx.host.dev, stateFile: states.get(records), passKvmFd: true, args: ['--max-vms', '50000'] });
         try {
           if (records && d.restored?.vms !== records) throw new Error(`restored ${d.restored?.vms} records, not ${records}`);
           r.startMs.push(d.startMs);
@@ -575,13 +591,13 @@ export async function sessionsPhase(ctx: Ctx): Promise<SessionsResult> {
       };
       await Promise.all(apis.map(worker));
       const fillPerS = round((target - (levels.at(-1)?.sessions ?? 0)) / ((nowUs() - t0) / 1e6), 0);
-      await sleep(500);
+      await sleep(ctx.quick ? 200 : 500);
       const rssMb = round(st.daemon.rssMb(), 1);
       const daemonFds = st.daemon.fdCount();
       const heap = await st.daemon.loopStats();
       const get: number[] = [];
       const list: number[] = [];
-      const warm = levels.length === 0 ? (ctx.quick ? 300 : 800) : 20;
+      const warm = levels.length === 0 ? (ctx.quick ? 150 : 800) : 20;
       for (let r = -warm; r < rounds; r++) {
         for (const op of r % 2 ? ['get', 'list'] : ['list', 'get']) {
           const t = nowUs();

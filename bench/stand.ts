@@ -1,8 +1,9 @@
 /**
  * A test stand for one phase: a fresh daemon (so no phase pays for another's
  * records), an orchestrator client, and as the phase needs them the
- * benchmark VMM, a WatchVms stream and the external event-loop probe. Also
- * the event-loop window: every process's loop delay over a stretch of work.
+ * benchmark VMM, a WatchVms stream and the event-loop watchers (the daemon's
+ * preloaded histogram, the external probe, an idle control process). A loop
+ * window reads every process's loop delay over a stretch of work.
  */
 import { existsSync, mkdirSync, renameSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
@@ -97,7 +98,10 @@ export class Stand {
     }
     // --profile needs the preload's windows, so it watches loops everywhere (its numbers are inflated anyway).
     const loop = want.loop === true || ctx.profile;
-    const daemon = await BenchDaemon.start({ tag, sysfs: ctx.host.sysfs, dev: ctx.host.dev, profileDir, loopMonitor: loop });
+    // Its daemon-wide caps (10,000 VMs, 8,000 sessions, 2,048 handoff connections by default) raised:
+    // this measures cost, not the caps (the throughput phase keeps thousands of sessions open).
+    const args = ['--max-vms', '50000', '--max-sessions', '50000', '--max-handoff-connections', '50000'];
+    const daemon = await BenchDaemon.start({ tag, sysfs: ctx.host.sysfs, dev: ctx.host.dev, profileDir, loopMonitor: loop, args });
     daemon.profileDir = profileDir;
     const s = new Stand(ctx, tag, daemon);
     try {
@@ -123,7 +127,6 @@ export class Stand {
     this.probe = await LoopProbe.start(this.#ctx.bins.loopProbe, this.daemon.handoffSocket, attach_token!.token);
   }
 
-  /** Starts an event-loop window in every process of the stand. */
   /** Starts an event-loop window (and a profile with --profile); nothing when this stand watches no loop. */
   async beginLoopWindow(): Promise<void> {
     if (!this.control) return;

@@ -6,6 +6,7 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
+import { track } from './daemon';
 import type { FromVmm, ToVmm } from './vmm';
 
 const VMM_JS = join(__dirname, 'vmm.js');
@@ -40,11 +41,11 @@ export class BenchVmm {
     const asNobody = process.getuid?.() === 0 && existsSync(SETPRIV);
     const node = [process.execPath, VMM_JS];
     const argv = asNobody ? [SETPRIV, `--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', ...node] : node;
-    const proc = spawn(argv[0], argv.slice(1), {
+    const proc = track(spawn(argv[0], argv.slice(1), {
       stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
       // Many KVM-VFIO device closes at once share RCU grace periods only if they run in parallel.
       env: { ...process.env, KVMVFIO_HANDOFF: handoffSocket, UV_THREADPOOL_SIZE: '128' },
-    });
+    }));
     const ready = await new Promise<Extract<FromVmm, { t: 'ready' }>>((resolve, reject) => {
       proc.once('message', (m: FromVmm) => (m.t === 'ready' ? resolve(m) : reject(new Error(`bench vmm: ${JSON.stringify(m)}`))));
       proc.once('exit', (code) => reject(new Error(`bench vmm exited (${code}) before it was ready`)));

@@ -123,6 +123,8 @@ export class Broker {
     if (!p) return;
     for (const g of groups) if (!p.mayUseGroup(g)) throw new PermissionDeniedError(`principal ${p.name} may not use IOMMU group ${g}`);
     if (vmmUid !== undefined && !p.mayNameVmmUid(vmmUid)) throw new PermissionDeniedError(`principal ${p.name} may not name vmm_uid ${vmmUid}`);
+    // Unlimited (root): nothing to count.
+    if (p.limits.vms >= Number.MAX_SAFE_INTEGER && p.limits.groups >= Number.MAX_SAFE_INTEGER) return;
     let vms = 0;
     let held = 0;
     for (const vm of this.vms.all()) {
@@ -139,7 +141,7 @@ export class Broker {
 
   #checkPendingTokens(caller: Caller): void {
     const p = caller.principal;
-    if (!p) return;
+    if (!p || p.limits.pendingTokens >= Number.MAX_SAFE_INTEGER) return;
     const mine = new Set<string>();
     for (const vm of this.vms.all()) if (vm.principal === p.name) mine.add(vm.id);
     const pending = this.tokens.pendingFor(mine);

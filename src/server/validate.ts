@@ -23,7 +23,9 @@ const DNS_LABEL = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/;
 const LABEL_KEY = /^[A-Za-z0-9._/-]+$/;
 const REQUEST_ID = /^[A-Za-z0-9._:-]+$/;
 const VM_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
-const MAX_UID = 0xfffffffe; // (uid_t)-1 means "no uid" to the kernel
+const MAX_UID = 0xfffffffe;
+/** Read once: os.totalmem() reads /proc/meminfo on every call. */
+const HOST_RAM = BigInt(totalmem()); // (uid_t)-1 means "no uid" to the kernel
 
 const stateNames = new Map<string, VmState>([
   ['VM_STATE_PENDING', 'PENDING'],
@@ -94,7 +96,7 @@ export function createVm(req: CreateVmRequest__Output): CreateVmSpec {
   const memlockText = req.memlock_bytes || '0';
   if (!/^\d{1,20}$/.test(memlockText)) throw new InvalidArgumentError('memlock_bytes', 'not a non-negative integer');
   const memlock = BigInt(memlockText);
-  const ram = BigInt(totalmem());
+  const ram = HOST_RAM;
   if (memlock > ram) throw new InvalidArgumentError('memlock_bytes', `${memlock} is more than the host's memory (${ram} bytes)`);
   const requestId = req.request_id;
   if (requestId && (requestId.length > LIMITS.requestIdLength || !REQUEST_ID.test(requestId))) {

@@ -14,7 +14,7 @@ import { type RestoredSession, Session, type SessionOptions } from './session';
 export interface HandoffOptions {
   requestTimeoutMs: number;
   attachTimeoutMs: number;
-  /** Connections at most (attached or not); more are closed at once. */
+  /** Connections that have not attached yet, at most; more are closed at once. */
   maxConnections?: number;
   /** Attached sessions at most; an ATTACH beyond is refused with EMFILE. */
   maxSessions?: number;
@@ -96,7 +96,8 @@ export class HandoffServer {
         return;
       }
       if (!sock) return;
-      if (this.sessions.size >= (this.#opts.maxConnections ?? Number.MAX_SAFE_INTEGER)) {
+      // Connections not yet attached: attached sessions are bounded by --max-sessions instead.
+      if (this.sessions.size - this.#broker.sessionCount >= (this.#opts.maxConnections ?? Number.MAX_SAFE_INTEGER)) {
         this.#log.warn({ event: 'handoff-connection-refused', limit: this.#opts.maxConnections }, 'handoff connection refused: --max-handoff-connections reached');
         sock.closeSync();
         continue;

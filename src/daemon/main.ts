@@ -1,5 +1,6 @@
 #!/usr/bin/env node
 /** kvmvfiod: the entry point. Parses settings, starts the daemon, stops it on SIGTERM/SIGINT. */
+import { monitorEventLoopDelay } from 'node:perf_hooks';
 import pino from 'pino';
 import { DAEMON_VERSION } from '../version';
 import { ConfigError, USAGE, parseConfig } from './config';
@@ -44,6 +45,18 @@ async function main(): Promise<number> {
 
   process.on('SIGHUP', () => void daemon.reloadPolicy());
 
+  // KVMVFIOD_LOOP_STATS=1: the event loop's delay histogram, logged every 10 s and at stop (benchmarks, diagnosis).
+  let loopStats: (() => void) | undefined;
+  if (process.env.KVMVFIOD_LOOP_STATS === '1') {
+    const h = monitorEventLoopDelay({ resolution: 2 });
+    h.enable();
+    loopStats = () => {
+      log.info({ event: 'loop-delay', max_ms: h.max / 1e6, p99_ms: h.percentile(99) / 1e6, mean_ms: h.mean / 1e6 }, 'event-loop delay');
+      h.reset();
+    };
+    setInterval(loopStats, 10_000).unref();
+  }
+
   return new Promise<number>((resolve) => {
     const onSignal = (signal: NodeJS.Signals) => {
       log.info({ event: 'signal', signal }, 'stopping');
@@ -53,7 +66,10 @@ async function main(): Promise<number> {
       process.on('SIGTERM', () => {});
       process.on('SIGINT', () => {});
       daemon.stop().then(
-        () => resolve(0),
+        () => {
+          loopStats?.();
+          resolve(0);
+        },
         (e) => {
           log.error({ event: 'stop-failed', err: (e as Error).message }, 'error while stopping');
           resolve(1);

@@ -19,7 +19,7 @@ import { VmRegistry } from '../broker/vms';
 import { TokenStore } from '../broker/tokens';
 import type { VmmHost } from '../broker/vmm';
 import { StateFile } from '../broker/state';
-import { Kvm, OwnedFd, SeqpacketSocket, SysError, Systemd, VfioGroup, fdLimits, listOpenFds, openFdCount, setMemlockLimit, takeListenFds } from '../kernel';
+import { Kvm, OwnedFd, SeqpacketSocket, SysError, Systemd, VfioGroup, fdLimits, listOpenFds, openFdCount, presizeFdTable, setMemlockLimit, takeListenFds } from '../kernel';
 import { FdStore, fdName } from './fdstore';
 import { HandoffServer } from '../server/session/handoff';
 import { PolicyAuthorizer } from '../server/auth';
@@ -65,6 +65,8 @@ export class Daemon {
 
   async start(): Promise<void> {
     const { config, log } = this;
+    // Up to the fds the daemon may use, so the table never grows (and stalls the loop) under load.
+    presizeFdTable(Math.min(fdLimits().soft, 1 << 16));
     const passed = takeListenFds();
     const take = (name: string): OwnedFd | undefined => {
       const list = passed.get(name);

@@ -3,7 +3,7 @@ export { SysError, errnoName, Errno } from './errors';
 export { OwnedFd } from './fd';
 export { Kvm, VmFd, KvmVfioDevice } from './kvm';
 export { VfioGroup, VfioContainer, VfioDevice, type VfioGroupStatus } from './vfio';
-export { peerCredentials, fdLimits, openFdCount, listOpenFds, kernelRelease, probeKvmVfio, type PeerCred, type FdLimits, type KvmVfioSupport } from './host';
+export { peerCredentials, fdLimits, openFdCount, listOpenFds, presizeFdTable, kernelRelease, probeKvmVfio, type PeerCred, type FdLimits, type KvmVfioSupport } from './host';
 export { KVM, KVM_DEV_VFIO, VFIO } from './libc';
 export { SeqpacketSocket, SeqpacketListener, bindDatagramSocket, watchReadable, MAX_RECORD, MAX_FDS, type Received, type FdWatch } from './unix';
 export { pidfdOpen, peerPidfd, pidfdSendSignal, setMemlockLimit, getMemlockLimit, inheritAcrossExec, execReplace, SIGKILL, SIGTERM } from './process';

@@ -492,6 +492,9 @@ sctl stop $UNIT > /dev/null 2>&1
 ct timeout "$WAIT" systemd-run --quiet --wait --collect --unit=kvmvfio-vmm-bogus --property=User=nobody --property=SyslogIdentifier=lane-vmm-bogus \
   --setenv=KVMVFIO_TOKEN=not-a-token /usr/bin/node $INSTALL/dist/src/vmm/reference.js > /dev/null 2>&1
 refused=$(ct journalctl -q --no-pager -t lane-vmm-bogus -o cat | grep -m1 '"event":"attach-refused"')
+# The daemon may answer the VMM a moment before its READY=1 (the state file is flushed last): wait for it.
+unit_active() { [ "$(prop $UNIT ActiveState)" = active ]; }
+wait_until "$WAIT" unit_active || true
 check "activation (handoff)" "service $(prop $UNIT ActiveState) after a VMM's connect; VMM: ${refused:-no refusal seen}" \
   test "$(prop $UNIT ActiveState)" = active -a -n "$refused"
 

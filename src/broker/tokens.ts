@@ -21,6 +21,9 @@ const digest = (token: string) => createHash('sha256').update(token).digest('bas
 
 export class TokenStore {
   readonly #live = new Map<string, Entry>();
+  /** The live token of each VM (one at most), so revoking is not a scan. */
+  readonly #byVm = new Map<string, string>();
+  #sweptAt = 0;
   /** Redeemed tokens, remembered until they would have expired, to say "used" rather than "unknown". */
   readonly #used = new Map<string, number>();
   readonly #now: () => number;
@@ -37,7 +40,9 @@ export class TokenStore {
     this.#sweep();
     const token = randomBytes(32).toString('base64url');
     const expiresAt = this.#now() + this.ttlMs;
-    this.#live.set(digest(token), { vmId, vmmUid, expiresAt });
+    const key = digest(token);
+    this.#live.set(key, { vmId, vmmUid, expiresAt });
+    this.#byVm.set(vmId, key);
     return { token, expiresAt: new Date(expiresAt) };
   }
 
@@ -53,36 +58,45 @@ export class TokenStore {
       throw new PermissionDeniedError(this.#used.has(key) ? 'attach token was already used' : 'attach token is not known');
     }
     if (e.expiresAt <= this.#now()) {
-      this.#live.delete(key);
+      this.#drop(key, e.vmId);
       throw new PermissionDeniedError('attach token has expired');
     }
     if (e.vmmUid !== uid) throw new PermissionDeniedError(`attach token is for vmm uid ${e.vmmUid}, not uid ${uid}`);
-    this.#live.delete(key);
+    this.#drop(key, e.vmId);
     this.#used.set(key, e.expiresAt);
     return e.vmId;
   }
 
   revokeVm(vmId: string): void {
-    for (const [k, e] of this.#live) if (e.vmId === vmId) this.#live.delete(k);
+    const key = this.#byVm.get(vmId);
+    if (key) this.#drop(key, vmId);
+  }
+
+  #drop(key: string, vmId: string): void {
+    this.#live.delete(key);
+    if (this.#byVm.get(vmId) === key) this.#byVm.delete(vmId);
   }
 
   /** Tokens still redeemable for any of `vmIds`. */
   pendingFor(vmIds: Set<string>): number {
-    this.#sweep();
+    this.#sweep(true);
     let n = 0;
-    for (const e of this.#live.values()) if (vmIds.has(e.vmId)) n++;
+    for (const id of vmIds) if (this.#byVm.has(id)) n++;
     return n;
   }
 
   /** Tokens still redeemable. */
   get pending(): number {
-    this.#sweep();
+    this.#sweep(true);
     return this.#live.size;
   }
 
-  #sweep(): void {
+  /** Forgets expired tokens; at most once a second (redeem checks expiry itself). */
+  #sweep(force = false): void {
     const now = this.#now();
-    for (const [k, e] of this.#live) if (e.expiresAt <= now) this.#live.delete(k);
+    if (!force && now - this.#sweptAt < 1000) return;
+    this.#sweptAt = now;
+    for (const [k, e] of this.#live) if (e.expiresAt <= now) this.#drop(k, e.vmId);
     for (const [k, t] of this.#used) if (t <= now) this.#used.delete(k);
   }
 }

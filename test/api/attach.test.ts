@@ -7,7 +7,7 @@
  */
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { chmodSync, mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -16,7 +16,7 @@ import { type KvmVfioApi } from '../../src/client/client';
 import { SeqpacketListener } from '../../src/kernel';
 import { makeFakeHost, type FakeHost } from '../helpers/fakehost';
 import { CLI_JS, REPO, startDaemon, type RunningDaemon } from '../helpers/daemon';
-import { NOBODY } from '../helpers/vmmproc';
+import { NOBODY, type VmmProc, collectJsonLines } from '../helpers/vmmproc';
 import { expectStatus, until } from '../helpers/assert';
 
 const FDCHECK = join(REPO, 'dist', 'test', 'helpers', 'fdcheck.js');
@@ -24,17 +24,7 @@ const NOBODY_UID = 65534;
 const vfioGroup = (n: number) => ({ number: n, devices: [{ address: `0000:00:${String(n).padStart(2, '0')}.0`, vendor: '8086', device: '10d3', class: '020000', driver: 'vfio-pci' }] });
 
 type Json = Record<string, unknown>;
-
-interface Attached {
-  proc: ChildProcess;
-  pid: number;
-  lines: Json[];
-  stdout(): string;
-  stderr(): string;
-  /** The first line with this event, or a rejection naming what was seen. */
-  waitFor(event: string, timeoutMs?: number): Promise<Json>;
-  exit: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
-}
+type Attached = VmmProc;
 
 const running: Attached[] = [];
 const EXTRA_FD = 40;
@@ -57,62 +47,7 @@ function attach(args: readonly string[], env: Record<string, string> = {}, extra
     // Only directories uid 65534 may search: execvp reports EACCES, not ENOENT, after one it may not.
     env: { ...base, PATH: `${dirname(process.execPath)}:/usr/bin:/bin`, ...env },
   });
-  const lines: Json[] = [];
-  const waiters = new Set<() => void>();
-  let out = '';
-  let err = '';
-  let buf = '';
-  proc.stdout!.setEncoding('utf8').on('data', (c: string) => {
-    out += c;
-    buf += c;
-    let i;
-    while ((i = buf.indexOf('\n')) >= 0) {
-      const line = buf.slice(0, i);
-      buf = buf.slice(i + 1);
-      try {
-        lines.push(JSON.parse(line) as Json);
-      } catch {
-        lines.push({ event: 'text', line });
-      }
-      for (const w of waiters) w();
-    }
-  });
-  proc.stderr!.setEncoding('utf8').on('data', (c: string) => (err += c));
-  const exit = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((r) => proc.once('exit', (code, signal) => r({ code, signal })));
-  const a: Attached = {
-    proc,
-    pid: proc.pid!,
-    lines,
-    stdout: () => out,
-    stderr: () => err,
-    exit,
-    waitFor: (event, timeoutMs = 15_000) =>
-      new Promise((resolve, reject) => {
-        const check = () => {
-          const hit = lines.find((l) => l.event === event);
-          if (hit) {
-            waiters.delete(check);
-            clearTimeout(t);
-            resolve(hit);
-          }
-        };
-        const t = setTimeout(() => {
-          waiters.delete(check);
-          reject(new Error(`no ${event} line in ${timeoutMs} ms; stdout: ${out}; stderr: ${err}`));
-        }, timeoutMs);
-        waiters.add(check);
-        check();
-        // Exited without it: say so now rather than at the timeout.
-        void exit.then((x) =>
-          setTimeout(() => {
-            if (!waiters.has(check)) return;
-            waiters.delete(check);
-            clearTimeout(t);
-            reject(new Error(`exited ${JSON.stringify(x)} without a ${event} line; stdout: ${out}; stderr: ${err}`));
-          }, 50),
-        );
-      }),
-  };
+  const a: Attached = collectJsonLines(proc);
   running.push(a);
   return a;
 }

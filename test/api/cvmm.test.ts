@@ -6,7 +6,8 @@
  */
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { type ChildProcess, spawn } from 'node:child_process';
+import { spawn } from 'node:child_process';
+import { type VmmEvent, type VmmProc, collectJsonLines } from '../helpers/vmmproc';
 import { readdir, readlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { status } from '@grpc/grpc-js';
@@ -18,70 +19,16 @@ import { startDaemon, type RunningDaemon } from '../helpers/daemon';
 const NOBODY = 65534;
 const GROUP = 5;
 
-type Event = { event: string; [k: string]: unknown };
-
-interface CVmm {
-  proc: ChildProcess;
-  events: Event[];
-  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
-  waitFor(pred: (e: Event) => boolean, what: string, timeoutMs?: number): Promise<Event>;
-  stderr(): string;
-}
+type Event = VmmEvent;
 
 /** Runs the VMM as nobody with no supplementary groups; stdout is parsed as JSON lines. */
-function runCVmm(bin: string, handoff: string, token: string): CVmm {
-  const proc = spawn('setpriv', [`--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', bin, handoff], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-    env: { PATH: process.env.PATH ?? '/usr/bin:/bin', KVMVFIO_TOKEN: token },
-  });
-  const events: Event[] = [];
-  const waiters = new Set<() => void>();
-  let out = '';
-  let err = '';
-  proc.stdout!.setEncoding('utf8').on('data', (chunk: string) => {
-    out += chunk;
-    let i;
-    while ((i = out.indexOf('\n')) >= 0) {
-      const line = out.slice(0, i);
-      out = out.slice(i + 1);
-      // A line that is not JSON fails the test where it is awaited.
-      try {
-        events.push(JSON.parse(line) as Event);
-      } catch {
-        events.push({ event: 'not-json', line });
-      }
-      for (const w of waiters) w();
-    }
-  });
-  proc.stderr!.setEncoding('utf8').on('data', (c: string) => (err += c));
-  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
-    proc.once('exit', (code, signal) => {
-      resolve({ code, signal });
-      for (const w of waiters) w();
+function runCVmm(bin: string, handoff: string, token: string): VmmProc {
+  return collectJsonLines(
+    spawn('setpriv', [`--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', bin, handoff], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+      env: { PATH: process.env.PATH ?? '/usr/bin:/bin', KVMVFIO_TOKEN: token },
     }),
   );
-  const waitFor = (pred: (e: Event) => boolean, what: string, timeoutMs = 10_000) =>
-    new Promise<Event>((resolve, reject) => {
-      const check = () => {
-        const hit = events.find(pred);
-        if (hit) {
-          waiters.delete(check);
-          clearTimeout(timer);
-          resolve(hit);
-        } else if (proc.exitCode !== null || proc.signalCode !== null) {
-          waiters.delete(check);
-          clearTimeout(timer);
-          reject(new Error(`VMM exited (${proc.exitCode ?? proc.signalCode}) before ${what}; events: ${JSON.stringify(events)}; stderr: ${err}`));
-        }
-      };
-      const timer = setTimeout(() => {
-        waiters.delete(check);
-        reject(new Error(`no ${what} from the VMM in ${timeoutMs} ms; events: ${JSON.stringify(events)}; stderr: ${err}`));
-      }, timeoutMs);
-      waiters.add(check);
-      check();
-    });
-  return { proc, events, exited, waitFor, stderr: () => err };
 }
 
 async function expectStatus(p: Promise<unknown>, code: status, ...details: RegExp[]): Promise<string> {
@@ -119,7 +66,7 @@ describe('the C reference VMM speaks the session protocol', () => {
   let c: KvmVfioApi;
   let bin: string;
   let handoff: string;
-  const vmms: CVmm[] = [];
+  const vmms: VmmProc[] = [];
 
   before(async () => {
     bin = await buildCVmm();
@@ -133,7 +80,7 @@ describe('the C reference VMM speaks the session protocol', () => {
     for (const v of vmms) {
       if (v.proc.exitCode === null && v.proc.signalCode === null) {
         v.proc.kill('SIGKILL');
-        await v.exited;
+        await v.exit;
       }
     }
     await d?.cleanup();
@@ -149,12 +96,12 @@ describe('the C reference VMM speaks the session protocol', () => {
 
     const v = runCVmm(bin, handoff, token);
     vmms.push(v);
-    const attached = await v.waitFor((e) => e.event === 'attached', 'attached');
+    const attached = await v.waitFor((e) => e.event === 'attached');
     assert.equal(attached.uid, NOBODY);
     assert.equal(attached.vm, vm.id);
     assert.equal(attached.name, 'c-vmm');
 
-    const guest = await v.waitFor((e) => e.event === 'guest', 'guest');
+    const guest = await v.waitFor((e) => e.event === 'guest');
     assert.equal(guest.serial, 'kvmvfio guest ok\n');
     assert.equal(guest.halted, true);
 
@@ -169,11 +116,11 @@ describe('the C reference VMM speaks the session protocol', () => {
 
     // A second device: the VMM asks its kernel, whose EBUSY is the answer.
     await expectStatus(c.createVfioDevice(vm.id), status.ALREADY_EXISTS, /EBUSY/);
-    await v.waitFor(isRequest('CREATE_VFIO_DEVICE', 16), 'CREATE_VFIO_DEVICE answered with EBUSY');
+    await v.waitFor(isRequest('CREATE_VFIO_DEVICE', 16));
 
     // The fake group node is an ordinary file: the VMM's kernel refuses it, and the VMM closes the fd.
     await expectStatus(c.addGroup({ vm_id: vm.id, group: GROUP }), status.INVALID_ARGUMENT, /VFIO_FILE_ADD/, /EINVAL/);
-    const add = await v.waitFor(isRequest('ADD_GROUP'), 'ADD_GROUP answered');
+    const add = await v.waitFor(isRequest('ADD_GROUP'));
     assert.equal(add.arg, GROUP);
     assert.equal(add.errno, 22);
     const node = join(host.dev, 'vfio', String(GROUP));
@@ -186,18 +133,18 @@ describe('the C reference VMM speaks the session protocol', () => {
     // The token was spent by the first VMM: a second one is refused with EACCES, and the VM is untouched.
     const again = runCVmm(bin, handoff, token);
     vmms.push(again);
-    const refused = await again.waitFor((e) => e.event === 'attach-refused', 'attach-refused');
+    const refused = await again.waitFor((e) => e.event === 'attach-refused');
     assert.equal(refused.errno, 13);
     assert.match(String(refused.reason), /token/);
-    assert.deepEqual(await again.exited, { code: 1, signal: null });
+    assert.deepEqual(await again.exit, { code: 1, signal: null });
     assert.ok(!again.events.some((e) => e.event === 'attached'));
     assert.equal((await c.getVm(vm.id)).state, 'VM_STATE_RUNNING');
 
     // DeleteVm: SHUTDOWN to the VMM, which answers, says so and exits 0; then the record is gone.
     await c.deleteVm({ vm_id: vm.id });
-    await v.waitFor((e) => e.event === 'shutdown', 'shutdown');
+    await v.waitFor((e) => e.event === 'shutdown');
     assert.ok(v.events.some(isRequest('SHUTDOWN', 0)));
-    assert.deepEqual(await v.exited, { code: 0, signal: null });
+    assert.deepEqual(await v.exit, { code: 0, signal: null });
     assert.equal(v.stderr(), '');
     assert.deepEqual(
       v.events.map((e) => e.event),

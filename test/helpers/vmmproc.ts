@@ -1,7 +1,7 @@
 /**
- * Runs a VMM process for tests — the TypeScript reference VMM or a test
- * VMM — optionally as uid 65534 through setpriv, and collects the JSON lines
- * it prints.
+ * Runs a VMM (or any helper that reports in JSON lines) for tests — the
+ * TypeScript reference VMM, the C one, kvmvfioctl attach — optionally as uid
+ * 65534 through setpriv, and collects what it prints.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import { join } from 'node:path';
@@ -19,22 +19,29 @@ export interface VmmEvent {
 export interface VmmProc {
   proc: ChildProcess;
   pid: number;
+  /** Each stdout line parsed as JSON; a line that is not JSON is `{event: 'text', line}`. */
   events: VmmEvent[];
+  stdout(): string;
   stderr(): string;
-  waitFor(event: string, timeoutMs?: number): Promise<VmmEvent>;
+  /**
+   * The first event named `match` (or satisfying it). Rejects at the timeout,
+   * or as soon as the process exits without it, saying what it did print.
+   */
+  waitFor(match: string | ((e: VmmEvent) => boolean), timeoutMs?: number): Promise<VmmEvent>;
   exit: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
   kill(signal?: NodeJS.Signals): void;
 }
 
-/** argv: the command (e.g. [process.execPath, REFERENCE_VMM, '--socket', path]); `asNobody` prefixes setpriv. */
-export function runVmm(argv: string[], token: string, asNobody = true): VmmProc {
-  const cmd = asNobody ? [...NOBODY, ...argv] : argv;
-  const proc = spawn(cmd[0], cmd.slice(1), { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, KVMVFIO_TOKEN: token } });
+/** Collects the JSON lines of a spawned process (stdout and stderr must be pipes). */
+export function collectJsonLines(proc: ChildProcess): VmmProc {
   const events: VmmEvent[] = [];
   const waiters = new Set<() => void>();
+  let out = '';
   let buf = '';
   let err = '';
+  let exited = false;
   proc.stdout!.setEncoding('utf8').on('data', (c: string) => {
+    out += c;
     buf += c;
     let i;
     while ((i = buf.indexOf('\n')) >= 0) {
@@ -49,31 +56,46 @@ export function runVmm(argv: string[], token: string, asNobody = true): VmmProc 
     }
   });
   proc.stderr!.setEncoding('utf8').on('data', (c: string) => (err += c));
-  const exit = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((r) => proc.once('exit', (code, signal) => r({ code, signal })));
+  const exit = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
+    // 'close': stdout is drained too, so nothing it printed is missed.
+    proc.once('close', (code, signal) => {
+      exited = true;
+      resolve({ code, signal });
+      for (const w of waiters) w();
+    }),
+  );
   return {
     proc,
     pid: proc.pid!,
     events,
+    stdout: () => out,
     stderr: () => err,
     exit,
     kill: (signal = 'SIGKILL') => void proc.kill(signal),
-    waitFor: (event, timeoutMs = 10_000) =>
+    waitFor: (match, timeoutMs = 15_000) =>
       new Promise((resolve, reject) => {
+        const pred = typeof match === 'string' ? (e: VmmEvent) => e.event === match : match;
+        const what = typeof match === 'string' ? match : 'the awaited event';
         const check = () => {
-          const hit = events.find((e) => e.event === event);
-          if (hit) {
-            waiters.delete(check);
-            clearTimeout(t);
-            resolve(hit);
-          }
+          const hit = events.find(pred);
+          if (!hit && !exited) return;
+          waiters.delete(check);
+          clearTimeout(t);
+          if (hit) resolve(hit);
+          else reject(new Error(`exited ${JSON.stringify({ code: proc.exitCode, signal: proc.signalCode })} without ${what}; stdout: ${out}; stderr: ${err}`));
         };
         const t = setTimeout(() => {
           waiters.delete(check);
-          reject(new Error(`VMM event ${event} not seen in ${timeoutMs} ms; events: ${JSON.stringify(events)}; stderr: ${err}`));
+          reject(new Error(`no ${what} in ${timeoutMs} ms; stdout: ${out}; stderr: ${err}`));
         }, timeoutMs);
         waiters.add(check);
         check();
-        void exit.then(() => setTimeout(check, 50));
       }),
   };
+}
+
+/** argv: the command (e.g. [process.execPath, REFERENCE_VMM, '--socket', path]); `asNobody` prefixes setpriv. */
+export function runVmm(argv: string[], token: string, asNobody = true): VmmProc {
+  const cmd = asNobody ? [...NOBODY, ...argv] : argv;
+  return collectJsonLines(spawn(cmd[0], cmd.slice(1), { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, KVMVFIO_TOKEN: token } }));
 }

@@ -328,30 +328,47 @@ export class Broker {
   }
 
   /**
-   * The VMM made its VM: apply the plan in order (the KVM-VFIO device, then
-   * each group). A step that fails undoes the steps before it (DEL of the
-   * groups added), fails the VM with the reason, and ends its VMM.
+   * The ATTACH result reached the VMM: send the plan at once, pipelined
+   * behind it — the KVM-VFIO device, then each group — rather than waiting
+   * for VM_CREATED and then for each answer in turn. The VMM reads them only
+   * once it has made its VM, and answers in order. The VM is RUNNING when
+   * the VMM has said VM_CREATED and every step succeeded. A failed step
+   * undoes the ones before it (DEL of the groups added), fails the VM with
+   * the reason, and ends its VMM. A VMM gone before VM_CREATED leaves the
+   * VM to vmmExited (EXITED), as it would with no plan.
    */
-  async vmCreated(vmId: string): Promise<void> {
-    await this.#locks.run(`vm:${vmId}`, async () => {
+  async applyPlan(vmId: string): Promise<void> {
+    const sent = await this.#locks.run(`vm:${vmId}`, async () => {
       const vm = this.vms.get(vmId);
       const link = this.#links.get(vmId);
-      if (!vm || !link || vm.state !== 'PENDING') return;
-      const added: number[] = [];
-      let step = 'KVM-VFIO device';
+      if (!vm || !link || link.passive || vm.state !== 'PENDING') return undefined;
+      const steps: { what: string; group?: number; done: Promise<void> }[] = [];
       try {
-        if (vm.vfioDevice) await link.createVfioDevice();
-        for (const g of vm.groups) {
-          step = `IOMMU group ${g}`;
-          await link.addGroup(g, this.#groupFd(g));
-          added.push(g);
-        }
+        if (vm.vfioDevice) steps.push({ what: 'KVM-VFIO device', done: link.createVfioDevice() });
+        for (const g of vm.groups) steps.push({ what: `IOMMU group ${g}`, group: g, done: link.addGroup(g, this.#groupFd(g)) });
       } catch (e) {
-        for (const g of added.reverse()) await link.removeGroup(g).catch(() => undefined);
-        this.#fail(vm, link, `setting up ${step}: ${describeError(e)}`);
+        // Could not send a step (no fd of a group): what went out is answered, then undone below.
+        steps.push({ what: 'the plan', done: Promise.reject(e) });
+      }
+      return { link, steps };
+    });
+    if (!sent) return;
+    const { link, steps } = sent;
+    // Outside the VM's lock: the VMM may take its time making its VM, and meanwhile calls on this VM
+    // get a prompt "being set up" (FAILED_PRECONDITION) instead of queueing behind it.
+    const [made, ...outcomes] = await Promise.allSettled([link.vmMade, ...steps.map((s) => s.done)]);
+    await this.#locks.run(`vm:${vmId}`, async () => {
+      const vm = this.vms.get(vmId);
+      if (!vm || vm.state !== 'PENDING' || this.#links.get(vmId) !== link || made.status === 'rejected') return;
+      const failed = outcomes.findIndex((o) => o.status === 'rejected');
+      if (failed < 0) {
+        this.vms.transition(vm, 'RUNNING');
         return;
       }
-      this.vms.transition(vm, 'RUNNING');
+      const added = steps.filter((s, i) => s.group !== undefined && outcomes[i].status === 'fulfilled').map((s) => s.group!);
+      for (const g of added.reverse()) await link.removeGroup(g).catch(() => undefined);
+      const reason = (outcomes[failed] as PromiseRejectedResult).reason;
+      this.#fail(vm, link, `setting up ${steps[failed].what}: ${describeError(reason)}`);
     });
   }
 

@@ -22,6 +22,11 @@ export interface VmmLink {
   shutdown(reason: string): void;
   /** SIGKILL through the pidfd. */
   kill(): void;
+  /**
+   * Resolves when the VMM says it made its VM (VM_CREATED; at once for a
+   * passive or restored VMM); rejects when the session ends first.
+   */
+  readonly vmMade: Promise<void>;
   /** Resolves once the VMM process has exited (its pidfd became readable). */
   readonly exited: Promise<void>;
 }

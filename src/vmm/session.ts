@@ -124,7 +124,11 @@ export class VmmSession {
     }
   }
 
-  /** KVM_CREATE_VM with the received /dev/kvm, in this process, and tells the daemon. */
+  /**
+   * KVM_CREATE_VM with the received /dev/kvm, in this process, and tells the
+   * daemon. The plan's requests are already queued on the socket behind the
+   * ATTACH result; serve() answers them, now that the VM exists.
+   */
   async createVm(): Promise<VmFd> {
     this.vm = this.attach.kvm.createVmSync(`vm ${this.attach.vmName}`);
     this.sock.send(encode({ type: MsgType.VM_CREATED, seq: 2, status: 0, arg: 0, manifest: [], text: '' }));

@@ -127,6 +127,37 @@ describe('VMM sessions', () => {
     await c.deleteVm({ vm_id: vm!.id });
   });
 
+  test('the plan waits for the VMM to make its VM: deadlines count from VM_CREATED; meanwhile the VM is PENDING and refuses changes at once', async () => {
+    const { vm, attach_token } = await c.createVm({ name: 'slow-maker', vmm_uid: 65534, vfio_device: true });
+    // The daemon's deadline is 500 ms; this VMM makes its VM 1,200 ms after the ATTACH result.
+    const v = runVmm([process.execPath, SILENT_VMM, handoff, 'slow:1200'], attach_token!.token);
+    vmms.push(v);
+    await v.waitFor('attached');
+    await new Promise((r) => setTimeout(r, 700));
+    assert.equal((await c.getVm(vm!.id)).state, 'VM_STATE_PENDING', 'past the request deadline, yet not failed');
+    const t0 = Date.now();
+    await expectStatus(c.addGroup({ vm_id: vm!.id, group: 5 }), status.FAILED_PRECONDITION, /being set up by its VMM/);
+    assert.ok(Date.now() - t0 < 300, 'refused at once, not queued behind the plan');
+    const req = await v.waitFor('request');
+    assert.deepEqual([req.type, req.errno], ['CREATE_VFIO_DEVICE', 0]);
+    await until('RUNNING', async () => (await c.getVm(vm!.id)).state === 'VM_STATE_RUNNING');
+    assert.equal((await c.getVm(vm!.id)).vfio_device, true);
+    await c.deleteVm({ vm_id: vm!.id });
+    assert.equal((await v.exit).code, 0);
+  });
+
+  test('a VMM gone before it made its VM: EXITED, not FAILED, its groups back', async () => {
+    const { vm, attach_token } = await c.createVm({ name: 'gone-early', vmm_uid: 65534, vfio_device: true, groups: [8] });
+    const v = runVmm([process.execPath, SILENT_VMM, handoff, 'slow:60000'], attach_token!.token);
+    vmms.push(v);
+    await v.waitFor('attached');
+    v.kill();
+    await until('EXITED', async () => (await c.getVm(vm!.id)).state === 'VM_STATE_EXITED');
+    await until('group 8 free', async () => (await c.getIommuGroup(8)).vm_id === '');
+    assert.equal((await c.getVm(vm!.id)).failure_reason, '');
+    await c.deleteVm({ vm_id: vm!.id });
+  });
+
   test('a VMM killed with SIGKILL: EXITED within 1 s, its groups back', async () => {
     const { vm, attach_token } = await c.createVm({ name: 'killed', vmm_uid: 65534, vfio_device: true });
     const v = refVmm(attach_token!.token);

@@ -29,6 +29,7 @@ class LinkDouble implements VmmLink {
   killed = false;
   #exit!: () => void;
   readonly exited = new Promise<void>((r) => (this.#exit = r));
+  vmMade = Promise.resolve();
   #answer(what: string): Promise<void> {
     this.calls.push(what);
     const errno = this.fail.get(what.split(' ')[0]);
@@ -90,11 +91,43 @@ describe('Broker with attached VMMs', () => {
       assert.equal(grant.groups.length, 0, 'an active VMM gets group fds with ADD_GROUP, not at attach');
       await grant.kvm.close();
       await assert.rejects(t.broker.attach(token!.token, VMM, new LinkDouble()), /already used/);
-      await t.broker.vmCreated(vm.id);
+      await t.broker.applyPlan(vm.id);
       assert.deepEqual(link.calls, ['device', 'add 1', 'add 2']);
       assert.equal(t.broker.getVm(ROOT, vm.id).state, 'RUNNING');
       assert.equal(t.broker.getVm(ROOT, vm.id).vmmPid, VMM.pid);
       link.exit();
+    } finally {
+      await t.done();
+    }
+  });
+
+  test('the plan goes out at once, pipelined; RUNNING only once the VMM has made its VM; a VMM gone before that is left to exit', async () => {
+    const t = await setup();
+    try {
+      const { vm, token } = await t.create({ groups: [1, 2] });
+      const link = new LinkDouble();
+      let made!: () => void;
+      link.vmMade = new Promise<void>((r) => (made = r));
+      (await t.broker.attach(token!.token, VMM, link)).kvm.closeSync();
+      const applying = t.broker.applyPlan(vm.id);
+      await new Promise((r) => setTimeout(r, 20));
+      assert.deepEqual(link.calls, ['device', 'add 1', 'add 2'], 'every step sent before VM_CREATED');
+      assert.equal(t.broker.getVm(ROOT, vm.id).state, 'PENDING');
+      made();
+      await applying;
+      assert.equal(t.broker.getVm(ROOT, vm.id).state, 'RUNNING');
+      link.exit();
+
+      const second = await t.create({ name: 'vm-b', groups: [3] });
+      const gone = new LinkDouble();
+      (await t.broker.attach(second.token!.token, VMM, gone)).kvm.closeSync();
+      gone.vmMade = Promise.reject(new UnavailableError('session ended'));
+      await t.broker.applyPlan(second.vm.id);
+      assert.equal(t.broker.getVm(ROOT, second.vm.id).state, 'PENDING', 'not FAILED: vmmExited decides');
+      assert.deepEqual(gone.shutdowns, []);
+      gone.exit();
+      await t.broker.vmmExited(second.vm.id);
+      assert.equal(t.broker.getVm(ROOT, second.vm.id).state, 'EXITED');
     } finally {
       await t.done();
     }
@@ -111,7 +144,7 @@ describe('Broker with attached VMMs', () => {
       // The third ADD fails.
       const orig = link.addGroup.bind(link);
       link.addGroup = (g: number, fd: OwnedFd) => (g === 3 ? (link.heldFds.push(fd), Promise.reject(new SysError('KVM_SET_DEVICE_ATTR(VFIO_FILE_ADD)', 'group 3', 22))) : orig(g, fd));
-      await t.broker.vmCreated(vm.id);
+      await t.broker.applyPlan(vm.id);
       assert.deepEqual(link.calls, ['device', 'add 1', 'add 2', 'remove 2', 'remove 1']);
       const failed = t.broker.getVm(ROOT, vm.id);
       assert.equal(failed.state, 'FAILED');
@@ -137,7 +170,7 @@ describe('Broker with attached VMMs', () => {
       const { vm, token } = await t.create({ groups: [1] });
       const link = new LinkDouble();
       (await t.broker.attach(token!.token, VMM, link)).kvm.closeSync();
-      await t.broker.vmCreated(vm.id);
+      await t.broker.applyPlan(vm.id);
 
       link.fail.set('device', 16);
       const busy = await t.broker.createVfioDevice(ROOT, vm.id).catch((e: unknown) => e);
@@ -178,7 +211,7 @@ describe('Broker with attached VMMs', () => {
       const { vm, token } = await t.create();
       const link = new LinkDouble();
       (await t.broker.attach(token!.token, VMM, link)).kvm.closeSync();
-      await t.broker.vmCreated(vm.id);
+      await t.broker.applyPlan(vm.id);
       await assert.rejects(t.broker.deleteVm(ROOT, vm.id), DeadlineExceededError);
       assert.deepEqual(link.shutdowns, ['DeleteVm']);
       const deleting = t.broker.deleteVm(ROOT, vm.id, true);

@@ -385,6 +385,7 @@ int main(int argc, char **argv) {
 	int vm = xioctl(kvm, KVM_CREATE_VM, 0, "KVM_CREATE_VM");
 	run_guest(kvm, vm, "kvmvfio guest ok\n");
 	send_rec(sock, VM_CREATED, 2, 0, "");
+	/* The plan's requests were queued behind the ATTACH result: read them only now, with the VM made. */
 
 	for (int created_answered = 0;;) {
 		if (!recv_rec(sock, &r)) {

@@ -53,7 +53,8 @@ interface Pending {
   type: number;
   resolve(m: Message): void;
   reject(e: Error): void;
-  timer: NodeJS.Timeout;
+  /** Unset while the VMM has not made its VM: a deadline counts from VM_CREATED (see #request). */
+  timer: NodeJS.Timeout | undefined;
 }
 
 type Phase = 'new' | 'attaching' | 'attached' | 'ready' | 'closed';
@@ -80,6 +81,8 @@ export class Session implements VmmLink {
   #restored = false;
   #exited!: () => void;
   readonly exited: Promise<void>;
+  #made!: { resolve(): void; reject(e: Error): void };
+  readonly vmMade: Promise<void>;
 
   constructor(id: number, sock: SeqpacketSocket, peer: Caller, broker: Broker, log: Logger, opts: SessionOptions, restored?: RestoredSession) {
     this.id = id;
@@ -89,12 +92,15 @@ export class Session implements VmmLink {
     this.#opts = opts;
     this.#log = log.child({ session: id, vmm_pid: peer.pid, vmm_uid: peer.uid, vmm_gid: peer.gid });
     this.exited = new Promise((r) => (this.#exited = r));
+    this.vmMade = new Promise<void>((resolve, reject) => (this.#made = { resolve, reject }));
+    this.vmMade.catch(() => undefined); // a session may end before anyone asks
     if (restored) {
       this.#restored = true;
       this.#phase = 'ready';
       this.#vmId = restored.vmId;
       this.#vmName = restored.vmName;
       this.#passive = restored.passive;
+      this.#made.resolve();
       this.#pidfd = restored.pidfd;
       if (this.#pidfd) this.#pidWatch = watchReadable(this.#pidfd.fd, () => this.#onExit());
       else queueMicrotask(() => this.#onExit());
@@ -222,8 +228,10 @@ export class Session implements VmmLink {
         if (this.#phase !== 'attached' || this.#passive) throw new ProtocolError(`VM_CREATED in phase ${this.#phase}`);
         this.#phase = 'ready';
         this.#reply(msg, 0, 'ok');
-        this.#log.info({ event: 'vm-created', vm: this.#vmId }, 'VMM made its VM; applying the plan');
-        void this.#broker.vmCreated(this.#vmId);
+        // The plan's requests went out with the ATTACH result; their deadlines start now.
+        for (const [seq, p] of this.#pending) if (!p.timer) p.timer = this.#deadline(seq, p.type);
+        this.#log.info({ event: 'vm-created', vm: this.#vmId }, 'VMM made its VM');
+        this.#made.resolve();
         return;
       case MsgType.PING:
         this.#reply(msg, 0, 'pong');
@@ -271,12 +279,14 @@ export class Session implements VmmLink {
     try {
       this.#send({ type: msg.type | RESULT_BIT, seq: msg.seq, status: 0, arg: grant.memlockBytes, manifest: sent, text: `${grant.vmId} ${grant.vmName}` }, sent);
       this.#phase = 'attached';
+      if (this.#passive) this.#made.resolve();
       this.#opts.onAttached?.(this);
     } catch (e) {
       this.#end(`sending the attach result failed: ${(e as Error).message}`);
       return;
     }
     this.#log.info({ event: 'vmm-attached', vm: grant.vmId, passive: this.#passive, fds: sent.map((s) => s.kind) }, 'VMM attached');
+    void this.#broker.applyPlan(grant.vmId);
   }
 
   // --- writing ---------------------------------------------------------------
@@ -309,18 +319,15 @@ export class Session implements VmmLink {
     }
     const seq = (this.#seq = (this.#seq + 1) >>> 0);
     return new Promise<Message>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.#pending.delete(seq);
-        // Its result may still come: remember the seq (a few) so a late answer is not a protocol error.
-        this.#abandoned.add(seq);
-        if (this.#abandoned.size > 64) this.#abandoned.delete(this.#abandoned.values().next().value as number);
-        reject(new DeadlineExceededError(`VMM pid ${this.pid} did not answer ${typeName(type)} within ${this.#opts.requestTimeoutMs} ms`));
-      }, this.#opts.requestTimeoutMs);
-      this.#pending.set(seq, { type, resolve, reject, timer });
+      // Sent before VM_CREATED (the plan, pipelined behind the ATTACH result), a request waits
+      // for the VMM to make its VM first: its deadline starts at VM_CREATED.
+      const p: Pending = { type, resolve, reject, timer: undefined };
+      this.#pending.set(seq, p);
+      if (this.#phase === 'ready') p.timer = this.#deadline(seq, type);
       try {
         this.#send({ type, seq, status: 0, arg, manifest: fds.map(({ kind, id }) => ({ kind, id })), text }, fds);
       } catch (e) {
-        clearTimeout(timer);
+        clearTimeout(p.timer);
         this.#pending.delete(seq);
         reject(e instanceof SysError ? new UnavailableError(`VMM pid ${this.pid}: ${e.message}`) : e);
       }
@@ -329,6 +336,18 @@ export class Session implements VmmLink {
       if (res.status !== 0) throw new SysError(call, `${object ? `${object}, ` : ''}vm ${this.#vmName} (VMM pid ${this.pid})`, res.status);
       return res;
     });
+  }
+
+  #deadline(seq: number, type: number): NodeJS.Timeout {
+    return setTimeout(() => {
+      const p = this.#pending.get(seq);
+      if (!p) return;
+      this.#pending.delete(seq);
+      // Its result may still come: remember the seq (a few) so a late answer is not a protocol error.
+      this.#abandoned.add(seq);
+      if (this.#abandoned.size > 64) this.#abandoned.delete(this.#abandoned.values().next().value as number);
+      p.reject(new DeadlineExceededError(`VMM pid ${this.pid} did not answer ${typeName(type)} within ${this.#opts.requestTimeoutMs} ms`));
+    }, this.#opts.requestTimeoutMs);
   }
 
   // --- ending ----------------------------------------------------------------
@@ -356,6 +375,7 @@ export class Session implements VmmLink {
       p.reject(new UnavailableError(`the session with VMM pid ${this.pid} ended: ${reason}`));
     }
     this.#pending.clear();
+    this.#made.reject(new UnavailableError(`the session with VMM pid ${this.pid} ended before the VMM made its VM: ${reason}`));
     this.#log.info({ event: 'session-end', vm: this.#vmId || undefined, reason }, 'session ended');
     // Before attach no VM depends on the process: stop watching it. After,
     // the session is done only when the process is gone (#onExit).

@@ -309,7 +309,7 @@ export class Broker {
       const sent: AttachGrant = { vmId: vm.id, vmName: vm.name, kvm: undefined as never, container: null, memlockBytes: vm.memlockBytes, groups: [] };
       try {
         if (vm.memlockBytes > 0) this.#opts.host.setMemlock(vmm.pid, vm.memlockBytes);
-        sent.kvm = this.#opts.host.dupKvm();
+        sent.kvm = this.#opts.host.lendKvm();
         sent.container = await this.#opts.host.openContainer();
         if (link.passive) for (const g of vm.groups) sent.groups.push({ number: g, fd: this.#groupFd(g) });
       } catch (e) {
@@ -441,7 +441,7 @@ export class Broker {
   #groupFd(group: number) {
     const h = this.pool.handle(group);
     if (!h) throw new Error(`group ${group} is claimed but not open`);
-    return h.dup();
+    return h.lend();
   }
 
   /** VFIO_GROUP_UNSET_CONTAINER on the daemon's own fd when a container is left set. Returns what went wrong, if anything. */

@@ -9,7 +9,7 @@
  * what it opened.
  */
 import { join } from 'node:path';
-import type { OwnedFd, VfioGroupStatus } from '../kernel';
+import type { SendableFd, VfioGroupStatus } from '../kernel';
 import { SysError } from '../kernel';
 import { AlreadyExistsError, FailedPreconditionError, NotFoundError, ResourceExhaustedError } from './errors';
 import { findFileHolders } from './holders';
@@ -21,7 +21,8 @@ export interface GroupHandle {
   readonly path: string;
   status(): VfioGroupStatus;
   unsetContainer(): void;
-  dup(): OwnedFd;
+  /** The daemon's own group fd, lent to send to a VMM. */
+  lend(): SendableFd;
   close(): Promise<void>;
 }
 
@@ -86,7 +87,7 @@ export class GroupPool {
     return this.#open.size;
   }
 
-  /** The daemon's own handle of a claimed group (to dup for a VMM, or to clean). */
+  /** The daemon's own handle of a claimed group (to lend to a VMM, or to clean). */
   handle(n: number): GroupHandle | undefined {
     return this.#open.get(n);
   }

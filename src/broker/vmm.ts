@@ -2,7 +2,7 @@
  * What the broker needs of a VMM attached over a session, and of the host to
  * attach one. The server's session implements VmmLink; tests use doubles.
  */
-import type { OwnedFd } from '../kernel';
+import type { OwnedFd, SendableFd } from '../kernel';
 
 export interface VmmLink {
   readonly pid: number;
@@ -15,8 +15,8 @@ export interface VmmLink {
    * UnavailableError.
    */
   createVfioDevice(): Promise<void>;
-  /** Takes ownership of `fd` (closed once sent). */
-  addGroup(group: number, fd: OwnedFd): Promise<void>;
+  /** Sends `fd` with the request and closes it once sent (a loan's close does nothing). */
+  addGroup(group: number, fd: SendableFd): Promise<void>;
   removeGroup(group: number): Promise<void>;
   /** Asks the VMM to stop its VM and exit. */
   shutdown(reason: string): void;
@@ -32,21 +32,21 @@ export interface VmmLink {
 }
 
 export interface VmmHost {
-  /** A duplicate of the daemon's /dev/kvm fd, for a VMM. */
-  dupKvm(): OwnedFd;
+  /** The daemon's /dev/kvm fd, lent to send to a VMM. */
+  lendKvm(): SendableFd;
   /** A fresh VFIO container (/dev/vfio/vfio), or null where the host has none. */
   openContainer(): Promise<OwnedFd | null>;
   /** Raise the VMM's RLIMIT_MEMLOCK (prlimit). */
   setMemlock(pid: number, bytes: number): void;
 }
 
-/** What the session sends a VMM at attach. The fds are the session's to close once sent. */
+/** What the session sends a VMM at attach. The session closes each once sent (the loans stay open). */
 export interface AttachGrant {
   vmId: string;
   vmName: string;
-  kvm: OwnedFd;
+  kvm: SendableFd;
   container: OwnedFd | null;
   memlockBytes: number;
   /** For `kvmvfioctl attach`: the group fds, since a passive VMM gets its plan at once. */
-  groups: { number: number; fd: OwnedFd }[];
+  groups: { number: number; fd: SendableFd }[];
 }

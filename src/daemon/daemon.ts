@@ -102,7 +102,7 @@ export class Daemon {
     let fdCheck = { at: 0, open: 0, soft: 0 };
     const kvm = this.#kvm;
     const host: VmmHost = {
-      dupKvm: () => kvm.dup(),
+      lendKvm: () => kvm.lend(),
       openContainer: async () => {
         const path = join(config.devRoot, 'vfio', 'vfio');
         if (!existsSync(path)) return null;

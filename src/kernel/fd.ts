@@ -3,6 +3,17 @@ import { SysError } from './errors';
 import { F_DUPFD_CLOEXEC, lastErrno, libc } from './libc';
 
 /**
+ * An fd on its way to another process with SCM_RIGHTS: an OwnedFd the sender
+ * closes once sent, or an fd its owner lends for the send (`OwnedFd.lend()`),
+ * whose close() leaves it open.
+ */
+export interface SendableFd {
+  readonly fd: number;
+  close(): Promise<void>;
+  closeSync(): void;
+}
+
+/**
  * The one owner of an fd. It is closed exactly once: by `close()`, or never
  * if ownership moved on with `release()`. Reading `fd` after either throws,
  * so a stale number is never used.
@@ -35,6 +46,22 @@ export class OwnedFd {
     const n = libc.fcntl(this.fd, F_DUPFD_CLOEXEC, 3) as number;
     if (n < 0) throw new SysError('fcntl(F_DUPFD_CLOEXEC)', this.what, lastErrno());
     return new OwnedFd(n, what);
+  }
+
+  /**
+   * This fd, lent for one send: SCM_RIGHTS gives the receiver its own
+   * reference, so nothing needs duplicating, and closing the loan does
+   * nothing. Reading `fd` after the owner closed throws, as on the owner.
+   */
+  lend(): SendableFd {
+    const owner = this;
+    return {
+      get fd() {
+        return owner.fd;
+      },
+      close: () => Promise.resolve(),
+      closeSync: () => undefined,
+    };
   }
 
   /** Gives the number away; the caller now owns it and this object forgets it. */

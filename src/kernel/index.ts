@@ -1,6 +1,6 @@
 /** The kernel boundary. Everything that calls libc or an ioctl lives under src/kernel/. */
 export { SysError, errnoName, Errno } from './errors';
-export { OwnedFd } from './fd';
+export { OwnedFd, type SendableFd } from './fd';
 export { Kvm, VmFd, KvmVfioDevice } from './kvm';
 export { VfioGroup, VfioContainer, VfioDevice, type VfioGroupStatus } from './vfio';
 export { peerCredentials, fdLimits, openFdCount, listOpenFds, presizeFdTable, kernelRelease, probeKvmVfio, type PeerCred, type FdLimits, type KvmVfioSupport } from './host';

@@ -9,7 +9,7 @@
 import { constants, openSync } from 'node:fs';
 import { join } from 'node:path';
 import { SysError } from './errors';
-import { OwnedFd } from './fd';
+import { OwnedFd, type SendableFd } from './fd';
 import { KVM, KVM_DEV_VFIO, O_CLOEXEC, allocInt32, kvmCreateDevice, kvmDeviceAttr, lastErrno, libc } from './libc';
 
 export class Kvm {
@@ -41,9 +41,14 @@ export class Kvm {
     return this.#fd.fd;
   }
 
-  /** A close-on-exec duplicate, to hand to a VMM. */
+  /** A close-on-exec duplicate. */
   dup(): OwnedFd {
     return this.#fd.dup(this.path);
+  }
+
+  /** The fd itself, lent to send to a VMM (no duplicate: SCM_RIGHTS makes the VMM's own reference). */
+  lend(): SendableFd {
+    return this.#fd.lend();
   }
 
   /** KVM_GET_API_VERSION: 12 on every kernel since 2.6.22. */

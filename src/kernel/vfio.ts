@@ -5,7 +5,7 @@
  */
 import { open as fsOpen, constants, readSync } from 'node:fs';
 import { SysError } from './errors';
-import { OwnedFd } from './fd';
+import { OwnedFd, type SendableFd } from './fd';
 import { O_CLOEXEC, VFIO, allocInt32, lastErrno, libc, vfioGroupStatus } from './libc';
 
 export interface VfioGroupStatus {
@@ -38,9 +38,14 @@ export class VfioGroup {
     return this.#fd.fd;
   }
 
-  /** A close-on-exec duplicate of the group fd, to hand to a VMM. */
+  /** A close-on-exec duplicate of the group fd. */
   dup(): OwnedFd {
     return this.#fd.dup(this.path);
+  }
+
+  /** The group fd itself, lent to send to a VMM (SCM_RIGHTS makes the VMM's own reference). */
+  lend(): SendableFd {
+    return this.#fd.lend();
   }
 
   /** VFIO_GROUP_GET_STATUS. Test the bits: VIABLE|CONTAINER_SET is a normal in-use group. */

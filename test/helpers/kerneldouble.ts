@@ -20,7 +20,7 @@
 import { openSync } from 'node:fs';
 import type { GroupHandle, OpenGroup } from '../../src/broker/pool';
 import type { VmmHost } from '../../src/broker/vmm';
-import { OwnedFd, SysError, type VfioGroupStatus } from '../../src/kernel';
+import { OwnedFd, type SendableFd, SysError, type VfioGroupStatus } from '../../src/kernel';
 
 export interface GroupBehaviour {
   /** open() rejects with SysError('open', path, openErrno). */
@@ -72,7 +72,15 @@ export class DoubleGroup implements GroupHandle {
     return new OwnedFd(openSync('/dev/null', 'r'), this.path);
   }
 
+  #own?: OwnedFd;
+  lend(): SendableFd {
+    if (this.closed) throw new Error(`double: lend() on closed group ${this.number}`);
+    this.#own ??= this.dup();
+    return this.#own.lend();
+  }
+
   async close(): Promise<void> {
+    this.#own?.closeSync();
     this.closeCalls++;
     this.#double.count(this.#double.closeCounts, this.number);
   }
@@ -158,8 +166,13 @@ export function gate(): { promise: Promise<void>; open: () => void } {
 export class HostDouble implements VmmHost {
   readonly memlock: { pid: number; bytes: number }[] = [];
   memlockErrno?: number;
-  dupKvm(): OwnedFd {
-    return new OwnedFd(openSync('/dev/null', 'r'), '/dev/kvm (double)');
+  readonly #kvm = new OwnedFd(openSync('/dev/null', 'r'), '/dev/kvm (double)');
+  lendKvm(): SendableFd {
+    return this.#kvm.lend();
+  }
+  /** Closes the stand-in /dev/kvm fd. */
+  close(): void {
+    this.#kvm.closeSync();
   }
   async openContainer(): Promise<OwnedFd | null> {
     return null;

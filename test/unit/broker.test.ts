@@ -45,10 +45,12 @@ async function withBroker(fn: (c: Ctx) => Promise<void>): Promise<void> {
   const host = await makeFakeHost(GROUPS);
   const k = new KernelDouble();
   const pool = new GroupPool({ sysfsRoot: host.sysfs, devRoot: host.dev, procRoot: host.root, openGroup: k.openGroup });
-  const broker = new Broker(pool, new VmRegistry(), { tokens: new TokenStore(60_000), host: new HostDouble(), exitGraceMs: 1000 });
+  const vmmHost = new HostDouble();
+  const broker = new Broker(pool, new VmRegistry(), { tokens: new TokenStore(60_000), host: vmmHost, exitGraceMs: 1000 });
   try {
     await fn({ host, k, pool, broker });
   } finally {
+    vmmHost.close();
     await pool.closeAll();
     await host.cleanup();
   }

@@ -419,16 +419,14 @@ describe('GroupPool: the real VfioGroup on the fake tree', () => {
       assert.equal(opened.length, 1);
       const fd = opened[0].fd;
       assert.equal(fs.readlinkSync(`/proc/self/fd/${fd}`), path.join(host.dev, 'vfio', '12'));
-      // A duplicate for a VMM is a distinct fd of the same file.
-      const d = pool.handle(12)!.dup();
-      try {
-        assert.notEqual(d.fd, fd);
-        assert.equal(fs.readlinkSync(`/proc/self/fd/${d.fd}`), path.join(host.dev, 'vfio', '12'));
-      } finally {
-        await d.close();
-      }
+      // What a VMM is sent is the pool's own fd, lent: closing the loan leaves it open.
+      const loan = pool.handle(12)!.lend();
+      assert.equal(loan.fd, fd);
+      await loan.close();
+      assert.equal(fs.readlinkSync(`/proc/self/fd/${fd}`), path.join(host.dev, 'vfio', '12'));
       await pool.closeAll();
       assert.throws(() => opened[0].fd, /after close/);
+      assert.throws(() => loan.fd, /after close/, 'a loan outliving its owner is refused, never a stale number');
     } finally {
       await pool.closeAll();
       await host.cleanup();

@@ -72,6 +72,7 @@ async function setup() {
     hostDouble,
     create,
     async done() {
+      hostDouble.close();
       await pool.closeAll();
       await host.cleanup();
     },

@@ -5,13 +5,14 @@
  * waits for its result with a deadline.
  *
  * fds: every fd received is owned here and closed unless a handler keeps it;
- * every fd sent is closed right after sendmsg (the VMM has its own copy).
+ * every fd sent is closed right after sendmsg (the VMM has its own reference);
+ * the daemon's own /dev/kvm and group fds are sent as loans, which stay open.
  */
 import type { Logger } from 'pino';
 import type { Broker, Caller } from '../../broker/broker';
 import { DeadlineExceededError, DomainError, FailedPreconditionError, PermissionDeniedError, ResourceExhaustedError, UnavailableError } from '../../broker/errors';
 import type { AttachGrant, VmmLink } from '../../broker/vmm';
-import { type FdWatch, type OwnedFd, SIGKILL, type SeqpacketSocket, SysError, peerPidfd, pidfdSendSignal, watchReadable } from '../../kernel';
+import { type FdWatch, type OwnedFd, type SendableFd, SIGKILL, type SeqpacketSocket, SysError, peerPidfd, pidfdSendSignal, watchReadable } from '../../kernel';
 import { FdKind, type Message, MsgType, ProtocolError, RESULT_BIT, decode, encode, isResult, typeName } from '../../protocol/session';
 
 const EACCES = 13;
@@ -139,7 +140,7 @@ export class Session implements VmmLink {
     await this.#request(MsgType.CREATE_VFIO_DEVICE, 0, [], 'KVM_CREATE_DEVICE(VFIO)');
   }
 
-  async addGroup(group: number, fd: OwnedFd): Promise<void> {
+  async addGroup(group: number, fd: SendableFd): Promise<void> {
     await this.#request(MsgType.ADD_GROUP, group, [{ kind: FdKind.VFIO_GROUP, id: group, fd }], 'KVM_SET_DEVICE_ATTR(VFIO_FILE_ADD)', `group ${group}`);
   }
 
@@ -273,7 +274,7 @@ export class Session implements VmmLink {
       this.#exited();
       return;
     }
-    const sent: { kind: number; id: number; fd: OwnedFd }[] = [{ kind: FdKind.KVM, id: 0, fd: grant.kvm }];
+    const sent: { kind: number; id: number; fd: SendableFd }[] = [{ kind: FdKind.KVM, id: 0, fd: grant.kvm }];
     if (grant.container) sent.push({ kind: FdKind.VFIO_CONTAINER, id: 0, fd: grant.container });
     for (const g of grant.groups) sent.push({ kind: FdKind.VFIO_GROUP, id: g.number, fd: g.fd });
     try {
@@ -300,7 +301,7 @@ export class Session implements VmmLink {
   }
 
   /** Sends one record and closes the fds it carried (the peer has its copies). */
-  #send(m: Message, fds: { fd: OwnedFd }[]): void {
+  #send(m: Message, fds: { fd: SendableFd }[]): void {
     try {
       this.#sock.send(encode(m), fds.map((f) => f.fd.fd));
     } finally {
@@ -308,7 +309,7 @@ export class Session implements VmmLink {
     }
   }
 
-  #request(type: number, arg: number, fds: { kind: number; id: number; fd: OwnedFd }[], call: string, object = '', text = ''): Promise<Message> {
+  #request(type: number, arg: number, fds: { kind: number; id: number; fd: SendableFd }[], call: string, object = '', text = ''): Promise<Message> {
     if (this.#phase === 'closed') {
       for (const f of fds) void f.fd.close();
       return Promise.reject(new UnavailableError(`the session with VMM pid ${this.pid} has ended`));

@@ -180,7 +180,7 @@ function report(r: Results, say: (l: string) => void): void {
         row('  (token to the VMM over Node IPC: harness, subtracted)', (x) => x.stages.tokenHandoff),
         row('  connect + ATTACH → /dev/kvm fd received', (x) => x.stages.attach),
         row('  KVM_CREATE_VM in the VMM + VM_CREATED sent', (x) => x.stages.kvmCreateVm),
-        row('  plan: daemon → CREATE_VFIO_DEVICE → VMM answered', (x) => x.stages.plan),
+        row('  plan: CREATE_VFIO_DEVICE (queued behind ATTACH) read + answered', (x) => x.stages.plan),
         row('  answer → RUNNING event at the orchestrator', (x) => x.stages.runningEvent),
         ['ratio broker / raw: of medians (median of pair ratios)', `${a.ratio.ofMedians}× (${a.ratio.medianOfPairs}×)`, `${b.ratio.ofMedians}× (${b.ratio.medianOfPairs}×)`],
       ],

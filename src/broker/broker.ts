@@ -125,13 +125,10 @@ export class Broker {
     if (vmmUid !== undefined && !p.mayNameVmmUid(vmmUid)) throw new PermissionDeniedError(`principal ${p.name} may not name vmm_uid ${vmmUid}`);
     // Unlimited (root): nothing to count.
     if (p.limits.vms >= Number.MAX_SAFE_INTEGER && p.limits.groups >= Number.MAX_SAFE_INTEGER) return;
-    let vms = 0;
-    let held = 0;
-    for (const vm of this.vms.all()) {
-      if (vm.principal !== p.name) continue;
-      vms++;
-      held += this.pool.heldBy(vm.id).length;
-    }
+    // Indexed: the principal's VMs, and the claimed groups (few) checked against them.
+    const mine = this.vms.idsOf(p.name);
+    const vms = mine.size;
+    const held = this.pool.heldByAny(mine);
     if (newVm && vms >= p.limits.vms) throw new ResourceExhaustedError(`principal ${p.name} holds ${vms} VMs; its limit (limits.vms) is ${p.limits.vms}`);
     const adding = groups.filter((g) => vmId === undefined || this.pool.ownerOf(g)?.vmId !== vmId).length;
     if (adding && held + adding > p.limits.groups) {
@@ -142,9 +139,7 @@ export class Broker {
   #checkPendingTokens(caller: Caller): void {
     const p = caller.principal;
     if (!p || p.limits.pendingTokens >= Number.MAX_SAFE_INTEGER) return;
-    const mine = new Set<string>();
-    for (const vm of this.vms.all()) if (vm.principal === p.name) mine.add(vm.id);
-    const pending = this.tokens.pendingFor(mine);
+    const pending = this.tokens.pendingFor(this.vms.idsOf(p.name));
     if (pending >= p.limits.pendingTokens) {
       throw new ResourceExhaustedError(`principal ${p.name} has ${pending} unused attach tokens; its limit (limits.pendingTokens) is ${p.limits.pendingTokens}`);
     }

@@ -157,6 +157,13 @@ export class GroupPool {
   }
 
   /** Every claim, for the state file. */
+  /** How many claimed groups are held by any of `vmIds`: O(claimed groups), not O(VMs). */
+  heldByAny(vmIds: ReadonlySet<string>): number {
+    let n = 0;
+    for (const o of this.#owners.values()) if (vmIds.has(o.vmId)) n++;
+    return n;
+  }
+
   claims(): { group: number; vmId: string; vmName: string }[] {
     return [...this.#owners].map(([group, o]) => ({ group, ...o })).sort((a, b) => a.group - b.group);
   }

@@ -77,11 +77,15 @@ export class TokenStore {
     if (this.#byVm.get(vmId) === key) this.#byVm.delete(vmId);
   }
 
-  /** Tokens still redeemable for any of `vmIds`. */
-  pendingFor(vmIds: Set<string>): number {
-    this.#sweep(true);
+  /** Tokens still redeemable for any of `vmIds`: O(vmIds), each checked for expiry here rather than by a sweep of every token. */
+  pendingFor(vmIds: ReadonlySet<string>): number {
+    const now = this.#now();
     let n = 0;
-    for (const id of vmIds) if (this.#byVm.has(id)) n++;
+    for (const id of vmIds) {
+      const key = this.#byVm.get(id);
+      const e = key === undefined ? undefined : this.#live.get(key);
+      if (e && e.expiresAt > now) n++;
+    }
     return n;
   }
 

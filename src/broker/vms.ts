@@ -67,11 +67,15 @@ export interface NewVm {
   principal: string;
 }
 
+const NONE: ReadonlySet<string> = new Set();
+
 export class VmRegistry {
   readonly #byId = new Map<string, VmRecord>();
   /** Indexes for the per-create lookups, so a create costs the same at 10,000 records as at 10. */
   readonly #byName = new Map<string, VmRecord>();
   readonly #byRequestId = new Map<string, VmRecord>();
+  /** VM ids by policy principal, for quotas. */
+  readonly #byPrincipal = new Map<string, Set<string>>();
   readonly #events = new EventEmitter();
   #revision = 0;
 
@@ -101,9 +105,17 @@ export class VmRegistry {
     return this.#byRequestId.get(`${ownerUid}/${requestId}`);
   }
 
+  /** The ids of the VMs a policy principal created (its quotas count them); empty for an unknown one. */
+  idsOf(principal: string): ReadonlySet<string> {
+    return this.#byPrincipal.get(principal) ?? NONE;
+  }
+
   #index(vm: VmRecord): void {
     this.#byName.set(`${vm.ownerUid}/${vm.name}`, vm);
     if (vm.requestId) this.#byRequestId.set(`${vm.ownerUid}/${vm.requestId}`, vm);
+    let ids = this.#byPrincipal.get(vm.principal);
+    if (!ids) this.#byPrincipal.set(vm.principal, (ids = new Set()));
+    ids.add(vm.id);
   }
 
   /** A fresh id for a record about to be inserted (its groups are claimed under it first). */
@@ -157,7 +169,9 @@ export class VmRegistry {
       this.#byId.set(r.id, vm);
       this.#index(vm);
     }
-    this.#revision = Math.max(this.#revision, revision, ...records.map((r) => r.revision));
+    // A loop, not Math.max(...records): spreading 100,000 arguments overflows the stack.
+    this.#revision = Math.max(this.#revision, revision);
+    for (const r of records) if (r.revision > this.#revision) this.#revision = r.revision;
   }
 
   get revision(): number {
@@ -168,6 +182,9 @@ export class VmRegistry {
     if (!this.#byId.delete(vm.id)) return;
     this.#byName.delete(`${vm.ownerUid}/${vm.name}`);
     if (vm.requestId) this.#byRequestId.delete(`${vm.ownerUid}/${vm.requestId}`);
+    const ids = this.#byPrincipal.get(vm.principal);
+    ids?.delete(vm.id);
+    if (ids?.size === 0) this.#byPrincipal.delete(vm.principal);
     vm.revision = ++this.#revision;
     this.#emit('DELETED', vm);
   }

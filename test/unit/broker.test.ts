@@ -199,6 +199,52 @@ describe('Broker: createVm', () => {
   });
 });
 
+describe('Broker: quotas per principal', () => {
+  test('VMs, groups held and live tokens are counted per principal; expired, redeemed and deleted ones stop counting', async () => {
+    const host = await makeFakeHost(GROUPS);
+    const k = new KernelDouble();
+    const pool = new GroupPool({ sysfsRoot: host.sysfs, devRoot: host.dev, procRoot: host.root, openGroup: k.openGroup });
+    const vmmHost = new HostDouble();
+    let now = 1_000_000;
+    const broker = new Broker(pool, new VmRegistry(), { tokens: new TokenStore(60_000, () => now), host: vmmHost, exitGraceMs: 1000 });
+    const tenant = (name: string, uid: number): Caller => ({
+      uid,
+      gid: uid,
+      pid: 99,
+      principal: { name, admin: false, limits: { vms: 3, groups: 2, pendingTokens: 2 }, mayCall: () => true, mayUseGroup: () => true, mayNameVmmUid: () => true },
+    });
+    const a = tenant('a', 1000);
+    const b = tenant('b', 2000);
+    const spec = (name: string, groups: number[] = []): CreateVmSpec => ({ name, labels: {}, vmmUid: 65534, vfioDevice: true, groups, memlockBytes: 0, requestId: '' });
+    try {
+      const a1 = await broker.createVm(a, spec('a1', [1]));
+      await broker.createVm(a, spec('a2', [2]));
+      // Two live tokens: the third create is refused on tokens, before VMs or groups.
+      await assert.rejects(broker.createVm(a, spec('a3')), /principal a has 2 unused attach tokens; its limit \(limits.pendingTokens\) is 2/);
+      // Another principal is counted apart.
+      await broker.createVm(b, spec('b1', [3]));
+      // A redeemed token stops counting.
+      broker.tokens.redeem(a1.token!.token, 65534);
+      const a3 = await broker.createVm(a, spec('a3'));
+      await assert.rejects(broker.createVm(a, spec('a4')), /principal a holds 3 VMs; its limit \(limits.vms\) is 3/);
+      // Two groups held: one more is refused, on a new VM or an existing one.
+      await assert.rejects(broker.addGroup(a, a3.vm.id, 4), /principal a holds 2 IOMMU groups; 1 more would pass its limit \(limits.groups\) of 2/);
+      await broker.deleteVm(a, a1.vm.id);
+      await broker.addGroup(a, a3.vm.id, 4);
+      assert.equal(broker.tokens.pendingFor(broker.vms.idsOf('a')), 2);
+      // Expired tokens stop counting without any sweep.
+      now += 61_000;
+      assert.equal(broker.tokens.pendingFor(broker.vms.idsOf('a')), 0);
+      assert.deepEqual([...broker.vms.idsOf('b')].length, 1);
+      assert.equal(broker.vms.idsOf('nobody').size, 0);
+    } finally {
+      vmmHost.close();
+      await pool.closeAll();
+      await host.cleanup();
+    }
+  });
+});
+
 describe('Broker: visibility', () => {
   test('uid 0 sees all VMs; uid 1000 sees only its own', async () => {
     await withBroker(async ({ broker }) => {

@@ -383,7 +383,8 @@ export class Broker {
       this.pool.release(groups, vmId);
       const vm = this.vms.get(vmId);
       if (vm && (vm.state === 'PENDING' || vm.state === 'RUNNING')) this.vms.transition(vm, 'EXITED');
-      this.#opts.log?.({ event: 'vmm-exited', vm: vmId, groups }, 'VMM exited; its groups are back in the pool');
+      // The exit itself is the session's log line; this one only when groups went back.
+      if (groups.length) this.#opts.log?.({ event: 'groups-returned', vm: vmId, groups }, "the exited VMM's groups are back in the pool");
       this.#opts.onChange?.();
     });
   }

@@ -10,6 +10,7 @@ import type { Caller } from '../../broker/broker';
 import { type FdWatch, type OwnedFd, SeqpacketListener, type SeqpacketSocket, peerCredentials, watchReadable } from '../../kernel';
 import { clearStaleSocket } from '../listener';
 import { type RestoredSession, Session, type SessionOptions } from './session';
+import { SliceQueue } from './slices';
 
 export interface HandoffOptions {
   requestTimeoutMs: number;
@@ -33,11 +34,14 @@ export class HandoffServer {
   #watch?: FdWatch;
   #nextId = 0;
   #unlinkOnStop = false;
+  /** VMM exits, handled a slice per loop turn. */
+  readonly #exits: SliceQueue;
 
   constructor(broker: Broker, log: Logger, opts: HandoffOptions) {
     this.#broker = broker;
     this.#log = log;
     this.#opts = opts;
+    this.#exits = new SliceQueue({ onError: (e) => log.error({ event: 'vmm-exit-failed', err: (e as Error).message }, 'handling a VMM exit failed') });
   }
 
   async listen(path: string): Promise<void> {
@@ -74,6 +78,7 @@ export class HandoffServer {
       },
       onAttached: (s) => this.#opts.onAttached?.(s),
       onSocketClosed: (s) => this.#opts.onSocketClosed?.(s),
+      schedule: (job) => this.#exits.push(job),
     };
   }
 

@@ -40,6 +40,8 @@ export interface SessionOptions {
   onAttached?(session: Session): void;
   /** Called when the session's socket is closed while its VMM lives on. */
   onSocketClosed?(session: Session): void;
+  /** Runs the handling of a VMM's exit; the handoff server spreads a burst of exits over loop turns. Default: at once. */
+  schedule?(job: () => void): void;
 }
 
 export interface RestoredSession {
@@ -103,7 +105,7 @@ export class Session implements VmmLink {
       this.#passive = restored.passive;
       this.#made.resolve();
       this.#pidfd = restored.pidfd;
-      if (this.#pidfd) this.#pidWatch = watchReadable(this.#pidfd.fd, () => this.#onExit());
+      if (this.#pidfd) this.#pidWatch = watchReadable(this.#pidfd.fd, () => this.#exitSeen());
       else queueMicrotask(() => this.#onExit());
     } else {
       this.#attachTimer = setTimeout(() => this.#end(`no ATTACH within ${opts.attachTimeoutMs} ms`), opts.attachTimeoutMs);
@@ -255,7 +257,7 @@ export class Session implements VmmLink {
       // The pidfd first: from here on the VMM is named by it, never by a pid that could be reused.
       this.#pidfd = peerPidfd(this.#sock.fd, this.peer.pid);
       const pidfd = this.#pidfd;
-      this.#pidWatch = watchReadable(pidfd.fd, () => this.#onExit());
+      this.#pidWatch = watchReadable(pidfd.fd, () => this.#exitSeen());
       grant = await this.#broker.attach(msg.text, this.peer, this);
     } catch (e) {
       const reason = e instanceof DomainError || e instanceof SysError ? e.message : 'internal error';
@@ -353,18 +355,28 @@ export class Session implements VmmLink {
 
   // --- ending ----------------------------------------------------------------
 
+  /** The pidfd became readable: stop watching it (it stays readable) and handle the exit in its turn. */
+  #exitSeen(): void {
+    this.#pidWatch?.close();
+    this.#pidWatch = undefined;
+    if (this.#opts.schedule) this.#opts.schedule(() => this.#onExit());
+    else this.#onExit();
+  }
+
   #onExit(): void {
     this.#pidWatch?.close();
     this.#pidWatch = undefined;
-    void this.#pidfd?.close();
-    this.#end('VMM exited');
-    this.#log.info({ event: 'vmm-exit', vm: this.#vmId }, 'VMM process exited');
+    // A pidfd close involves no RCU wait: done here, not on the libuv pool.
+    this.#pidfd?.closeSync();
+    this.#end('VMM exited', true);
+    // One line for the exit and the session's end together.
+    this.#log.info({ event: 'vmm-exit', vm: this.#vmId }, 'VMM process exited; session ended');
     this.#exited();
     this.#opts.onClosed(this);
   }
 
   /** Closes the socket. The VM itself ends when the VMM process exits (the pidfd), not here. */
-  #end(reason: string): void {
+  #end(reason: string, quiet = false): void {
     if (this.#phase === 'closed') return;
     this.#phase = 'closed';
     clearTimeout(this.#attachTimer);
@@ -377,7 +389,7 @@ export class Session implements VmmLink {
     }
     this.#pending.clear();
     this.#made.reject(new UnavailableError(`the session with VMM pid ${this.pid} ended before the VMM made its VM: ${reason}`));
-    this.#log.info({ event: 'session-end', vm: this.#vmId || undefined, reason }, 'session ended');
+    if (!quiet) this.#log.info({ event: 'session-end', vm: this.#vmId || undefined, reason }, 'session ended');
     // Before attach no VM depends on the process: stop watching it. After,
     // the session is done only when the process is gone (#onExit).
     if (!this.#vmId) {

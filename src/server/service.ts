@@ -7,7 +7,7 @@
 import { type ServerUnaryCall, type ServerWritableStream, type sendUnaryData, status as Status } from '@grpc/grpc-js';
 import type { Logger } from 'pino';
 import type { Broker, Caller } from '../broker/broker';
-import { vmMatches } from '../broker/broker';
+import { vmMatcher } from '../broker/broker';
 import { DeadlineExceededError, ResourceExhaustedError, UnavailableError } from '../broker/errors';
 import { type HostFacts, snapshot } from '../broker/host';
 import type { VmChange } from '../broker/vms';
@@ -219,8 +219,9 @@ export function createService(deps: ServiceDeps): { handlers: KvmVfioHandlers; e
         };
         const existing = broker.listVms(caller, filter);
         // Subscribe before sending the snapshot: both run in this tick, so no change falls between.
+        const matches = vmMatcher(filter);
         unsubscribe = broker.watch(caller, (ch: VmChange) => {
-          if (vmMatches(ch.vm, filter)) send({ type: `TYPE_${ch.type}`, vm: vmMessage(ch.vm) });
+          if (matches(ch.vm)) send({ type: `TYPE_${ch.type}`, vm: vmMessage(ch.vm) });
         });
         for (const vm of existing) send({ type: 'TYPE_EXISTING', vm: vmMessage(vm) });
         send({ type: 'TYPE_SYNCED' });

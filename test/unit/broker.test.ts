@@ -262,6 +262,126 @@ describe('Broker: visibility', () => {
   });
 });
 
+describe('Broker: ListVms pages', () => {
+  const ALL = { labels: {}, states: [] };
+  /** Follows the pages from the start; returns the names and the page sizes seen. */
+  const walk = (broker: Broker, caller: Caller, size: number, filter: Parameters<Broker['listVms']>[1] = ALL) => {
+    const names: string[] = [];
+    const sizes: number[] = [];
+    let afterSeq = 0;
+    for (;;) {
+      const page = broker.listVmsPage(caller, filter, { afterSeq, size });
+      names.push(...page.vms.map((v) => v.name));
+      sizes.push(page.vms.length);
+      if (page.nextAfterSeq === undefined) return { names, sizes };
+      afterSeq = page.nextAfterSeq;
+    }
+  };
+  const fill = async (broker: Broker, n: number, caller: Caller = ROOT, labels: (i: number) => Record<string, string> = () => ({})) => {
+    for (let i = 0; i < n; i++) await broker.createVm(caller, spec({ name: `vm-${i}`, vfioDevice: false, labels: labels(i) }));
+  };
+
+  test('250 records in pages of 100: 100, 100, 50, in creation order, each once; the last page says it is the last', async () => {
+    await withBroker(async ({ broker }) => {
+      await fill(broker, 250);
+      const { names, sizes } = walk(broker, ROOT, 100);
+      assert.deepEqual(sizes, [100, 100, 50]);
+      assert.deepEqual(names, Array.from({ length: 250 }, (_, i) => `vm-${i}`));
+      assert.deepEqual(broker.listVms(ROOT, ALL).map((v) => v.name), names);
+    });
+  });
+
+  test('a listing that ends on a page boundary has no empty page after it', async () => {
+    await withBroker(async ({ broker }) => {
+      await fill(broker, 200);
+      assert.deepEqual(walk(broker, ROOT, 100).sizes, [100, 100]);
+      assert.deepEqual(walk(broker, ROOT, 500).sizes, [200]);
+    });
+  });
+
+  test('records deleted or created between pages: none twice, none lost that still exists, the deleted ones not returned', async () => {
+    await withBroker(async ({ broker }) => {
+      await fill(broker, 30);
+      const first = broker.listVmsPage(ROOT, ALL, { afterSeq: 0, size: 10 });
+      assert.equal(first.vms.length, 10);
+      // The page's last record (the cursor itself), one already listed and two not yet listed go; two come.
+      const byName = (n: string) => broker.listVms(ROOT, ALL).find((v) => v.name === n)!;
+      for (const n of ['vm-9', 'vm-3', 'vm-10', 'vm-25']) await broker.deleteVm(ROOT, byName(n).id);
+      await broker.createVm(ROOT, spec({ name: 'late-1', vfioDevice: false }));
+      await broker.createVm(ROOT, spec({ name: 'late-2', vfioDevice: false }));
+      const rest: string[] = [];
+      let afterSeq = first.nextAfterSeq!;
+      for (;;) {
+        const page = broker.listVmsPage(ROOT, ALL, { afterSeq, size: 10 });
+        rest.push(...page.vms.map((v) => v.name));
+        if (page.nextAfterSeq === undefined) break;
+        afterSeq = page.nextAfterSeq;
+      }
+      const expected = [...Array.from({ length: 19 }, (_, i) => `vm-${i + 11}`).filter((n) => n !== 'vm-25'), 'late-1', 'late-2'];
+      assert.deepEqual(rest, expected);
+    });
+  });
+
+  test('a filtered listing pages over the matches only; the owner scope holds on every page', async () => {
+    await withBroker(async ({ broker }) => {
+      // Alice's and Bob's records interleaved; every third of Alice's is labelled.
+      for (let i = 0; i < 40; i++) {
+        await broker.createVm(i % 2 ? BOB : ALICE, spec({ name: `vm-${i}`, vfioDevice: false, labels: i % 3 === 0 ? { app: 'web' } : {} }));
+      }
+      const alice = walk(broker, ALICE, 3);
+      assert.deepEqual(alice.names, Array.from({ length: 20 }, (_, i) => `vm-${2 * i}`));
+      assert.deepEqual(alice.sizes, [3, 3, 3, 3, 3, 3, 2]);
+      const web = walk(broker, ALICE, 2, { labels: { app: 'web' }, states: [] });
+      assert.deepEqual(web.names, ['vm-0', 'vm-6', 'vm-12', 'vm-18', 'vm-24', 'vm-30', 'vm-36']);
+      assert.deepEqual(walk(broker, ROOT, 7, { labels: { app: 'web' }, states: ['PENDING'] }).names.length, 14);
+      assert.deepEqual(walk(broker, ALICE, 5, { labels: { app: 'db' }, states: [] }).sizes, [0]);
+    });
+  });
+});
+
+describe('VmRegistry: creation order', () => {
+  const newVm = (name: string) => ({ name, labels: {}, ownerUid: 0, vmmUid: 1, vfioDevice: false, groups: [], memlockBytes: 0, requestId: '', requestFingerprint: '', principal: '' });
+  const names = (r: VmRegistry, after = 0) => [...r.inOrderAfter(after)].map((v) => v.name);
+
+  test('seq grows with each creation and survives a restore; new records come after restored ones', () => {
+    const a = new VmRegistry();
+    const x = a.insert(a.newId(), newVm('x'));
+    const y = a.insert(a.newId(), newVm('y'));
+    a.update(x, (v) => (v.vmmPid = 5)); // an update bumps the revision, not the seq
+    const z = a.insert(a.newId(), newVm('z'));
+    assert.ok(x.seq < y.seq && y.seq < z.seq);
+    assert.ok(x.revision > y.seq);
+    assert.deepEqual(names(a), ['x', 'y', 'z']);
+    assert.deepEqual(names(a, y.seq), ['z']);
+    assert.deepEqual(names(a, y.seq - 1), ['y', 'z']);
+
+    const b = new VmRegistry();
+    // A state file's order is not creation order; seq is.
+    b.restore([z, x, y].map((v) => ({ ...v })), a.revision);
+    assert.deepEqual(names(b), ['x', 'y', 'z']);
+    const w = b.insert(b.newId(), newVm('w'));
+    assert.ok(w.seq > z.seq && w.seq > x.revision);
+    b.remove(b.get(y.id)!);
+    assert.deepEqual(names(b), ['x', 'z', 'w']);
+    assert.deepEqual(names(b, y.seq), ['z', 'w']);
+  });
+
+  test('records of a state file without seq get one in creation-time order', () => {
+    const a = new VmRegistry();
+    const made = ['p', 'q', 'r'].map((n) => a.insert(a.newId(), newVm(n)));
+    const legacy = made.map((v, i) => {
+      const { seq: _seq, ...old } = v;
+      // q was created first, then r, then p; revisions bumped by later updates.
+      return { ...old, createTime: ['2024-01-01T00:00:03.000Z', '2024-01-01T00:00:01.000Z', '2024-01-01T00:00:02.000Z'][i], revision: 10 + i } as VmRecord;
+    });
+    const b = new VmRegistry();
+    b.restore(legacy, 12);
+    assert.deepEqual(names(b), ['q', 'r', 'p']);
+    assert.ok(b.insert(b.newId(), newVm('s')).seq > 12);
+    assert.deepEqual(names(b), ['q', 'r', 'p', 's']);
+  });
+});
+
 describe('Broker: the VFIO device and groups of a pending VM', () => {
   test('createVfioDevice sets the device; a second one is AlreadyExistsError', async () => {
     await withBroker(async ({ broker }) => {

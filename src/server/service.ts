@@ -16,6 +16,7 @@ import type { VmEvent } from '../generated/kvmvfio/v1/VmEvent';
 import { DAEMON_VERSION } from '../version';
 import type { Authorizer } from './auth';
 import { groupMessage, tokenMessage, vmMessage } from './convert';
+import { encodePageToken } from './pagetoken';
 import { type MappedStatus, toServiceError, toStatus } from './status';
 import * as validate from './validate';
 
@@ -160,7 +161,11 @@ export function createService(deps: ServiceDeps): { handlers: KvmVfioHandlers; e
       (req) => req.vm_id,
     ),
 
-    ListVms: unary('ListVms', false, (caller, req) => ({ vms: broker.listVms(caller, validate.filter(req)).map(vmMessage) })),
+    ListVms: unary('ListVms', false, (caller, req) => {
+      const { filter, page } = validate.listVms(req);
+      const { vms, nextAfterSeq } = broker.listVmsPage(caller, filter, page);
+      return { vms: vms.map(vmMessage), next_page_token: nextAfterSeq === undefined ? '' : encodePageToken(nextAfterSeq, filter) };
+    }),
 
     DeleteVm: unary(
       'DeleteVm',

@@ -214,13 +214,21 @@ export function createService(deps: ServiceDeps): { handlers: KvmVfioHandlers; e
         caller = callerOf(call);
         caller = { ...caller, principal: authorizer.authorize(caller, 'WatchVms') };
         const filter = validate.filter(call.request);
+        // The snapshot (EXISTING..., SYNCED) is queued at once, whatever its size, and does not
+        // count against the backlog: only changes queued behind it do. Else a watch of more than
+        // `backlog` VMs would be ended before it could sync.
+        let snapshotUnsent = 0;
         const send = (ev: VmEvent) => {
           if (ended) return;
-          if (call.writableLength > backlog) {
+          if (call.writableLength - snapshotUnsent > backlog) {
             end(toStatus(new ResourceExhaustedError(`watcher fell more than ${backlog} events behind; watch again`)));
             return;
           }
           call.write(ev);
+        };
+        const sendSnapshot = (ev: VmEvent) => {
+          snapshotUnsent++;
+          call.write(ev, () => snapshotUnsent--);
         };
         const existing = broker.listVms(caller, filter);
         // Subscribe before sending the snapshot: both run in this tick, so no change falls between.
@@ -228,8 +236,8 @@ export function createService(deps: ServiceDeps): { handlers: KvmVfioHandlers; e
         unsubscribe = broker.watch(caller, (ch: VmChange) => {
           if (matches(ch.vm)) send({ type: `TYPE_${ch.type}`, vm: vmMessage(ch.vm) });
         });
-        for (const vm of existing) send({ type: 'TYPE_EXISTING', vm: vmMessage(vm) });
-        send({ type: 'TYPE_SYNCED' });
+        for (const vm of existing) sendSnapshot({ type: 'TYPE_EXISTING', vm: vmMessage(vm) });
+        sendSnapshot({ type: 'TYPE_SYNCED' });
         watches.add(stop);
         call.on('cancelled', () => end());
         call.on('close', () => end());

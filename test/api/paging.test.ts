@@ -1,8 +1,9 @@
 /**
  * ListVms pages (AIP-158) on a real daemon: the pages, their order and size,
  * records created and deleted between pages, bad page_size and page_token,
- * a non-root principal paging through its own VMs only, and kvmvfioctl
- * `vm list` following the pages.
+ * a non-root principal paging through its own VMs only, kvmvfioctl
+ * `vm list` following the pages; and WatchVms's opening snapshot of more VMs
+ * than its backlog.
  */
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -247,5 +248,25 @@ describe('ListVms pages', () => {
       assert.match(e.stderr, /--page-size/);
       return true;
     });
+  });
+
+  test('WatchVms opens with every VM, one message each, even more VMs than its 4,096-event backlog, then SYNCED', async () => {
+    const have = (await c.getHostInfo()).vm_count;
+    let next = have;
+    const target = 4300;
+    await Promise.all(
+      Array.from({ length: 8 }, async () => {
+        while (next < target) await c.createVm({ name: `w-${next++}`, vmm_uid: 65534 });
+      }),
+    );
+    const all = (await c.listAllVms({ page_size: 500 })).map((v) => v.id);
+    assert.equal(all.length, target);
+    const existing: string[] = [];
+    for await (const ev of c.watchVms({})) {
+      if (ev.type === 'TYPE_SYNCED') break;
+      assert.equal(ev.type, 'TYPE_EXISTING');
+      existing.push(ev.vm!.id);
+    }
+    assert.deepEqual(existing, all);
   });
 });

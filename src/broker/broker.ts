@@ -230,37 +230,40 @@ export class Broker {
     });
   }
 
-  /** Whether the caller sees `vm` (canSee) and the filter takes it, as one predicate built once. */
-  #listPredicate(caller: Caller, filter: VmFilter): (vm: Readonly<VmRecord>) => boolean {
+  /**
+   * The records after `afterSeq`, in creation order, that the caller sees
+   * (canSee) and the filter takes. The walk keeps to the shortest list that
+   * holds them all (the caller's own VMs, or those with one of the filter's
+   * label pairs), and each record it meets is checked by one predicate built
+   * once.
+   */
+  *#visibleAfter(caller: Caller, filter: VmFilter, afterSeq: number): Generator<VmRecord, void, undefined> {
     const matches = vmMatcher(filter);
     const owner = this.#ownerScope(caller);
-    return owner === undefined ? matches : (vm) => vm.ownerUid === owner && matches(vm);
+    const take = owner === undefined ? matches : (vm: VmRecord) => vm.ownerUid === owner && matches(vm);
+    for (const vm of this.vms.inOrderAfter(afterSeq, { ownerUid: owner, labels: filter.labels })) if (take(vm)) yield vm;
   }
 
   /** Every VM the caller sees that the filter takes, in creation order (WatchVms's snapshot). */
   listVms(caller: Caller, filter: VmFilter): VmRecord[] {
-    const take = this.#listPredicate(caller, filter);
-    const out: VmRecord[] = [];
-    for (const vm of this.vms.inOrderAfter(0)) if (take(vm)) out.push(vm);
-    return out;
+    return [...this.#visibleAfter(caller, filter, 0)];
   }
 
   /**
    * One page of the VMs the caller sees that the filter takes, in creation
    * order, starting after the record `page.afterSeq` (which may have been
    * deleted since: the walk starts at the first record after its place).
-   * Records before that place are not looked at; after a full page the walk
-   * goes on only until it finds one more match, to tell whether the listing
-   * continues. Records created since the previous page come after every
+   * Records before that place are not looked at, nor (see #visibleAfter)
+   * most records the caller does not see or the filter's labels exclude;
+   * after a full page the walk goes on only until it finds one more match,
+   * to tell whether the listing continues. Records created since the previous page come after every
    * older one, so a listing followed to its end sees them and never sees a
    * record twice.
    */
   listVmsPage(caller: Caller, filter: VmFilter, page: PageRequest): VmPage {
     if (!(Number.isSafeInteger(page.size) && page.size >= 1)) throw new Error(`page size ${page.size} is not a positive integer`);
-    const take = this.#listPredicate(caller, filter);
     const vms: VmRecord[] = [];
-    for (const vm of this.vms.inOrderAfter(page.afterSeq)) {
-      if (!take(vm)) continue;
+    for (const vm of this.#visibleAfter(caller, filter, page.afterSeq)) {
       if (vms.length === page.size) return { vms, nextAfterSeq: vms[vms.length - 1].seq };
       vms.push(vm);
     }

@@ -1,6 +1,6 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { Broker, type Caller, type CreateVmSpec } from '../../src/broker/broker';
+import { Broker, type Caller, type CreateVmSpec, type VmFilter } from '../../src/broker/broker';
 import { GroupPool } from '../../src/broker/pool';
 import { VmRegistry, type VmChange, type VmRecord } from '../../src/broker/vms';
 import { AlreadyExistsError, FailedPreconditionError, NotFoundError, UnavailableError } from '../../src/broker/errors';
@@ -339,6 +339,65 @@ describe('Broker: ListVms pages', () => {
   });
 });
 
+describe('Broker: ListVms pages against a plain scan', () => {
+  test('any caller, filter and page size: the pages hold exactly what a scan of every record finds, in seq order', async () => {
+    await withBroker(async ({ broker }) => {
+      // A small deterministic generator: the same records every run.
+      let x = 12345;
+      const rand = (n: number) => ((x = (x * 1103515245 + 12345) % 2 ** 31), x % n);
+      const callers = [ROOT, ALICE, BOB, { uid: 3000, gid: 3000, pid: 13 }];
+      const pick = <T>(a: readonly T[]) => a[rand(a.length)];
+      const labelSets: Record<string, string>[] = [{}, { app: 'web' }, { app: 'db' }, { app: 'web', env: 'prod' }, { env: 'prod' }, { env: 'dev', app: 'web' }, { 'a=b': 'c' }, { a: 'b=c' }];
+      const live: VmRecord[] = [];
+      for (let i = 0; i < 400; i++) {
+        if (live.length && rand(4) === 0) {
+          const vm = live.splice(rand(live.length), 1)[0];
+          await broker.deleteVm(ROOT, vm.id);
+        } else {
+          live.push((await broker.createVm(pick(callers.slice(0, 3)), spec({ name: `vm-${i}`, vfioDevice: false, labels: pick(labelSets) }))).vm);
+        }
+      }
+      for (const vm of live) if (rand(3) === 0) broker.vms.transition(vm, 'FAILED', 'x');
+      const filters = [
+        { labels: {}, states: [] },
+        { labels: { app: 'web' }, states: [] },
+        { labels: { app: 'web', env: 'prod' }, states: [] },
+        { labels: { env: 'dev', app: 'web' }, states: ['FAILED'] },
+        { labels: { env: 'prod' }, states: ['PENDING'] },
+        { labels: { app: 'nope' }, states: [] },
+        { labels: { 'a=b': 'c' }, states: [] },
+        { labels: { a: 'b=c' }, states: [] },
+        { labels: {}, states: ['PENDING', 'FAILED'] },
+      ] as const;
+      const bySeq = [...broker.vms.all()].sort((a, b) => a.seq - b.seq);
+      for (const caller of callers) {
+        for (const f of filters) {
+          const filter: VmFilter = { labels: { ...f.labels }, states: [...f.states] };
+          const expected = bySeq
+            .filter((vm) => broker.canSee(caller, vm) && (!filter.states.length || filter.states.includes(vm.state)))
+            .filter((vm) => Object.entries(filter.labels).every(([k, v]) => Object.hasOwn(vm.labels, k) && vm.labels[k] === v))
+            .map((vm) => vm.id);
+          assert.deepEqual(broker.listVms(caller, filter).map((v) => v.id), expected);
+          for (const size of [1, 7, 100]) {
+            const got: string[] = [];
+            let afterSeq = 0;
+            for (let n = 0; ; n++) {
+              const page = broker.listVmsPage(caller, filter, { afterSeq, size });
+              got.push(...page.vms.map((v) => v.id));
+              assert.ok(page.vms.length <= size);
+              if (page.nextAfterSeq === undefined) break;
+              assert.equal(page.vms.length, size, 'only a full page says more may follow');
+              afterSeq = page.nextAfterSeq;
+              assert.ok(n < 1000);
+            }
+            assert.deepEqual(got, expected, `uid ${caller.uid}, ${JSON.stringify(filter)}, size ${size}`);
+          }
+        }
+      }
+    });
+  });
+});
+
 describe('VmRegistry: creation order', () => {
   const newVm = (name: string) => ({ name, labels: {}, ownerUid: 0, vmmUid: 1, vfioDevice: false, groups: [], memlockBytes: 0, requestId: '', requestFingerprint: '', principal: '' });
   const names = (r: VmRegistry, after = 0) => [...r.inOrderAfter(after)].map((v) => v.name);
@@ -364,6 +423,31 @@ describe('VmRegistry: creation order', () => {
     b.remove(b.get(y.id)!);
     assert.deepEqual(names(b), ['x', 'z', 'w']);
     assert.deepEqual(names(b, y.seq), ['z', 'w']);
+  });
+
+  test('a walk keeps to the owner\'s records or to a label pair\'s, whichever is shorter, and the lists follow removals', () => {
+    const r = new VmRegistry();
+    const add = (name: string, ownerUid: number, labels: Record<string, string>) => r.insert(r.newId(), { ...newVm(name), ownerUid, labels });
+    add('a', 1, { app: 'web' });
+    const b = add('b', 2, { app: 'web', env: 'prod' });
+    add('c', 1, { app: 'db' });
+    add('d', 1, { app: 'web', env: 'prod' });
+    add('e', 2, {});
+    const walk = (hint: Parameters<VmRegistry['inOrderAfter']>[1], after = 0) => [...r.inOrderAfter(after, hint)].map((v) => v.name);
+    assert.deepEqual(walk({}), ['a', 'b', 'c', 'd', 'e']);
+    assert.deepEqual(walk({ ownerUid: 1 }), ['a', 'c', 'd']);
+    assert.deepEqual(walk({ ownerUid: 9 }), []);
+    assert.deepEqual(walk({ labels: { env: 'prod' } }), ['b', 'd']);
+    assert.deepEqual(walk({ labels: { app: 'web', env: 'prod' } }), ['b', 'd']);
+    assert.deepEqual(walk({ labels: { app: 'web', env: 'nope' } }), []);
+    assert.deepEqual(walk({ ownerUid: 2, labels: { app: 'web' } }), ['b', 'e'], 'the owner\'s list is the shorter');
+    assert.deepEqual(walk({ labels: { env: 'prod' } }, b.seq), ['d']);
+    r.remove(b);
+    assert.deepEqual(walk({ labels: { env: 'prod' } }), ['d']);
+    assert.deepEqual(walk({ ownerUid: 2 }), ['e']);
+    r.remove(r.get([...r.inOrderAfter(0, { labels: { env: 'prod' } })][0].id)!);
+    assert.deepEqual(walk({ labels: { env: 'prod' } }), []);
+    assert.deepEqual(walk({}), ['a', 'c', 'e']);
   });
 
   test('records of a state file without seq get one in creation-time order', () => {

@@ -79,9 +79,6 @@ export interface CandidateHint {
   labels?: Readonly<Record<string, string>>;
 }
 
-/** One string per label pair, unambiguous whatever the key and value hold. */
-const labelKey = (k: string, v: string) => JSON.stringify([k, v]);
-
 /** The index of the first record of `list` (ascending by seq) whose seq is greater than `seq`. */
 function firstAfter(list: readonly VmRecord[], seq: number): number {
   let lo = 0;
@@ -118,7 +115,8 @@ export class VmRegistry {
    */
   readonly #ordered: VmRecord[] = [];
   readonly #byOwner = new Map<number, VmRecord[]>();
-  readonly #byLabel = new Map<string, VmRecord[]>();
+  /** label key → label value → records. */
+  readonly #byLabel = new Map<string, Map<string, VmRecord[]>>();
   /** Indexes for the per-create lookups, so a create costs the same at 10,000 records as at 10. */
   readonly #byName = new Map<string, VmRecord>();
   readonly #byRequestId = new Map<string, VmRecord>();
@@ -159,7 +157,7 @@ export class VmRegistry {
     if (only.ownerUid !== undefined) best = this.#byOwner.get(only.ownerUid) ?? [];
     if (only.labels) {
       for (const k of Object.keys(only.labels)) {
-        const list = this.#byLabel.get(labelKey(k, only.labels[k])) ?? [];
+        const list = this.#byLabel.get(k)?.get(only.labels[k]) ?? [];
         if (list.length < best.length) best = list;
       }
     }
@@ -170,7 +168,11 @@ export class VmRegistry {
   #addOrdered(vm: VmRecord): void {
     this.#ordered.push(vm);
     appendTo(this.#byOwner, vm.ownerUid, vm);
-    for (const k of Object.keys(vm.labels)) appendTo(this.#byLabel, labelKey(k, vm.labels[k]), vm);
+    for (const k of Object.keys(vm.labels)) {
+      let values = this.#byLabel.get(k);
+      if (!values) this.#byLabel.set(k, (values = new Map()));
+      appendTo(values, vm.labels[k], vm);
+    }
   }
 
   #removeOrdered(vm: VmRecord): void {
@@ -178,10 +180,13 @@ export class VmRegistry {
     removeFrom(this.#byOwner.get(vm.ownerUid), vm);
     if (!this.#byOwner.get(vm.ownerUid)?.length) this.#byOwner.delete(vm.ownerUid);
     for (const k of Object.keys(vm.labels)) {
-      const key = labelKey(k, vm.labels[k]);
-      const list = this.#byLabel.get(key);
+      const values = this.#byLabel.get(k);
+      const list = values?.get(vm.labels[k]);
       removeFrom(list, vm);
-      if (!list?.length) this.#byLabel.delete(key);
+      if (values && !list?.length) {
+        values.delete(vm.labels[k]);
+        if (!values.size) this.#byLabel.delete(k);
+      }
     }
   }
 

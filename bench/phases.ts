@@ -473,6 +473,9 @@ export async function scalePhase(ctx: Ctx): Promise<ScaleResult> {
         await timed(getMixed, getOne(r));
       }
       const loop = (await st.endLoopWindow(`calls-${target}`))!;
+      // The listing windows start once the state file's last rewrite (tens of ms at 10,000 records) is done.
+      await sleep(ctx.quick ? 200 : 500);
+      await st.beginLoopWindow();
       // Single pages, starting half way through the records (a token from a listing that got there).
       let middle = '';
       for (let seen = 0; seen < target / 2; ) {

@@ -256,9 +256,9 @@ export class Broker {
    * Records before that place are not looked at, nor (see #visibleAfter)
    * most records the caller does not see or the filter's labels exclude;
    * after a full page the walk goes on only until it finds one more match,
-   * to tell whether the listing continues. Records created since the previous page come after every
-   * older one, so a listing followed to its end sees them and never sees a
-   * record twice.
+   * to tell whether the listing continues. Records created since the
+   * previous page come after every older one, so a listing followed to its
+   * end sees them and never sees a record twice.
    */
   listVmsPage(caller: Caller, filter: VmFilter, page: PageRequest): VmPage {
     if (!(Number.isSafeInteger(page.size) && page.size >= 1)) throw new Error(`page size ${page.size} is not a positive integer`);

@@ -258,18 +258,29 @@ export class VmRegistry {
    * ..., below every revision to come, since each creation took a revision.
    */
   restore(records: VmRecord[], revision: number): void {
-    const legacy = records
-      .filter((r) => !Number.isSafeInteger(r.seq) || r.seq <= 0)
-      .sort((a, b) => a.createTime.localeCompare(b.createTime) || a.revision - b.revision);
-    const seqOf = new Map(legacy.map((r, i) => [r, i + 1]));
-    const restored = records.map((r): VmRecord => ({ ...r, seq: seqOf.get(r) ?? r.seq, groups: [...r.groups], labels: { ...r.labels } }));
-    restored.sort((a, b) => a.seq - b.seq);
+    const hasSeq = (r: VmRecord) => Number.isSafeInteger(r.seq) && r.seq > 0;
+    let inOrder = records;
+    let legacySeq: Map<VmRecord, number> | undefined;
+    if (!records.every(hasSeq)) {
+      const legacy = records.filter((r) => !hasSeq(r)).sort((a, b) => a.createTime.localeCompare(b.createTime) || a.revision - b.revision);
+      legacySeq = new Map(legacy.map((r, i) => [r, i + 1]));
+    }
+    const seqOf = (r: VmRecord) => legacySeq?.get(r) ?? r.seq;
+    // The state file lists records in insertion order, which is seq order: sort only when it is not.
+    for (let i = 1; i < records.length; i++) {
+      if (seqOf(records[i - 1]) > seqOf(records[i])) {
+        inOrder = [...records].sort((a, b) => seqOf(a) - seqOf(b));
+        break;
+      }
+    }
     let top = Math.max(this.#revision, revision);
-    for (const vm of restored) {
+    for (const r of inOrder) {
+      const vm: VmRecord = { ...r, seq: seqOf(r), groups: [...r.groups], labels: { ...r.labels } };
       this.#byId.set(vm.id, vm);
       this.#addOrdered(vm);
       this.#index(vm);
-      top = Math.max(top, vm.revision, vm.seq);
+      if (vm.revision > top) top = vm.revision;
+      if (vm.seq > top) top = vm.seq;
     }
     this.#revision = top;
   }

@@ -237,7 +237,24 @@ function report(r: Results, say: (l: string) => void): void {
   if (r.scale) {
     const s = r.scale;
     say(`\n4. Scale: records (PENDING, no groups). Idle daemon: RSS ${s.idleRssMb} MB, ${s.idleFds} fds.`);
-    const rows = [['records', 'RSS', 'heap used', 'state file', 'fds/VM', 'fill CreateVm/s', 'GetVm p50', 'ListVms filtered p50', 'CreateVm p50', 'DeleteVm p50', 'GetVm after a write p50', 'ListVms all p50', 'loop max (all)']];
+    const rows = [
+      [
+        'records',
+        'RSS',
+        'heap used',
+        'state file',
+        'fds/VM',
+        'fill CreateVm/s',
+        'GetVm p50',
+        'ListVms filtered p50',
+        'CreateVm p50',
+        'DeleteVm p50',
+        'GetVm after a write p50',
+        'ListVms page of 100 / 500 p50',
+        'ListVms all pages p50 (calls)',
+        'loop max: calls (pages / all pages)',
+      ],
+    ];
     for (const l of s.levels) {
       rows.push([
         String(l.records),
@@ -251,8 +268,9 @@ function report(r: Results, say: (l: string) => void): void {
         fmtUs(l.createVm.p50),
         fmtUs(l.deleteVm.p50),
         fmtUs(l.getVmWhileWriting.p50),
-        fmtUs(l.listVmsAll.p50),
-        `${l.loop.daemon.maxMs} ms (${l.listAllLoopMaxMs} ms)`,
+        `${fmtUs(l.listVmsPage.p50)} / ${fmtUs(l.listVmsPageMax.p50)}`,
+        `${fmtUs(l.listVmsAll.p50)} (${l.listVmsAllPages})`,
+        `${l.loop.daemon.maxMs} ms (${l.listPageLoopMaxMs} / ${l.listAllLoopMaxMs} ms)`,
       ]);
     }
     table(rows, say);
@@ -311,7 +329,10 @@ function report(r: Results, say: (l: string) => void): void {
   for (const l of r.scale?.levels ?? []) add(`scale calls at ${l.records} records`, l.loop);
   if (r.sessions) add(`  mass VMM exit (${r.sessions.massExit.vms} live sessions)`, r.sessions.massExit.loop, false);
   table(rows, say);
-  for (const l of r.scale?.levels ?? []) if (l.listAllLoopMaxMs > 5) say(`   ListVms of all ${l.records} records: daemon loop blocked ${l.listAllLoopMaxMs} ms (one call)`);
+  for (const l of r.scale?.levels ?? []) {
+    if (l.listAllLoopMaxMs > 5) say(`   ListVms of all ${l.records} records, following ${l.listVmsAllPages} pages of 100: daemon loop blocked up to ${l.listAllLoopMaxMs} ms`);
+    if (l.listPageLoopMaxMs > 5) say(`   ListVms, single pages of 100 and 500 at ${l.records} records: daemon loop blocked up to ${l.listPageLoopMaxMs} ms`);
+  }
   if (r.fdtable) {
     const g = r.fdtable.growing.map((x) => `fd ${x.fd}: ${x.ms} ms`).join(', ');
     say(`   fd-table growth (bench/fdtable.ts, OwnedFd.dup in a process with threads): ${g || 'no wait over 1 ms'};`);

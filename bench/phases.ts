@@ -361,11 +361,18 @@ export interface LevelResult {
   listVmsFiltered: Summary;
   createVm: Summary;
   deleteVm: Summary;
-  /** ListVms with no filter: every record in one answer. */
+  /** ListVms with no filter, following every page of the default size (100): the whole listing, first call to last answer. */
   listVmsAll: Summary;
+  /** Calls one such listing takes. */
+  listVmsAllPages: number;
+  /** One page of ListVms, no filter: the default size (100), and the largest (500), from a place in the middle. */
+  listVmsPage: Summary;
+  listVmsPageMax: Summary;
   loop: LoopWindow;
-  /** The daemon's loop while ListVms answered every record. */
+  /** The daemon's loop while whole listings (pages of 100) were answered. */
   listAllLoopMaxMs: number;
+  /** The daemon's loop while single pages (100 and 500) were answered. */
+  listPageLoopMaxMs: number;
   /** The state file the daemon rewrites after every change. */
   stateFileKb: number;
 }
@@ -466,12 +473,40 @@ export async function scalePhase(ctx: Ctx): Promise<ScaleResult> {
         await timed(getMixed, getOne(r));
       }
       const loop = (await st.endLoopWindow(`calls-${target}`))!;
+      // The listing windows start once the state file's last rewrite (tens of ms at 10,000 records) is done.
+      await sleep(ctx.quick ? 200 : 500);
+      await st.beginLoopWindow();
+      // Single pages, starting half way through the records (a token from a listing that got there).
+      let middle = '';
+      for (let seen = 0; seen < target / 2; ) {
+        const p = await st.api.listVms({ page_size: 500, page_token: middle });
+        seen += p.vms.length;
+        middle = p.next_page_token;
+      }
+      const page: number[] = [];
+      const pageMax: number[] = [];
+      for (let r = 0; r < (ctx.quick ? 50 : 200); r++) {
+        await timed(page, async () => {
+          if (!(await st.api.listVms({ page_token: middle })).vms.length) throw new Error('ListVms: an empty page in the middle');
+        });
+        await timed(pageMax, () => st.api.listVms({ page_size: 500, page_token: middle }));
+      }
+      const pageLoop = (await st.endLoopWindow(`list-page-${target}`))!;
       const all: number[] = [];
+      let pages = 0;
       for (let k = 0; k < (ctx.quick ? 3 : 5); k++) {
         const t = nowUs();
-        const { vms } = await st.api.listVms({});
+        let n = 0;
+        let token = '';
+        pages = 0;
+        do {
+          const p = await st.api.listVms({ page_token: token });
+          n += p.vms.length;
+          token = p.next_page_token;
+          pages++;
+        } while (token);
         all.push(nowUs() - t);
-        if (vms.length < target) throw new Error(`ListVms returned ${vms.length} of ${target}`);
+        if (n < target) throw new Error(`ListVms pages returned ${n} of ${target}`);
       }
       const allLoop = (await st.endLoopWindow(`list-all-${target}`))!;
       levels.push({
@@ -487,8 +522,12 @@ export async function scalePhase(ctx: Ctx): Promise<ScaleResult> {
         createVm: rs(create),
         deleteVm: rs(del),
         listVmsAll: rs(all),
+        listVmsAllPages: pages,
+        listVmsPage: rs(page),
+        listVmsPageMax: rs(pageMax),
         loop,
         listAllLoopMaxMs: allLoop.daemon.maxMs,
+        listPageLoopMaxMs: pageLoop.daemon.maxMs,
         stateFileKb,
       });
       ctx.say(`  ${target} records: RSS ${rssMb} MB, GetVm p50 ${round(summarize(get).p50)} µs, CreateVm p50 ${round(summarize(create).p50)} µs`);

@@ -68,10 +68,38 @@ async function within(p: Promise<unknown>, ms: number): Promise<boolean> {
   }
 }
 
-export function vmMatches(vm: Readonly<VmRecord>, f: VmFilter): boolean {
-  if (f.states.length && !f.states.includes(vm.state)) return false;
-  for (const [k, v] of Object.entries(f.labels)) if (!Object.hasOwn(vm.labels, k) || vm.labels[k] !== v) return false;
-  return true;
+/**
+ * The filter as a predicate, built once per listing or watch: the label pairs
+ * are taken out of the filter object here, not once per record.
+ */
+export function vmMatcher(f: VmFilter): (vm: Readonly<VmRecord>) => boolean {
+  const keys = Object.keys(f.labels);
+  const values = keys.map((k) => f.labels[k]);
+  const states = f.states.length ? new Set(f.states) : undefined;
+  return (vm) => {
+    if (states && !states.has(vm.state)) return false;
+    const labels = vm.labels;
+    for (let i = 0; i < keys.length; i++) if (!Object.hasOwn(labels, keys[i]) || labels[keys[i]] !== values[i]) return false;
+    return true;
+  };
+}
+
+/** Where a page of ListVms starts and how many records it holds at most. */
+export interface PageRequest {
+  /** The seq of the last record of the previous page; 0 for the first page. */
+  afterSeq: number;
+  /** At least 1. */
+  size: number;
+}
+
+export interface VmPage {
+  vms: VmRecord[];
+  /**
+   * The seq of the page's last record when at least one more record matches
+   * after it (the next page starts there); undefined when this page ends the
+   * listing.
+   */
+  nextAfterSeq?: number;
 }
 
 function notEditable(vm: VmRecord): FailedPreconditionError {
@@ -112,9 +140,14 @@ export class Broker {
     return this.#links.size;
   }
 
-  /** uid 0 and policy admins see every VM; anyone else sees the VMs they created. */
+  /** uid 0 and policy admins see every VM (undefined); anyone else sees the VMs they created (their uid). */
+  #ownerScope(caller: Caller): number | undefined {
+    return caller.uid === 0 || caller.principal?.admin === true ? undefined : caller.uid;
+  }
+
   canSee(caller: Caller, vm: Readonly<VmRecord>): boolean {
-    return caller.uid === 0 || caller.principal?.admin === true || vm.ownerUid === caller.uid;
+    const owner = this.#ownerScope(caller);
+    return owner === undefined || vm.ownerUid === owner;
   }
 
   /** The policy's word on groups and the VMM's uid, and the principal's quotas. */
@@ -192,10 +225,44 @@ export class Broker {
     });
   }
 
+  /**
+   * The records after `afterSeq`, in creation order, that the caller sees
+   * (canSee) and the filter takes. The walk keeps to the shortest list that
+   * holds them all (the caller's own VMs, or those with one of the filter's
+   * label pairs), and each record it meets is checked by one predicate built
+   * once.
+   */
+  *#visibleAfter(caller: Caller, filter: VmFilter, afterSeq: number): Generator<VmRecord, void, undefined> {
+    const matches = vmMatcher(filter);
+    const owner = this.#ownerScope(caller);
+    const take = owner === undefined ? matches : (vm: VmRecord) => vm.ownerUid === owner && matches(vm);
+    for (const vm of this.vms.inOrderAfter(afterSeq, { ownerUid: owner, labels: filter.labels })) if (take(vm)) yield vm;
+  }
+
+  /** Every VM the caller sees that the filter takes, in creation order (WatchVms's snapshot). */
   listVms(caller: Caller, filter: VmFilter): VmRecord[] {
-    const out: VmRecord[] = [];
-    for (const vm of this.vms.all()) if (this.canSee(caller, vm) && vmMatches(vm, filter)) out.push(vm);
-    return out.sort((a, b) => a.createTime.localeCompare(b.createTime) || a.revision - b.revision);
+    return [...this.#visibleAfter(caller, filter, 0)];
+  }
+
+  /**
+   * One page of the VMs the caller sees that the filter takes, in creation
+   * order, starting after the record `page.afterSeq` (which may have been
+   * deleted since: the walk starts at the first record after its place).
+   * Records before that place are not looked at, nor (see #visibleAfter)
+   * most records the caller does not see or the filter's labels exclude;
+   * after a full page the walk goes on only until it finds one more match,
+   * to tell whether the listing continues. Records created since the
+   * previous page come after every older one, so a listing followed to its
+   * end sees them and never sees a record twice.
+   */
+  listVmsPage(caller: Caller, filter: VmFilter, page: PageRequest): VmPage {
+    if (!(Number.isSafeInteger(page.size) && page.size >= 1)) throw new Error(`page size ${page.size} is not a positive integer`);
+    const vms: VmRecord[] = [];
+    for (const vm of this.#visibleAfter(caller, filter, page.afterSeq)) {
+      if (vms.length === page.size) return { vms, nextAfterSeq: vms[vms.length - 1].seq };
+      vms.push(vm);
+    }
+    return { vms };
   }
 
   /**

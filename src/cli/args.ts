@@ -24,6 +24,7 @@ const OPTIONS = {
   memlock: { type: 'string' },
   'request-id': { type: 'string' },
   state: { type: 'string', multiple: true },
+  'page-size': { type: 'string' },
   force: { type: 'boolean' },
   token: { type: 'string' },
   handoff: { type: 'string' },
@@ -143,6 +144,8 @@ export function parseUint(text: string, what: string, max: number): number {
 }
 
 export const UINT32_MAX = 0xffffffff;
+/** ListVms page_size is an int32; the daemon takes more than 500 as 500. */
+export const PAGE_SIZE_MAX = 0x7fffffff;
 /** (uid_t)-1 means "no uid" to the kernel; it cannot be a VMM's uid. */
 export const UID_MAX = 0xfffffffe;
 const UINT64_MAX = (1n << 64n) - 1n;

@@ -85,7 +85,8 @@ export function groupJson(g: IommuGroup): IommuGroup {
 }
 
 export const groupsJson = (r: ListIommuGroupsResponse__Output): ListIommuGroupsResponse__Output => ({ groups: r.groups.map(groupJson) });
-export const vmsJson = (r: ListVmsResponse__Output): ListVmsResponse__Output => ({ vms: r.vms.map(vmJson) });
+/** `vm list --json`: the VMs of every page in one ListVmsResponse, without next_page_token (the listing is complete). */
+export const vmsJson = (vms: readonly Vm[]): Pick<ListVmsResponse__Output, 'vms'> => ({ vms: vms.map(vmJson) });
 export const createVmJson = (r: CreateVmResponse__Output): CreateVmResponse__Output => ({
   vm: r.vm ? vmJson(r.vm) : null,
   attach_token: r.attach_token ? tokenJson(r.attach_token) : null,

@@ -11,6 +11,7 @@ import { DAEMON_VERSION } from '../version';
 import {
   type CommandLine,
   type OptionName,
+  PAGE_SIZE_MAX,
   UID_MAX,
   UsageError,
   allowOnly,
@@ -215,14 +216,16 @@ const COMMANDS: Record<string, Command> = {
   },
 
   'vm list': {
-    options: FILTER_OPTIONS,
+    options: [...FILTER_OPTIONS, 'page-size'],
     async run(ctx) {
       positionals(ctx.args, []);
       const filter = filterOf(ctx.cl);
-      const res = await ctx.api().listVms(filter);
-      if (ctx.json) ctx.out(js.pretty(js.vmsJson(res)));
-      else if (!res.vms.length) ctx.out(Object.keys(filter.labels).length || filter.states.length ? 'No VMs match.\n' : 'No VMs.\n');
-      else ctx.out(fmt.vmTable(res.vms));
+      const size = ctx.cl.values['page-size'];
+      // Every page, then one table: the columns fit every row.
+      const vms = await ctx.api().listAllVms({ ...filter, page_size: size === undefined ? 0 : parseUint(size, '--page-size', PAGE_SIZE_MAX) });
+      if (ctx.json) ctx.out(js.pretty(js.vmsJson(vms)));
+      else if (!vms.length) ctx.out(Object.keys(filter.labels).length || filter.states.length ? 'No VMs match.\n' : 'No VMs.\n');
+      else ctx.out(fmt.vmTable(vms));
     },
   },
 

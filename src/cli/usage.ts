@@ -8,7 +8,7 @@ export const SYNOPSIS: Record<string, string> = {
   'vm create': 'kvmvfioctl vm create NAME --vmm-uid UID [--vfio-device] [--group N]... [--label KEY=VALUE]... [--memlock SIZE] [--request-id ID]',
   'vm get': 'kvmvfioctl vm get VM',
   'vm token': 'kvmvfioctl vm token VM',
-  'vm list': 'kvmvfioctl vm list [--label KEY=VALUE]... [--state pending|running|exited|failed]...',
+  'vm list': 'kvmvfioctl vm list [--label KEY=VALUE]... [--state pending|running|exited|failed]... [--page-size N]',
   'vm delete': 'kvmvfioctl vm delete VM [--force]',
   'vm watch': 'kvmvfioctl vm watch [--label KEY=VALUE]... [--state pending|running|exited|failed]...',
   'vm vfio-device': 'kvmvfioctl vm vfio-device VM',
@@ -38,8 +38,9 @@ Commands:
                               SIZE is bytes or K/M/G/T (powers of 1024), e.g. 2G
   vm get VM                   one VM
   vm token VM                 a new attach token for a PENDING VM (earlier ones stop working)
-  vm list [--label KEY=VALUE]... [--state STATE]...
-                              the VMs, oldest first; every label must match, any state may
+  vm list [--label KEY=VALUE]... [--state STATE]... [--page-size N]
+                              the VMs, oldest first; every label must match, any state may;
+                              all of them, fetched N per call (default 100, at most 500)
   vm delete VM [--force]      remove a VM and return its groups (--force kills its VMM)
   vm watch [--label KEY=VALUE]... [--state STATE]...
                               one line per VM event until interrupted (SIGINT/SIGTERM end it, exit 0)

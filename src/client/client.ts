@@ -87,8 +87,36 @@ export class KvmVfioApi {
     return this.#call(this.#client.CreateAttachToken, { vm_id: vmId });
   }
 
+  /**
+   * One page of ListVms: at most `page_size` VMs (0: the daemon's default,
+   * 100; at most 500) and `next_page_token`, empty on the last page. Pass it
+   * back as `page_token`, with the same filter, for the next page.
+   */
   listVms(req: ListVmsRequest = {}): Promise<ListVmsResponse__Output> {
     return this.#call(this.#client.ListVms, req);
+  }
+
+  /**
+   * Every VM ListVms returns for the filter, following the pages (each call
+   * has its own deadline). The VMs come in creation order, each once, even
+   * when VMs are created or deleted meanwhile.
+   */
+  async *allVms(req: Omit<ListVmsRequest, 'page_token'> = {}): AsyncGenerator<Vm__Output> {
+    let token = '';
+    do {
+      const page = await this.listVms({ ...req, page_token: token });
+      yield* page.vms;
+      // A daemon never answers a token with itself; guard against looping on one that did.
+      if (page.next_page_token && page.next_page_token === token) throw new Error('ListVms answered a page token with the same token');
+      token = page.next_page_token;
+    } while (token);
+  }
+
+  /** allVms, collected. */
+  async listAllVms(req: Omit<ListVmsRequest, 'page_token'> = {}): Promise<Vm__Output[]> {
+    const out: Vm__Output[] = [];
+    for await (const vm of this.allVms(req)) out.push(vm);
+    return out;
   }
 
   deleteVm(req: DeleteVmRequest): Promise<DeleteVmResponse__Output> {
@@ -130,8 +158,9 @@ export class KvmVfioApi {
   /** Resolves the VM's id from an id or a name (names are unique per owner). */
   async resolveVm(idOrName: string): Promise<string> {
     if (/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/.test(idOrName)) return idOrName;
-    const { vms } = await this.listVms();
-    const hits = vms.filter((v) => v.name === idOrName);
+    const hits: Vm__Output[] = [];
+    // Every page: names are unique per owner only, so uid 0 may see several VMs of one name.
+    for await (const vm of this.allVms({ page_size: 500 })) if (vm.name === idOrName) hits.push(vm);
     if (hits.length === 1) return hits[0].id;
     const err = new Error(hits.length ? `${hits.length} VMs are named ${idOrName}; use the id` : `no VM named ${idOrName}`) as Error & { code: number; details: string };
     err.code = hits.length ? grpc.status.FAILED_PRECONDITION : grpc.status.NOT_FOUND;

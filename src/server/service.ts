@@ -7,7 +7,7 @@
 import { type ServerUnaryCall, type ServerWritableStream, type sendUnaryData, status as Status } from '@grpc/grpc-js';
 import type { Logger } from 'pino';
 import type { Broker, Caller } from '../broker/broker';
-import { vmMatches } from '../broker/broker';
+import { vmMatcher } from '../broker/broker';
 import { DeadlineExceededError, ResourceExhaustedError, UnavailableError } from '../broker/errors';
 import { type HostFacts, snapshot } from '../broker/host';
 import type { VmChange } from '../broker/vms';
@@ -16,6 +16,7 @@ import type { VmEvent } from '../generated/kvmvfio/v1/VmEvent';
 import { DAEMON_VERSION } from '../version';
 import type { Authorizer } from './auth';
 import { groupMessage, tokenMessage, vmMessage } from './convert';
+import { encodePageToken } from './pagetoken';
 import { type MappedStatus, toServiceError, toStatus } from './status';
 import * as validate from './validate';
 
@@ -160,7 +161,11 @@ export function createService(deps: ServiceDeps): { handlers: KvmVfioHandlers; e
       (req) => req.vm_id,
     ),
 
-    ListVms: unary('ListVms', false, (caller, req) => ({ vms: broker.listVms(caller, validate.filter(req)).map(vmMessage) })),
+    ListVms: unary('ListVms', false, (caller, req) => {
+      const { filter, page } = validate.listVms(req);
+      const { vms, nextAfterSeq } = broker.listVmsPage(caller, filter, page);
+      return { vms: vms.map(vmMessage), next_page_token: nextAfterSeq === undefined ? '' : encodePageToken(nextAfterSeq, filter) };
+    }),
 
     DeleteVm: unary(
       'DeleteVm',
@@ -209,21 +214,30 @@ export function createService(deps: ServiceDeps): { handlers: KvmVfioHandlers; e
         caller = callerOf(call);
         caller = { ...caller, principal: authorizer.authorize(caller, 'WatchVms') };
         const filter = validate.filter(call.request);
+        // The snapshot (EXISTING..., SYNCED) is queued at once, whatever its size, and does not
+        // count against the backlog: only changes queued behind it do. Else a watch of more than
+        // `backlog` VMs would be ended before it could sync.
+        let snapshotUnsent = 0;
         const send = (ev: VmEvent) => {
           if (ended) return;
-          if (call.writableLength > backlog) {
+          if (call.writableLength - snapshotUnsent > backlog) {
             end(toStatus(new ResourceExhaustedError(`watcher fell more than ${backlog} events behind; watch again`)));
             return;
           }
           call.write(ev);
         };
+        const sendSnapshot = (ev: VmEvent) => {
+          snapshotUnsent++;
+          call.write(ev, () => snapshotUnsent--);
+        };
         const existing = broker.listVms(caller, filter);
         // Subscribe before sending the snapshot: both run in this tick, so no change falls between.
+        const matches = vmMatcher(filter);
         unsubscribe = broker.watch(caller, (ch: VmChange) => {
-          if (vmMatches(ch.vm, filter)) send({ type: `TYPE_${ch.type}`, vm: vmMessage(ch.vm) });
+          if (matches(ch.vm)) send({ type: `TYPE_${ch.type}`, vm: vmMessage(ch.vm) });
         });
-        for (const vm of existing) send({ type: 'TYPE_EXISTING', vm: vmMessage(vm) });
-        send({ type: 'TYPE_SYNCED' });
+        for (const vm of existing) sendSnapshot({ type: 'TYPE_EXISTING', vm: vmMessage(vm) });
+        sendSnapshot({ type: 'TYPE_SYNCED' });
         watches.add(stop);
         call.on('cancelled', () => end());
         call.on('close', () => end());

@@ -5,9 +5,11 @@
  */
 import { totalmem } from 'node:os';
 import { InvalidArgumentError } from '../broker/errors';
-import type { CreateVmSpec, VmFilter } from '../broker/broker';
+import type { CreateVmSpec, PageRequest, VmFilter } from '../broker/broker';
 import type { VmState } from '../broker/vms';
 import type { CreateVmRequest__Output } from '../generated/kvmvfio/v1/CreateVmRequest';
+import type { ListVmsRequest__Output } from '../generated/kvmvfio/v1/ListVmsRequest';
+import { decodePageToken } from './pagetoken';
 
 export const LIMITS = {
   nameLength: 63,
@@ -17,6 +19,10 @@ export const LIMITS = {
   groupsPerVm: 64,
   requestIdLength: 128,
   vmIdLength: 64,
+  /** ListVms page_size when 0; see the proto. */
+  defaultPageSize: 100,
+  /** A larger ListVms page_size is taken as this: one answer of 500 VMs is about 200 KB and a few ms of the event loop. */
+  maxPageSize: 500,
 } as const;
 
 const DNS_LABEL = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/;
@@ -81,6 +87,21 @@ export function states(field: string, v: readonly (string | number)[]): VmState[
 
 export function filter(req: { labels: Record<string, string>; states: readonly (string | number)[] }): VmFilter {
   return { labels: labels('labels', req.labels), states: states('states', req.states) };
+}
+
+/** A page size as AIP-158 has it: 0 is the default, more than the maximum is the maximum, negative is refused. */
+export function pageSize(field: string, v: number): number {
+  if (!Number.isInteger(v) || v < 0) {
+    throw new InvalidArgumentError(field, `${v} is ${Number.isInteger(v) ? 'negative' : 'not an integer'}; give 1-${LIMITS.maxPageSize} (more is taken as ${LIMITS.maxPageSize}), or 0 for ${LIMITS.defaultPageSize}`);
+  }
+  if (v === 0) return LIMITS.defaultPageSize;
+  return Math.min(v, LIMITS.maxPageSize);
+}
+
+export function listVms(req: ListVmsRequest__Output): { filter: VmFilter; page: PageRequest } {
+  const f = filter(req);
+  const size = pageSize('page_size', req.page_size);
+  return { filter: f, page: { size, afterSeq: decodePageToken('page_token', req.page_token, f) } };
 }
 
 export function createVm(req: CreateVmRequest__Output): CreateVmSpec {

@@ -53,6 +53,10 @@ const labels = fc.dictionary(fc.stringMatching(/^[A-Za-z0-9._/-]{1,12}$/), fc.st
 const states = fc.array(fc.constantFrom('VM_STATE_UNSPECIFIED', 'VM_STATE_PENDING', 'VM_STATE_RUNNING', 'VM_STATE_EXITED', 'VM_STATE_FAILED'), { maxLength: 3 });
 const groupNumber = fc.oneof(fc.constantFrom(...GROUPS), uint32);
 
+const pageSize = fc.oneof(fc.constant(0), fc.integer({ min: -1, max: 600 }), fc.integer({ min: -(2 ** 31), max: 2 ** 31 - 1 }));
+/** Mostly none; else junk, or the shape of a real token (20 base64url characters) with random content. */
+const pageToken = fc.oneof({ weight: 3, arbitrary: fc.constant('') }, fc.string({ maxLength: 30 }), fc.stringMatching(/^[A-Za-z0-9_-]{20}$/));
+
 /** A VM id for AddGroup/GetVm: one of the targets made before the run (by index), or a random one. */
 const vmRef = fc.oneof(fc.nat(3).map((i) => ({ target: i })), fc.uuid().map((id) => ({ id })));
 
@@ -83,7 +87,7 @@ const request: fc.Arbitrary<Request> = fc.oneof(
   { weight: 1, arbitrary: vmRef.map((ref) => ({ method: 'CreateAttachToken' as const, body: {}, ref })) },
   // Only ids nobody has: the VMs made before the run must stay.
   { weight: 1, arbitrary: fc.tuple(fc.uuid(), fc.boolean()).map(([id, force]) => ({ method: 'DeleteVm' as const, body: { force }, ref: { id } })) },
-  { weight: 2, arbitrary: fc.record({ labels, states }).map((body) => ({ method: 'ListVms' as const, body })) },
+  { weight: 2, arbitrary: fc.record({ labels, states, page_size: pageSize, page_token: pageToken }).map((body) => ({ method: 'ListVms' as const, body })) },
   { weight: 2, arbitrary: fc.record({ labels, states }).map((body) => ({ method: 'WatchVms' as const, body })) },
   { weight: 1, arbitrary: vmRef.map((ref) => ({ method: 'GetVm' as const, body: {}, ref })) },
   { weight: 1, arbitrary: groupNumber.map((number) => ({ method: 'GetIommuGroup' as const, body: { number } })) },
@@ -319,7 +323,7 @@ describe(`gRPC API fuzz (seed ${SEED})`, () => {
     // Targets for AddGroup/GetVm (PENDING, with their device), and a sentinel nobody names.
     for (let i = 0; i < 4; i++) targets.push((await c.createVm({ name: `target-${i}`, vmm_uid: 65534, vfio_device: true, labels: { role: 'target' } })).vm!);
     await c.createVm({ name: 'sentinel', vmm_uid: 1000, labels: { role: 'sentinel' }, memlock_bytes: '4096', request_id: 'sentinel-1' });
-    before_ = (await c.listVms({})).vms;
+    before_ = await c.listAllVms({ page_size: 500 });
     raw = new grpc.Client(`unix:${d.apiSocket}`, grpc.credentials.createInsecure());
     // Warm up (JIT, heap growth to its working size) so the RSS baseline is a used daemon's.
     const list = (api.ListVms.requestSerialize as (o: object) => Buffer)({ labels: { a: 'b' } });
@@ -452,7 +456,7 @@ describe(`gRPC API fuzz (seed ${SEED})`, () => {
     assertAlive(d);
     raw.close();
     await c.getHostInfo();
-    const now = (await c.listVms({})).vms;
+    const now = await c.listAllVms({ page_size: 500 });
     for (const vm of now) assertWellFormed(vm);
     // What was there before is still there, unchanged but for groups AddGroup added to the targets.
     for (const b of before_) {

@@ -1,6 +1,6 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { Broker, type Caller, type CreateVmSpec } from '../../src/broker/broker';
+import { Broker, type Caller, type CreateVmSpec, type VmFilter } from '../../src/broker/broker';
 import { GroupPool } from '../../src/broker/pool';
 import { VmRegistry, type VmChange, type VmRecord } from '../../src/broker/vms';
 import { AlreadyExistsError, FailedPreconditionError, NotFoundError, UnavailableError } from '../../src/broker/errors';
@@ -307,6 +307,210 @@ describe('Broker: visibility', () => {
       );
       assert.ok(a);
     });
+  });
+});
+
+describe('Broker: ListVms pages', () => {
+  const ALL = { labels: {}, states: [] };
+  /** Follows the pages from the start; returns the names and the page sizes seen. */
+  const walk = (broker: Broker, caller: Caller, size: number, filter: Parameters<Broker['listVms']>[1] = ALL) => {
+    const names: string[] = [];
+    const sizes: number[] = [];
+    let afterSeq = 0;
+    for (;;) {
+      const page = broker.listVmsPage(caller, filter, { afterSeq, size });
+      names.push(...page.vms.map((v) => v.name));
+      sizes.push(page.vms.length);
+      if (page.nextAfterSeq === undefined) return { names, sizes };
+      afterSeq = page.nextAfterSeq;
+    }
+  };
+  const fill = async (broker: Broker, n: number, caller: Caller = ROOT, labels: (i: number) => Record<string, string> = () => ({})) => {
+    for (let i = 0; i < n; i++) await broker.createVm(caller, spec({ name: `vm-${i}`, vfioDevice: false, labels: labels(i) }));
+  };
+
+  test('250 records in pages of 100: 100, 100, 50, in creation order, each once; the last page says it is the last', async () => {
+    await withBroker(async ({ broker }) => {
+      await fill(broker, 250);
+      const { names, sizes } = walk(broker, ROOT, 100);
+      assert.deepEqual(sizes, [100, 100, 50]);
+      assert.deepEqual(names, Array.from({ length: 250 }, (_, i) => `vm-${i}`));
+      assert.deepEqual(broker.listVms(ROOT, ALL).map((v) => v.name), names);
+    });
+  });
+
+  test('a listing that ends on a page boundary has no empty page after it', async () => {
+    await withBroker(async ({ broker }) => {
+      await fill(broker, 200);
+      assert.deepEqual(walk(broker, ROOT, 100).sizes, [100, 100]);
+      assert.deepEqual(walk(broker, ROOT, 500).sizes, [200]);
+    });
+  });
+
+  test('records deleted or created between pages: none twice, none lost that still exists, the deleted ones not returned', async () => {
+    await withBroker(async ({ broker }) => {
+      await fill(broker, 30);
+      const first = broker.listVmsPage(ROOT, ALL, { afterSeq: 0, size: 10 });
+      assert.equal(first.vms.length, 10);
+      // The page's last record (the cursor itself), one already listed and two not yet listed go; two come.
+      const byName = (n: string) => broker.listVms(ROOT, ALL).find((v) => v.name === n)!;
+      for (const n of ['vm-9', 'vm-3', 'vm-10', 'vm-25']) await broker.deleteVm(ROOT, byName(n).id);
+      await broker.createVm(ROOT, spec({ name: 'late-1', vfioDevice: false }));
+      await broker.createVm(ROOT, spec({ name: 'late-2', vfioDevice: false }));
+      const rest: string[] = [];
+      let afterSeq = first.nextAfterSeq!;
+      for (;;) {
+        const page = broker.listVmsPage(ROOT, ALL, { afterSeq, size: 10 });
+        rest.push(...page.vms.map((v) => v.name));
+        if (page.nextAfterSeq === undefined) break;
+        afterSeq = page.nextAfterSeq;
+      }
+      const expected = [...Array.from({ length: 19 }, (_, i) => `vm-${i + 11}`).filter((n) => n !== 'vm-25'), 'late-1', 'late-2'];
+      assert.deepEqual(rest, expected);
+    });
+  });
+
+  test('a filtered listing pages over the matches only; the owner scope holds on every page', async () => {
+    await withBroker(async ({ broker }) => {
+      // Alice's and Bob's records interleaved; every third of Alice's is labelled.
+      for (let i = 0; i < 40; i++) {
+        await broker.createVm(i % 2 ? BOB : ALICE, spec({ name: `vm-${i}`, vfioDevice: false, labels: i % 3 === 0 ? { app: 'web' } : {} }));
+      }
+      const alice = walk(broker, ALICE, 3);
+      assert.deepEqual(alice.names, Array.from({ length: 20 }, (_, i) => `vm-${2 * i}`));
+      assert.deepEqual(alice.sizes, [3, 3, 3, 3, 3, 3, 2]);
+      const web = walk(broker, ALICE, 2, { labels: { app: 'web' }, states: [] });
+      assert.deepEqual(web.names, ['vm-0', 'vm-6', 'vm-12', 'vm-18', 'vm-24', 'vm-30', 'vm-36']);
+      assert.deepEqual(walk(broker, ROOT, 7, { labels: { app: 'web' }, states: ['PENDING'] }).names.length, 14);
+      assert.deepEqual(walk(broker, ALICE, 5, { labels: { app: 'db' }, states: [] }).sizes, [0]);
+    });
+  });
+});
+
+describe('Broker: ListVms pages against a plain scan', () => {
+  test('any caller, filter and page size: the pages hold exactly what a scan of every record finds, in seq order', async () => {
+    await withBroker(async ({ broker }) => {
+      // A small deterministic generator: the same records every run.
+      let x = 12345;
+      const rand = (n: number) => ((x = (x * 1103515245 + 12345) % 2 ** 31), x % n);
+      const callers = [ROOT, ALICE, BOB, { uid: 3000, gid: 3000, pid: 13 }];
+      const pick = <T>(a: readonly T[]) => a[rand(a.length)];
+      const labelSets: Record<string, string>[] = [{}, { app: 'web' }, { app: 'db' }, { app: 'web', env: 'prod' }, { env: 'prod' }, { env: 'dev', app: 'web' }, { 'a=b': 'c' }, { a: 'b=c' }];
+      const live: VmRecord[] = [];
+      for (let i = 0; i < 400; i++) {
+        if (live.length && rand(4) === 0) {
+          const vm = live.splice(rand(live.length), 1)[0];
+          await broker.deleteVm(ROOT, vm.id);
+        } else {
+          live.push((await broker.createVm(pick(callers.slice(0, 3)), spec({ name: `vm-${i}`, vfioDevice: false, labels: pick(labelSets) }))).vm);
+        }
+      }
+      for (const vm of live) if (rand(3) === 0) broker.vms.transition(vm, 'FAILED', 'x');
+      const filters = [
+        { labels: {}, states: [] },
+        { labels: { app: 'web' }, states: [] },
+        { labels: { app: 'web', env: 'prod' }, states: [] },
+        { labels: { env: 'dev', app: 'web' }, states: ['FAILED'] },
+        { labels: { env: 'prod' }, states: ['PENDING'] },
+        { labels: { app: 'nope' }, states: [] },
+        { labels: { 'a=b': 'c' }, states: [] },
+        { labels: { a: 'b=c' }, states: [] },
+        { labels: {}, states: ['PENDING', 'FAILED'] },
+      ] as const;
+      const bySeq = [...broker.vms.all()].sort((a, b) => a.seq - b.seq);
+      for (const caller of callers) {
+        for (const f of filters) {
+          const filter: VmFilter = { labels: { ...f.labels }, states: [...f.states] };
+          const expected = bySeq
+            .filter((vm) => broker.canSee(caller, vm) && (!filter.states.length || filter.states.includes(vm.state)))
+            .filter((vm) => Object.entries(filter.labels).every(([k, v]) => Object.hasOwn(vm.labels, k) && vm.labels[k] === v))
+            .map((vm) => vm.id);
+          assert.deepEqual(broker.listVms(caller, filter).map((v) => v.id), expected);
+          for (const size of [1, 7, 100]) {
+            const got: string[] = [];
+            let afterSeq = 0;
+            for (let n = 0; ; n++) {
+              const page = broker.listVmsPage(caller, filter, { afterSeq, size });
+              got.push(...page.vms.map((v) => v.id));
+              assert.ok(page.vms.length <= size);
+              if (page.nextAfterSeq === undefined) break;
+              assert.equal(page.vms.length, size, 'only a full page says more may follow');
+              afterSeq = page.nextAfterSeq;
+              assert.ok(n < 1000);
+            }
+            assert.deepEqual(got, expected, `uid ${caller.uid}, ${JSON.stringify(filter)}, size ${size}`);
+          }
+        }
+      }
+    });
+  });
+});
+
+describe('VmRegistry: creation order', () => {
+  const newVm = (name: string) => ({ name, labels: {}, ownerUid: 0, vmmUid: 1, vfioDevice: false, groups: [], memlockBytes: 0, requestId: '', requestFingerprint: '', principal: '' });
+  const names = (r: VmRegistry, after = 0) => [...r.inOrderAfter(after)].map((v) => v.name);
+
+  test('seq grows with each creation and survives a restore; new records come after restored ones', () => {
+    const a = new VmRegistry();
+    const x = a.insert(a.newId(), newVm('x'));
+    const y = a.insert(a.newId(), newVm('y'));
+    a.update(x, (v) => (v.vmmPid = 5)); // an update bumps the revision, not the seq
+    const z = a.insert(a.newId(), newVm('z'));
+    assert.ok(x.seq < y.seq && y.seq < z.seq);
+    assert.ok(x.revision > y.seq);
+    assert.deepEqual(names(a), ['x', 'y', 'z']);
+    assert.deepEqual(names(a, y.seq), ['z']);
+    assert.deepEqual(names(a, y.seq - 1), ['y', 'z']);
+
+    const b = new VmRegistry();
+    // A state file's order is not creation order; seq is.
+    b.restore([z, x, y].map((v) => ({ ...v })), a.revision);
+    assert.deepEqual(names(b), ['x', 'y', 'z']);
+    const w = b.insert(b.newId(), newVm('w'));
+    assert.ok(w.seq > z.seq && w.seq > x.revision);
+    b.remove(b.get(y.id)!);
+    assert.deepEqual(names(b), ['x', 'z', 'w']);
+    assert.deepEqual(names(b, y.seq), ['z', 'w']);
+  });
+
+  test('a walk keeps to the owner\'s records or to a label pair\'s, whichever is shorter, and the lists follow removals', () => {
+    const r = new VmRegistry();
+    const add = (name: string, ownerUid: number, labels: Record<string, string>) => r.insert(r.newId(), { ...newVm(name), ownerUid, labels });
+    add('a', 1, { app: 'web' });
+    const b = add('b', 2, { app: 'web', env: 'prod' });
+    add('c', 1, { app: 'db' });
+    add('d', 1, { app: 'web', env: 'prod' });
+    add('e', 2, {});
+    const walk = (hint: Parameters<VmRegistry['inOrderAfter']>[1], after = 0) => [...r.inOrderAfter(after, hint)].map((v) => v.name);
+    assert.deepEqual(walk({}), ['a', 'b', 'c', 'd', 'e']);
+    assert.deepEqual(walk({ ownerUid: 1 }), ['a', 'c', 'd']);
+    assert.deepEqual(walk({ ownerUid: 9 }), []);
+    assert.deepEqual(walk({ labels: { env: 'prod' } }), ['b', 'd']);
+    assert.deepEqual(walk({ labels: { app: 'web', env: 'prod' } }), ['b', 'd']);
+    assert.deepEqual(walk({ labels: { app: 'web', env: 'nope' } }), []);
+    assert.deepEqual(walk({ ownerUid: 2, labels: { app: 'web' } }), ['b', 'e'], 'the owner\'s list is the shorter');
+    assert.deepEqual(walk({ labels: { env: 'prod' } }, b.seq), ['d']);
+    r.remove(b);
+    assert.deepEqual(walk({ labels: { env: 'prod' } }), ['d']);
+    assert.deepEqual(walk({ ownerUid: 2 }), ['e']);
+    r.remove(r.get([...r.inOrderAfter(0, { labels: { env: 'prod' } })][0].id)!);
+    assert.deepEqual(walk({ labels: { env: 'prod' } }), []);
+    assert.deepEqual(walk({}), ['a', 'c', 'e']);
+  });
+
+  test('records of a state file without seq get one in creation-time order', () => {
+    const a = new VmRegistry();
+    const made = ['p', 'q', 'r'].map((n) => a.insert(a.newId(), newVm(n)));
+    const legacy = made.map((v, i) => {
+      const { seq: _seq, ...old } = v;
+      // q was created first, then r, then p; revisions bumped by later updates.
+      return { ...old, createTime: ['2024-01-01T00:00:03.000Z', '2024-01-01T00:00:01.000Z', '2024-01-01T00:00:02.000Z'][i], revision: 10 + i } as VmRecord;
+    });
+    const b = new VmRegistry();
+    b.restore(legacy, 12);
+    assert.deepEqual(names(b), ['q', 'r', 'p']);
+    assert.ok(b.insert(b.newId(), newVm('s')).seq > 12);
+    assert.deepEqual(names(b), ['q', 'r', 'p', 's']);
   });
 });
 

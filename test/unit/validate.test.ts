@@ -5,6 +5,8 @@ import { totalmem } from 'node:os';
 import * as validate from '../../src/server/validate';
 import { InvalidArgumentError } from '../../src/broker/errors';
 import type { CreateVmRequest__Output } from '../../src/generated/kvmvfio/v1/CreateVmRequest';
+import type { ListVmsRequest__Output } from '../../src/generated/kvmvfio/v1/ListVmsRequest';
+import { encodePageToken } from '../../src/server/pagetoken';
 
 /** A good request as proto-loader decodes it (keepCase, longs=String, defaults, oneofs). */
 function req(over: Partial<CreateVmRequest__Output> = {}): CreateVmRequest__Output {
@@ -189,5 +191,62 @@ describe('validate: ids, states, filters', () => {
     assert.deepEqual(validate.filter({ labels: { app: 'web' }, states: ['VM_STATE_FAILED'] }), { labels: { app: 'web' }, states: ['FAILED'] });
     rejects(() => validate.filter({ labels: {}, states: ['VM_STATE_NOPE'] }), 'states');
     rejects(() => validate.filter({ labels: { 'bad key': 'v' }, states: [] }), labelField);
+  });
+});
+
+describe('validate.listVms: page_size and page_token', () => {
+  const list = (over: Partial<ListVmsRequest__Output> = {}): ListVmsRequest__Output => ({ labels: {}, states: [], page_size: 0, page_token: '', ...over });
+
+  test('page_size: 0 is 100, 1-500 as given, more is 500, negative is refused', () => {
+    assert.equal(validate.listVms(list()).page.size, 100);
+    for (const n of [1, 99, 500]) assert.equal(validate.listVms(list({ page_size: n })).page.size, n);
+    for (const n of [501, 10_000, 2 ** 31 - 1]) assert.equal(validate.listVms(list({ page_size: n })).page.size, 500);
+    for (const n of [-1, -(2 ** 31)]) {
+      const e = rejects(() => validate.listVms(list({ page_size: n })), 'page_size');
+      assert.match(e.message, /is negative; give 1-500 \(more is taken as 500\), or 0 for 100$/);
+    }
+    rejects(() => validate.pageSize('page_size', 1.5), 'page_size');
+  });
+
+  test('a token round-trips to its place for the same filter, in any label or state order; empty is the start', () => {
+    const f = validate.filter({ labels: { app: 'web', tier: 'front' }, states: ['VM_STATE_RUNNING', 'VM_STATE_PENDING'] });
+    assert.equal(validate.listVms(list({ labels: f.labels, states: ['VM_STATE_RUNNING', 'VM_STATE_PENDING'] })).page.afterSeq, 0);
+    for (const seq of [1, 4242, Number.MAX_SAFE_INTEGER]) {
+      const token = encodePageToken(seq, f);
+      assert.match(token, /^[A-Za-z0-9_-]{20}$/);
+      const page = validate.listVms(list({ labels: { tier: 'front', app: 'web' }, states: ['VM_STATE_PENDING', 'VM_STATE_RUNNING', 'VM_STATE_PENDING'], page_token: token })).page;
+      assert.equal(page.afterSeq, seq);
+    }
+  });
+
+  test('a token of another filter, or one not made by ListVms, names page_token and says which', () => {
+    const token = encodePageToken(7, { labels: { app: 'web' }, states: [] });
+    for (const other of [list({ page_token: token }), list({ labels: { app: 'db' }, page_token: token }), list({ labels: { app: 'web' }, states: ['VM_STATE_FAILED'], page_token: token })]) {
+      const e = rejects(() => validate.listVms(other), 'page_token');
+      assert.match(e.message, /was returned for a different filter/);
+    }
+    // A label value that would collide with a naive join of key and value.
+    const a = encodePageToken(7, { labels: { 'a=b': 'c' }, states: [] });
+    rejects(() => validate.listVms(list({ labels: { a: 'b=c' }, page_token: a })), 'page_token');
+    const raw = Buffer.from(token, 'base64url');
+    const variants = [
+      '',
+      'x',
+      token.slice(0, 19),
+      `${token}A`,
+      `${token.slice(0, 19)}=`,
+      Buffer.concat([Buffer.from([2]), raw.subarray(1)]).toString('base64url'), // unknown version
+      Buffer.concat([raw.subarray(0, 7), Buffer.alloc(8)]).toString('base64url'), // seq 0
+      Buffer.concat([raw.subarray(0, 7), Buffer.alloc(8, 0xff)]).toString('base64url'), // seq past 2^53
+    ];
+    for (const bad of variants.slice(1)) {
+      const e = rejects(() => validate.listVms(list({ labels: { app: 'web' }, page_token: bad })), 'page_token', bad);
+      assert.match(e.message, /not a page token returned by ListVms/);
+    }
+  });
+
+  test('page_token is checked after the filter: a bad filter is reported first', () => {
+    rejects(() => validate.listVms(list({ states: ['VM_STATE_NOPE' as never], page_token: 'junk', page_size: -1 })), 'states');
+    rejects(() => validate.listVms(list({ page_token: 'junk', page_size: -1 })), 'page_size');
   });
 });

@@ -368,6 +368,10 @@ export interface LevelResult {
   listAllLoopMaxMs: number;
   /** The state file the daemon rewrites after every change. */
   stateFileKb: number;
+  /** The highest RSS sampled while filling up to this level. */
+  fillPeakRssMb: number;
+  /** The daemon's longest loop stall while filling up to this level. */
+  fillLoopMaxMs: number;
 }
 
 export interface RestoreResult {
@@ -406,7 +410,16 @@ export async function scalePhase(ctx: Ctx): Promise<ScaleResult> {
     let created = 0;
     const levels: LevelResult[] = [];
     const rounds = ctx.quick ? 100 : 400;
+    // The peak of the whole phase, and apart the peak of each fill (where state writes pile up).
+    let peakRssMb = 0;
+    const takePeak = () => {
+      const p = st.takePeakRssMb();
+      peakRssMb = Math.max(peakRssMb, p);
+      return p;
+    };
     for (const target of scaleLevels(ctx)) {
+      takePeak();
+      await st.beginLoopWindow();
       const t0 = nowUs();
       const before = created;
       let next = created;
@@ -422,6 +435,8 @@ export async function scalePhase(ctx: Ctx): Promise<ScaleResult> {
       };
       await Promise.all(apis.flatMap((a) => Array.from({ length: 8 }, () => filler(a))));
       const fillPerS = round((created - before) / ((nowUs() - t0) / 1e6), 0);
+      const fillLoop = (await st.endLoopWindow(`fill-${target}`))!;
+      const fillPeakRssMb = takePeak();
       await sleep(ctx.quick ? 200 : 500);
       const stateFileKb = round((await saveState(st, target, join(saved, `state-${target}.json`))) / 1024, 0);
       states.set(target, join(saved, `state-${target}.json`));
@@ -490,10 +505,12 @@ export async function scalePhase(ctx: Ctx): Promise<ScaleResult> {
         loop,
         listAllLoopMaxMs: allLoop.daemon.maxMs,
         stateFileKb,
+        fillPeakRssMb,
+        fillLoopMaxMs: fillLoop.daemon.maxMs,
       });
       ctx.say(`  ${target} records: RSS ${rssMb} MB, GetVm p50 ${round(summarize(get).p50)} µs, CreateVm p50 ${round(summarize(create).p50)} µs`);
     }
-    const peakRssMb = st.takePeakRssMb();
+    takePeak();
     await st.close();
     const restore: RestoreResult[] = [];
     for (const records of ctx.quick ? [0, scaleLevels(ctx).at(-1)!] : [0, ...scaleLevels(ctx).slice(1)]) {

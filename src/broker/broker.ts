@@ -53,8 +53,8 @@ export interface BrokerOptions {
   /** How long DeleteVm waits for a VMM to exit, and a failed VMM gets before SIGKILL. */
   exitGraceMs: number;
   log?: (event: Record<string, unknown>, msg: string) => void;
-  /** Told after changes that are not VM record events (a VMM gone, a group back), for the state file. */
-  onChange?: () => void;
+  /** Told when a VM's VMM is gone (its groups are back and its record told by then), for the state file. */
+  onVmmGone?: (vmId: string) => void;
 }
 
 /** Whether `p` settles within `ms`; the timer is cleared either way. */
@@ -372,7 +372,7 @@ export class Broker {
       const vm = this.vms.get(vmId);
       if (vm && (vm.state === 'PENDING' || vm.state === 'RUNNING')) this.vms.transition(vm, 'EXITED');
       this.#opts.log?.({ event: 'vmm-exited', vm: vmId, groups }, 'VMM exited; its groups are back in the pool');
-      this.#opts.onChange?.();
+      this.#opts.onVmmGone?.(vmId);
     });
   }
 

@@ -243,7 +243,7 @@ function report(r: Results, say: (l: string) => void): void {
         String(l.records),
         `${l.rssMb} MB (fill peak ${l.fillPeakRssMb})`,
         `${l.heapUsedMb} MB`,
-        `${l.stateFileKb} kB`,
+        `${l.stateFileKb} kB + journal ${l.journalKb} kB`,
         String(l.fdsPerVm),
         String(l.fillPerS),
         fmtUs(l.getVm.p50),

@@ -5,9 +5,10 @@
  */
 import { status } from '@grpc/grpc-js';
 import { execFileSync } from 'node:child_process';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { readState } from '../src/broker/state';
 import { isApiError, type KvmVfioApi } from '../src/client/client';
 import { RawLauncher } from './cprogs';
 import { BenchDaemon } from './daemon';
@@ -366,8 +367,9 @@ export interface LevelResult {
   loop: LoopWindow;
   /** The daemon's loop while ListVms answered every record. */
   listAllLoopMaxMs: number;
-  /** The state file the daemon rewrites after every change. */
+  /** The daemon's state: its snapshot (state.json) and its journal of changes since. */
   stateFileKb: number;
+  journalKb: number;
   /** The highest RSS sampled while filling up to this level. */
   fillPeakRssMb: number;
   /** The daemon's longest loop stall while filling up to this level. */
@@ -438,7 +440,9 @@ export async function scalePhase(ctx: Ctx): Promise<ScaleResult> {
       const fillLoop = (await st.endLoopWindow(`fill-${target}`))!;
       const fillPeakRssMb = takePeak();
       await sleep(ctx.quick ? 200 : 500);
-      const stateFileKb = round((await saveState(st, target, join(saved, `state-${target}.json`))) / 1024, 0);
+      const sizes = await saveState(st, target, join(saved, `state-${target}.json`));
+      const stateFileKb = round(sizes.snapshot / 1024, 0);
+      const journalKb = round(sizes.journal / 1024, 0);
       states.set(target, join(saved, `state-${target}.json`));
       const stats = await st.daemon.loopStats();
       const rssMb = round(st.daemon.rssMb(), 1);
@@ -505,6 +509,7 @@ export async function scalePhase(ctx: Ctx): Promise<ScaleResult> {
         loop,
         listAllLoopMaxMs: allLoop.daemon.maxMs,
         stateFileKb,
+        journalKb,
         fillPeakRssMb,
         fillLoopMaxMs: fillLoop.daemon.maxMs,
       });
@@ -538,23 +543,31 @@ export async function scalePhase(ctx: Ctx): Promise<ScaleResult> {
 }
 
 /**
- * Copies the daemon's state file once it holds `records` VMs (it is written
- * a moment after each change), minus the probe's live session: a restart
- * from the fd store would bring that session's fds back, and this one
- * passes only /dev/kvm. Returns the file's size.
+ * Saves the daemon's state (snapshot + journal, written a moment after each
+ * change) once it holds `records` VMs, as one snapshot with no journal,
+ * minus the probe's live session: a restart from the fd store would bring
+ * that session's fds back, and this one passes only /dev/kvm. Returns the
+ * sizes of the daemon's snapshot and journal then.
  */
-async function saveState(st: Stand, records: number, to: string): Promise<number> {
+async function saveState(st: Stand, records: number, to: string): Promise<{ snapshot: number; journal: number }> {
   const deadline = Date.now() + 10_000;
+  const dir = st.daemon.stateDir;
   for (;;) {
-    const text = await readFile(st.daemon.statePath, 'utf8').catch(() => '');
-    if (text) {
-      const state = JSON.parse(text) as { vms: { name: string }[]; sessions: unknown[]; claims: unknown[] };
+    // Read while the daemon appends: a last write caught halfway is left out (and read again next time).
+    const state = await readState(dir).catch(() => undefined);
+    if (state) {
       const fill = state.vms.filter((v) => v.name.startsWith('s-'));
       if (fill.length >= records) {
         state.vms = fill;
         state.sessions = [];
-        await writeFile(to, JSON.stringify(state));
-        return Buffer.byteLength(text);
+        // "journal": the first journal generation that follows this snapshot; there is none.
+        await writeFile(to, JSON.stringify({ ...state, journal: 0 }));
+        const sizes = { snapshot: 0, journal: 0 };
+        for (const n of await readdir(dir)) {
+          if (n === 'state.json') sizes.snapshot = (await stat(join(dir, n))).size;
+          else if (/^state\.journal\.\d+$/.test(n)) sizes.journal += (await stat(join(dir, n))).size;
+        }
+        return sizes;
       }
     }
     if (Date.now() > deadline) throw new Error(`the state file never held ${records} records`);

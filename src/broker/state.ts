@@ -75,7 +75,7 @@ export interface StateSource {
 }
 
 export interface StateEvents {
-  /** A write failed; the next change writes a whole snapshot again. */
+  /** A write failed; a whole snapshot is written again a second later. */
   onError(e: Error): void;
   /** Something read was left out (a write cut short by a crash). */
   onWarning(event: Record<string, unknown>, msg: string): void;
@@ -276,7 +276,7 @@ export class StateFile {
     this.#events = events;
     this.#minIntervalMs = opts.minIntervalMs ?? 50;
     this.#compactFloorBytes = opts.compactFloorBytes ?? 1 << 20;
-    this.#slice = opts.sliceEntries ?? 1000;
+    this.#slice = opts.sliceEntries ?? 500;
   }
 
   /** The journal written now. */
@@ -346,13 +346,6 @@ export class StateFile {
     this.#changed(`session/${vmId}`);
   }
 
-  /** For a change that cannot name its entries: the next write is a whole snapshot. */
-  everythingChanged(): void {
-    if (this.#closed) return;
-    this.#needSnapshot = true;
-    this.#kick();
-  }
-
   /** Resolves once everything asked so far is on disk (and a compaction under way is done). */
   async flush(): Promise<void> {
     while (this.#writing || this.#compacting) {
@@ -394,9 +387,11 @@ export class StateFile {
         if (!this.#compacting && this.#journalBytes > Math.max(this.#compactFloorBytes, 2 * this.#snapshotBytes)) await this.#compact(false);
       }
     } catch (e) {
-      // The journal may end in a partial write now: nothing more is appended to it.
+      // The journal may end in a partial write now: nothing more is appended to it. Tried again
+      // in a second, not only at the next change, so a quiet daemon's state catches up too.
       this.#needSnapshot = true;
       this.#events.onError(e as Error);
+      setTimeout(() => this.#kick(), 1000).unref();
     } finally {
       this.#writing = undefined;
     }

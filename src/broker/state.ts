@@ -382,7 +382,6 @@ export class StateFile {
         // Changes within the interval share one write (and a VM changed twice in it, one line).
         const wait = this.#lastWrite + this.#minIntervalMs - Date.now();
         await new Promise((r) => (wait > 0 ? setTimeout(r, wait) : setImmediate(r)));
-        if (this.#needSnapshot) continue;
         await this.#append();
         if (!this.#compacting && this.#journalBytes > Math.max(this.#compactFloorBytes, 2 * this.#snapshotBytes)) await this.#compact(false);
       }
@@ -469,11 +468,11 @@ export class StateFile {
    */
   async #compact(wait: boolean): Promise<void> {
     while (this.#compacting) await this.#compacting;
-    const generation = this.#generation + 1;
+    // Counted before the open: a generation whose open failed is not tried again.
+    const generation = ++this.#generation;
     const next = await open(join(this.dir, journalName(generation)), constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_APPEND, 0o600);
     const old = this.#journal;
     this.#journal = next;
-    this.#generation = generation;
     const carried = this.#journalBytes;
     this.#journalBytes = 0;
     const parts = this.#snapshotParts();

@@ -252,9 +252,9 @@ export class BenchDaemon {
     return cpuMs(this.pid);
   }
 
-  /** The daemon's state file now (written after each change, coalesced). */
-  get statePath(): string {
-    return join(this.dir, 'state', 'state.json');
+  /** The daemon's state dir: state.json (a snapshot) and state.journal.<G> (the changes since). */
+  get stateDir(): string {
+    return join(this.dir, 'state');
   }
 
   logBytes(): number {

@@ -252,15 +252,15 @@ function report(r: Results, say: (l: string) => void): void {
         'GetVm after a write p50',
         'ListVms page of 100 / 500 p50',
         'ListVms all pages p50 (calls)',
-        'loop max: calls (pages / all pages)',
+        'loop max: calls (fill / pages / all pages)',
       ],
     ];
     for (const l of s.levels) {
       rows.push([
         String(l.records),
-        `${l.rssMb} MB`,
+        `${l.rssMb} MB (fill peak ${l.fillPeakRssMb})`,
         `${l.heapUsedMb} MB`,
-        `${l.stateFileKb} kB`,
+        `${l.stateFileKb} kB + journal ${l.journalKb} kB`,
         String(l.fdsPerVm),
         String(l.fillPerS),
         fmtUs(l.getVm.p50),
@@ -270,7 +270,7 @@ function report(r: Results, say: (l: string) => void): void {
         fmtUs(l.getVmWhileWriting.p50),
         `${fmtUs(l.listVmsPage.p50)} / ${fmtUs(l.listVmsPageMax.p50)}`,
         `${fmtUs(l.listVmsAll.p50)} (${l.listVmsAllPages})`,
-        `${l.loop.daemon.maxMs} ms (${l.listPageLoopMaxMs} / ${l.listAllLoopMaxMs} ms)`,
+        `${l.loop.daemon.maxMs} ms (${l.fillLoopMaxMs} / ${l.listPageLoopMaxMs} / ${l.listAllLoopMaxMs} ms)`,
       ]);
     }
     table(rows, say);

@@ -5,9 +5,10 @@
  */
 import { status } from '@grpc/grpc-js';
 import { execFileSync } from 'node:child_process';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { readState } from '../src/broker/state';
 import { isApiError, type KvmVfioApi } from '../src/client/client';
 import { RawLauncher } from './cprogs';
 import { BenchDaemon } from './daemon';
@@ -373,8 +374,13 @@ export interface LevelResult {
   listAllLoopMaxMs: number;
   /** The daemon's loop while single pages (100 and 500) were answered. */
   listPageLoopMaxMs: number;
-  /** The state file the daemon rewrites after every change. */
+  /** The daemon's state: its snapshot (state.json) and its journal of changes since. */
   stateFileKb: number;
+  journalKb: number;
+  /** The highest RSS sampled while filling up to this level. */
+  fillPeakRssMb: number;
+  /** The daemon's longest loop stall while filling up to this level. */
+  fillLoopMaxMs: number;
 }
 
 export interface RestoreResult {
@@ -413,7 +419,16 @@ export async function scalePhase(ctx: Ctx): Promise<ScaleResult> {
     let created = 0;
     const levels: LevelResult[] = [];
     const rounds = ctx.quick ? 100 : 400;
+    // The peak of the whole phase, and apart the peak of each fill (where state writes pile up).
+    let peakRssMb = 0;
+    const takePeak = () => {
+      const p = st.takePeakRssMb();
+      peakRssMb = Math.max(peakRssMb, p);
+      return p;
+    };
     for (const target of scaleLevels(ctx)) {
+      takePeak();
+      await st.beginLoopWindow();
       const t0 = nowUs();
       const before = created;
       let next = created;
@@ -429,8 +444,12 @@ export async function scalePhase(ctx: Ctx): Promise<ScaleResult> {
       };
       await Promise.all(apis.flatMap((a) => Array.from({ length: 8 }, () => filler(a))));
       const fillPerS = round((created - before) / ((nowUs() - t0) / 1e6), 0);
+      const fillLoop = (await st.endLoopWindow(`fill-${target}`))!;
+      const fillPeakRssMb = takePeak();
       await sleep(ctx.quick ? 200 : 500);
-      const stateFileKb = round((await saveState(st, target, join(saved, `state-${target}.json`))) / 1024, 0);
+      const sizes = await saveState(st, target, join(saved, `state-${target}.json`));
+      const stateFileKb = round(sizes.snapshot / 1024, 0);
+      const journalKb = round(sizes.journal / 1024, 0);
       states.set(target, join(saved, `state-${target}.json`));
       const stats = await st.daemon.loopStats();
       const rssMb = round(st.daemon.rssMb(), 1);
@@ -529,10 +548,13 @@ export async function scalePhase(ctx: Ctx): Promise<ScaleResult> {
         listAllLoopMaxMs: allLoop.daemon.maxMs,
         listPageLoopMaxMs: pageLoop.daemon.maxMs,
         stateFileKb,
+        journalKb,
+        fillPeakRssMb,
+        fillLoopMaxMs: fillLoop.daemon.maxMs,
       });
       ctx.say(`  ${target} records: RSS ${rssMb} MB, GetVm p50 ${round(summarize(get).p50)} µs, CreateVm p50 ${round(summarize(create).p50)} µs`);
     }
-    const peakRssMb = st.takePeakRssMb();
+    takePeak();
     await st.close();
     const restore: RestoreResult[] = [];
     for (const records of ctx.quick ? [0, scaleLevels(ctx).at(-1)!] : [0, ...scaleLevels(ctx).slice(1)]) {
@@ -560,23 +582,31 @@ export async function scalePhase(ctx: Ctx): Promise<ScaleResult> {
 }
 
 /**
- * Copies the daemon's state file once it holds `records` VMs (it is written
- * a moment after each change), minus the probe's live session: a restart
- * from the fd store would bring that session's fds back, and this one
- * passes only /dev/kvm. Returns the file's size.
+ * Saves the daemon's state (snapshot + journal, written a moment after each
+ * change) once it holds `records` VMs, as one snapshot with no journal,
+ * minus the probe's live session: a restart from the fd store would bring
+ * that session's fds back, and this one passes only /dev/kvm. Returns the
+ * sizes of the daemon's snapshot and journal then.
  */
-async function saveState(st: Stand, records: number, to: string): Promise<number> {
+async function saveState(st: Stand, records: number, to: string): Promise<{ snapshot: number; journal: number }> {
   const deadline = Date.now() + 10_000;
+  const dir = st.daemon.stateDir;
   for (;;) {
-    const text = await readFile(st.daemon.statePath, 'utf8').catch(() => '');
-    if (text) {
-      const state = JSON.parse(text) as { vms: { name: string }[]; sessions: unknown[]; claims: unknown[] };
+    // Read while the daemon appends: a last write caught halfway is left out (and read again next time).
+    const state = await readState(dir).catch(() => undefined);
+    if (state) {
       const fill = state.vms.filter((v) => v.name.startsWith('s-'));
       if (fill.length >= records) {
         state.vms = fill;
         state.sessions = [];
-        await writeFile(to, JSON.stringify(state));
-        return Buffer.byteLength(text);
+        // "journal": the first journal generation that follows this snapshot; there is none.
+        await writeFile(to, JSON.stringify({ ...state, journal: 0 }));
+        const sizes = { snapshot: 0, journal: 0 };
+        for (const n of await readdir(dir)) {
+          if (n === 'state.json') sizes.snapshot = (await stat(join(dir, n))).size;
+          else if (/^state\.journal\.\d+$/.test(n)) sizes.journal += (await stat(join(dir, n))).size;
+        }
+        return sizes;
       }
     }
     if (Date.now() > deadline) throw new Error(`the state file never held ${records} records`);

@@ -53,8 +53,8 @@ export interface BrokerOptions {
   /** How long DeleteVm waits for a VMM to exit, and a failed VMM gets before SIGKILL. */
   exitGraceMs: number;
   log?: (event: Record<string, unknown>, msg: string) => void;
-  /** Told after changes that are not VM record events (a VMM gone, a group back), for the state file. */
-  onChange?: () => void;
+  /** Told when a VM's VMM is gone (its groups are back and its record told by then), for the state file. */
+  onVmmGone?: (vmId: string) => void;
 }
 
 /** Whether `p` settles within `ms`; the timer is cleared either way. */
@@ -452,7 +452,7 @@ export class Broker {
       if (vm && (vm.state === 'PENDING' || vm.state === 'RUNNING')) this.vms.transition(vm, 'EXITED');
       // The exit itself is the session's log line; this one only when groups went back.
       if (groups.length) this.#opts.log?.({ event: 'groups-returned', vm: vmId, groups }, "the exited VMM's groups are back in the pool");
-      this.#opts.onChange?.();
+      this.#opts.onVmmGone?.(vmId);
     });
   }
 

@@ -48,8 +48,8 @@ export interface PoolOptions {
   /** Told when the daemon opens a group's fd (to put it in the fd store) and when it closes one. */
   onOpened?: (group: number, handle: GroupHandle) => void;
   onClosed?: (group: number) => void;
-  /** Told whenever who-holds-what changed (for the state file). */
-  onClaimsChanged?: () => void;
+  /** Told whenever who-holds-what changed, with the groups whose holder changed (for the state file). */
+  onClaimsChanged?: (groups: readonly number[]) => void;
 }
 
 export class GroupPool {
@@ -104,7 +104,7 @@ export class GroupPool {
       if (holder) throw new FailedPreconditionError(`IOMMU group ${n} is held by vm ${holder.vmName} (${holder.vmId})`);
     }
     for (const n of numbers) this.#owners.set(n, owner);
-    if (numbers.length) this.#opts.onClaimsChanged?.();
+    if (numbers.length) this.#opts.onClaimsChanged?.(numbers);
     const openedHere: number[] = [];
     try {
       for (const n of numbers) {
@@ -122,7 +122,7 @@ export class GroupPool {
       }
     } catch (e) {
       for (const n of numbers) if (this.#owners.get(n) === owner) this.#owners.delete(n);
-      this.#opts.onClaimsChanged?.();
+      this.#opts.onClaimsChanged?.(numbers);
       await Promise.all(openedHere.map((n) => this.#closeGroup(n)));
       throw e;
     }
@@ -130,14 +130,14 @@ export class GroupPool {
 
   /** Gives groups back to the pool. The daemon keeps their fds open for the next VM. */
   release(numbers: readonly number[], vmId: string): void {
-    let changed = false;
+    const changed: number[] = [];
     for (const n of numbers) {
       if (this.#owners.get(n)?.vmId === vmId) {
         this.#owners.delete(n);
-        changed = true;
+        changed.push(n);
       }
     }
-    if (changed) this.#opts.onClaimsChanged?.();
+    if (changed.length) this.#opts.onClaimsChanged?.(changed);
   }
 
   /** The groups `vmId` holds, ascending. */

@@ -9,7 +9,7 @@ import { HealthImplementation } from 'grpc-health-check';
 import { ReflectionService } from '@grpc/reflection';
 import { constants, existsSync, open as fsOpen } from 'node:fs';
 import { join } from 'node:path';
-import { mkdir, rename } from 'node:fs/promises';
+import { mkdir } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import { loadApi } from '../api/proto';
 import { Broker } from '../broker/broker';
@@ -94,10 +94,12 @@ export class Daemon {
         log.warn({ event: 'group-status-unavailable', group, err: err.message }, 'not a VFIO group node; trusting sysfs'),
       onOpened: (group, handle) => {
         store.put(fdName.group(group), (handle as VfioGroup).fd);
-        this.#state?.changed();
+        this.#state?.claimChanged(group);
       },
       onClosed: (group) => store.remove(fdName.group(group)),
-      onClaimsChanged: () => this.#state?.changed(),
+      onClaimsChanged: (groups) => {
+        for (const g of groups) this.#state?.claimChanged(g);
+      },
     });
     let fdCheck = { at: 0, open: 0, soft: 0 };
     const kvm = this.#kvm;
@@ -127,23 +129,38 @@ export class Daemon {
         }
       },
       log: (event, msg) => log.info(event, msg),
-      onChange: () => this.#state?.changed(),
+      onVmmGone: (vmId) => this.#state?.sessionChanged(vmId),
     });
     const broker = this.#broker;
     const pool = this.#pool;
+    // The state file reads each entry it writes from here, when it writes it.
     this.#state = new StateFile(
       config.stateDir,
-      () => ({
-        revision: broker.vms.revision,
-        vms: [...broker.vms.all()],
-        claims: pool.claims(),
-        sessions: [...(this.#handoff?.sessions ?? [])]
-          .filter((s) => s.vmId && s.storableFds)
-          .map((s) => ({ vmId: s.vmId, pid: s.peer.pid, uid: s.peer.uid, gid: s.peer.gid, passive: s.passive })),
-      }),
-      (e) => log.error({ event: 'state-write-failed', err: e.message }, 'could not write the state file'),
+      {
+        revision: () => broker.vms.revision,
+        vm: (id) => broker.vms.get(id),
+        claim: (group) => {
+          const owner = pool.ownerOf(group);
+          return owner && { group, vmId: owner.vmId, vmName: owner.vmName };
+        },
+        session: (vmId) => {
+          // A session whose socket or pidfd is closed cannot be carried over a restart.
+          const s = this.#handoff?.sessionOf(vmId);
+          if (!s?.storableFds) return undefined;
+          return { vmId, pid: s.peer.pid, uid: s.peer.uid, gid: s.peer.gid, passive: s.passive };
+        },
+        ids: () => ({
+          vms: [...broker.vms.all()].map((vm) => vm.id),
+          claims: pool.claims().map((c) => c.group),
+          sessions: [...(this.#handoff?.sessions ?? [])].filter((s) => s.vmId).map((s) => s.vmId),
+        }),
+      },
+      {
+        onError: (e) => log.error({ event: 'state-write-failed', err: e.message }, 'could not write the state file'),
+        onWarning: (event, msg) => log.warn(event, msg),
+      },
     );
-    broker.vms.subscribe(() => this.#state?.changed());
+    broker.vms.subscribe((change) => this.#state?.vmChanged(change.vm.id));
 
     const { definition, proto } = loadApi();
     this.#grpc = new Server({
@@ -175,18 +192,18 @@ export class Daemon {
           store.put(fdName.session(s.vmId), fds.socket);
           store.put(fdName.pidfd(s.vmId), fds.pidfd);
         }
-        this.#state?.changed();
+        this.#state?.sessionChanged(s.vmId);
       },
       onSocketClosed: (s) => {
         store.remove(fdName.session(s.vmId));
-        this.#state?.changed();
+        this.#state?.sessionChanged(s.vmId);
       },
       onDone: (s) => {
         if (s.vmId) {
           store.remove(fdName.session(s.vmId));
           store.remove(fdName.pidfd(s.vmId));
+          this.#state?.sessionChanged(s.vmId);
         }
-        this.#state?.changed();
       },
     });
 
@@ -197,6 +214,8 @@ export class Daemon {
       for (const fd of fds) fd.closeSync();
       store.remove(name);
     }
+    // From here on every change is written: a snapshot of what was restored first, then the journal.
+    await this.#state.open();
 
     await mkdir(config.runtimeDir, { recursive: true, mode: 0o755 });
     this.#listener = new ApiListener(this.#grpc.createConnectionInjector(ServerCredentials.createInsecure()), log, config.maxApiConnections);
@@ -206,7 +225,6 @@ export class Daemon {
     const handoff = take('handoff');
     if (handoff) this.#handoff.listenFd(handoff, handoffSocketPath(config));
     else await this.#handoff.listen(handoffSocketPath(config));
-    this.#state.changed();
     await this.#state.flush();
     this.#notifyReady();
   }
@@ -224,13 +242,16 @@ export class Daemon {
     try {
       previous = await state.read();
     } catch (e) {
-      log.error({ event: 'state-unreadable', path: state.path, err: (e as Error).message }, 'state file unreadable; starting empty');
+      // Kept aside rather than overwritten by the first write: someone may want to read it.
+      const files = await state.setAside().catch(() => []);
+      log.error({ event: 'state-unreadable', path: state.path, err: (e as Error).message, files }, 'state file unreadable; set aside, starting empty');
+      return;
     }
     if (!previous) return;
     if (!haveStore) {
-      await rename(state.path, `${state.path}.prev`).catch(() => undefined);
+      const files = await state.setAside().catch((e: Error) => [`(not set aside: ${e.message})`]);
       log.warn(
-        { event: 'state-set-aside', path: `${state.path}.prev`, vms: previous.vms.length, sessions: previous.sessions.length },
+        { event: 'state-set-aside', path: `${state.path}.prev`, files, vms: previous.vms.length, sessions: previous.sessions.length },
         'a previous state without its stored fds: its VMs and sessions cannot be carried on; starting empty',
       );
       return;
@@ -338,7 +359,8 @@ export class Daemon {
       }
     }
     this.#listener?.destroyConnections();
-    await this.#state?.flush();
+    // What closes from here on (sessions, groups) stays in the fd store, and in the state file.
+    await this.#state?.close();
     // VMs live in their VMMs: closing the sessions ends no guest, but without
     // a daemon their VMMs take no more requests.
     this.#handoff?.closeSessions();

@@ -30,6 +30,8 @@ export class HandoffServer {
   readonly #log: Logger;
   readonly #opts: HandoffOptions;
   readonly sessions = new Set<Session>();
+  /** Attached sessions by VM (one per VM: a VM takes one attach). */
+  readonly #byVm = new Map<string, Session>();
   #listener?: SeqpacketListener;
   #watch?: FdWatch;
   #nextId = 0;
@@ -60,10 +62,16 @@ export class HandoffServer {
     this.#log.info({ event: 'handoff-listening', path, activated: true }, 'handoff socket from systemd');
   }
 
+  /** The session attached to a VM, if any. */
+  sessionOf(vmId: string): Session | undefined {
+    return this.#byVm.get(vmId);
+  }
+
   /** Carries on a session of the previous daemon process (its socket and pidfd from the fd store). */
   restore(sock: SeqpacketSocket, peer: Caller, restored: RestoredSession): Session {
     const session = new Session(++this.#nextId, sock, peer, this.#broker, this.#log, this.#sessionOptions(), restored);
     this.sessions.add(session);
+    this.#byVm.set(restored.vmId, session);
     this.#log.info({ event: 'session-restored', session: session.id, vm: restored.vmId, vmm_pid: peer.pid, pidfd: !!restored.pidfd }, 'session carried over a restart');
     return session;
   }
@@ -74,9 +82,13 @@ export class HandoffServer {
       attachTimeoutMs: this.#opts.attachTimeoutMs,
       maxSessions: this.#opts.maxSessions,
       onClosed: (s) => {
+        if (this.#byVm.get(s.vmId) === s) this.#byVm.delete(s.vmId);
         if (this.sessions.delete(s)) this.#opts.onDone?.(s);
       },
-      onAttached: (s) => this.#opts.onAttached?.(s),
+      onAttached: (s) => {
+        this.#byVm.set(s.vmId, s);
+        this.#opts.onAttached?.(s);
+      },
       onSocketClosed: (s) => this.#opts.onSocketClosed?.(s),
       schedule: (job) => this.#exits.push(job),
     };
@@ -136,6 +148,7 @@ export class HandoffServer {
   closeSessions(): void {
     const all = [...this.sessions];
     this.sessions.clear();
+    this.#byVm.clear();
     for (const s of all) s.close();
   }
 }

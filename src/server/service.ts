@@ -218,13 +218,24 @@ export function createService(deps: ServiceDeps): { handlers: KvmVfioHandlers; e
         // count against the backlog: only changes queued behind it do. Else a watch of more than
         // `backlog` VMs would be ended before it could sync.
         let snapshotUnsent = 0;
-        const send = (ev: VmEvent) => {
-          if (ended) return;
-          if (call.writableLength - snapshotUnsent > backlog) {
-            end(toStatus(new ResourceExhaustedError(`watcher fell more than ${backlog} events behind; watch again`)));
-            return;
+        // Changes are written after the work that made them (setImmediate): a CreateVm answer or an
+        // ATTACH result goes out first, and the watcher's copy follows in one batch per loop turn.
+        let queued: VmChange[] = [];
+        const flush = () => {
+          const batch = queued;
+          queued = [];
+          for (const ch of batch) {
+            if (ended) return;
+            if (call.writableLength - snapshotUnsent > backlog) {
+              end(toStatus(new ResourceExhaustedError(`watcher fell more than ${backlog} events behind; watch again`)));
+              return;
+            }
+            call.write({ type: `TYPE_${ch.type}`, vm: vmMessage(ch.vm) });
           }
-          call.write(ev);
+        };
+        const send = (ch: VmChange) => {
+          if (ended) return;
+          if (queued.push(ch) === 1) setImmediate(flush);
         };
         const sendSnapshot = (ev: VmEvent) => {
           snapshotUnsent++;
@@ -234,7 +245,7 @@ export function createService(deps: ServiceDeps): { handlers: KvmVfioHandlers; e
         // Subscribe before sending the snapshot: both run in this tick, so no change falls between.
         const matches = vmMatcher(filter);
         unsubscribe = broker.watch(caller, (ch: VmChange) => {
-          if (matches(ch.vm)) send({ type: `TYPE_${ch.type}`, vm: vmMessage(ch.vm) });
+          if (matches(ch.vm)) send(ch);
         });
         for (const vm of existing) sendSnapshot({ type: 'TYPE_EXISTING', vm: vmMessage(vm) });
         sendSnapshot({ type: 'TYPE_SYNCED' });

@@ -63,7 +63,7 @@ STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
   CMD kvmvfioctl --timeout 3000 --socket "${KVMVFIOD_RUNTIME_DIR:-/run/kvmvfiod}/api.sock" health
 
-ENTRYPOINT ["node", "/opt/kvmvfiod/dist/src/daemon/main.js"]
+ENTRYPOINT ["node", "--max-semi-space-size=2", "/opt/kvmvfiod/dist/src/daemon/main.js"]
 CMD []
 
 # Last, so that a new revision or build date does not invalidate the layers above

@@ -14,6 +14,7 @@ import { chmod, copyFile, mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { KvmVfioApi } from '../src/client/client';
+import { DAEMON_NODE_FLAGS } from '../src/daemon/nodeflags';
 import { cpuMs, fdCount, rssMb } from './procstat';
 import { sleep } from './stats';
 
@@ -172,6 +173,8 @@ export class BenchDaemon {
     const logPath = join(dir, 'daemon.log');
     const loopFile = join(dir, 'loop.json');
     const args = [
+      // As shipped (src/daemon/nodeflags.ts), unless KVMVFIO_BENCH_NO_NODE_FLAGS=1 (for A/B runs).
+      ...(process.env.KVMVFIO_BENCH_NO_NODE_FLAGS === '1' ? [] : DAEMON_NODE_FLAGS),
       ...(opts.nodeFlags ?? []),
       '--require',
       PRELOAD_JS,

@@ -1,4 +1,4 @@
-#!/usr/bin/env node
+#!/usr/bin/env -S node --max-semi-space-size=2
 /** kvmvfiod: the entry point. Parses settings, starts the daemon, stops it on SIGTERM/SIGINT. */
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import pino from 'pino';

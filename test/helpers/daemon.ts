@@ -3,6 +3,7 @@
  * process, with its runtime and state dirs in a temp dir and, optionally, a
  * fake sysfs/dev tree. Used by the API and CLI tests.
  */
+import { DAEMON_NODE_FLAGS } from '../../src/daemon/nodeflags';
 import { type ChildProcess, spawn } from 'node:child_process';
 import { chmod, mkdtemp, readdir, rm } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
@@ -57,7 +58,7 @@ export async function startDaemon(opts: DaemonOptions = {}): Promise<RunningDaem
   // Unprivileged test clients must reach the socket inside.
   await chmod(dir, 0o755);
   const runtimeDir = join(dir, 'run');
-  const args = [DAEMON_JS, '--runtime-dir', runtimeDir, '--state-dir', join(dir, 'state'), '--policy', join(dir, 'policy.json'), '--log-level', 'debug'];
+  const args = [...DAEMON_NODE_FLAGS, DAEMON_JS, '--runtime-dir', runtimeDir, '--state-dir', join(dir, 'state'), '--policy', join(dir, 'policy.json'), '--log-level', 'debug'];
   if (opts.sysfs) args.push('--sysfs', opts.sysfs);
   if (opts.dev) args.push('--dev', opts.dev);
   args.push(...(opts.args ?? []));

@@ -200,6 +200,7 @@ function report(r: Results, say: (l: string) => void): void {
         ['AddGroup (gRPC → session → VMM ioctl → answer)', fmtUs(q.addGroup.p50), fmtUs(q.addGroup.p99)],
         ['floor: ListVms, label filter matching nothing', fmtUs(q.floor.p50), fmtUs(q.floor.p99)],
         ['AddGroup − floor', `+${fmtUs(q.overFloorP50)}`, ''],
+        ['for scale: one session exchange (PING from a Node process, daemon answers)', fmtUs(q.sessionPing.p50), fmtUs(q.sessionPing.p99)],
       ],
       say,
     );

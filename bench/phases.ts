@@ -11,6 +11,7 @@ import { join } from 'node:path';
 import { readState } from '../src/broker/state';
 import { isApiError, type KvmVfioApi } from '../src/client/client';
 import { RawLauncher } from './cprogs';
+import { SessionPinger } from './pinger';
 import { BenchDaemon } from './daemon';
 import { type Launch, launch } from './orchestrator';
 import { cpuDuring } from './procstat';
@@ -146,6 +147,8 @@ export interface RequestResult {
   addGroupAnswer: string;
   overFloorP50: number;
   ratio: { ofMedians: number; medianOfPairs: number; deltaP50: number };
+  /** PING over a session, from a Node process to the daemon and back (bench/pinger.ts): the exchange AddGroup adds. */
+  sessionPing: Summary;
   /** Only with --profile. */
   loop?: LoopWindow;
 }
@@ -162,6 +165,8 @@ export async function requestPhase(ctx: Ctx): Promise<RequestResult> {
   const st = await Stand.open(ctx, 'request', { vmm: true, watch: true });
   try {
     const vm = await launch(st.api, st.vmm!, st.watch!, 'addgroup', true);
+    const pingVm = await st.api.createVm({ name: 'pinger', vmm_uid: process.getuid!() });
+    const pinger = await SessionPinger.attach(st.daemon.handoffSocket, pingVm.attach_token!.token);
     let answer = '';
     const addGroup = async () => {
       try {
@@ -184,16 +189,18 @@ export async function requestPhase(ctx: Ctx): Promise<RequestResult> {
     const n = ctx.quick ? 500 : 3000;
     const add: number[] = [];
     const flo: number[] = [];
+    const pings: number[] = [];
     await st.beginLoopWindow();
     for (let i = -warm; i < n; i++) {
-      for (const which of i % 2 ? (['add', 'floor'] as const) : (['floor', 'add'] as const)) {
+      for (const which of i % 2 ? (['add', 'floor', 'ping'] as const) : (['ping', 'floor', 'add'] as const)) {
         const t0 = nowUs();
-        await (which === 'add' ? addGroup() : floor());
+        await (which === 'add' ? addGroup() : which === 'floor' ? floor() : pinger.ping());
         const us = nowUs() - t0;
-        if (i >= 0) (which === 'add' ? add : flo).push(us);
+        if (i >= 0) (which === 'add' ? add : which === 'floor' ? flo : pings).push(us);
       }
     }
     const loop = await st.endLoopWindow('addgroup');
+    pinger.close();
     const a = summarize(add);
     const f = summarize(flo);
     return {
@@ -202,6 +209,7 @@ export async function requestPhase(ctx: Ctx): Promise<RequestResult> {
       floor: roundSummary(f),
       addGroupAnswer: answer,
       overFloorP50: round(a.p50 - f.p50),
+      sessionPing: roundSummary(summarize(pings)),
       ratio: mapRatio(pairedRatio(add, flo)),
       loop,
     };

@@ -29,7 +29,7 @@ export interface ServiceDeps {
   authorizer: Authorizer;
   peers: PeerLookup;
   log: Logger;
-  /** A watcher whose unsent events exceed this is ended (RESOURCE_EXHAUSTED). */
+  /** A watcher whose unsent events exceed this, or twice the number of VMs if that is more, is ended (RESOURCE_EXHAUSTED). */
   watchBacklog?: number;
   /** No unary call runs longer than this (DEADLINE_EXCEEDED), whatever deadline the client set. */
   callTimeoutMs?: number;
@@ -226,8 +226,11 @@ export function createService(deps: ServiceDeps): { handlers: KvmVfioHandlers; e
           queued = [];
           for (const ch of batch) {
             if (ended) return;
-            if (call.writableLength - snapshotUnsent > backlog) {
-              end(toStatus(new ResourceExhaustedError(`watcher fell more than ${backlog} events behind; watch again`)));
+            // A burst makes at most a few events per VM (all VMMs exiting at once: one each), so the
+            // allowance grows with the records rather than cutting every watcher on a large host.
+            const allowed = Math.max(backlog, 2 * broker.vms.size);
+            if (call.writableLength - snapshotUnsent > allowed) {
+              end(toStatus(new ResourceExhaustedError(`watcher fell more than ${allowed} events behind; watch again`)));
               return;
             }
             call.write({ type: `TYPE_${ch.type}`, vm: vmMessage(ch.vm) });

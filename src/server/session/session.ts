@@ -179,7 +179,12 @@ export class Session implements VmmLink {
       }
       if (!rec) return;
       if (rec.data.length === 0 && rec.fds.length === 0) {
-        this.#end('VMM closed the session');
+        // Stop watching now (EOF stays readable); the rest waits its turn, as exits do: a VMM
+        // that serves thousands of VMs closes all their sessions at once.
+        this.#watch?.close();
+        this.#watch = undefined;
+        if (this.#opts.schedule) this.#opts.schedule(() => this.#end('VMM closed the session'));
+        else this.#end('VMM closed the session');
         return;
       }
       const fds = rec.fds;

@@ -343,4 +343,27 @@ describe('token expiry and idle connections', () => {
   });
 });
 
+describe('the fd margin under RLIMIT_NOFILE', () => {
+  test('too close to the limit: an attach is refused with EMFILE and a CreateVm with groups with RESOURCE_EXHAUSTED, naming the numbers; nothing changes', async () => {
+    const host = await makeFakeHost(GROUPS);
+    // A margin above the soft limit: every fd check fails, as when the daemon is near its limit.
+    const d = await startDaemon({ sysfs: host.sysfs, dev: host.dev, args: ['--fd-margin', '1000000'] });
+    try {
+      const c = d.client();
+      await expectStatus(c.createVm({ name: 'with-group', vmm_uid: 65534, vfio_device: true, groups: [5] }), status.RESOURCE_EXHAUSTED, /kvmvfiod has \d+ fds open; RLIMIT_NOFILE is \d+ and 1000000 are kept free \(--fd-margin\)/);
+      assert.equal((await c.getIommuGroup(5)).vm_id, '', 'nothing claimed');
+      // A VM without groups opens no fd at create; its VMM's attach would.
+      const { vm, attach_token } = await c.createVm({ name: 'no-group', vmm_uid: 65534 });
+      const v = runVmm([process.execPath, REFERENCE_VMM, '--socket', join(d.runtimeDir, 'handoff.sock')], attach_token!.token);
+      const refused = await v.waitFor('attach-refused');
+      assert.equal(refused.errno, 24, 'EMFILE');
+      assert.match(String(refused.reason), /RLIMIT_NOFILE is \d+ and 1000000 are kept free/);
+      assert.equal((await c.getVm(vm!.id)).state, 'VM_STATE_PENDING', 'the token was not spent: the VM waits for a VMM');
+    } finally {
+      await d.cleanup();
+      await host.cleanup();
+    }
+  });
+});
+
 assert.ok(NOBODY.length > 0);

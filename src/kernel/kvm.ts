@@ -41,11 +41,6 @@ export class Kvm {
     return this.#fd.fd;
   }
 
-  /** A close-on-exec duplicate. */
-  dup(): OwnedFd {
-    return this.#fd.dup(this.path);
-  }
-
   /** The fd itself, lent to send to a VMM (no duplicate: SCM_RIGHTS makes the VMM's own reference). */
   lend(): SendableFd {
     return this.#fd.lend();

@@ -38,11 +38,6 @@ export class VfioGroup {
     return this.#fd.fd;
   }
 
-  /** A close-on-exec duplicate of the group fd. */
-  dup(): OwnedFd {
-    return this.#fd.dup(this.path);
-  }
-
   /** The group fd itself, lent to send to a VMM (SCM_RIGHTS makes the VMM's own reference). */
   lend(): SendableFd {
     return this.#fd.lend();

@@ -82,10 +82,11 @@ describe('VMM sessions', () => {
     });
     assert.equal(running.vmm_pid, v.pid);
     assert.equal(running.vfio_device, true);
-    assert.ok(v.events.some((e) => e.event === 'request' && e.type === 'CREATE_VFIO_DEVICE' && e.errno === 0), 'the device was made in the VMM');
+    // The VMM prints its line after sending the answer: wait for it rather than race it.
+    await v.waitFor((e) => e.event === 'request' && e.type === 'CREATE_VFIO_DEVICE' && e.errno === 0);
 
     await expectStatus(c.createVfioDevice(vm.id), status.ALREADY_EXISTS, /KVM_CREATE_DEVICE\(VFIO\) on vm guest-1 \(VMM pid \d+\): EBUSY/);
-    assert.ok(v.events.some((e) => e.event === 'request' && e.type === 'CREATE_VFIO_DEVICE' && e.errno === 16), "the VMM's kernel said EBUSY");
+    await v.waitFor((e) => e.event === 'request' && e.type === 'CREATE_VFIO_DEVICE' && e.errno === 16);
 
     // With a fake tree the group node is an ordinary file: the VMM's kernel refuses it.
     await expectStatus(c.addGroup({ vm_id: vm.id, group: 5 }), status.INVALID_ARGUMENT, /KVM_SET_DEVICE_ATTR\(VFIO_FILE_ADD\) on group 5, vm guest-1 .*: EINVAL/);

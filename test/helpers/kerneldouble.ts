@@ -13,9 +13,9 @@
  * A group with no behaviour set opens fine and reports viable. `opens(n)`
  * counts successful opens, `attempts(n)` every call (failed ones too),
  * `closes(n)` every close() call on a handle of that group (a second close
- * of the same handle counts too, so double closes show up). `dup()` hands
- * out a real fd of /dev/null wrapped in an OwnedFd, since the pool's callers
- * need a real fd number; the test owns and closes it.
+ * of the same handle counts too, so double closes show up). `lend()` lends
+ * a real fd of /dev/null, since the pool's callers need a real fd number;
+ * it is closed with the handle.
  */
 import { openSync } from 'node:fs';
 import type { GroupHandle, OpenGroup } from '../../src/broker/pool';
@@ -67,15 +67,11 @@ export class DoubleGroup implements GroupHandle {
     this.containerSet = false;
   }
 
-  dup(): OwnedFd {
-    if (this.closed) throw new Error(`double: dup() on closed group ${this.number}`);
-    return new OwnedFd(openSync('/dev/null', 'r'), this.path);
-  }
-
+  /** The double's own fd (/dev/null: the pool's callers need a real number), opened on first loan. */
   #own?: OwnedFd;
   lend(): SendableFd {
     if (this.closed) throw new Error(`double: lend() on closed group ${this.number}`);
-    this.#own ??= this.dup();
+    this.#own ??= new OwnedFd(openSync('/dev/null', 'r'), this.path);
     return this.#own.lend();
   }
 

@@ -4,13 +4,14 @@
  */
 import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
-import { openSync, closeSync, writeFileSync, mkdtempSync, rmSync, fstatSync } from 'node:fs';
+import { openSync, closeSync, writeFileSync, mkdtempSync, rmSync, fstatSync, statSync } from 'node:fs';
 import { createServer, connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { status } from '@grpc/grpc-js';
 import { Kvm, KVM, OwnedFd, SysError, VfioGroup, openFdCount, peerCredentials, probeKvmVfio } from '../../src/kernel';
 import { toStatus } from '../../src/server/status';
+import { libc } from '../../src/kernel/libc';
 
 function sysErrorOf(fn: () => unknown): SysError {
   try {
@@ -43,16 +44,19 @@ describe('Kvm on the real /dev/kvm', () => {
     assert.equal(toStatus(e).code, status.NOT_FOUND);
   });
 
-  test('the /dev/kvm fd is close-on-exec and its dup is a separate owned fd', async () => {
+  test('the /dev/kvm fd is close-on-exec; a loan of it is that fd, its close leaves it open, and it refuses once the owner closed', async () => {
     const kvm = Kvm.open('/dev');
-    const dup = kvm.dup();
+    const loan = kvm.lend();
     try {
-      assert.notEqual(dup.fd, kvm.fd);
-      assert.equal(fstatSync(dup.fd).rdev, fstatSync(kvm.fd).rdev);
+      assert.equal((libc.fcntl(kvm.fd, 1 /* F_GETFD */, 0) as number) & 1 /* FD_CLOEXEC */, 1);
+      assert.equal(loan.fd, kvm.fd);
+      await loan.close();
+      loan.closeSync();
+      assert.equal(fstatSync(kvm.fd).rdev, statSync('/dev/kvm').rdev, 'still open');
     } finally {
-      await dup.close();
       await kvm.close();
     }
+    assert.throws(() => loan.fd, /after close/);
   });
 
   describe('KVM-VFIO device errors', () => {

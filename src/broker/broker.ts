@@ -3,11 +3,10 @@
  * state, and the claims on IOMMU groups that go with it. No gRPC here: the
  * server turns requests into these calls and errors into statuses.
  */
-import { SysError } from '../kernel';
 import { AlreadyExistsError, DeadlineExceededError, FailedPreconditionError, NotFoundError, PermissionDeniedError, ResourceExhaustedError, UnavailableError } from './errors';
 import type { Principal } from './policy';
 import { KeyedMutex } from './mutex';
-import type { GroupPool, GroupView } from './pool';
+import type { GroupHold, GroupPool, GroupView } from './pool';
 import type { IssuedToken, TokenStore } from './tokens';
 import type { AttachGrant, VmmHost, VmmLink } from './vmm';
 import { type NewVm, type VmChange, type VmRecord, type VmRegistry, type VmState } from './vms';
@@ -109,11 +108,15 @@ function notEditable(vm: VmRecord): FailedPreconditionError {
 const describeError = (e: unknown) => (e instanceof Error ? e.message : String(e));
 
 /**
- * How a VM's groups relate to its VMM: once a group's fd has been sent to a
- * VMM, the group stays held by that VM until the VMM process exits, whatever
- * the VMM answered — it may still hold the fd, and a VFIO group must never be
- * in two VMMs at once. `vm.groups` lists the groups in the VM's KVM-VFIO
- * device (or planned for it); the pool may hold more for the VM ("lingering").
+ * How a VM's groups relate to its VMM: a group's file is handed to the VMM
+ * (the daemon keeps no copy), and the group stays held by that VM until the
+ * daemon's own fresh open of it succeeds — the kernel's single-open rule is
+ * the witness, whatever the VMM answered or however many processes it
+ * forked. The daemon looks when the VM lets a group go (RemoveGroup, a failed
+ * AddGroup, the VMM's exit); a group some process still holds after its VMM
+ * exited is stray (see pool.ts) and named in the VM's record. `vm.groups`
+ * lists the groups in the VM's KVM-VFIO device (or planned for it); the pool
+ * may hold more for the VM ("lingering": removed, but the VMM still has it).
  */
 export class Broker {
   readonly pool: GroupPool;
@@ -286,7 +289,7 @@ export class Broker {
     }
     return this.#onVm(caller, id, async (vm) => {
       this.tokens.revokeVm(vm.id);
-      this.pool.release(this.pool.heldBy(vm.id), vm.id);
+      await this.#letGoAll(vm.id, this.#links.has(vm.id));
       this.vms.remove(vm);
       return vm;
     });
@@ -312,12 +315,34 @@ export class Broker {
       if (vm.state === 'RUNNING') {
         const link = this.#activeLink(vm);
         if (!vm.vfioDevice) throw new FailedPreconditionError(`vm ${vm.name} has no KVM-VFIO device; call CreateVfioDevice before AddGroup`);
-        // Already ours (in the device, or lingering since a removal): the VMM's kernel gives the verdict (EEXIST).
-        if (this.pool.ownerOf(group)?.vmId !== vm.id) await this.pool.claim([group], { vmId: vm.id, vmName: vm.name });
-        await link.addGroup(group, this.#groupFd(group));
-        return this.vms.update(vm, (v) => {
-          if (!v.groups.includes(group)) v.groups.push(group);
-        });
+        if (vm.groups.includes(group)) {
+          // The daemon has no copy of a file it handed out, so it cannot send it again.
+          throw new AlreadyExistsError(
+            `IOMMU group ${group} is already in the KVM-VFIO device of vm ${vm.name}, whose VMM holds it (a second KVM_DEV_VFIO_FILE_ADD of the same file fails EEXIST)`,
+          );
+        }
+        const hold = this.pool.holdOf(group);
+        if (hold?.holding === 'vmm' && hold.owner.vmId === vm.id && (await this.pool.letGo(group, vm.id, true)) === 'vmm') {
+          throw new FailedPreconditionError(
+            `IOMMU group ${group} was removed from vm ${vm.name}, but its VMM (pid ${link.pid}) still holds ${this.pool.groupPath(group)}; it can be added again once the VMM closes it`,
+          );
+        }
+        await this.pool.claim([group], { vmId: vm.id, vmName: vm.name });
+        let fd;
+        try {
+          fd = this.pool.handOver(group, vm.id);
+        } catch (e) {
+          this.pool.release([group], vm.id);
+          throw e;
+        }
+        try {
+          await link.addGroup(group, fd);
+        } catch (e) {
+          // The VMM may have closed the file (a refused ADD), or may still hold it (no answer in time): the witness tells.
+          await this.pool.letGo(group, vm.id, true);
+          throw e;
+        }
+        return this.vms.update(vm, (v) => v.groups.push(group));
       }
       this.#assertPlanEditable(vm);
       if (vm.groups.includes(group)) throw new AlreadyExistsError(`IOMMU group ${group} is already in vm ${vm.name}`);
@@ -336,8 +361,10 @@ export class Broker {
         const link = this.#activeLink(vm);
         if (!vm.groups.includes(group)) throw new NotFoundError(`IOMMU group ${group} is not in vm ${vm.name}`);
         await link.removeGroup(group);
-        // The group stays held by this VM until its VMM exits (see the class comment).
-        return this.vms.update(vm, (v) => (v.groups = v.groups.filter((g) => g !== group)));
+        const updated = this.vms.update(vm, (v) => (v.groups = v.groups.filter((g) => g !== group)));
+        // Back in the pool at once if the VMM closed its file (the protocol asks it to); else held until it does, or exits.
+        await this.pool.letGo(group, vm.id, true);
+        return updated;
       }
       this.#assertPlanEditable(vm);
       if (!vm.groups.includes(group)) throw new NotFoundError(`IOMMU group ${group} is not in vm ${vm.name}`);
@@ -370,15 +397,20 @@ export class Broker {
       void link.exited.then(() => this.vmmExited(vm.id));
       const sent: AttachGrant = { vmId: vm.id, vmName: vm.name, kvm: undefined as never, container: null, memlockBytes: vm.memlockBytes, groups: [] };
       try {
-        if (vm.memlockBytes > 0) this.#opts.host.setMemlock(vmm.pid, vm.memlockBytes);
+        if (vm.memlockBytes > 0) {
+          // prlimit takes a pid: act on it only while the pidfd says that process lives (then the pid is still its own).
+          link.assertAlive('raising its RLIMIT_MEMLOCK');
+          this.#opts.host.setMemlock(vmm.pid, vm.memlockBytes);
+          link.assertAlive('raising its RLIMIT_MEMLOCK');
+        }
         sent.kvm = this.#opts.host.lendKvm();
         sent.container = await this.#opts.host.openContainer();
-        if (link.passive) for (const g of vm.groups) sent.groups.push({ number: g, fd: this.#groupFd(g) });
+        if (link.passive) for (const g of vm.groups) sent.groups.push({ number: g, fd: this.pool.handOver(g, vm.id) });
       } catch (e) {
-        // Nothing reached the VMM: its groups can go back at once.
+        // Nothing reached the VMM: once the fds are closed, its groups can go back at once.
         await Promise.all([sent.kvm?.close(), sent.container?.close(), ...sent.groups.map((g) => g.fd.close())]);
         this.#links.delete(vm.id);
-        this.pool.release(this.pool.heldBy(vm.id), vm.id);
+        await this.#letGoAll(vm.id, false);
         const reason = `attach of VMM pid ${vmm.pid}: ${describeError(e)}`;
         this.vms.transition(vm, 'FAILED', reason);
         this.#opts.log?.({ event: 'vm-failed', vm: vm.id, reason }, 'VM setup failed');
@@ -407,7 +439,7 @@ export class Broker {
       const steps: { what: string; group?: number; done: Promise<void> }[] = [];
       try {
         if (vm.vfioDevice) steps.push({ what: 'KVM-VFIO device', done: link.createVfioDevice() });
-        for (const g of vm.groups) steps.push({ what: `IOMMU group ${g}`, group: g, done: link.addGroup(g, this.#groupFd(g)) });
+        for (const g of vm.groups) steps.push({ what: `IOMMU group ${g}`, group: g, done: link.addGroup(g, this.pool.handOver(g, vm.id)) });
       } catch (e) {
         // Could not send a step (no fd of a group): what went out is answered, then undone below.
         steps.push({ what: 'the plan', done: Promise.reject(e) });
@@ -435,25 +467,48 @@ export class Broker {
   }
 
   /**
-   * The VMM process is gone (its pidfd said so): every group it held goes
-   * back to the pool clean — no VFIO container left set on it — and the VM
-   * is EXITED (a FAILED VM stays FAILED).
+   * The VMM process is gone (its pidfd said so): each group it held goes
+   * back to the pool if the daemon's fresh open succeeds (the kernel then
+   * leaves no container set on it); one that a process still holds — a
+   * child the VMM forked, say — is stray, named in the VM's record, and
+   * comes back when that process lets go. The VM is EXITED (a FAILED VM
+   * stays FAILED).
    */
   async vmmExited(vmId: string): Promise<void> {
     await this.#locks.run(`vm:${vmId}`, async () => {
       this.#links.delete(vmId);
-      const groups = this.pool.heldBy(vmId);
-      for (const g of groups) {
-        const problem = this.#cleanGroup(g);
-        if (problem) this.#opts.log?.({ event: 'group-clean-failed', group: g, vm: vmId, err: problem }, 'could not unset the VFIO container');
-      }
-      this.pool.release(groups, vmId);
+      const { back, stray } = await this.#letGoAll(vmId, false);
       const vm = this.vms.get(vmId);
       if (vm && (vm.state === 'PENDING' || vm.state === 'RUNNING')) this.vms.transition(vm, 'EXITED');
       // The exit itself is the session's log line; this one only when groups went back.
-      if (groups.length) this.#opts.log?.({ event: 'groups-returned', vm: vmId, groups }, "the exited VMM's groups are back in the pool");
+      if (back.length) this.#opts.log?.({ event: 'groups-returned', vm: vmId, groups: back }, "the exited VMM's groups are back in the pool");
+      if (stray.length) this.#opts.log?.({ event: 'groups-stray', vm: vmId, groups: stray }, "some of the exited VMM's groups are still held by another process");
       this.#opts.onVmmGone?.(vmId);
     });
+  }
+
+  /**
+   * A group became stray (or its holders changed: `hold`), or came back
+   * (`hold` undefined): the VM record of `vmId`, if it still exists, says so.
+   */
+  groupStrayChanged(group: number, vmId: string, hold?: Readonly<GroupHold>): void {
+    const vm = this.vms.get(vmId);
+    if (!vm) return;
+    const others = (vm.strayGroups ?? []).filter((s) => s.group !== group);
+    if (!hold && others.length === (vm.strayGroups ?? []).length) return;
+    this.vms.update(vm, (v) => {
+      v.strayGroups = hold ? [...others, { group, holders: [...(hold.holders ?? [])], since: hold.since ?? new Date().toISOString() }].sort((a, b) => a.group - b.group) : others;
+    });
+  }
+
+  /**
+   * After a restart: groups handed to a VMM that is no longer attached (it
+   * exited while the daemon was away) are looked at now.
+   */
+  async reconcileHolds(): Promise<void> {
+    for (const c of this.pool.claims()) {
+      if (c.holding === 'vmm' && !this.#links.has(c.vmId)) await this.pool.letGo(c.group, c.vmId, false);
+    }
   }
 
   /**
@@ -501,24 +556,11 @@ export class Broker {
     return link;
   }
 
-  #groupFd(group: number) {
-    const h = this.pool.handle(group);
-    if (!h) throw new Error(`group ${group} is claimed but not open`);
-    return h.lend();
-  }
-
-  /** VFIO_GROUP_UNSET_CONTAINER on the daemon's own fd when a container is left set. Returns what went wrong, if anything. */
-  #cleanGroup(group: number): string | undefined {
-    const h = this.pool.handle(group);
-    if (!h) return undefined;
-    try {
-      if (h.status().containerSet) h.unsetContainer();
-      return undefined;
-    } catch (e) {
-      // An ordinary file in a test tree cannot be asked (ENOTTY): nothing to clean.
-      if (e instanceof SysError && e.code === 'ENOTTY') return undefined;
-      return describeError(e);
-    }
+  /** Lets go of every group `vmId` holds (see GroupPool.letGo); says which came back and which are stray. */
+  async #letGoAll(vmId: string, vmmAlive: boolean): Promise<{ back: number[]; stray: number[] }> {
+    const groups = this.pool.heldBy(vmId);
+    const now = await Promise.all(groups.map((g) => this.pool.letGo(g, vmId, vmmAlive)));
+    return { back: groups.filter((_, i) => now[i] === 'free'), stray: groups.filter((_, i) => now[i] === 'stray') };
   }
 
   #fail(vm: VmRecord, link: VmmLink, reason: string): void {

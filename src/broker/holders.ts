@@ -5,6 +5,8 @@ import * as path from 'node:path';
 
 export interface FileHolder {
   pid: number;
+  /** Its real uid (/proc/<pid>/status). */
+  uid: number;
   comm: string;
 }
 
@@ -59,7 +61,9 @@ export async function findFileHolders(
   for (const pid of found) {
     try {
       const comm = (await readFile(path.join(procRoot, String(pid), 'comm'), 'utf8')).trim();
-      holders.push({ pid, comm });
+      const status = await readFile(path.join(procRoot, String(pid), 'status'), 'utf8').catch(() => '');
+      const uid = Number(/^Uid:\s+(\d+)/m.exec(status)?.[1] ?? -1);
+      holders.push({ pid, uid, comm });
     } catch (err) {
       // Gone since the scan: it no longer holds the file.
       if (isSkippable(err)) continue;

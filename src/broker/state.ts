@@ -52,6 +52,15 @@ export interface ClaimState {
   group: number;
   vmId: string;
   vmName: string;
+  /**
+   * claimed: the daemon holds the file (in the fd store); vmm: handed to
+   * the VM's VMM, no fd kept; stray: a process holds it after its VM let it
+   * go. Absent in entries written before holds were recorded (see the
+   * daemon's restore).
+   */
+  holding?: 'claimed' | 'vmm' | 'stray';
+  holders?: { pid: number; uid: number; comm: string }[];
+  since?: string;
 }
 
 export interface DaemonState {

@@ -15,13 +15,19 @@ export interface VmmLink {
    * UnavailableError.
    */
   createVfioDevice(): Promise<void>;
-  /** Sends `fd` with the request and closes it once sent (a loan's close does nothing). */
+  /** Sends `fd` (the daemon's only copy of the group's file, handed over) with the request and closes it once sent. */
   addGroup(group: number, fd: SendableFd): Promise<void>;
   removeGroup(group: number): Promise<void>;
   /** Asks the VMM to stop its VM and exit. */
   shutdown(reason: string): void;
   /** SIGKILL through the pidfd. */
   kill(): void;
+  /**
+   * Throws UnavailableError when the VMM process has exited (its pidfd says
+   * so): called right before acting on its pid (prlimit), so that pid is
+   * still the VMM's.
+   */
+  assertAlive(step: string): void;
   /**
    * Resolves when the VMM says it made its VM (VM_CREATED; at once for a
    * passive or restored VMM); rejects when the session ends first.

@@ -41,6 +41,20 @@ export interface VmRecord {
   vmmPid: number;
   /** Attached by `kvmvfioctl attach` (a VMM that does not take requests). */
   passive: boolean;
+  /**
+   * Groups this VM's VMM was given that a process still holds although the
+   * VM let them go (its VMM exited, say): out of the pool until that process
+   * closes them. Ascending by group.
+   */
+  strayGroups: StrayGroup[];
+}
+
+/** A group left held by a process after its VM let it go; `holders` as /proc shows them. */
+export interface StrayGroup {
+  group: number;
+  holders: { pid: number; uid: number; comm: string }[];
+  /** RFC 3339. */
+  since: string;
 }
 
 export type VmEventType = 'CREATED' | 'UPDATED' | 'DELETED';
@@ -236,6 +250,7 @@ export class VmRegistry {
       revision,
       vmmPid: 0,
       passive: false,
+      strayGroups: [],
     };
     this.#byId.set(id, vm);
     this.#addOrdered(vm);
@@ -287,7 +302,7 @@ export class VmRegistry {
     }
     let top = Math.max(this.#revision, revision);
     for (const r of inOrder) {
-      const vm: VmRecord = { ...r, seq: seqOf(r), groups: [...r.groups], labels: { ...r.labels } };
+      const vm: VmRecord = { ...r, seq: seqOf(r), groups: [...r.groups], labels: { ...r.labels }, strayGroups: [...(r.strayGroups ?? [])] };
       this.#byId.set(vm.id, vm);
       this.#addOrdered(vm);
       this.#index(vm);

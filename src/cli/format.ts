@@ -72,6 +72,7 @@ export function vmDetail(v: Vm, extra: readonly [string, string][] = [], now: nu
     ['vmm pid', v.vmm_pid ? `${v.vmm_pid}${v.passive_vmm ? ' (passive: attached by kvmvfioctl attach)' : ''}` : '-'],
     ['vfio device', yesNo(v.vfio_device)],
     ['groups', groupList(v.groups)],
+    ...v.stray_groups.map((g, i): [string, string] => [i === 0 ? 'stray groups' : '', `${g.group}: held by ${holderList(g.holders)} since ${g.since}`]),
     ['memlock', memlock(v.memlock_bytes)],
     ['labels', labelList(v.labels, ', ')],
     ['request id', orDash(v.request_id)],
@@ -92,6 +93,19 @@ export const NO_IOMMU_GROUPS =
   'Enable VT-d or AMD-Vi in the firmware and the IOMMU on the kernel command line (intel_iommu=on;\n' +
   'on AMD check that amd_iommu is not off), then reboot.\n';
 
+const HOLDING_NAMES: Record<string, string> = {
+  GROUP_HOLDING_FREE: 'free',
+  GROUP_HOLDING_CLAIMED: 'claimed (the daemon holds it for the VM)',
+  GROUP_HOLDING_VMM: "in the VM's VMM",
+  GROUP_HOLDING_STRAY: 'stray (its VM let it go; a process still holds it)',
+};
+const holdingName = (h: string): string => HOLDING_NAMES[h] ?? h;
+
+/** "pid 412 (uid 65534, refvmm), pid 413 (...)", or what nothing in /proc names. */
+function holderList(holders: readonly { pid: number; uid: string; comm: string }[]): string {
+  return holders.length ? holders.map((h) => `pid ${h.pid} (uid ${h.uid}, ${h.comm})`).join(', ') : 'a process not visible in /proc';
+}
+
 /** One row per device; a group with several devices continues on rows with blank group columns. */
 export function groupTable(groups: readonly IommuGroup[]): string {
   const rows: string[][] = [];
@@ -108,6 +122,8 @@ export function groupDetail(g: IommuGroup): string {
     ['group', String(g.number)],
     ['viable', yesNo(g.viable)],
     ['vm', g.vm_id ? `${g.vm_name} (${g.vm_id})` : '-'],
+    ['holding', holdingName(g.holding)],
+    ...(g.holding === 'GROUP_HOLDING_STRAY' ? [['held by', `${holderList(g.holders)} since ${g.stray_since}`] as [string, string]] : []),
     ['open in daemon', yesNo(g.open_in_daemon)],
   ];
   g.devices.forEach((d, i) => pairs.push([i === 0 ? 'devices' : '', `${deviceCell(d)} class ${d.class_code}`]));

@@ -14,6 +14,7 @@ import type { DeleteVmResponse__Output } from '../generated/kvmvfio/v1/DeleteVmR
 import type { KernelSupport__Output } from '../generated/kvmvfio/v1/KernelSupport';
 import type { ListIommuGroupsResponse__Output } from '../generated/kvmvfio/v1/ListIommuGroupsResponse';
 import type { ListVmsResponse__Output } from '../generated/kvmvfio/v1/ListVmsResponse';
+import type { GroupHolder__Output } from '../generated/kvmvfio/v1/GroupHolder';
 import type { PciDevice__Output } from '../generated/kvmvfio/v1/PciDevice';
 
 export function vmJson(v: Vm): Vm {
@@ -34,7 +35,12 @@ export function vmJson(v: Vm): Vm {
     revision: v.revision,
     vmm_pid: v.vmm_pid,
     passive_vmm: v.passive_vmm,
+    stray_groups: v.stray_groups.map((g) => ({ group: g.group, holders: g.holders.map(holderJson), since: g.since })),
   };
+}
+
+function holderJson(h: GroupHolder__Output): GroupHolder__Output {
+  return { pid: h.pid, uid: h.uid, comm: h.comm };
 }
 
 export function tokenJson(t: AttachToken__Output): AttachToken__Output {
@@ -81,6 +87,9 @@ export function groupJson(g: IommuGroup): IommuGroup {
     vm_id: g.vm_id,
     vm_name: g.vm_name,
     open_in_daemon: g.open_in_daemon,
+    holding: g.holding,
+    holders: g.holders.map(holderJson),
+    stray_since: g.stray_since,
   };
 }
 

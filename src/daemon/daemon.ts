@@ -19,7 +19,7 @@ import { VmRegistry } from '../broker/vms';
 import { TokenStore } from '../broker/tokens';
 import type { VmmHost } from '../broker/vmm';
 import { StateFile } from '../broker/state';
-import { Kvm, OwnedFd, SeqpacketSocket, SysError, Systemd, VfioGroup, fdLimits, listOpenFds, openFdCount, presizeFdTable, setMemlockLimit, takeListenFds } from '../kernel';
+import { Kvm, OwnedFd, SeqpacketSocket, SysError, Systemd, VfioGroup, watchProcessExit, fdLimits, listOpenFds, openFdCount, presizeFdTable, setMemlockLimit, takeListenFds } from '../kernel';
 import { FdStore, fdName } from './fdstore';
 import { HandoffServer } from '../server/session/handoff';
 import { PolicyAuthorizer } from '../server/auth';
@@ -90,6 +90,10 @@ export class Daemon {
       sysfsRoot: config.sysfsRoot,
       devRoot: config.devRoot,
       openGroup: (path, n) => VfioGroup.open(path, n),
+      watchExit: watchProcessExit,
+      onStray: (group, hold) => this.#broker?.groupStrayChanged(group, hold.owner.vmId, hold),
+      onStrayReturned: (group, owner) => this.#broker?.groupStrayChanged(group, owner.vmId),
+      log: (event, msg) => log.info(event, msg),
       onStatusUnavailable: (group, err) =>
         log.warn({ event: 'group-status-unavailable', group, err: err.message }, 'not a VFIO group node; trusting sysfs'),
       onOpened: (group, handle) => {
@@ -143,10 +147,7 @@ export class Daemon {
       {
         revision: () => broker.vms.revision,
         vm: (id) => broker.vms.get(id),
-        claim: (group) => {
-          const owner = pool.ownerOf(group);
-          return owner && { group, vmId: owner.vmId, vmName: owner.vmName };
-        },
+        claim: (group) => pool.claimOf(group),
         session: (vmId) => {
           // A session whose socket or pidfd is closed cannot be carried over a restart.
           const s = this.#handoff?.sessionOf(vmId);
@@ -241,6 +242,7 @@ export class Daemon {
    */
   async #restore(take: (name: string) => OwnedFd | undefined, haveStore: boolean): Promise<void> {
     const { log } = this;
+    const store = this.#store!;
     const state = this.#state!;
     let previous;
     try {
@@ -263,12 +265,25 @@ export class Daemon {
     const t0 = Date.now();
     const broker = this.broker;
     const pool = this.#pool!;
+    broker.vms.restore(previous.vms, previous.revision);
+    const withSession = new Set(previous.sessions.map((s) => s.vmId));
     for (const c of previous.claims) {
       const fd = take(fdName.group(c.group));
-      if (fd) pool.adopt(c.group, new VfioGroup(fd, c.group, pool.groupPath(c.group)));
-      pool.restoreOwner(c.group, { vmId: c.vmId, vmName: c.vmName });
+      // Written before holds were recorded: a running VM's group had been lent to its VMM.
+      const vm = broker.vms.get(c.vmId);
+      const holding = c.holding ?? (vm?.state === 'RUNNING' || withSession.has(c.vmId) ? 'vmm' : 'claimed');
+      if (holding === 'claimed') {
+        if (fd) pool.adopt(c.group, new VfioGroup(fd, c.group, pool.groupPath(c.group)));
+      } else if (fd) {
+        // The daemon keeps no copy of a group a VMM was given (an old daemon's loan): closed, and out of the store.
+        fd.closeSync();
+        store.remove(fdName.group(c.group));
+      }
+      pool.restoreHold(c.group, { holding, owner: { vmId: c.vmId, vmName: c.vmName }, holders: c.holders, since: c.since });
+      if (holding === 'claimed' && !fd && !(await pool.reopen(c.group))) {
+        log.warn({ event: 'group-not-reopened', group: c.group, vm: c.vmId }, 'a claimed group did not come back from the fd store and could not be opened again');
+      }
     }
-    broker.vms.restore(previous.vms, previous.revision);
     let sessions = 0;
     for (const s of previous.sessions) {
       const vm = broker.vms.get(s.vmId);
@@ -291,6 +306,8 @@ export class Daemon {
       broker.restoreLink(vm.id, session);
       sessions++;
     }
+    // Groups handed to VMMs that exited while no daemon ran: looked at now.
+    await broker.reconcileHolds();
     log.info({ event: 'restored', vms: previous.vms.length, claims: previous.claims.length, sessions, ms: Date.now() - t0 }, 'state carried over a restart');
   }
 

@@ -3,11 +3,18 @@
  * RLIMIT_MEMLOCK, and killing it. A pidfd names one process for good, so a
  * recycled pid can never be signalled by mistake.
  */
+import { closeSync, fstatSync } from 'node:fs';
+import { readdir, readlink } from 'node:fs/promises';
 import { SysError } from './errors';
+import { watchReadable } from './unix';
 import { OwnedFd } from './fd';
 import { lastErrno, lib, libc } from './libc';
 
 const sys = {
+  poll: lib.func('int poll(void *fds, unsigned long nfds, int timeout)'),
+  socket: lib.func('int socket(int domain, int type, int protocol)'),
+  send: lib.func('intptr_t send(int fd, const void *buf, size_t len, int flags)'),
+  recv: lib.func('intptr_t recv(int fd, void *buf, size_t len, int flags)'),
   syscall3: lib.func('long syscall(long nr, long a, long b, long c)'),
   syscall4: lib.func('long syscall(long nr, long a, long b, void *c, long d)'),
   prlimit: lib.func('int prlimit(int pid, int resource, const void *newlim, void *oldlim)'),
@@ -18,6 +25,23 @@ const SYS_pidfd_open = 434;
 const SOL_SOCKET = 1;
 const SO_PEERPIDFD = 77; // Linux 6.5
 const RLIMIT_MEMLOCK = 8;
+const ESRCH = 3;
+const ENOENT = 2;
+const EINVAL = 22;
+const ENOPROTOOPT = 92;
+const POLLIN = 1;
+const POLLERR = 8;
+const POLLHUP = 16;
+const AF_UNIX = 1;
+const AF_NETLINK = 16;
+const SOCK_DGRAM = 2;
+const SOCK_CLOEXEC = 0o2000000;
+const NETLINK_SOCK_DIAG = 4;
+const SOCK_DIAG_BY_FAMILY = 20;
+const NLM_F_REQUEST = 1;
+const NLMSG_ERROR = 2;
+const UDIAG_SHOW_PEER = 0x4;
+const UNIX_DIAG_PEER = 2;
 export const SIGKILL = 9;
 export const SIGTERM = 15;
 
@@ -28,20 +52,166 @@ export function pidfdOpen(pid: number): OwnedFd {
   return new OwnedFd(r, `pidfd of ${pid}`);
 }
 
+/** How the daemon knows the process behind a peer's pidfd is the peer. */
+export type PeerProof = 'SO_PEERPIDFD' | 'holds-socket';
+
+export interface PeerPidfd {
+  pidfd: OwnedFd;
+  proof: PeerProof;
+}
+
 /**
- * The pidfd of the process on the other end of a Unix socket: SO_PEERPIDFD
- * where the kernel has it (no race with pid reuse), else pidfd_open of the
- * SO_PEERCRED pid.
+ * The pidfd of the process on the other end of a Unix socket, alive now.
+ *
+ * SO_PEERPIDFD (Linux 6.5) names the process that connected, with no pid in
+ * between. Older kernels (Debian 12's 6.1) have only the SO_PEERCRED pid, a
+ * number the connecting process may have left behind — exited, and the pid
+ * given to someone else. Then the pidfd is opened from the pid and accepted
+ * only when that process holds the peer end of this socket (its inode, from
+ * sock_diag, among the process's fds) and is still alive after the look, so
+ * the number could not have changed hands during it.
+ *
+ * Throws SysError ESRCH when the peer has exited (or its pid now names a
+ * process that is not the peer), so an ATTACH from a process that inherited
+ * the connection of an exited one is refused.
  */
-export function peerPidfd(socketFd: number, pid: number): OwnedFd {
+export async function peerPidfd(socketFd: number, pid: number): Promise<PeerPidfd> {
   const out = Buffer.alloc(4);
   const len = Buffer.alloc(4);
   len.writeUInt32LE(4, 0);
   const r = libc.getsockopt(socketFd, SOL_SOCKET, SO_PEERPIDFD, out, len) as number;
-  if (r === 0) return new OwnedFd(out.readInt32LE(0), `pidfd of ${pid}`);
+  if (r === 0) {
+    const pidfd = new OwnedFd(out.readInt32LE(0), `pidfd of ${pid}`);
+    if (pidfdExited(pidfd.fd)) {
+      pidfd.closeSync();
+      throw new SysError('SO_PEERPIDFD', `peer pid ${pid} (it has exited)`, ESRCH);
+    }
+    return { pidfd, proof: 'SO_PEERPIDFD' };
+  }
   const errno = lastErrno();
-  if (errno !== 92 /* ENOPROTOOPT */ && errno !== 22 /* EINVAL */) throw new SysError('getsockopt(SO_PEERPIDFD)', `pid ${pid}`, errno);
-  return pidfdOpen(pid);
+  if (errno !== ENOPROTOOPT && errno !== EINVAL) throw new SysError('getsockopt(SO_PEERPIDFD)', `pid ${pid}`, errno);
+  const peerInode = unixPeerInode(socketFd);
+  const pidfd = pidfdOpen(pid);
+  try {
+    if (!(await processHoldsSocket(pid, peerInode)) || pidfdExited(pidfd.fd)) {
+      throw new SysError('pidfd_open', `peer pid ${pid} (exited, or the pid now names a process that does not hold the connection)`, ESRCH);
+    }
+  } catch (e) {
+    pidfd.closeSync();
+    throw e;
+  }
+  return { pidfd, proof: 'holds-socket' };
+}
+
+/** Whether /proc/<pid>/fd has an fd on the socket of inode `inode`. At most 65,536 fds are looked at. */
+async function processHoldsSocket(pid: number, inode: number): Promise<boolean> {
+  const dir = `/proc/${pid}/fd`;
+  let names: string[];
+  try {
+    names = await readdir(dir);
+  } catch {
+    return false;
+  }
+  const target = `socket:[${inode}]`;
+  for (let i = 0; i < Math.min(names.length, 65536); i += 256) {
+    const links = await Promise.all(names.slice(i, i + 256).map((n) => readlink(`${dir}/${n}`).catch(() => '')));
+    if (links.includes(target)) return true;
+  }
+  return false;
+}
+
+/** Whether the process of `pidfd` has exited (a pidfd polls readable then). Does not block. */
+export function pidfdExited(pidfd: number): boolean {
+  const pfd = Buffer.alloc(8);
+  pfd.writeInt32LE(pidfd, 0);
+  pfd.writeInt16LE(POLLIN, 4);
+  const n = sys.poll(pfd, 1, 0) as number;
+  if (n < 0) throw new SysError('poll', `pidfd ${pidfd}`, lastErrno());
+  return n > 0 && (pfd.readInt16LE(6) & (POLLIN | POLLHUP | POLLERR)) !== 0;
+}
+
+/**
+ * The inode of the socket at the other end of the connected Unix socket
+ * `socketFd`: sock_diag (NETLINK_SOCK_DIAG, unix_diag with UDIAG_SHOW_PEER)
+ * asked about this end's inode. ENOENT when the kernel has no peer for it.
+ */
+export function unixPeerInode(socketFd: number): number {
+  const ino = fstatSync(socketFd).ino;
+  const nl = sys.socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG) as number;
+  if (nl < 0) throw new SysError('socket(AF_NETLINK, NETLINK_SOCK_DIAG)', 'unix_diag', lastErrno());
+  try {
+    // struct nlmsghdr (16) + struct unix_diag_req (24)
+    const req = Buffer.alloc(40);
+    req.writeUInt32LE(40, 0);
+    req.writeUInt16LE(SOCK_DIAG_BY_FAMILY, 4);
+    req.writeUInt16LE(NLM_F_REQUEST, 6);
+    req.writeUInt32LE(1, 8);
+    req.writeUInt8(AF_UNIX, 16);
+    req.writeUInt32LE(0xffffffff, 20); // udiag_states: any
+    req.writeUInt32LE(Number(ino), 24);
+    req.writeUInt32LE(UDIAG_SHOW_PEER, 28);
+    req.writeUInt32LE(0xffffffff, 32); // udiag_cookie: INET_DIAG_NOCOOKIE
+    req.writeUInt32LE(0xffffffff, 36);
+    if ((sys.send(nl, req, req.length, 0) as number) < 0) throw new SysError('send(SOCK_DIAG_BY_FAMILY)', `socket inode ${ino}`, lastErrno());
+    const res = Buffer.alloc(8192);
+    const n = sys.recv(nl, res, res.length, 0) as number;
+    if (n < 0) throw new SysError('recv(SOCK_DIAG_BY_FAMILY)', `socket inode ${ino}`, lastErrno());
+    for (let off = 0; off + 16 <= n; ) {
+      const msgLen = res.readUInt32LE(off);
+      const type = res.readUInt16LE(off + 4);
+      if (msgLen < 16 || off + msgLen > n) break;
+      if (type === NLMSG_ERROR) {
+        const err = -res.readInt32LE(off + 16);
+        throw new SysError('SOCK_DIAG_BY_FAMILY(unix_diag)', `socket inode ${ino}`, err || ENOENT);
+      }
+      if (type === SOCK_DIAG_BY_FAMILY) {
+        // struct unix_diag_msg (16 bytes), then netlink attributes.
+        for (let a = off + 32; a + 4 <= off + msgLen; ) {
+          const aLen = res.readUInt16LE(a);
+          const aType = res.readUInt16LE(a + 2);
+          if (aLen < 4) break;
+          if (aType === UNIX_DIAG_PEER && aLen >= 8) {
+            const peer = res.readUInt32LE(a + 4);
+            if (peer !== 0) return peer;
+          }
+          a += (aLen + 3) & ~3;
+        }
+      }
+      off += (msgLen + 3) & ~3;
+    }
+    throw new SysError('SOCK_DIAG_BY_FAMILY(unix_diag)', `socket inode ${ino}: no peer`, ENOENT);
+  } finally {
+    closeSync(nl);
+  }
+}
+
+/**
+ * Calls `onExit` once when process `pid` exits (a pidfd of it, polled on the
+ * event loop); returns the cancel, which closes the pidfd. A pid that names
+ * no process calls back on the next turn. For hints only (a stray group's
+ * holder): the pid may have changed hands before the pidfd was opened, and a
+ * wrong guess costs one early retry.
+ */
+export function watchProcessExit(pid: number, onExit: () => void): () => void {
+  let pidfd: OwnedFd;
+  try {
+    pidfd = pidfdOpen(pid);
+  } catch {
+    const t = setImmediate(onExit);
+    return () => clearImmediate(t);
+  }
+  let done = false;
+  const stop = () => {
+    if (done) return;
+    done = true;
+    watch.close();
+    pidfd.closeSync();
+  };
+  const watch = watchReadable(pidfd.fd, () => {
+    stop();
+    onExit();
+  });
+  return stop;
 }
 
 /** pidfd_send_signal(2). ESRCH: the process is gone already. */

@@ -1,7 +1,8 @@
 /**
  * An owned VFIO group fd (/dev/vfio/N). A group file opens only once
- * system-wide (EBUSY), so the daemon opens each group it claims once and
- * hands out duplicates.
+ * system-wide (EBUSY): that rule is how the daemon knows nobody else holds a
+ * group. So it never keeps a copy of a group file it gives away — it hands
+ * over its fd itself (handOver), sends it, and closes it.
  */
 import { open as fsOpen, constants, readSync } from 'node:fs';
 import { SysError } from './errors';
@@ -38,9 +39,13 @@ export class VfioGroup {
     return this.#fd.fd;
   }
 
-  /** The group fd itself, lent to send to a VMM (SCM_RIGHTS makes the VMM's own reference). */
-  lend(): SendableFd {
-    return this.#fd.lend();
+  /**
+   * The group fd itself, handed over to be sent to a VMM: SCM_RIGHTS gives
+   * the VMM its reference, and the sender's close() after the send ends the
+   * daemon's. This object has no fd after it.
+   */
+  handOver(): SendableFd {
+    return this.#fd;
   }
 
   /** VFIO_GROUP_GET_STATUS. Test the bits: VIABLE|CONTAINER_SET is a normal in-use group. */

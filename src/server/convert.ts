@@ -1,5 +1,8 @@
 /** Domain records to API messages. */
+import type { FileHolder } from '../broker/holders';
 import type { GroupView } from '../broker/pool';
+import type { GroupHolder } from '../generated/kvmvfio/v1/GroupHolder';
+import type { GroupHolding } from '../generated/kvmvfio/v1/GroupHolding';
 import type { IssuedToken } from '../broker/tokens';
 import type { AttachToken } from '../generated/kvmvfio/v1/AttachToken';
 import type { VmRecord, VmState } from '../broker/vms';
@@ -13,6 +16,17 @@ const stateMessage: Record<VmState, VmStateMessage> = {
   EXITED: 'VM_STATE_EXITED',
   FAILED: 'VM_STATE_FAILED',
 };
+
+const holdingMessage: Record<GroupView['holding'], GroupHolding> = {
+  free: 'GROUP_HOLDING_FREE',
+  claimed: 'GROUP_HOLDING_CLAIMED',
+  vmm: 'GROUP_HOLDING_VMM',
+  stray: 'GROUP_HOLDING_STRAY',
+};
+
+function holderMessage(h: FileHolder): GroupHolder {
+  return { pid: h.pid, uid: String(h.uid), comm: h.comm };
+}
 
 export function vmMessage(vm: Readonly<VmRecord>): Vm {
   return {
@@ -32,6 +46,7 @@ export function vmMessage(vm: Readonly<VmRecord>): Vm {
     revision: String(vm.revision),
     vmm_pid: vm.vmmPid,
     passive_vmm: vm.passive,
+    stray_groups: (vm.strayGroups ?? []).map((g) => ({ group: g.group, holders: g.holders.map(holderMessage), since: g.since })),
   };
 }
 
@@ -54,5 +69,8 @@ export function groupMessage(g: GroupView): IommuGroup {
     vm_id: g.owner?.vmId ?? '',
     vm_name: g.owner?.vmName ?? '',
     open_in_daemon: g.openInDaemon,
+    holding: holdingMessage[g.holding],
+    holders: g.holders.map(holderMessage),
+    stray_since: g.holding === 'stray' ? (g.since ?? '') : '',
   };
 }

@@ -13,9 +13,11 @@
  * A group with no behaviour set opens fine and reports viable. `opens(n)`
  * counts successful opens, `attempts(n)` every call (failed ones too),
  * `closes(n)` every close() call on a handle of that group (a second close
- * of the same handle counts too, so double closes show up). `lend()` lends
- * a real fd of /dev/null, since the pool's callers need a real fd number;
- * it is closed with the handle.
+ * of the same handle counts too, so double closes show up). The double
+ * keeps the kernel's single-open rule: an open of a group whose file still
+ * has a reference (the daemon's handle, a handed-over fd a VMM keeps, a
+ * forkHold()) fails EBUSY. `handOver()` gives a real fd of /dev/null, since
+ * the pool's callers need a real fd number; closing it drops the reference.
  */
 import { openSync } from 'node:fs';
 import type { GroupHandle, OpenGroup } from '../../src/broker/pool';
@@ -31,6 +33,8 @@ export interface GroupBehaviour {
   viable?: boolean;
   /** Awaited inside open() before it answers, to hold an open in flight. */
   openGate?: Promise<void>;
+  /** A fresh open finds a VFIO container still set (a kernel that did not unset it at the last close). */
+  containerSetOnOpen?: boolean;
 }
 
 export class DoubleGroup implements GroupHandle {
@@ -43,10 +47,11 @@ export class DoubleGroup implements GroupHandle {
   containerSet = false;
   readonly #double: KernelDouble;
 
-  constructor(double: KernelDouble, number: number, path: string) {
+  constructor(double: KernelDouble, number: number, path: string, file: DoubleFile) {
     this.#double = double;
     this.number = number;
     this.path = path;
+    this.file = file;
   }
 
   get closed(): boolean {
@@ -67,19 +72,51 @@ export class DoubleGroup implements GroupHandle {
     this.containerSet = false;
   }
 
-  /** The double's own fd (/dev/null: the pool's callers need a real number), opened on first loan. */
-  #own?: OwnedFd;
-  lend(): SendableFd {
-    if (this.closed) throw new Error(`double: lend() on closed group ${this.number}`);
-    this.#own ??= new OwnedFd(openSync('/dev/null', 'r'), this.path);
-    return this.#own.lend();
+  /** The open file this handle refers to (the group's single open). */
+  readonly file: DoubleFile;
+  handedOver = false;
+  #dropped = false;
+
+  /**
+   * The handle's fd given away (to a VMM): a real fd of /dev/null (callers
+   * need a real number) whose close drops this handle's reference to the
+   * file. The handle's own close() then drops nothing.
+   */
+  handOver(): SendableFd {
+    if (this.closed || this.handedOver) throw new Error(`double: handOver() on ${this.closed ? 'closed' : 'handed-over'} group ${this.number}`);
+    this.handedOver = true;
+    const own = new OwnedFd(openSync('/dev/null', 'r'), this.path);
+    const drop = () => {
+      if (!own.isOpen) return;
+      own.closeSync();
+      this.#drop();
+    };
+    return {
+      get fd() {
+        return own.fd;
+      },
+      close: async () => drop(),
+      closeSync: drop,
+    };
+  }
+
+  #drop(): void {
+    if (this.#dropped) return;
+    this.#dropped = true;
+    this.file.refs--;
   }
 
   async close(): Promise<void> {
-    this.#own?.closeSync();
+    if (!this.handedOver) this.#drop();
     this.closeCalls++;
     this.#double.count(this.#double.closeCounts, this.number);
   }
+}
+
+/** A group's open file: it stays open (a second open is EBUSY) while any reference to it lives. */
+export interface DoubleFile {
+  readonly group: number;
+  refs: number;
 }
 
 export class KernelDouble {
@@ -91,6 +128,28 @@ export class KernelDouble {
   readonly handles: DoubleGroup[] = [];
   /** Paths open() was called with, in order. */
   readonly paths: string[] = [];
+
+  readonly #files = new Map<number, DoubleFile>();
+
+  /** Whether some reference to group n's open file lives (the daemon's, a VMM's, a forked child's). */
+  held(n: number): boolean {
+    return (this.#files.get(n)?.refs ?? 0) > 0;
+  }
+
+  /**
+   * One more reference to group n's open file, as a process that inherited
+   * it (a VMM's forked child) holds; returns its close (idempotent).
+   */
+  forkHold(n: number): () => void {
+    const f = this.#files.get(n);
+    if (!f || f.refs <= 0) throw new Error(`double: group ${n} has no open file to inherit`);
+    f.refs++;
+    let open = true;
+    return () => {
+      if (open) f.refs--;
+      open = false;
+    };
+  }
 
   set(n: number, b: GroupBehaviour): this {
     this.#behaviour.set(n, b);
@@ -108,7 +167,12 @@ export class KernelDouble {
     const b = this.behaviour(n);
     if (b.openGate) await b.openGate;
     if (b.openErrno !== undefined) throw new SysError('open', path, b.openErrno);
-    const g = new DoubleGroup(this, n, path);
+    // The kernel's rule: a group file is open once; a second open while any reference lives is EBUSY.
+    if ((this.#files.get(n)?.refs ?? 0) > 0) throw new SysError('open', path, 16 /* EBUSY */);
+    const file: DoubleFile = { group: n, refs: 1 };
+    this.#files.set(n, file);
+    const g = new DoubleGroup(this, n, path, file);
+    g.containerSet = b.containerSetOnOpen ?? false;
     this.handles.push(g);
     this.count(this.openCounts, n);
     return g;

@@ -138,7 +138,7 @@ describe('GroupPool: refusals', () => {
           const e = await rejectsWith(pool.claim([12], A), FailedPreconditionError);
           const comm = fs.readFileSync('/proc/self/comm', 'utf8').trim();
           assert.ok(e.message.includes(node), e.message);
-          assert.ok(e.message.includes(`pid ${process.pid} (${comm})`), e.message);
+          assert.ok(e.message.includes(`pid ${process.pid} (uid ${process.getuid!()}, ${comm})`), e.message);
           assert.match(e.message, /EBUSY/);
           assert.equal(pool.ownerOf(12), undefined);
           assert.equal(pool.openCount, 0);
@@ -157,7 +157,7 @@ describe('GroupPool: refusals', () => {
         async ({ k, pool }) => {
           k.set(12, { openErrno: Errno.EBUSY });
           const e = await rejectsWith(pool.claim([12], A), FailedPreconditionError);
-          assert.match(e.message, /another process/);
+          assert.match(e.message, /a process kvmvfiod cannot name/);
           assert.match(e.message, /IOMMU group 12/);
           assert.equal(pool.ownerOf(12), undefined);
         },
@@ -419,14 +419,21 @@ describe('GroupPool: the real VfioGroup on the fake tree', () => {
       assert.equal(opened.length, 1);
       const fd = opened[0].fd;
       assert.equal(fs.readlinkSync(`/proc/self/fd/${fd}`), path.join(host.dev, 'vfio', '12'));
-      // What a VMM is sent is the pool's own fd, lent: closing the loan leaves it open.
-      const loan = pool.handle(12)!.lend();
-      assert.equal(loan.fd, fd);
-      await loan.close();
-      assert.equal(fs.readlinkSync(`/proc/self/fd/${fd}`), path.join(host.dev, 'vfio', '12'));
+      // What a VMM is sent is the pool's own fd, handed over: once the sender closes it, the daemon holds no copy.
+      const sent = pool.handOver(12, A.vmId);
+      assert.equal(sent.fd, fd);
+      assert.equal(pool.handle(12), undefined);
+      assert.equal((await pool.get(12)).holding, 'vmm');
+      assert.equal((await pool.get(12)).openInDaemon, false);
+      sent.closeSync();
+      assert.throws(() => opened[0].fd, /after close/, 'the handle has no fd once handed over');
+      assert.ok(!(fs.existsSync(`/proc/self/fd/${fd}`) && fs.readlinkSync(`/proc/self/fd/${fd}`) === path.join(host.dev, 'vfio', '12')), 'the daemon no longer has the file open');
+      // An ordinary file always opens again: the witness takes it back, and the daemon keeps the fresh open.
+      assert.equal(await pool.letGo(12, A.vmId, false), 'free');
+      assert.equal(opened.length, 2);
+      assert.equal((await pool.get(12)).openInDaemon, true);
       await pool.closeAll();
-      assert.throws(() => opened[0].fd, /after close/);
-      assert.throws(() => loan.fd, /after close/, 'a loan outliving its owner is refused, never a stale number');
+      assert.throws(() => opened[1].fd, /after close/);
     } finally {
       await pool.closeAll();
       await host.cleanup();

@@ -38,12 +38,24 @@ class LinkDouble implements VmmLink {
   createVfioDevice() {
     return this.#answer('device');
   }
+  /** Set to play a VMM that keeps the fd of a refused ADD (the protocol says close it). */
+  keepRefused = false;
+  readonly #kept = new Map<number, OwnedFd>();
   addGroup(group: number, fd: OwnedFd) {
-    this.heldFds.push(fd);
-    return this.#answer(`add ${group}`);
+    return this.#answer(`add ${group}`).then(
+      () => void this.#kept.set(group, fd),
+      (e: unknown) => {
+        if (this.keepRefused) this.heldFds.push(fd);
+        else fd.closeSync();
+        throw e;
+      },
+    );
   }
   removeGroup(group: number) {
-    return this.#answer(`remove ${group}`);
+    return this.#answer(`remove ${group}`).then(() => {
+      this.#kept.get(group)?.closeSync();
+      this.#kept.delete(group);
+    });
   }
   shutdown(reason: string) {
     this.shutdowns.push(reason);
@@ -51,8 +63,13 @@ class LinkDouble implements VmmLink {
   kill() {
     this.killed = true;
   }
+  /** Set to play a VMM that exited while the broker was attaching it. */
+  dead = false;
+  assertAlive(step: string) {
+    if (this.dead) throw new UnavailableError(`VMM pid ${this.pid} exited before ${step}`);
+  }
   exit() {
-    for (const fd of this.heldFds) fd.closeSync();
+    for (const fd of [...this.heldFds, ...this.#kept.values()]) fd.closeSync();
     this.#exit();
   }
 }
@@ -61,14 +78,23 @@ async function setup() {
   const host = await makeFakeHost([1, 2, 3].map((n) => ({ number: n, devices: [{ address: `0000:0${n}:00.0`, vendor: '8086', device: '1521', class: '020000', driver: 'vfio-pci' }] })));
   const k = new KernelDouble();
   const hostDouble = new HostDouble();
-  const pool = new GroupPool({ sysfsRoot: host.sysfs, devRoot: host.dev, openGroup: k.openGroup });
-  const broker = new Broker(pool, new VmRegistry(), { tokens: new TokenStore(60_000), host: hostDouble, exitGraceMs: 200 });
+  let broker: Broker | undefined;
+  const pool = new GroupPool({
+    sysfsRoot: host.sysfs,
+    devRoot: host.dev,
+    openGroup: k.openGroup,
+    retryDelaysMs: [20],
+    onStray: (g, hold) => broker?.groupStrayChanged(g, hold.owner.vmId, hold),
+    onStrayReturned: (g, owner) => broker?.groupStrayChanged(g, owner.vmId),
+  });
+  const b = new Broker(pool, new VmRegistry(), { tokens: new TokenStore(60_000), host: hostDouble, exitGraceMs: 200 });
+  broker = b;
   const create = async (over: Partial<CreateVmSpec> = {}) =>
-    broker.createVm(ROOT, { name: 'vm-a', labels: {}, vmmUid: VMM.uid, vfioDevice: true, groups: [], memlockBytes: 0, requestId: '', ...over });
+    b.createVm(ROOT, { name: 'vm-a', labels: {}, vmmUid: VMM.uid, vfioDevice: true, groups: [], memlockBytes: 0, requestId: '', ...over });
   return {
     k,
     pool,
-    broker,
+    broker: b,
     hostDouble,
     create,
     async done() {
@@ -165,42 +191,112 @@ describe('Broker with attached VMMs', () => {
     }
   });
 
-  test('requests on a RUNNING VM go to its VMM; the record changes only on success; a removed group stays held until exit, then returns clean', async () => {
+  test('requests on a RUNNING VM go to its VMM; the record changes only on success; a group comes back once the daemon can open it again', async () => {
     const t = await setup();
     try {
       const { vm, token } = await t.create({ groups: [1] });
       const link = new LinkDouble();
       (await t.broker.attach(token!.token, VMM, link)).kvm.closeSync();
       await t.broker.applyPlan(vm.id);
+      assert.equal(t.pool.handle(1), undefined, 'the daemon keeps no copy of a group its VMM holds');
+      assert.equal((await t.pool.get(1)).holding, 'vmm');
 
       link.fail.set('device', 16);
       const busy = await t.broker.createVfioDevice(ROOT, vm.id).catch((e: unknown) => e);
       assert.ok(busy instanceof SysError && busy.code === 'EBUSY');
 
+      // A refused ADD: the VMM closes the fd it got (the protocol), so the daemon's open succeeds: free at once.
       link.fail.set('add', 22);
       await assert.rejects(t.broker.addGroup(ROOT, vm.id, 2), (e: unknown) => e instanceof SysError && e.code === 'EINVAL');
       assert.deepEqual(t.broker.getVm(ROOT, vm.id).groups, [1]);
-      assert.equal(t.pool.ownerOf(2)?.vmId, vm.id, 'its fd reached the VMM: held');
-      await assert.rejects(t.create({ name: 'other', groups: [2] }), FailedPreconditionError);
-      link.fail.delete('add');
-      assert.deepEqual((await t.broker.addGroup(ROOT, vm.id, 2)).groups, [1, 2], 're-adding a held group does not claim it again');
+      assert.equal((await t.pool.get(2)).holding, 'free');
+      assert.equal(t.pool.ownerOf(2), undefined);
 
+      // A VMM that keeps the fd of a refused ADD: the kernel says the file is still open, so the group stays the VM's.
+      link.keepRefused = true;
+      await assert.rejects(t.broker.addGroup(ROOT, vm.id, 3), (e: unknown) => e instanceof SysError && e.code === 'EINVAL');
+      assert.equal(t.pool.ownerOf(3)?.vmId, vm.id, 'still open in the VMM: held by its VM');
+      await assert.rejects(t.create({ name: 'other', groups: [3] }), /IOMMU group 3 is held by vm vm-a/);
+      link.fail.delete('add');
+      await assert.rejects(t.broker.addGroup(ROOT, vm.id, 3), /still holds .*dev\/vfio\/3/);
+      link.keepRefused = false;
+
+      assert.deepEqual((await t.broker.addGroup(ROOT, vm.id, 2)).groups, [1, 2]);
+      await assert.rejects(t.broker.addGroup(ROOT, vm.id, 2), /already in the KVM-VFIO device of vm vm-a.*EEXIST/);
+
+      // RemoveGroup: the VMM deletes it from its device and closes its fd; the daemon's open succeeds.
       await t.broker.removeGroup(ROOT, vm.id, 1);
       assert.deepEqual(t.broker.getVm(ROOT, vm.id).groups, [2]);
-      assert.equal(t.pool.ownerOf(1)?.vmId, vm.id, 'removed from a running VM: held until the VMM exits');
+      assert.equal(t.pool.ownerOf(1), undefined, 'removed and closed by the VMM: back in the pool at once');
+      assert.ok(t.pool.handle(1), 'kept open by the daemon again');
 
-      // The VMM left a container set on group 2; the daemon unsets it on its own fd.
-      t.k.handles.find((h) => h.number === 2)!.containerSet = true;
+      // The kernel left a container set on group 2 at its last close: the daemon unsets it on its fresh fd.
+      t.k.set(2, { containerSetOnOpen: true });
       link.exit();
       await link.exited;
       await new Promise((r) => setImmediate(r));
       await t.broker.vmmExited(vm.id);
-      assert.equal(t.k.handles.find((h) => h.number === 2)!.containerSet, false);
-      assert.equal(t.k.handles.find((h) => h.number === 2)!.unsetCalls, 1);
-      assert.equal(t.k.handles.find((h) => h.number === 1)!.unsetCalls, 0, 'no container set: nothing to unset');
+      const fresh2 = t.k.handles.filter((h) => h.number === 2).at(-1)!;
+      assert.equal(fresh2.containerSet, false);
+      assert.equal(fresh2.unsetCalls, 1);
       assert.deepEqual(t.pool.heldBy(vm.id), []);
+      assert.equal((await t.pool.get(3)).holding, 'free', 'the refused fd the VMM kept is closed at its exit');
       assert.equal(t.broker.getVm(ROOT, vm.id).state, 'EXITED');
+      assert.deepEqual(t.broker.getVm(ROOT, vm.id).strayGroups, []);
       await assert.rejects(t.broker.addGroup(ROOT, vm.id, 3), FailedPreconditionError);
+    } finally {
+      await t.done();
+    }
+  });
+
+  test('a forked child keeps a group after its VMM exits: stray, named, claims refused, back when the child lets go', async () => {
+    const t = await setup();
+    try {
+      const { vm, token } = await t.create({ groups: [1, 2] });
+      const link = new LinkDouble();
+      (await t.broker.attach(token!.token, VMM, link)).kvm.closeSync();
+      await t.broker.applyPlan(vm.id);
+      const child = t.k.forkHold(1); // the VMM forked: its child has group 1's file too
+      link.exit();
+      await link.exited;
+      await t.broker.vmmExited(vm.id);
+
+      const after = t.broker.getVm(ROOT, vm.id);
+      assert.equal(after.state, 'EXITED');
+      assert.deepEqual(after.strayGroups.map((s) => s.group), [1], 'the VM record names the group left held');
+      assert.equal((await t.pool.get(1)).holding, 'stray');
+      assert.equal((await t.pool.get(2)).holding, 'free', 'the group nobody kept is back');
+      assert.equal(t.pool.ownerOf(1), undefined);
+      await assert.rejects(t.create({ name: 'next', groups: [1] }), (e: unknown) => e instanceof FailedPreconditionError && /IOMMU group 1 is held by .* outside any VM: it was handed to the VMM of vm vm-a/.test(e.message));
+      assert.equal([...t.broker.vms.all()].length, 1, 'the refused create left nothing');
+
+      const opensBefore = t.k.attempts(1);
+      await new Promise((r) => setTimeout(r, 60));
+      assert.ok(t.k.attempts(1) > opensBefore, 'retried on the backoff');
+      assert.ok(t.k.attempts(1) - opensBefore <= 4, `a bounded backoff, not a hot loop (${t.k.attempts(1) - opensBefore} tries in 60 ms)`);
+
+      child();
+      const back = await t.pool.retryStray(1);
+      assert.equal(back, true);
+      assert.equal((await t.pool.get(1)).holding, 'free');
+      assert.deepEqual(t.broker.getVm(ROOT, vm.id).strayGroups, [], 'the record says it is back');
+      const next = await t.create({ name: 'next', groups: [1] });
+      assert.deepEqual(next.vm.groups, [1]);
+    } finally {
+      await t.done();
+    }
+  });
+
+  test('an attach whose VMM has exited is refused before prlimit; nothing is sent', async () => {
+    const t = await setup();
+    try {
+      const { vm, token } = await t.create({ groups: [1], memlockBytes: 1 << 20 });
+      const link = new LinkDouble();
+      link.dead = true;
+      await assert.rejects(t.broker.attach(token!.token, VMM, link), /exited before raising its RLIMIT_MEMLOCK/);
+      assert.deepEqual(t.hostDouble.memlock, [], 'no prlimit on a pid whose process is gone');
+      assert.equal(t.broker.getVm(ROOT, vm.id).state, 'FAILED');
+      assert.equal((await t.pool.get(1)).holding, 'free');
     } finally {
       await t.done();
     }

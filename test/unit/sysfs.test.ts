@@ -300,13 +300,13 @@ test('findFileHolders finds this process holding a file open, and not after clos
   const comm = fs.readFileSync('/proc/self/comm', 'utf8').trim();
   try {
     const fd = fs.openSync(file, 'r');
-    let holders: { pid: number; comm: string }[];
+    let holders: { pid: number; uid: number; comm: string }[];
     try {
       holders = await findFileHolders('/proc', file);
     } finally {
       fs.closeSync(fd);
     }
-    assert.deepEqual(holders, [{ pid: process.pid, comm }]);
+    assert.deepEqual(holders, [{ pid: process.pid, uid: process.getuid!(), comm }]);
     assert.deepEqual(await findFileHolders('/proc', file), []);
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
@@ -316,14 +316,15 @@ test('findFileHolders finds this process holding a file open, and not after clos
 test('findFileHolders on a fake /proc: once per pid, sorted, vanished entries skipped, bounded', async () => {
   const proc = fs.mkdtempSync(path.join(os.tmpdir(), 'kvmvfiod-proc-'));
   const target = '/dev/vfio/12';
-  const mkProc = (pid: string, comm: string | null, links: string[]): void => {
+  const mkProc = (pid: string, comm: string | null, links: string[], uid = 0): void => {
     fs.mkdirSync(path.join(proc, pid, 'fd'), { recursive: true });
     if (comm !== null) fs.writeFileSync(path.join(proc, pid, 'comm'), `${comm}\n`);
+    if (comm !== null && pid !== '5') fs.writeFileSync(path.join(proc, pid, 'status'), `Name:\t${comm}\nUmask:\t0022\nUid:\t${uid}\t${uid}\t${uid}\t${uid}\n`);
     links.forEach((l, i) => fs.symlinkSync(l, path.join(proc, pid, 'fd', String(i))));
   };
   try {
-    mkProc('300', 'qemu', ['/dev/null', target, target]);
-    mkProc('20', 'cloud-hypervisor', ['/dev/vfio/121', target]);
+    mkProc('300', 'qemu', ['/dev/null', target, target], 65534);
+    mkProc('20', 'cloud-hypervisor', ['/dev/vfio/121', target], 1000);
     mkProc('5', 'init', ['/dev/null', '/dev/vfio/1']);
     mkProc('44', null, [target]); // exited before its comm was read
     fs.mkdirSync(path.join(proc, '77')); // no fd dir: exited mid-scan
@@ -331,13 +332,14 @@ test('findFileHolders on a fake /proc: once per pid, sorted, vanished entries sk
     fs.writeFileSync(path.join(proc, 'uptime'), '1 1\n');
 
     assert.deepEqual(await findFileHolders(proc, target), [
-      { pid: 20, comm: 'cloud-hypervisor' },
-      { pid: 300, comm: 'qemu' },
+      { pid: 20, uid: 1000, comm: 'cloud-hypervisor' },
+      { pid: 300, uid: 65534, comm: 'qemu' },
     ]);
-    assert.deepEqual(await findFileHolders(proc, '/dev/vfio/1'), [{ pid: 5, comm: 'init' }]);
+    // No status file (unreadable): the uid is unknown (-1), the holder still named.
+    assert.deepEqual(await findFileHolders(proc, '/dev/vfio/1'), [{ pid: 5, uid: -1, comm: 'init' }]);
     // pid 5 has 2 fds, pid 20 has its match at fd 1: a budget of 3 stops just short of it.
     assert.deepEqual(await findFileHolders(proc, target, { maxFds: 3 }), []);
-    assert.deepEqual(await findFileHolders(proc, target, { maxFds: 4 }), [{ pid: 20, comm: 'cloud-hypervisor' }]);
+    assert.deepEqual(await findFileHolders(proc, target, { maxFds: 4 }), [{ pid: 20, uid: 1000, comm: 'cloud-hypervisor' }]);
   } finally {
     fs.rmSync(proc, { recursive: true, force: true });
   }

@@ -6,13 +6,14 @@
  *
  * fds: every fd received is owned here and closed unless a handler keeps it;
  * every fd sent is closed right after sendmsg (the VMM has its own reference);
- * the daemon's own /dev/kvm and group fds are sent as loans, which stay open.
+ * the daemon's /dev/kvm fd is sent as a loan, which stays open, and a group's
+ * fd is handed over: the daemon keeps no copy of a group a VMM holds.
  */
 import type { Logger } from 'pino';
 import type { Broker, Caller } from '../../broker/broker';
 import { DeadlineExceededError, DomainError, FailedPreconditionError, PermissionDeniedError, ResourceExhaustedError, UnavailableError } from '../../broker/errors';
 import type { AttachGrant, VmmLink } from '../../broker/vmm';
-import { type FdWatch, type OwnedFd, type SendableFd, SIGKILL, type SeqpacketSocket, SysError, peerPidfd, pidfdSendSignal, watchReadable } from '../../kernel';
+import { type FdWatch, type OwnedFd, type SendableFd, SIGKILL, type SeqpacketSocket, SysError, peerPidfd, pidfdExited, pidfdSendSignal, watchReadable } from '../../kernel';
 import { FdKind, type Message, MsgType, ProtocolError, RESULT_BIT, decode, encode, isResult, typeName } from '../../protocol/session';
 
 const EACCES = 13;
@@ -76,6 +77,8 @@ export class Session implements VmmLink {
   #pidfd: OwnedFd | undefined;
   #pidWatch: FdWatch | undefined;
   #phase: Phase = 'new';
+  /** How the pidfd was tied to the peer (logged at attach). */
+  #proof = '';
   #seq = 0;
   #vmId = '';
   #vmName = '';
@@ -154,6 +157,10 @@ export class Session implements VmmLink {
     if (this.#phase === 'closed') return;
     // The result is not awaited: the VMM answers, then exits.
     this.#request(MsgType.SHUTDOWN, 0, [], 'SHUTDOWN', '', reason).catch(() => undefined);
+  }
+
+  assertAlive(step: string): void {
+    if (!this.#pidfd?.isOpen || pidfdExited(this.#pidfd.fd)) throw new UnavailableError(`VMM pid ${this.pid} exited before ${step}`);
   }
 
   kill(): void {
@@ -260,8 +267,14 @@ export class Session implements VmmLink {
       const max = this.#opts.maxSessions ?? Number.MAX_SAFE_INTEGER;
       if (this.#broker.sessionCount >= max) throw new ResourceExhaustedError(`kvmvfiod has ${this.#broker.sessionCount} VMM sessions; its limit (--max-sessions) is ${max}`);
       // The pidfd first: from here on the VMM is named by it, never by a pid that could be reused.
-      this.#pidfd = peerPidfd(this.#sock.fd, this.peer.pid);
-      const pidfd = this.#pidfd;
+      // A peer that has exited (its connection inherited by another process) is refused here.
+      const { pidfd, proof } = await peerPidfd(this.#sock.fd, this.peer.pid);
+      if (this.#phase !== 'attaching') {
+        pidfd.closeSync();
+        return;
+      }
+      this.#pidfd = pidfd;
+      this.#proof = proof;
       this.#pidWatch = watchReadable(pidfd.fd, () => this.#exitSeen());
       grant = await this.#broker.attach(msg.text, this.peer, this);
     } catch (e) {
@@ -274,11 +287,18 @@ export class Session implements VmmLink {
     }
     this.#vmId = grant.vmId;
     this.#vmName = grant.vmName;
+    const fdsOfGrant = () => [grant.kvm, grant.container, ...grant.groups.map((g) => g.fd)];
     if (this.#phase !== 'attaching') {
       // The session ended while the broker attached it: nothing reached the
-      // VMM, so its VM ends here and its groups go back.
-      for (const f of [grant.kvm, grant.container, ...grant.groups.map((g) => g.fd)]) void f?.close();
+      // VMM, so its VM ends here and its groups go back (our copies closed first).
+      for (const f of fdsOfGrant()) f?.closeSync();
       this.#exited();
+      return;
+    }
+    if (this.#pidfd && pidfdExited(this.#pidfd.fd)) {
+      // Gone before its fds left: send nothing. The pidfd watch ends the VM.
+      for (const f of fdsOfGrant()) f?.closeSync();
+      this.#end('VMM exited before its fds were sent');
       return;
     }
     const sent: { kind: number; id: number; fd: SendableFd }[] = [{ kind: FdKind.KVM, id: 0, fd: grant.kvm }];
@@ -293,7 +313,7 @@ export class Session implements VmmLink {
       this.#end(`sending the attach result failed: ${(e as Error).message}`);
       return;
     }
-    this.#log.info({ event: 'vmm-attached', vm: grant.vmId, passive: this.#passive, fds: sent.map((s) => s.kind) }, 'VMM attached');
+    this.#log.info({ event: 'vmm-attached', vm: grant.vmId, passive: this.#passive, fds: sent.map((s) => s.kind), pidfd: this.#proof }, 'VMM attached');
     void this.#broker.applyPlan(grant.vmId);
   }
 
@@ -307,22 +327,27 @@ export class Session implements VmmLink {
     }
   }
 
-  /** Sends one record and closes the fds it carried (the peer has its copies). */
+  /**
+   * Sends one record and closes the fds it carried (the peer has its
+   * copies). Closed at once, not on the libuv pool: a group handed over must
+   * not be held by the daemon a moment longer, or its return to the pool (a
+   * fresh open) would see the daemon's own copy.
+   */
   #send(m: Message, fds: { fd: SendableFd }[]): void {
     try {
       this.#sock.send(encode(m), fds.map((f) => f.fd.fd));
     } finally {
-      for (const f of fds) void f.fd.close();
+      for (const f of fds) f.fd.closeSync();
     }
   }
 
   #request(type: number, arg: number, fds: { kind: number; id: number; fd: SendableFd }[], call: string, object = '', text = ''): Promise<Message> {
     if (this.#phase === 'closed') {
-      for (const f of fds) void f.fd.close();
+      for (const f of fds) f.fd.closeSync();
       return Promise.reject(new UnavailableError(`the session with VMM pid ${this.pid} has ended`));
     }
     if (this.#passive) {
-      for (const f of fds) void f.fd.close();
+      for (const f of fds) f.fd.closeSync();
       return Promise.reject(new UnavailableError('a passive VMM takes no requests'));
     }
     const seq = (this.#seq = (this.#seq + 1) >>> 0);

@@ -12,7 +12,8 @@ import { join } from 'node:path';
 import { status } from '@grpc/grpc-js';
 import { SeqpacketListener } from '../../src/kernel';
 import { makeFakeHost } from '../helpers/fakehost';
-import { startDaemon, type RunningDaemon } from '../helpers/daemon';
+import { CLI_JS, startDaemon, type RunningDaemon } from '../helpers/daemon';
+import { spawn } from 'node:child_process';
 import { FakeSystemd } from '../helpers/fakesystemd';
 import { REFERENCE_VMM, runVmm, type VmmProc } from '../helpers/vmmproc';
 import { expectStatus, until } from '../helpers/assert';
@@ -26,7 +27,7 @@ test('fake systemd: READY, STATUS, WATCHDOG; SIGKILL; the next daemon restores V
   const dir = await mkdtemp(join(tmpdir(), 'kvmvfiod-restart-'));
   await chmod(dir, 0o755);
   cleanups.push(() => rm(dir, { recursive: true, force: true }));
-  const host = await makeFakeHost([{ number: 9, devices: [{ address: '0000:00:09.0', vendor: '8086', device: '10d3', class: '020000', driver: 'vfio-pci' }] }]);
+  const host = await makeFakeHost([9, 10].map((n) => ({ number: n, devices: [{ address: `0000:00:${n.toString(16).padStart(2, '0')}.0`, vendor: '8086', device: '10d3', class: '020000', driver: 'vfio-pci' }] })));
   cleanups.push(() => host.cleanup());
   const systemd = new FakeSystemd(dir);
   cleanups.push(() => systemd.close());
@@ -69,19 +70,24 @@ test('fake systemd: READY, STATUS, WATCHDOG; SIGKILL; the next daemon restores V
   assert.ok(systemd.store.has('kvm'));
 
   const c1 = d1.client();
-  const { vm, attach_token } = await c1.createVm({ name: 'survivor', vmm_uid: 65534, vfio_device: true, groups: [9] });
-  assert.ok(systemd.store.has('group-9'), 'a claimed group fd is stored');
-  const pending = (await c1.createVm({ name: 'waiting', vmm_uid: 65534 })).vm!;
-  // The plan's ADD of the fake group fails (EINVAL), so plan this VM with no group at attach: use another VM.
-  await c1.deleteVm({ vm_id: vm!.id });
+  // A claimed group (its VM not attached yet): the daemon holds its file, so the fd store has it.
+  const pending = (await c1.createVm({ name: 'waiting', vmm_uid: 65534, vfio_device: true, groups: [9] })).vm!;
+  await until('group-9 stored', async () => systemd.store.has('group-9'));
+  // A group handed to a VMM (a passive one gets its groups at attach): the daemon keeps no copy, stored or not.
+  const held = await c1.createVm({ name: 'holder', vmm_uid: 0, vfio_device: true, groups: [10] });
+  await until('group-10 stored', async () => systemd.store.has('group-10'));
+  const passive = spawn(process.execPath, [CLI_JS, 'attach', '--token', held.attach_token!.token, '--handoff', handoffPath, '--', 'sleep', '600'], { stdio: 'ignore' });
+  cleanups.push(() => void passive.kill('SIGKILL'));
+  await until('passive VMM RUNNING', async () => (await c1.getVm(held.vm!.id)).state === 'VM_STATE_RUNNING');
+  await until('group-10 out of the fd store', async () => !systemd.store.has('group-10'));
+  assert.equal((await c1.getIommuGroup(10)).holding, 'GROUP_HOLDING_VMM');
+  assert.equal((await c1.getIommuGroup(10)).open_in_daemon, false);
+
   const { vm: live, attach_token: tok } = await c1.createVm({ name: 'survivor', vmm_uid: 65534, vfio_device: true });
-  assert.ok(attach_token);
   const v = runVmm([process.execPath, REFERENCE_VMM, '--socket', handoffPath], tok!.token);
   vmms.push(v);
   await v.waitFor('guest');
   await until('RUNNING', async () => (await c1.getVm(live!.id)).state === 'VM_STATE_RUNNING');
-  // A group that reached the VMM is held by its VM: it must be held after the restart too.
-  await expectStatus(c1.addGroup({ vm_id: live!.id, group: 9 }), status.INVALID_ARGUMENT, /EINVAL/);
   await until('session fds stored', async () => systemd.store.has(`session-${live!.id}`) && systemd.store.has(`pidfd-${live!.id}`));
   const before = await c1.listVms();
   const revisionBefore = Number((await c1.getVm(live!.id)).revision);
@@ -96,7 +102,7 @@ test('fake systemd: READY, STATUS, WATCHDOG; SIGKILL; the next daemon restores V
   const d2 = await startDaemon({ ...common, listenFds: [...sockets, ...systemd.listenFds()] });
   daemons.push(d2);
   const restored = await d2.waitForLog((l) => l.event === 'restored');
-  assert.equal(restored.sessions, 1);
+  assert.equal(restored.sessions, 2, "the active and the passive VMM");
   const c2 = d2.client();
   const after = await c2.listVms();
   assert.deepEqual(
@@ -104,7 +110,11 @@ test('fake systemd: READY, STATUS, WATCHDOG; SIGKILL; the next daemon restores V
     before.vms.map((x) => [x.id, x.name, x.state, x.vmm_pid]),
   );
   assert.ok(after.vms.some((x) => x.id === pending.id && x.state === 'VM_STATE_PENDING'));
-  assert.equal((await c2.getIommuGroup(9)).vm_id, live!.id, 'the claim survived');
+  const g9 = await c2.getIommuGroup(9);
+  assert.deepEqual([g9.vm_id, g9.holding, g9.open_in_daemon], [pending.id, 'GROUP_HOLDING_CLAIMED', true], 'the claim survived, with its fd from the store');
+  const g10 = await c2.getIommuGroup(10);
+  assert.deepEqual([g10.vm_id, g10.holding, g10.open_in_daemon], [held.vm!.id, 'GROUP_HOLDING_VMM', false], "the passive VMM's group: still its VM's, no fd in the daemon");
+  assert.ok(!systemd.store.has('group-10'));
   // The VMM answers through its carried-over session: its kernel says EBUSY to a second device.
   await expectStatus(c2.createVfioDevice(live!.id), status.ALREADY_EXISTS, /EBUSY/);
   assert.ok(Number((await c2.getVm(live!.id)).revision) >= revisionBefore);
@@ -112,7 +122,11 @@ test('fake systemd: READY, STATUS, WATCHDOG; SIGKILL; the next daemon restores V
   // The restored pidfd still tells when the VMM goes.
   v.kill('SIGKILL');
   await until('EXITED', async () => (await c2.getVm(live!.id)).state === 'VM_STATE_EXITED');
-  assert.equal((await c2.getIommuGroup(9)).vm_id, '');
+  passive.kill('SIGKILL');
+  await until('passive VMM EXITED', async () => (await c2.getVm(held.vm!.id)).state === 'VM_STATE_EXITED');
+  const back = await c2.getIommuGroup(10);
+  assert.deepEqual([back.vm_id, back.holding, back.open_in_daemon], ['', 'GROUP_HOLDING_FREE', true], "the daemon's fresh open took it back");
+  await until("group-10 stored again: the daemon's own open", async () => systemd.store.has('group-10'));
   await until('session fds dropped from the store', async () => !systemd.store.has(`session-${live!.id}`) && !systemd.store.has(`pidfd-${live!.id}`));
 
   // A clean stop says STOPPING=1; a start with the sockets but without the stored fds (systemctl stop,

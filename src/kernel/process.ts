@@ -91,7 +91,13 @@ export async function peerPidfd(socketFd: number, pid: number): Promise<PeerPidf
   const errno = lastErrno();
   if (errno !== ENOPROTOOPT && errno !== EINVAL) throw new SysError('getsockopt(SO_PEERPIDFD)', `pid ${pid}`, errno);
   const peerInode = unixPeerInode(socketFd);
-  const pidfd = pidfdOpen(pid);
+  let pidfd: OwnedFd;
+  try {
+    pidfd = pidfdOpen(pid);
+  } catch (e) {
+    if (e instanceof SysError && e.code === 'ESRCH') throw new SysError('pidfd_open', `peer pid ${pid} (it has exited)`, ESRCH);
+    throw e;
+  }
   try {
     if (!(await processHoldsSocket(pid, peerInode)) || pidfdExited(pidfd.fd)) {
       throw new SysError('pidfd_open', `peer pid ${pid} (exited, or the pid now names a process that does not hold the connection)`, ESRCH);

@@ -51,6 +51,8 @@ export interface DaemonOptions {
    * daemon's own pid.
    */
   listenFds?: { name: string; fd: number }[];
+  /** A command the daemon runs under (e.g. the no-peerpidfd wrapper): it execs node with the daemon's arguments. */
+  wrap?: string[];
 }
 
 export async function startDaemon(opts: DaemonOptions = {}): Promise<RunningDaemon> {
@@ -72,6 +74,10 @@ export async function startDaemon(opts: DaemonOptions = {}): Promise<RunningDaem
     stdio.push(...opts.listenFds.map((f) => f.fd));
     cmd = '/bin/sh';
     argv = ['-c', 'LISTEN_PID=$$ exec "$0" "$@"', process.execPath, ...args];
+  }
+  if (opts.wrap?.length) {
+    argv = [...opts.wrap.slice(1), cmd, ...argv];
+    cmd = opts.wrap[0];
   }
   const proc = spawn(cmd, argv, { stdio, env });
   const logs: LogLine[] = [];

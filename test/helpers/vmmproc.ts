@@ -94,8 +94,19 @@ export function collectJsonLines(proc: ChildProcess): VmmProc {
   };
 }
 
-/** argv: the command (e.g. [process.execPath, REFERENCE_VMM, '--socket', path]); `asNobody` prefixes setpriv. */
-export function runVmm(argv: string[], token: string, asNobody = true): VmmProc {
+/**
+ * argv: the command (e.g. [process.execPath, REFERENCE_VMM, '--socket', path]); `asNobody` prefixes setpriv.
+ * `opts.env` is added to the environment; `opts.control` gives the VMM a pipe as fd 3 that the test
+ * can end (`proc.stdio[3]`): unlike stdin, Node leaves it open when the process exits (a forked child
+ * may still read it).
+ */
+export function runVmm(argv: string[], token: string, asNobody = true, opts: { env?: Record<string, string>; control?: boolean } = {}): VmmProc {
   const cmd = asNobody ? [...NOBODY, ...argv] : argv;
-  return collectJsonLines(spawn(cmd[0], cmd.slice(1), { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, KVMVFIO_TOKEN: token } }));
+  const stdio: ('ignore' | 'pipe')[] = ['ignore', 'pipe', 'pipe', ...(opts.control ? ['pipe' as const] : [])];
+  return collectJsonLines(spawn(cmd[0], cmd.slice(1), { stdio, env: { ...process.env, KVMVFIO_TOKEN: token, ...opts.env } }));
+}
+
+/** Ends the control pipe of a VMM started with `control: true`. */
+export function endControl(v: VmmProc): void {
+  (v.proc.stdio[3] as NodeJS.WritableStream | null)?.end();
 }

@@ -15,12 +15,23 @@
  * 3 protocol error (a garbled record), 4 KVM or guest failure. exit() closes
  * every fd, which ends the session and, with it, the VM.
  *
+ * KVMVFIO_FORK plays a VMM that forks after connecting (an attacker's test):
+ * the parent prints {"event":"forked","child":PID} and the child goes on with
+ * the session on the inherited connection. "early": the parent exits at
+ * once and the child attaches only once the parent is gone and its control
+ * fd is at its end. "late": the parent exits when its control fd is at its
+ * end. The control fd is fd 3 when open, else stdin. Either way the child, once its session ends, prints
+ * {"event":"holding"} and keeps every fd it got (the VM, its groups) until
+ * it is killed.
+ *
  * Build: gcc -O2 -Wall -Wextra -Werror -std=c11 -D_GNU_SOURCE refvmm.c
  */
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/kvm.h>
 #include <linux/vfio.h>
+#include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -336,6 +347,59 @@ out:
 	end_event();
 }
 
+/* Set in a forked child (KVMVFIO_FORK): at the session's end, keep every fd until killed. */
+static int hold_after_end;
+
+/* Reads `fd` to its end; a non-blocking fd (a socketpair its parent made so) is polled. */
+static void wait_eof(int fd) {
+	char b[64];
+	for (;;) {
+		ssize_t n = read(fd, b, sizeof b);
+		if (n > 0 || (n < 0 && errno == EINTR)) continue;
+		if (n < 0 && errno == EAGAIN) {
+			struct pollfd p = { .fd = fd, .events = POLLIN };
+			poll(&p, 1, -1);
+			continue;
+		}
+		return;
+	}
+}
+
+/* KVMVFIO_FORK: returns 1 in the child; the parent exits here (see the header). */
+static int fork_after_connect(const char *mode, int control) {
+	int gone[2];
+	char b;
+	if (strcmp(mode, "early") && strcmp(mode, "late")) fail(2, "KVMVFIO_FORK (early or late)", EINVAL);
+	if (pipe(gone) < 0) fail(2, "pipe", errno);
+	fflush(stdout);
+	pid_t child = fork();
+	if (child < 0) fail(2, "fork", errno);
+	if (child > 0) {
+		close(gone[0]);
+		printf("{\"event\":\"forked\",\"child\":%d", (int)child);
+		end_event();
+		if (!strcmp(mode, "late")) wait_eof(control);
+		_exit(0); /* closes the pipe: the child of "early" goes on */
+	}
+	close(gone[1]);
+	if (!strcmp(mode, "early")) {
+		while (read(gone[0], &b, 1) > 0);
+		wait_eof(control);
+	}
+	close(gone[0]);
+	return 1;
+}
+
+/* The session is over: a forked child (KVMVFIO_FORK) keeps what it holds until it is killed. */
+static void end_session(int code) {
+	if (hold_after_end) {
+		printf("{\"event\":\"holding\",\"pid\":%d", (int)getpid());
+		end_event();
+		for (;;) pause();
+	}
+	exit(code);
+}
+
 int main(int argc, char **argv) {
 	const char *token = getenv("KVMVFIO_TOKEN"), *use = getenv("KVMVFIO_USE_VFIO");
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
@@ -349,9 +413,12 @@ int main(int argc, char **argv) {
 		return 2;
 	}
 	strcpy(sa.sun_path, argv[1]);
+	int control = fcntl(3, F_GETFD) >= 0 ? 3 : 0; /* KVMVFIO_FORK's control fd: looked at before fd 3 is ours */
 	int sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
 	if (sock < 0) fail(2, "socket", errno);
 	if (connect(sock, (struct sockaddr *)&sa, sizeof sa) < 0) fail(2, "connect", errno);
+	const char *forking = getenv("KVMVFIO_FORK");
+	if (forking && *forking) hold_after_end = fork_after_connect(forking, control);
 
 	send_rec(sock, ATTACH, 1, 0, token);
 	if (!recv_rec(sock, &r)) {
@@ -390,7 +457,7 @@ int main(int argc, char **argv) {
 	for (int created_answered = 0;;) {
 		if (!recv_rec(sock, &r)) {
 			event_reason("closed", "the daemon closed the session");
-			return 0;
+			end_session(0);
 		}
 		if (r.type & RESULT) { /* from here the only request this VMM has sent is VM_CREATED */
 			if (r.type != (VM_CREATED | RESULT) || r.seq != 2 || created_answered++ || r.nfds) garbled("a result that answers no request");
@@ -453,7 +520,7 @@ int main(int argc, char **argv) {
 		if (r.type == ADD_GROUP && !err && use && !strcmp(use, "1")) vfio_use(container, r.arg, r.fds[0]);
 		if (r.type == SHUTDOWN) {
 			event_reason("shutdown", r.text);
-			return 0;
+			end_session(0);
 		}
 	}
 }

@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { status } from '@grpc/grpc-js';
 import { makeFakeHost, type FakeHost } from '../helpers/fakehost';
-import { REPO, startDaemon, type RunningDaemon } from '../helpers/daemon';
+import { CLI_JS, REPO, startDaemon, type RunningDaemon } from '../helpers/daemon';
 import { REFERENCE_VMM, runVmm } from '../helpers/vmmproc';
 import { until } from '../helpers/assert';
 
@@ -140,6 +140,103 @@ describe('policy', () => {
     await until('reloaded', async () => d.logs.some((l) => l.event === 'policy-reloaded'));
     await denied(callAs(VIEWER, 'getHostInfo'), status.PERMISSION_DENIED, /matches no principal/);
     assert.ok((await callAs(A, 'listVms', {})).ok);
+  });
+});
+
+/**
+ * The holes of issue 12: names shaped like ids, VMs owned per principal,
+ * memlock limits, WatchVms caps. One daemon; tenant-a has two uids.
+ */
+describe('policy: names, owners, memlock, watches', () => {
+  const A2 = 1005;
+  const holes = {
+    principals: [
+      { name: 'tenant-a', match: { uids: [A, A2] }, calls: ['*'], iommuGroups: 'all', vmmUids: [65534] },
+      { name: 'tenant-b', match: { uids: [B] }, calls: ['*'], iommuGroups: 'all', vmmUids: [65533] },
+      { name: 'ops', match: { uids: [ADMIN] }, admin: true, calls: ['*'], vmmUids: 'any' },
+    ],
+  };
+  let host: FakeHost;
+  let dir: string;
+  let d: RunningDaemon;
+
+  const callAs = async (uid: number, method: string, req: unknown = {}): Promise<Outcome> => {
+    const { stdout } = await run('setpriv', [`--reuid=${uid}`, `--regid=${uid}`, '--clear-groups', process.execPath, CALL_AS, d.apiSocket, method, JSON.stringify(req)]);
+    return JSON.parse(stdout) as Outcome;
+  };
+  const created = async (uid: number, req: Record<string, unknown>): Promise<{ id: string; name: string; owner_uid: number }> => {
+    const r = await callAs(uid, 'createVm', req);
+    assert.ok(r.ok, `createVm as uid ${uid}: ${JSON.stringify(r)}`);
+    return r.res.vm as { id: string; name: string; owner_uid: number };
+  };
+  const refused = async (o: Promise<Outcome>, code: status, re: RegExp): Promise<string> => {
+    const r = await o;
+    assert.equal(r.ok, false, `expected ${status[code]}, got ${JSON.stringify(r)}`);
+    if (r.ok) return '';
+    assert.equal(status[r.code], status[code], r.details);
+    assert.match(r.details, re);
+    return r.details;
+  };
+  /** kvmvfioctl as root; resolves with the exit status and output, never rejects. */
+  const ctl = (...args: string[]) =>
+    new Promise<{ code: number; stdout: string; stderr: string }>((resolve) =>
+      execFile(process.execPath, [CLI_JS, '--socket', d.apiSocket, ...args], (err, stdout, stderr) =>
+        resolve({ code: err ? Number((err as { code?: number }).code) : 0, stdout, stderr }),
+      ),
+    );
+  const exists = async (id: string) => (await d.client().listAllVms()).some((v) => v.id === id);
+
+  before(async () => {
+    host = await makeFakeHost([5, 6].map((n) => ({ number: n, devices: [{ address: `0000:00:0${n}.0`, vendor: '8086', device: '10d3', class: '020000', driver: 'vfio-pci' }] })));
+    dir = await mkdtemp(join(tmpdir(), 'kvmvfiod-holes-'));
+    await chmod(dir, 0o755);
+    await writeFile(join(dir, 'policy.json'), JSON.stringify(holes));
+    d = await startDaemon({ dir, sysfs: host.sysfs, dev: host.dev });
+  });
+
+  after(async () => {
+    await d?.cleanup();
+    await host?.cleanup();
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  test("a VM cannot be named after another VM's id, so root's `vm delete <that>` cannot be turned on tenant B's VM", async () => {
+    const b = await created(B, { name: 'b-web', vmm_uid: 65533 });
+    // The attack: tenant A names its VM after B's id, hoping root deletes "A's VM" by name.
+    await refused(callAs(A, 'createVm', { name: b.id, vmm_uid: 65534 }), status.INVALID_ARGUMENT, /^name: .* is shaped like a VM id/);
+    await refused(callAs(A, 'createVm', { name: b.id.toUpperCase(), vmm_uid: 65534 }), status.INVALID_ARGUMENT, /^name: .* is shaped like a VM id/);
+    const listed = await callAs(A, 'listVms', {});
+    assert.ok(listed.ok);
+    assert.deepEqual(listed.res.vms, [], 'the refused creates made nothing');
+    // An id-shaped argument is only ever an id, in any case: root deletes exactly the VM of that id.
+    const a = await created(A, { name: 'a-web', vmm_uid: 65534 });
+    const del = await ctl('vm', 'delete', a.id.toUpperCase());
+    assert.equal(del.code, 0, del.stderr);
+    assert.equal(del.stdout, `deleted vm a-web (${a.id})\n`);
+    assert.equal(await exists(a.id), false);
+    assert.equal(await exists(b.id), true);
+    // An unknown id is NOT_FOUND as an id; it is never looked up as a name.
+    const ghost = '00000000-0000-4000-8000-000000000000';
+    const get = await ctl('vm', 'get', ghost);
+    assert.equal(get.code, 1);
+    assert.equal(get.stderr, `kvmvfioctl: NOT_FOUND: vm ${ghost} not found\n`);
+  });
+
+  test('a name two owners use is ambiguous to root: the CLI lists the candidates with their owners and changes nothing', async () => {
+    const a = await created(A, { name: 'shared', vmm_uid: 65534 });
+    const b = await created(B, { name: 'shared', vmm_uid: 65533 });
+    const del = await ctl('vm', 'delete', 'shared');
+    assert.equal(del.code, 1);
+    assert.match(del.stderr, /^kvmvfioctl: FAILED_PRECONDITION: 2 VMs you can see are named shared: /);
+    assert.ok(del.stderr.includes(`${a.id} (owner uid ${A}`), del.stderr);
+    assert.ok(del.stderr.includes(`${b.id} (owner uid ${B}`), del.stderr);
+    assert.match(del.stderr, /give the id of the one you mean/);
+    assert.equal(await exists(a.id), true);
+    assert.equal(await exists(b.id), true);
+    // Each tenant sees one VM of that name, and resolves it.
+    const own = await ctl('--json', 'vm', 'get', b.id);
+    assert.equal(JSON.parse(own.stdout).owner_uid, B);
+    for (const vm of [a, b]) assert.equal((await ctl('vm', 'delete', vm.id)).code, 0);
   });
 });
 

@@ -10,7 +10,7 @@ import { KeyedMutex } from './mutex';
 import type { GroupPool, GroupView } from './pool';
 import type { IssuedToken, TokenStore } from './tokens';
 import type { AttachGrant, VmmHost, VmmLink } from './vmm';
-import { type NewVm, type VmChange, type VmRecord, type VmRegistry, type VmState } from './vms';
+import { type NewVm, type VmChange, type VmRecord, type VmRegistry, type VmState, ownerKey } from './vms';
 
 export interface Caller {
   uid: number;
@@ -140,14 +140,26 @@ export class Broker {
     return this.#links.size;
   }
 
-  /** uid 0 and policy admins see every VM (undefined); anyone else sees the VMs they created (their uid). */
-  #ownerScope(caller: Caller): number | undefined {
-    return caller.uid === 0 || caller.principal?.admin === true ? undefined : caller.uid;
+  /**
+   * The owner keys (see ownerKey) of the records the caller owns: its
+   * principal's, then its uid's — records without a principal, from before
+   * principals were recorded, stay with the uid that made them. The first
+   * is the key of what it creates.
+   */
+  #ownKeys(caller: Caller): string[] {
+    const byUid = ownerKey('', caller.uid);
+    return caller.principal ? [ownerKey(caller.principal.name, caller.uid), byUid] : [byUid];
   }
 
+  /** uid 0 and policy admins see every VM (undefined); anyone else the VMs it owns (#ownKeys). */
+  #ownerScope(caller: Caller): string[] | undefined {
+    return caller.uid === 0 || caller.principal?.admin === true ? undefined : this.#ownKeys(caller);
+  }
+
+  /** A VM belongs to its principal: every uid of that principal sees and changes it. */
   canSee(caller: Caller, vm: Readonly<VmRecord>): boolean {
-    const owner = this.#ownerScope(caller);
-    return owner === undefined || vm.ownerUid === owner;
+    const owners = this.#ownerScope(caller);
+    return owners === undefined || owners.includes(ownerKey(vm.principal, vm.ownerUid));
   }
 
   /** The policy's word on groups and the VMM's uid, and the principal's quotas. */
@@ -181,10 +193,11 @@ export class Broker {
   async createVm(caller: Caller, spec: CreateVmSpec): Promise<CreateVmResult> {
     this.#assertOpen();
     const fingerprint = JSON.stringify([spec.name, Object.entries(spec.labels).sort(), spec.vmmUid, spec.vfioDevice, [...spec.groups].sort((a, b) => a - b), spec.memlockBytes]);
-    // One create at a time per owner: name uniqueness and request_id retries
-    // are decided without another create of the same owner in between.
-    return this.#locks.run(`owner:${caller.uid}`, async () => {
-      const earlier = this.vms.findByRequestId(caller.uid, spec.requestId);
+    // One create at a time per owner (a principal, whichever of its uids calls): name uniqueness
+    // and request_id retries are decided without another create of the same owner in between.
+    const owners = this.#ownKeys(caller);
+    return this.#locks.run(`owner:${owners[0]}`, async () => {
+      const earlier = this.#firstOwned(owners, (o) => this.vms.findByRequestId(o, spec.requestId));
       if (earlier) {
         if (earlier.requestFingerprint !== fingerprint) {
           throw new FailedPreconditionError(`request_id ${spec.requestId} was used for a different CreateVm (vm ${earlier.name}, ${earlier.id})`);
@@ -192,7 +205,7 @@ export class Broker {
         const token = earlier.state === 'PENDING' && !this.#links.has(earlier.id) ? this.tokens.issue(earlier.id, earlier.vmmUid) : undefined;
         return { vm: earlier, created: false, token };
       }
-      const same = this.vms.findByName(caller.uid, spec.name);
+      const same = this.#firstOwned(owners, (o) => this.vms.findByName(o, spec.name));
       if (same) throw new AlreadyExistsError(`vm ${spec.name} already exists (${same.id})`);
       this.#checkPolicy(caller, spec.groups, spec.vmmUid, true);
       this.#checkPendingTokens(caller);
@@ -205,6 +218,14 @@ export class Broker {
       const vm = this.vms.insert(id, record);
       return { vm, created: true, token: this.tokens.issue(vm.id, vm.vmmUid) };
     });
+  }
+
+  #firstOwned(owners: readonly string[], find: (owner: string) => VmRecord | undefined): VmRecord | undefined {
+    for (const o of owners) {
+      const vm = find(o);
+      if (vm) return vm;
+    }
+    return undefined;
   }
 
   getVm(caller: Caller, id: string): VmRecord {
@@ -234,9 +255,9 @@ export class Broker {
    */
   *#visibleAfter(caller: Caller, filter: VmFilter, afterSeq: number): Generator<VmRecord, void, undefined> {
     const matches = vmMatcher(filter);
-    const owner = this.#ownerScope(caller);
-    const take = owner === undefined ? matches : (vm: VmRecord) => vm.ownerUid === owner && matches(vm);
-    for (const vm of this.vms.inOrderAfter(afterSeq, { ownerUid: owner, labels: filter.labels })) if (take(vm)) yield vm;
+    const owners = this.#ownerScope(caller);
+    const take = owners === undefined ? matches : (vm: VmRecord) => owners.includes(ownerKey(vm.principal, vm.ownerUid)) && matches(vm);
+    for (const vm of this.vms.inOrderAfter(afterSeq, { owners, labels: filter.labels })) if (take(vm)) yield vm;
   }
 
   /** Every VM the caller sees that the filter takes, in creation order (WatchVms's snapshot). */

@@ -38,6 +38,9 @@ export const CALLS = [
 ] as const;
 export type CallName = (typeof CALLS)[number];
 
+/** The principal uid 0 always acts as; reserved in policy files. */
+export const ROOT_NAME = 'root';
+
 const MAX_ID = 0xfffffffe;
 const id = z.number().int().min(0).max(MAX_ID);
 /** A number, or an inclusive range "a-b" with a ≤ b. */
@@ -55,7 +58,11 @@ const name = z.string().min(1).max(64);
 
 const principalSchema = z
   .object({
-    name: z.string().regex(/^[A-Za-z0-9._-]{1,64}$/, 'a name is 1-64 characters of [A-Za-z0-9._-]'),
+    name: z
+      .string()
+      .regex(/^[A-Za-z0-9._-]{1,64}$/, 'a name is 1-64 characters of [A-Za-z0-9._-]')
+      // VMs belong to principals by name: a principal called root would own uid 0's VMs.
+      .refine((n) => n.toLowerCase() !== ROOT_NAME, `"${ROOT_NAME}" is the built-in principal of uid 0 and cannot be given to another (in any case)`),
     match: z
       .object({
         uids: z.array(id).max(1024).default([]),
@@ -125,7 +132,7 @@ function inRanges(list: 'all' | 'any' | (number | string)[], n: number): boolean
 }
 
 const ROOT: Principal = {
-  name: 'root',
+  name: ROOT_NAME,
   admin: true,
   limits: { vms: Number.MAX_SAFE_INTEGER, groups: Number.MAX_SAFE_INTEGER, pendingTokens: Number.MAX_SAFE_INTEGER },
   mayCall: () => true,

@@ -34,6 +34,7 @@ export function vmJson(v: Vm): Vm {
     revision: v.revision,
     vmm_pid: v.vmm_pid,
     passive_vmm: v.passive_vmm,
+    principal: v.principal,
   };
 }
 

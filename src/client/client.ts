@@ -24,9 +24,9 @@ import type { WatchVmsRequest } from '../generated/kvmvfio/v1/WatchVmsRequest';
 
 export const DEFAULT_SOCKET = '/run/kvmvfiod/api.sock';
 
-/** "<id> (owner uid 1000)": one candidate of an ambiguous name. */
+/** "<id> (principal tenant-a, owner uid 1000)": one candidate of an ambiguous name. */
 function describeOwner(vm: Vm__Output): string {
-  return `${vm.id} (owner uid ${vm.owner_uid})`;
+  return `${vm.id} (${vm.principal ? `principal ${vm.principal}, ` : ''}owner uid ${vm.owner_uid})`;
 }
 
 export interface ClientOptions {

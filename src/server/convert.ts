@@ -32,6 +32,7 @@ export function vmMessage(vm: Readonly<VmRecord>): Vm {
     revision: String(vm.revision),
     vmm_pid: vm.vmmPid,
     passive_vmm: vm.passive,
+    principal: vm.principal,
   };
 }
 

@@ -38,7 +38,7 @@ function ok(r: Run, what: string): string {
 }
 
 /** The fields of each message in kvmvfio.proto, in proto order: --json prints exactly these. */
-const VM_FIELDS = ['id', 'name', 'labels', 'state', 'owner_uid', 'vmm_uid', 'vfio_device', 'groups', 'memlock_bytes', 'request_id', 'create_time', 'update_time', 'failure_reason', 'revision', 'vmm_pid', 'passive_vmm'];
+const VM_FIELDS = ['id', 'name', 'labels', 'state', 'owner_uid', 'vmm_uid', 'vfio_device', 'groups', 'memlock_bytes', 'request_id', 'create_time', 'update_time', 'failure_reason', 'revision', 'vmm_pid', 'passive_vmm', 'principal'];
 const HOST_FIELDS = ['kernel_release', 'kvm_api_version', 'support', 'daemon_version', 'fd_limit_soft', 'fd_limit_hard', 'fds_open', 'vm_count', 'claimed_group_count', 'iommu_group_count', 'start_time'];
 const SUPPORT_FIELDS = ['kvm_vfio_device', 'vfio_file_add', 'vfio_file_del', 'vfio_container', 'iommu_groups', 'probe_errors'];
 const GROUP_FIELDS = ['number', 'devices', 'viable', 'not_viable_reasons', 'vm_id', 'vm_name', 'open_in_daemon'];

@@ -228,8 +228,8 @@ describe('policy: names, owners, memlock, watches', () => {
     const del = await ctl('vm', 'delete', 'shared');
     assert.equal(del.code, 1);
     assert.match(del.stderr, /^kvmvfioctl: FAILED_PRECONDITION: 2 VMs you can see are named shared: /);
-    assert.ok(del.stderr.includes(`${a.id} (owner uid ${A}`), del.stderr);
-    assert.ok(del.stderr.includes(`${b.id} (owner uid ${B}`), del.stderr);
+    assert.ok(del.stderr.includes(`${a.id} (principal tenant-a, owner uid ${A})`), del.stderr);
+    assert.ok(del.stderr.includes(`${b.id} (principal tenant-b, owner uid ${B})`), del.stderr);
     assert.match(del.stderr, /give the id of the one you mean/);
     assert.equal(await exists(a.id), true);
     assert.equal(await exists(b.id), true);
@@ -237,6 +237,32 @@ describe('policy: names, owners, memlock, watches', () => {
     const own = await ctl('--json', 'vm', 'get', b.id);
     assert.equal(JSON.parse(own.stdout).owner_uid, B);
     for (const vm of [a, b]) assert.equal((await ctl('vm', 'delete', vm.id)).code, 0);
+  });
+
+  test('a VM belongs to its principal: its other uid sees, changes and deletes it; another principal does not; the API and CLI name the principal', async () => {
+    const vm = await created(A, { name: 'team', vmm_uid: 65534 });
+    const got = await callAs(A2, 'getVm', vm.id);
+    assert.ok(got.ok, JSON.stringify(got));
+    assert.equal(got.res.principal, 'tenant-a');
+    assert.equal(got.res.owner_uid, A);
+    const listed = await callAs(A2, 'listVms', {});
+    assert.ok(listed.ok);
+    assert.deepEqual((listed.res.vms as { id: string }[]).map((v) => v.id), [vm.id]);
+    // Names are the principal's: the other uid cannot take it again.
+    await refused(callAs(A2, 'createVm', { name: 'team', vmm_uid: 65534 }), status.ALREADY_EXISTS, /vm team already exists/);
+    await refused(callAs(B, 'getVm', vm.id), status.NOT_FOUND, /not found/);
+    await refused(callAs(B, 'deleteVm', { vm_id: vm.id }), status.NOT_FOUND, /not found/);
+    const shown = await ctl('vm', 'get', vm.id);
+    assert.match(shown.stdout, /^principal: +tenant-a$/m);
+    assert.match(shown.stdout, new RegExp(`^owner uid: +${A}$`, 'm'));
+    const rootVm = await d.client().createVm({ name: 'by-root', vmm_uid: 0 });
+    assert.equal(rootVm.vm?.principal, 'root');
+    await refused(callAs(ADMIN, 'getVm', 'x'), status.INVALID_ARGUMENT, /^vm_id: /);
+    assert.ok((await callAs(ADMIN, 'getVm', rootVm.vm!.id)).ok, 'an admin sees every VM');
+    const del = await callAs(A2, 'deleteVm', { vm_id: vm.id });
+    assert.ok(del.ok, JSON.stringify(del));
+    assert.equal(await exists(vm.id), false);
+    await d.client().deleteVm({ vm_id: rootVm.vm!.id });
   });
 });
 

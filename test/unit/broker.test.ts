@@ -310,6 +310,92 @@ describe('Broker: visibility', () => {
   });
 });
 
+describe('Broker: ownership per principal', () => {
+  const principal = (name: string, admin = false): NonNullable<Caller['principal']> => ({
+    name,
+    admin,
+    limits: { vms: 100, groups: 64, pendingTokens: 100 },
+    mayCall: () => true,
+    mayUseGroup: () => true,
+    mayNameVmmUid: () => true,
+  });
+  const tenantA = principal('tenant-a');
+  const A1: Caller = { uid: 1000, gid: 1000, pid: 21, principal: tenantA };
+  const A2: Caller = { uid: 1001, gid: 1001, pid: 22, principal: tenantA };
+  const B1: Caller = { uid: 2000, gid: 2000, pid: 23, principal: principal('tenant-b') };
+  const OPS: Caller = { uid: 3000, gid: 3000, pid: 24, principal: principal('ops', true) };
+  const ALL = { labels: {}, states: [] };
+
+  test('every uid of a principal sees and changes its VMs; another principal sees nothing; admins and uid 0 see all', async () => {
+    await withBroker(async ({ broker, pool }) => {
+      const vm = (await broker.createVm(A1, spec({ name: 'web', groups: [1] }))).vm;
+      assert.equal(vm.principal, 'tenant-a');
+      assert.equal(vm.ownerUid, 1000);
+      assert.equal(broker.getVm(A2, vm.id), vm);
+      assert.deepEqual(broker.listVms(A2, ALL).map((v) => v.id), [vm.id]);
+      await broker.addGroup(A2, vm.id, 2);
+      assert.equal(pool.ownerOf(2)?.vmId, vm.id);
+      await rejectsWith(() => broker.getVm(B1, vm.id), NotFoundError);
+      await rejectsWith(broker.addGroup(B1, vm.id, 3), NotFoundError);
+      assert.deepEqual(broker.listVms(B1, ALL), []);
+      assert.deepEqual(broker.listVms(OPS, ALL).map((v) => v.id), [vm.id]);
+      assert.deepEqual(broker.listVms(ROOT, ALL).map((v) => v.id), [vm.id]);
+      // A change by one uid reaches a watcher of the other.
+      const seen: string[] = [];
+      const stop = broker.watch(A1, (ch) => seen.push(`${ch.type} ${ch.vm.name}`));
+      const hidden = broker.watch(B1, (ch) => seen.push(`b saw ${ch.vm.name}`));
+      await broker.deleteVm(A2, vm.id);
+      stop();
+      hidden();
+      assert.deepEqual(seen, ['DELETED web']);
+      assert.equal(pool.ownerOf(1), undefined);
+    });
+  });
+
+  test('names and request_id retries are per principal, whichever of its uids calls', async () => {
+    await withBroker(async ({ broker }) => {
+      const first = await broker.createVm(A1, spec({ name: 'web', requestId: 'r-1' }));
+      const retry = await broker.createVm(A2, spec({ name: 'web', requestId: 'r-1' }));
+      assert.equal(retry.created, false);
+      assert.equal(retry.vm.id, first.vm.id);
+      await rejectsWith(broker.createVm(A2, spec({ name: 'web' })), AlreadyExistsError);
+      await rejectsWith(broker.createVm(A2, spec({ name: 'other', requestId: 'r-1' })), FailedPreconditionError);
+      // Another principal has its own names and request ids, even on the same uid.
+      const b = await broker.createVm({ ...B1, uid: 1000 }, spec({ name: 'web', requestId: 'r-1' }));
+      assert.equal(b.created, true);
+      assert.equal(broker.vms.size, 2);
+    });
+  });
+
+  test('concurrent creates of one name from two uids of a principal: exactly one wins', async () => {
+    await withBroker(async ({ broker }) => {
+      const results = await Promise.allSettled([broker.createVm(A1, spec({ name: 'web', groups: [1] })), broker.createVm(A2, spec({ name: 'web', groups: [2] }))]);
+      assert.equal(results.filter((r) => r.status === 'fulfilled').length, 1);
+      assert.equal(broker.vms.size, 1);
+    });
+  });
+
+  test('a record without a principal (from an older state file) stays with the uid that made it', async () => {
+    await withBroker(async ({ broker }) => {
+      const legacy = broker.vms.insert(broker.vms.newId(), {
+        name: 'old', labels: {}, ownerUid: 1000, vmmUid: 64000, vfioDevice: true, groups: [], memlockBytes: 0, requestId: 'r-old', requestFingerprint: '', principal: '',
+      });
+      const mine = (await broker.createVm(A1, spec({ name: 'new' }))).vm;
+      assert.equal(broker.getVm(A1, legacy.id), legacy);
+      assert.deepEqual(broker.listVms(A1, ALL).map((v) => v.name), ['old', 'new']);
+      assert.deepEqual(broker.listVmsPage(A1, ALL, { afterSeq: 0, size: 1 }).vms.map((v) => v.name), ['old']);
+      assert.deepEqual(broker.listVmsPage(A1, ALL, { afterSeq: legacy.seq, size: 1 }).vms.map((v) => v.name), ['new']);
+      // The principal's other uid did not make it: not its.
+      await rejectsWith(() => broker.getVm(A2, legacy.id), NotFoundError);
+      assert.deepEqual(broker.listVms(A2, ALL).map((v) => v.id), [mine.id]);
+      // Its name and request_id still count for the uid that made it.
+      await rejectsWith(broker.createVm(A1, spec({ name: 'old' })), AlreadyExistsError);
+      await rejectsWith(broker.createVm(A1, spec({ name: 'x', requestId: 'r-old' })), FailedPreconditionError);
+      await broker.deleteVm(A1, legacy.id);
+    });
+  });
+});
+
 describe('Broker: ListVms pages', () => {
   const ALL = { labels: {}, states: [] };
   /** Follows the pages from the start; returns the names and the page sizes seen. */
@@ -483,19 +569,41 @@ describe('VmRegistry: creation order', () => {
     add('e', 2, {});
     const walk = (hint: Parameters<VmRegistry['inOrderAfter']>[1], after = 0) => [...r.inOrderAfter(after, hint)].map((v) => v.name);
     assert.deepEqual(walk({}), ['a', 'b', 'c', 'd', 'e']);
-    assert.deepEqual(walk({ ownerUid: 1 }), ['a', 'c', 'd']);
-    assert.deepEqual(walk({ ownerUid: 9 }), []);
+    assert.deepEqual(walk({ owners: ['uid:1'] }), ['a', 'c', 'd']);
+    assert.deepEqual(walk({ owners: ['uid:9'] }), []);
     assert.deepEqual(walk({ labels: { env: 'prod' } }), ['b', 'd']);
     assert.deepEqual(walk({ labels: { app: 'web', env: 'prod' } }), ['b', 'd']);
     assert.deepEqual(walk({ labels: { app: 'web', env: 'nope' } }), []);
-    assert.deepEqual(walk({ ownerUid: 2, labels: { app: 'web' } }), ['b', 'e'], 'the owner\'s list is the shorter');
+    assert.deepEqual(walk({ owners: ['uid:2'], labels: { app: 'web' } }), ['b', 'e'], 'the owner\'s list is the shorter');
     assert.deepEqual(walk({ labels: { env: 'prod' } }, b.seq), ['d']);
     r.remove(b);
     assert.deepEqual(walk({ labels: { env: 'prod' } }), ['d']);
-    assert.deepEqual(walk({ ownerUid: 2 }), ['e']);
+    assert.deepEqual(walk({ owners: ['uid:2'] }), ['e']);
     r.remove(r.get([...r.inOrderAfter(0, { labels: { env: 'prod' } })][0].id)!);
     assert.deepEqual(walk({ labels: { env: 'prod' } }), []);
     assert.deepEqual(walk({}), ['a', 'c', 'e']);
+  });
+
+  test("a walk over several owners' lists (a principal's and its uid's older records) merges them in seq order", () => {
+    const r = new VmRegistry();
+    const add = (name: string, principal: string, ownerUid: number, labels: Record<string, string> = {}) => r.insert(r.newId(), { ...newVm(name), principal, ownerUid, labels });
+    add('p1', 'tenant-a', 1000);
+    add('u1', '', 1000);
+    add('o1', 'tenant-b', 1000);
+    const p2 = add('p2', 'tenant-a', 1001);
+    add('u2', '', 1000, { app: 'web' });
+    add('p3', 'tenant-a', 1000, { app: 'web' });
+    add('x', '', 1001);
+    const walk = (hint: Parameters<VmRegistry['inOrderAfter']>[1], after = 0) => [...r.inOrderAfter(after, hint)].map((v) => v.name);
+    assert.deepEqual(walk({ owners: ['tenant-a', 'uid:1000'] }), ['p1', 'u1', 'p2', 'u2', 'p3']);
+    assert.deepEqual(walk({ owners: ['tenant-a', 'uid:1000'] }, p2.seq), ['u2', 'p3']);
+    assert.deepEqual(walk({ owners: ['uid:1000', 'tenant-a'] }, p2.seq - 1), ['p2', 'u2', 'p3']);
+    assert.deepEqual(walk({ owners: ['tenant-a', 'uid:1000'], labels: { app: 'web' } }), ['u2', 'p3'], "the label's list is the shorter");
+    assert.deepEqual(walk({ owners: ['nobody', 'uid:7'] }), []);
+    // Names are unique per owner key: the same name under a principal and under a bare uid are two owners.
+    assert.equal(r.findByName('tenant-a', 'p2')?.ownerUid, 1001);
+    assert.equal(r.findByName('uid:1001', 'p2'), undefined);
+    assert.equal(r.findByName('uid:1000', 'u1')?.name, 'u1');
   });
 
   test('records of a state file without seq get one in creation-time order', () => {

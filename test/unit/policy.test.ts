@@ -74,3 +74,21 @@ test('problems are reported with where and what, all at once; unknown names are 
     e.done();
   }
 });
+
+test('"root" (in any case) is the built-in principal of uid 0: a policy cannot give the name to another', () => {
+  const e = etc();
+  try {
+    for (const name of ['root', 'Root', 'ROOT']) {
+      assert.throws(
+        () => Policy.fromDocument({ principals: [{ name, match: { uids: [1000] }, calls: ['*'] }] }, 'p.json', readAccounts(e.dir)),
+        (err: unknown) => err instanceof PolicyError && err.problems.some((x) => /^principals\[0\]\.name: "root" is the built-in principal of uid 0/.test(x)),
+        name,
+      );
+    }
+    const p = Policy.fromDocument({ principals: [{ name: 'root-ish', match: { uids: [1000] }, calls: ['*'] }] }, 'p.json', readAccounts(e.dir));
+    assert.equal(p.principalOf({ uid: 1000, gid: 1000 })?.name, 'root-ish');
+    assert.equal(p.principalOf({ uid: 0, gid: 0 })?.name, 'root');
+  } finally {
+    e.done();
+  }
+});

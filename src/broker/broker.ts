@@ -5,7 +5,7 @@
  */
 import { SysError } from '../kernel';
 import { AlreadyExistsError, DeadlineExceededError, FailedPreconditionError, NotFoundError, PermissionDeniedError, ResourceExhaustedError, UnavailableError } from './errors';
-import type { Principal } from './policy';
+import { type Principal, ROOT_NAME, UNLIMITED } from './policy';
 import { KeyedMutex } from './mutex';
 import type { GroupPool, GroupView } from './pool';
 import type { IssuedToken, TokenStore } from './tokens';
@@ -55,6 +55,13 @@ export interface BrokerOptions {
   log?: (event: Record<string, unknown>, msg: string) => void;
   /** Told when a VM's VMM is gone (its groups are back and its record told by then), for the state file. */
   onVmmGone?: (vmId: string) => void;
+  /**
+   * The current policy's principal of that name ("root": uid 0's), for what
+   * is checked again after the call that made a VM — a SIGHUP may have
+   * changed the policy since: the memlock limits at attach. Absent (unit
+   * tests): no such check.
+   */
+  principalNamed?: (name: string) => Principal | undefined;
 }
 
 /** Whether `p` settles within `ms`; the timer is cleared either way. */
@@ -181,6 +188,52 @@ export class Broker {
     }
   }
 
+  /**
+   * Memlock is host memory a VMM may pin for good: `bytes` for one VM must be
+   * within the principal's per-VM limit (PERMISSION_DENIED: no amount of
+   * waiting makes it allowed), and with the memlock of its other live VMs
+   * (PENDING or RUNNING; `except` is the VM itself) within its total
+   * (RESOURCE_EXHAUSTED: deleting VMs frees it).
+   */
+  #checkMemlock(p: Principal, bytes: number, except?: string): void {
+    if (bytes === 0) return;
+    const { memlockPerVmBytes: perVm, memlockBytes: total } = p.limits;
+    if (bytes > perVm) {
+      throw new PermissionDeniedError(`principal ${p.name} may not give a VM memlock_bytes ${bytes}; its per-VM limit (limits.memlockPerVmBytes) is ${perVm}`);
+    }
+    if (total >= UNLIMITED) return;
+    let live = 0;
+    for (const id of this.vms.idsOf(p.name)) {
+      const vm = id === except ? undefined : this.vms.get(id);
+      if (vm && (vm.state === 'PENDING' || vm.state === 'RUNNING')) live += vm.memlockBytes;
+    }
+    if (live + bytes > total) {
+      throw new ResourceExhaustedError(
+        `principal ${p.name}'s live VMs ask ${live} bytes of memlock; memlock_bytes ${bytes} more would pass its limit (limits.memlockBytes) of ${total}`,
+      );
+    }
+  }
+
+  /**
+   * At attach, just before RLIMIT_MEMLOCK is raised: the VM's memlock against
+   * the limits of its principal in the policy as it is now. A principal the
+   * policy no longer has, or a record without one (from an older state file,
+   * not uid 0's), is granted none.
+   */
+  #checkMemlockNow(vm: VmRecord): void {
+    const lookup = this.#opts.principalNamed;
+    if (vm.memlockBytes === 0 || !lookup) return;
+    const name = vm.principal || (vm.ownerUid === 0 ? ROOT_NAME : '');
+    if (!name) {
+      throw new PermissionDeniedError(
+        `vm ${vm.name} was recorded without a principal (by an older kvmvfiod), so memlock_bytes ${vm.memlockBytes} cannot be checked against the policy; create it again`,
+      );
+    }
+    const p = lookup(name);
+    if (!p) throw new PermissionDeniedError(`principal ${name} of vm ${vm.name} is no longer in the policy; memlock_bytes ${vm.memlockBytes} is not granted`);
+    this.#checkMemlock(p, vm.memlockBytes, vm.id);
+  }
+
   #checkPendingTokens(caller: Caller): void {
     const p = caller.principal;
     if (!p || p.limits.pendingTokens >= Number.MAX_SAFE_INTEGER) return;
@@ -208,6 +261,7 @@ export class Broker {
       const same = this.#firstOwned(owners, (o) => this.vms.findByName(o, spec.name));
       if (same) throw new AlreadyExistsError(`vm ${spec.name} already exists (${same.id})`);
       this.#checkPolicy(caller, spec.groups, spec.vmmUid, true);
+      if (caller.principal) this.#checkMemlock(caller.principal, spec.memlockBytes);
       this.#checkPendingTokens(caller);
       const max = this.#opts.maxVms ?? Number.MAX_SAFE_INTEGER;
       if (this.vms.size >= max) throw new ResourceExhaustedError(`kvmvfiod holds ${this.vms.size} VMs; its limit (--max-vms) is ${max}`);
@@ -391,6 +445,8 @@ export class Broker {
       void link.exited.then(() => this.vmmExited(vm.id));
       const sent: AttachGrant = { vmId: vm.id, vmName: vm.name, kvm: undefined as never, container: null, memlockBytes: vm.memlockBytes, groups: [] };
       try {
+        // The policy may have changed since CreateVm (SIGHUP): its limits now decide.
+        this.#checkMemlockNow(vm);
         if (vm.memlockBytes > 0) this.#opts.host.setMemlock(vmm.pid, vm.memlockBytes);
         sent.kvm = this.#opts.host.lendKvm();
         sent.container = await this.#opts.host.openContainer();

@@ -134,6 +134,8 @@ export class Daemon {
       },
       log: (event, msg) => log.info(event, msg),
       onVmmGone: (vmId) => this.#state?.sessionChanged(vmId),
+      // The policy in force now (a SIGHUP swaps it), not the one of the call that made the VM.
+      principalNamed: (name) => this.#authorizer?.policy.principalNamed(name),
     });
     const broker = this.#broker;
     const pool = this.#pool;

@@ -151,7 +151,7 @@ describe('policy: names, owners, memlock, watches', () => {
   const A2 = 1005;
   const holes = {
     principals: [
-      { name: 'tenant-a', match: { uids: [A, A2] }, calls: ['*'], iommuGroups: 'all', vmmUids: [65534] },
+      { name: 'tenant-a', match: { uids: [A, A2] }, calls: ['*'], iommuGroups: 'all', vmmUids: [65534], limits: { memlockPerVmBytes: '4M', memlockBytes: '6M' } as Record<string, unknown> },
       { name: 'tenant-b', match: { uids: [B] }, calls: ['*'], iommuGroups: 'all', vmmUids: [65533] },
       { name: 'ops', match: { uids: [ADMIN] }, admin: true, calls: ['*'], vmmUids: 'any' },
     ],
@@ -263,6 +263,50 @@ describe('policy: names, owners, memlock, watches', () => {
     assert.ok(del.ok, JSON.stringify(del));
     assert.equal(await exists(vm.id), false);
     await d.client().deleteVm({ vm_id: rootVm.vm!.id });
+  });
+
+  test('memlock: a tenant cannot ask the host\'s RAM; per-VM and per-principal limits at CreateVm, and again at attach under a reloaded policy', async () => {
+    const MiB = 1 << 20;
+    // tenant-b has no memlock limits in the policy: as a non-admin it may ask none.
+    await refused(callAs(B, 'createVm', { name: 'b-mem', vmm_uid: 65533, memlock_bytes: '4096' }), status.PERMISSION_DENIED, /^principal tenant-b may not give a VM memlock_bytes 4096; its per-VM limit \(limits.memlockPerVmBytes\) is 0$/);
+    await refused(callAs(A, 'createVm', { name: 'a-ram', vmm_uid: 65534, memlock_bytes: String(8 * MiB) }), status.PERMISSION_DENIED, /its per-VM limit \(limits.memlockPerVmBytes\) is 4194304/);
+    const m1 = await created(A, { name: 'm-1', vmm_uid: 65534, memlock_bytes: String(4 * MiB) });
+    // The total is the principal's, whichever of its uids asks.
+    await refused(
+      callAs(A2, 'createVm', { name: 'm-2', vmm_uid: 65534, memlock_bytes: String(4 * MiB) }),
+      status.RESOURCE_EXHAUSTED,
+      /^principal tenant-a's live VMs ask 4194304 bytes of memlock; memlock_bytes 4194304 more would pass its limit \(limits.memlockBytes\) of 6291456$/,
+    );
+    const m2r = await callAs(A2, 'createVm', { name: 'm-2', vmm_uid: 65534, memlock_bytes: String(2 * MiB) });
+    assert.ok(m2r.ok, JSON.stringify(m2r));
+    const token = (m2r.res.attach_token as { token: string }).token;
+    const m2 = m2r.res.vm as { id: string };
+    assert.deepEqual(
+      (await d.client().listAllVms()).filter((v) => v.name.startsWith('m-') || v.name.endsWith('-ram') || v.name === 'b-mem').map((v) => v.name).sort(),
+      ['m-1', 'm-2'],
+      'refused creates made nothing',
+    );
+
+    // SIGHUP lowers the per-VM limit under what m-2 asked: its VMM is refused at attach, the VM fails saying why.
+    const lowered = structuredClone(holes);
+    lowered.principals[0].limits = { memlockPerVmBytes: '1M', memlockBytes: '6M' };
+    await writeFile(join(dir, 'policy.json'), JSON.stringify(lowered));
+    const reloads = d.logs.filter((l) => l.event === 'policy-reloaded').length;
+    d.proc.kill('SIGHUP');
+    await until('reloaded', async () => d.logs.filter((l) => l.event === 'policy-reloaded').length > reloads);
+    const v = runVmm([process.execPath, REFERENCE_VMM, '--socket', join(d.runtimeDir, 'handoff.sock')], token);
+    const refusal = await v.waitFor('attach-refused');
+    assert.equal(refusal.errno, 13, 'EACCES');
+    assert.match(String(refusal.reason), /principal tenant-a may not give a VM memlock_bytes 2097152; its per-VM limit \(limits.memlockPerVmBytes\) is 1048576/);
+    const failed = await d.client().getVm(m2.id);
+    assert.equal(failed.state, 'VM_STATE_FAILED');
+    assert.match(failed.failure_reason, /limits.memlockPerVmBytes\) is 1048576/);
+    await v.exit;
+
+    await writeFile(join(dir, 'policy.json'), JSON.stringify(holes));
+    d.proc.kill('SIGHUP');
+    await until('reloaded back', async () => d.logs.filter((l) => l.event === 'policy-reloaded').length > reloads + 1);
+    for (const id of [m1.id, m2.id]) await d.client().deleteVm({ vm_id: id });
   });
 });
 

@@ -178,6 +178,7 @@ export class Daemon {
       host: this.host,
       authorizer: this.#authorizer,
       callTimeoutMs: config.callTimeoutMs,
+      maxWatchesPerUid: config.maxWatchesPerUid,
       peers: (p) => this.#listener?.peers.lookup(p),
       log,
     });

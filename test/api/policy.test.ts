@@ -5,7 +5,7 @@
  */
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import { mkdtemp, rm, writeFile, chmod } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -13,11 +13,12 @@ import { promisify } from 'node:util';
 import { status } from '@grpc/grpc-js';
 import { makeFakeHost, type FakeHost } from '../helpers/fakehost';
 import { CLI_JS, REPO, startDaemon, type RunningDaemon } from '../helpers/daemon';
-import { REFERENCE_VMM, runVmm } from '../helpers/vmmproc';
+import { REFERENCE_VMM, collectJsonLines, runVmm } from '../helpers/vmmproc';
 import { until } from '../helpers/assert';
 
 const run = promisify(execFile);
 const CALL_AS = join(REPO, 'dist', 'test', 'helpers', 'call-as.js');
+const WATCH_AS = join(REPO, 'dist', 'test', 'helpers', 'watch-as.js');
 const A = 1000;
 const B = 1001;
 const VIEWER = 1002;
@@ -191,7 +192,7 @@ describe('policy: names, owners, memlock, watches', () => {
     dir = await mkdtemp(join(tmpdir(), 'kvmvfiod-holes-'));
     await chmod(dir, 0o755);
     await writeFile(join(dir, 'policy.json'), JSON.stringify(holes));
-    d = await startDaemon({ dir, sysfs: host.sysfs, dev: host.dev });
+    d = await startDaemon({ dir, sysfs: host.sysfs, dev: host.dev, args: ['--max-watches-per-uid', '3'] });
   });
 
   after(async () => {
@@ -307,6 +308,87 @@ describe('policy: names, owners, memlock, watches', () => {
     d.proc.kill('SIGHUP');
     await until('reloaded back', async () => d.logs.filter((l) => l.event === 'policy-reloaded').length > reloads + 1);
     for (const id of [m1.id, m2.id]) await d.client().deleteVm({ vm_id: id });
+  });
+
+  /** Opens `count` WatchVms streams as `uid`, one after another (see watch-as.ts), and holds them. */
+  const watchAs = (uid: number, count: number, mode: 'read' | 'stall') =>
+    collectJsonLines(
+      spawn('setpriv', [`--reuid=${uid}`, `--regid=${uid}`, '--clear-groups', process.execPath, WATCH_AS, d.apiSocket, String(count), mode], { stdio: ['ignore', 'pipe', 'pipe'] }),
+    );
+  const outcomes = async (w: ReturnType<typeof watchAs>) => {
+    await w.waitFor((e) => e.done === true, 20_000);
+    return w.events.filter((e) => typeof e.stream === 'number');
+  };
+
+  test('WatchVms: at most --max-watches-per-uid streams per uid (uid 0 unlimited); one more is RESOURCE_EXHAUSTED naming the limit; a closed stream frees its place', async () => {
+    const w = watchAs(A, 4, 'read');
+    const got = await outcomes(w);
+    assert.deepEqual(got.slice(0, 3).map((e) => e.synced), [true, true, true], JSON.stringify(got));
+    assert.equal(got[3].code, status.RESOURCE_EXHAUSTED, JSON.stringify(got[3]));
+    assert.equal(got[3].details, `uid ${A} has 3 WatchVms streams open; the limit per uid (--max-watches-per-uid) is 3 (a stream counts until its client has read it to its end or cancelled it)`);
+    // The count is per uid: the principal's other uid has its own.
+    const other = watchAs(A2, 1, 'read');
+    assert.equal((await outcomes(other))[0].synced, true);
+    // uid 0 is not limited.
+    const stop = new AbortController();
+    const rootStreams = Array.from({ length: 5 }, async () => {
+      for await (const ev of d.client().watchVms({}, stop.signal)) if (ev.type === 'TYPE_SYNCED') return true;
+      return false;
+    });
+    try {
+      assert.deepEqual(await Promise.all(rootStreams), [true, true, true, true, true]);
+    } finally {
+      stop.abort();
+    }
+    // Its streams closed (the client is gone), uid A may watch again.
+    w.kill();
+    other.kill();
+    await w.exit;
+    await until('the closed streams to free their places', async () => {
+      const again = watchAs(A, 3, 'read');
+      try {
+        return (await outcomes(again)).every((e) => e.synced === true);
+      } finally {
+        again.kill();
+        await again.exit;
+      }
+    });
+  });
+
+  test("WatchVms: the opening snapshot counts against the caller's allowance of unsent events, across its streams", async () => {
+    const c = d.client();
+    // Enough VMs that the allowance (the larger of 4,096 and twice the VMs) is twice the VMs, and
+    // events large enough (about 8 KB of labels) that little fits in the flow-control windows.
+    const labels = Object.fromEntries(Array.from({ length: 32 }, (_, i) => [`k${i}`, 'v'.repeat(250)]));
+    let next = 0;
+    const total = 2100;
+    await Promise.all(
+      Array.from({ length: 8 }, async () => {
+        while (next < total) await c.createVm({ name: `bulk-${next++}`, vmm_uid: 1, labels });
+      }),
+    );
+    const vms = (await c.getHostInfo()).vm_count;
+    const allowance = Math.max(4096, 2 * vms);
+    // An admin (not uid 0) sees every VM: each snapshot is vms + 1 events. It reads one event of each
+    // stream and no more. Two fit; the third does not, and is refused before anything is sent.
+    const w = watchAs(ADMIN, 3, 'stall');
+    try {
+      const got = await outcomes(w);
+      assert.deepEqual(got.slice(0, 2).map((e) => e.first), ['TYPE_EXISTING', 'TYPE_EXISTING'], JSON.stringify(got));
+      assert.equal(got[2].code, status.RESOURCE_EXHAUSTED, JSON.stringify(got[2]));
+      const m = /^the WatchVms streams of uid 1004 hold (\d+) events not yet taken by their clients; an opening snapshot of (\d+) more would pass the allowance of (\d+) unsent events per caller \(the larger of 4096 and twice the VMs\); read or close the other streams$/.exec(String(got[2].details));
+      assert.ok(m, String(got[2].details));
+      assert.equal(Number(m[2]), vms + 1);
+      assert.equal(Number(m[3]), allowance);
+      assert.ok(Number(m[1]) + vms + 1 > allowance);
+      // Another caller is not held to this one's allowance.
+      const other = watchAs(A, 1, 'read');
+      assert.equal((await outcomes(other))[0].synced, true);
+      other.kill();
+    } finally {
+      w.kill();
+      await w.exit;
+    }
   });
 });
 

@@ -136,7 +136,6 @@ export interface Limits {
   memlockBytes: number;
 }
 
-
 export interface Principal {
   name: string;
   admin: boolean;

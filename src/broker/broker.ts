@@ -4,12 +4,12 @@
  * server turns requests into these calls and errors into statuses.
  */
 import { AlreadyExistsError, DeadlineExceededError, FailedPreconditionError, NotFoundError, PermissionDeniedError, ResourceExhaustedError, UnavailableError } from './errors';
-import type { Principal } from './policy';
+import { type Principal, ROOT_NAME, UNLIMITED } from './policy';
 import { KeyedMutex } from './mutex';
 import type { GroupHold, GroupPool, GroupView } from './pool';
 import type { IssuedToken, TokenStore } from './tokens';
 import type { AttachGrant, VmmHost, VmmLink } from './vmm';
-import { type NewVm, type VmChange, type VmRecord, type VmRegistry, type VmState } from './vms';
+import { type NewVm, type VmChange, type VmRecord, type VmRegistry, type VmState, ownerKey } from './vms';
 
 export interface Caller {
   uid: number;
@@ -54,6 +54,13 @@ export interface BrokerOptions {
   log?: (event: Record<string, unknown>, msg: string) => void;
   /** Told when a VM's VMM is gone (its groups are back and its record told by then), for the state file. */
   onVmmGone?: (vmId: string) => void;
+  /**
+   * The current policy's principal of that name ("root": uid 0's), for what
+   * is checked again after the call that made a VM — a SIGHUP may have
+   * changed the policy since: the memlock limits at attach. Absent (unit
+   * tests): no such check.
+   */
+  principalNamed?: (name: string) => Principal | undefined;
 }
 
 /** Whether `p` settles within `ms`; the timer is cleared either way. */
@@ -143,14 +150,26 @@ export class Broker {
     return this.#links.size;
   }
 
-  /** uid 0 and policy admins see every VM (undefined); anyone else sees the VMs they created (their uid). */
-  #ownerScope(caller: Caller): number | undefined {
-    return caller.uid === 0 || caller.principal?.admin === true ? undefined : caller.uid;
+  /**
+   * The owner keys (see ownerKey) of the records the caller owns: its
+   * principal's, then its uid's — records without a principal, from before
+   * principals were recorded, stay with the uid that made them. The first
+   * is the key of what it creates.
+   */
+  #ownKeys(caller: Caller): string[] {
+    const byUid = ownerKey('', caller.uid);
+    return caller.principal ? [ownerKey(caller.principal.name, caller.uid), byUid] : [byUid];
   }
 
+  /** uid 0 and policy admins see every VM (undefined); anyone else the VMs it owns (#ownKeys). */
+  #ownerScope(caller: Caller): string[] | undefined {
+    return caller.uid === 0 || caller.principal?.admin === true ? undefined : this.#ownKeys(caller);
+  }
+
+  /** A VM belongs to its principal: every uid of that principal sees and changes it. */
   canSee(caller: Caller, vm: Readonly<VmRecord>): boolean {
-    const owner = this.#ownerScope(caller);
-    return owner === undefined || vm.ownerUid === owner;
+    const owners = this.#ownerScope(caller);
+    return owners === undefined || owners.includes(ownerKey(vm.principal, vm.ownerUid));
   }
 
   /** The policy's word on groups and the VMM's uid, and the principal's quotas. */
@@ -172,6 +191,52 @@ export class Broker {
     }
   }
 
+  /**
+   * Memlock is host memory a VMM may pin for good: `bytes` for one VM must be
+   * within the principal's per-VM limit (PERMISSION_DENIED: no amount of
+   * waiting makes it allowed), and with the memlock of its other live VMs
+   * (PENDING or RUNNING; `except` is the VM itself) within its total
+   * (RESOURCE_EXHAUSTED: deleting VMs frees it).
+   */
+  #checkMemlock(p: Principal, bytes: number, except?: string): void {
+    if (bytes === 0) return;
+    const { memlockPerVmBytes: perVm, memlockBytes: total } = p.limits;
+    if (bytes > perVm) {
+      throw new PermissionDeniedError(`principal ${p.name} may not give a VM memlock_bytes ${bytes}; its per-VM limit (limits.memlockPerVmBytes) is ${perVm}`);
+    }
+    if (total >= UNLIMITED) return;
+    let live = 0;
+    for (const id of this.vms.idsOf(p.name)) {
+      const vm = id === except ? undefined : this.vms.get(id);
+      if (vm && (vm.state === 'PENDING' || vm.state === 'RUNNING')) live += vm.memlockBytes;
+    }
+    if (live + bytes > total) {
+      throw new ResourceExhaustedError(
+        `principal ${p.name}'s live VMs ask ${live} bytes of memlock; memlock_bytes ${bytes} more would pass its limit (limits.memlockBytes) of ${total}`,
+      );
+    }
+  }
+
+  /**
+   * At attach, just before RLIMIT_MEMLOCK is raised: the VM's memlock against
+   * the limits of its principal in the policy as it is now. A principal the
+   * policy no longer has, or a record without one (from an older state file,
+   * not uid 0's), is granted none.
+   */
+  #checkMemlockNow(vm: VmRecord): void {
+    const lookup = this.#opts.principalNamed;
+    if (vm.memlockBytes === 0 || !lookup) return;
+    const name = vm.principal || (vm.ownerUid === 0 ? ROOT_NAME : '');
+    if (!name) {
+      throw new PermissionDeniedError(
+        `vm ${vm.name} was recorded without a principal (by an older kvmvfiod), so memlock_bytes ${vm.memlockBytes} cannot be checked against the policy; create it again`,
+      );
+    }
+    const p = lookup(name);
+    if (!p) throw new PermissionDeniedError(`principal ${name} of vm ${vm.name} is no longer in the policy; memlock_bytes ${vm.memlockBytes} is not granted`);
+    this.#checkMemlock(p, vm.memlockBytes, vm.id);
+  }
+
   #checkPendingTokens(caller: Caller): void {
     const p = caller.principal;
     if (!p || p.limits.pendingTokens >= Number.MAX_SAFE_INTEGER) return;
@@ -184,10 +249,11 @@ export class Broker {
   async createVm(caller: Caller, spec: CreateVmSpec): Promise<CreateVmResult> {
     this.#assertOpen();
     const fingerprint = JSON.stringify([spec.name, Object.entries(spec.labels).sort(), spec.vmmUid, spec.vfioDevice, [...spec.groups].sort((a, b) => a - b), spec.memlockBytes]);
-    // One create at a time per owner: name uniqueness and request_id retries
-    // are decided without another create of the same owner in between.
-    return this.#locks.run(`owner:${caller.uid}`, async () => {
-      const earlier = this.vms.findByRequestId(caller.uid, spec.requestId);
+    // One create at a time per owner (a principal, whichever of its uids calls): name uniqueness
+    // and request_id retries are decided without another create of the same owner in between.
+    const owners = this.#ownKeys(caller);
+    return this.#locks.run(`owner:${owners[0]}`, async () => {
+      const earlier = this.#firstOwned(owners, (o) => this.vms.findByRequestId(o, spec.requestId));
       if (earlier) {
         if (earlier.requestFingerprint !== fingerprint) {
           throw new FailedPreconditionError(`request_id ${spec.requestId} was used for a different CreateVm (vm ${earlier.name}, ${earlier.id})`);
@@ -195,9 +261,10 @@ export class Broker {
         const token = earlier.state === 'PENDING' && !this.#links.has(earlier.id) ? this.tokens.issue(earlier.id, earlier.vmmUid) : undefined;
         return { vm: earlier, created: false, token };
       }
-      const same = this.vms.findByName(caller.uid, spec.name);
+      const same = this.#firstOwned(owners, (o) => this.vms.findByName(o, spec.name));
       if (same) throw new AlreadyExistsError(`vm ${spec.name} already exists (${same.id})`);
       this.#checkPolicy(caller, spec.groups, spec.vmmUid, true);
+      if (caller.principal) this.#checkMemlock(caller.principal, spec.memlockBytes);
       this.#checkPendingTokens(caller);
       const max = this.#opts.maxVms ?? Number.MAX_SAFE_INTEGER;
       if (this.vms.size >= max) throw new ResourceExhaustedError(`kvmvfiod holds ${this.vms.size} VMs; its limit (--max-vms) is ${max}`);
@@ -208,6 +275,14 @@ export class Broker {
       const vm = this.vms.insert(id, record);
       return { vm, created: true, token: this.tokens.issue(vm.id, vm.vmmUid) };
     });
+  }
+
+  #firstOwned(owners: readonly string[], find: (owner: string) => VmRecord | undefined): VmRecord | undefined {
+    for (const o of owners) {
+      const vm = find(o);
+      if (vm) return vm;
+    }
+    return undefined;
   }
 
   getVm(caller: Caller, id: string): VmRecord {
@@ -237,9 +312,9 @@ export class Broker {
    */
   *#visibleAfter(caller: Caller, filter: VmFilter, afterSeq: number): Generator<VmRecord, void, undefined> {
     const matches = vmMatcher(filter);
-    const owner = this.#ownerScope(caller);
-    const take = owner === undefined ? matches : (vm: VmRecord) => vm.ownerUid === owner && matches(vm);
-    for (const vm of this.vms.inOrderAfter(afterSeq, { ownerUid: owner, labels: filter.labels })) if (take(vm)) yield vm;
+    const owners = this.#ownerScope(caller);
+    const take = owners === undefined ? matches : (vm: VmRecord) => owners.includes(ownerKey(vm.principal, vm.ownerUid)) && matches(vm);
+    for (const vm of this.vms.inOrderAfter(afterSeq, { owners, labels: filter.labels })) if (take(vm)) yield vm;
   }
 
   /** Every VM the caller sees that the filter takes, in creation order (WatchVms's snapshot). */
@@ -397,6 +472,8 @@ export class Broker {
       void link.exited.then(() => this.vmmExited(vm.id));
       const sent: AttachGrant = { vmId: vm.id, vmName: vm.name, kvm: undefined as never, container: null, memlockBytes: vm.memlockBytes, groups: [] };
       try {
+        // The policy may have changed since CreateVm (SIGHUP): its limits now decide.
+        this.#checkMemlockNow(vm);
         if (vm.memlockBytes > 0) {
           // prlimit takes a pid: act on it only while the pidfd says that process lives (then the pid is still its own).
           link.assertAlive('raising its RLIMIT_MEMLOCK');

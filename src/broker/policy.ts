@@ -13,9 +13,14 @@
  *     "calls": ["*"],                      // or ["GetHostInfo", "CreateVm", ...]
  *     "iommuGroups": [12, "20-31"],        // or "all"
  *     "vmmUids": ["64000-64999"],          // or "any"
- *     "limits": { "vms": 50, "groups": 16, "pendingTokens": 20 }
+ *     "limits": { "vms": 50, "groups": 16, "pendingTokens": 20,
+ *                 "memlockPerVmBytes": "64G", "memlockBytes": "256G" }   // bytes, K/M/G/T, or "unlimited"
  *   }]
  * }
+ *
+ * Memlock limits default to 0 (no RLIMIT_MEMLOCK may be asked) for a
+ * principal that is not an admin, and to unlimited for an admin; uid 0 is
+ * always unlimited.
  */
 import { readFile } from 'node:fs/promises';
 import { z } from 'zod';
@@ -38,6 +43,9 @@ export const CALLS = [
 ] as const;
 export type CallName = (typeof CALLS)[number];
 
+/** The principal uid 0 always acts as; reserved in policy files. */
+export const ROOT_NAME = 'root';
+
 const MAX_ID = 0xfffffffe;
 const id = z.number().int().min(0).max(MAX_ID);
 /** A number, or an inclusive range "a-b" with a ≤ b. */
@@ -53,9 +61,34 @@ const idOrRange = z.union([
 ]);
 const name = z.string().min(1).max(64);
 
+/** The largest limit a policy may write; any limit at or above it is no limit (`"unlimited"`). */
+export const UNLIMITED = Number.MAX_SAFE_INTEGER;
+const SIZE_UNITS: Record<string, number> = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 };
+/** Bytes: a number, a string of digits with K, M, G or T (powers of 1024, as kvmvfioctl --memlock), or "unlimited". */
+const byteLimit = z.unknown().transform((v, ctx): number => {
+  const refuse = (message: string) => {
+    ctx.addIssue({ code: z.ZodIssueCode.custom, message });
+    return z.NEVER;
+  };
+  if (typeof v === 'number') {
+    if (!Number.isSafeInteger(v) || v < 0) return refuse(`${v} is not a whole number of bytes from 0 to ${UNLIMITED}; write "unlimited" for no limit`);
+    return v;
+  }
+  if (v === 'unlimited') return UNLIMITED;
+  const m = typeof v === 'string' ? /^([0-9]{1,16})(?:([KMGTkmgt])(?:iB)?)?$/.exec(v) : null;
+  if (!m) return refuse(`${JSON.stringify(v)} is not a size: bytes, or a number with K, M, G or T (e.g. "64G"), or "unlimited"`);
+  const bytes = Number(m[1]) * SIZE_UNITS[(m[2] ?? '').toLowerCase()];
+  if (!Number.isSafeInteger(bytes)) return refuse(`${v} is more than ${UNLIMITED} bytes; write "unlimited" for no limit`);
+  return bytes;
+});
+
 const principalSchema = z
   .object({
-    name: z.string().regex(/^[A-Za-z0-9._-]{1,64}$/, 'a name is 1-64 characters of [A-Za-z0-9._-]'),
+    name: z
+      .string()
+      .regex(/^[A-Za-z0-9._-]{1,64}$/, 'a name is 1-64 characters of [A-Za-z0-9._-]')
+      // VMs belong to principals by name: a principal called root would own uid 0's VMs.
+      .refine((n) => n.toLowerCase() !== ROOT_NAME, `"${ROOT_NAME}" is the built-in principal of uid 0 and cannot be given to another (in any case)`),
     match: z
       .object({
         uids: z.array(id).max(1024).default([]),
@@ -74,6 +107,10 @@ const principalSchema = z
         vms: z.number().int().min(0).max(1_000_000).default(100),
         groups: z.number().int().min(0).max(1_000_000).default(64),
         pendingTokens: z.number().int().min(0).max(1_000_000).default(100),
+        /** The most RLIMIT_MEMLOCK one VM may ask (memlock_bytes). Default: 0, or unlimited for an admin. */
+        memlockPerVmBytes: byteLimit.optional(),
+        /** The most memlock_bytes its live (PENDING or RUNNING) VMs may ask together. Default: 0, or unlimited for an admin. */
+        memlockBytes: byteLimit.optional(),
       })
       .strict()
       .default({}),
@@ -94,6 +131,9 @@ export interface Limits {
   vms: number;
   groups: number;
   pendingTokens: number;
+  /** UNLIMITED: no limit. */
+  memlockPerVmBytes: number;
+  memlockBytes: number;
 }
 
 export interface Principal {
@@ -125,9 +165,9 @@ function inRanges(list: 'all' | 'any' | (number | string)[], n: number): boolean
 }
 
 const ROOT: Principal = {
-  name: 'root',
+  name: ROOT_NAME,
   admin: true,
-  limits: { vms: Number.MAX_SAFE_INTEGER, groups: Number.MAX_SAFE_INTEGER, pendingTokens: Number.MAX_SAFE_INTEGER },
+  limits: { vms: UNLIMITED, groups: UNLIMITED, pendingTokens: UNLIMITED, memlockPerVmBytes: UNLIMITED, memlockBytes: UNLIMITED },
   mayCall: () => true,
   mayUseGroup: () => true,
   mayNameVmmUid: () => true,
@@ -150,11 +190,13 @@ export class Policy {
   readonly source: string;
   readonly #compiled: Compiled[];
   readonly #accounts: Accounts | undefined;
+  readonly #byName: Map<string, Principal>;
 
   private constructor(source: string, compiled: Compiled[], accounts?: Accounts) {
     this.source = source;
     this.#compiled = compiled;
     this.#accounts = accounts;
+    this.#byName = new Map([[ROOT_NAME, ROOT], ...compiled.map((c): [string, Principal] => [c.principal.name, c.principal])]);
   }
 
   /** No policy file: only uid 0 may call. */
@@ -187,10 +229,18 @@ export class Policy {
       });
       const all = spec.calls.includes('*');
       const calls = new Set<string>(spec.calls);
+      // Memlock is host memory pinned for good: none unless the policy grants it, but an admin is trusted with it.
+      const memlockDefault = spec.admin ? UNLIMITED : 0;
       const principal: Principal = {
         name: spec.name,
         admin: spec.admin,
-        limits: spec.limits,
+        limits: {
+          vms: spec.limits.vms,
+          groups: spec.limits.groups,
+          pendingTokens: spec.limits.pendingTokens,
+          memlockPerVmBytes: spec.limits.memlockPerVmBytes ?? memlockDefault,
+          memlockBytes: spec.limits.memlockBytes ?? memlockDefault,
+        },
         mayCall: (c) => all || calls.has(c),
         mayUseGroup: (n) => inRanges(spec.iommuGroups, n),
         mayNameVmmUid: (u) => inRanges(spec.vmmUids, u),
@@ -221,6 +271,16 @@ export class Policy {
 
   get principalCount(): number {
     return this.#compiled.length;
+  }
+
+  /** The principal of that name ("root": uid 0's), or undefined when this policy has none. */
+  principalNamed(name: string): Principal | undefined {
+    return this.#byName.get(name);
+  }
+
+  /** Every principal of the file with what it may hold, defaults applied, in file order. */
+  get principals(): readonly Principal[] {
+    return this.#compiled.map((c) => c.principal);
   }
 
   /** The principal a caller acts as: root, the first principal that matches, or none. */

@@ -21,6 +21,7 @@ export interface VmRecord {
   readonly seq: number;
   readonly name: string;
   readonly labels: Readonly<Record<string, string>>;
+  /** The uid that created it. It owns the record only when `principal` is "" (see ownerKey). */
   readonly ownerUid: number;
   readonly vmmUid: number;
   state: VmState;
@@ -29,7 +30,12 @@ export interface VmRecord {
   groups: number[];
   readonly memlockBytes: number;
   readonly requestId: string;
-  /** The policy principal that created it (its quotas count it); "" without a policy. */
+  /**
+   * The principal it belongs to: every uid the policy matches to it sees and
+   * changes it, and its quotas count it ("root" for uid 0). "" for a record
+   * made without one (before principals were recorded, or in unit tests):
+   * such a record belongs to its ownerUid.
+   */
   readonly principal: string;
   /** What the create request asked, to tell a true retry from a reused request_id. */
   readonly requestFingerprint: string;
@@ -83,15 +89,28 @@ export interface NewVm {
   memlockBytes: number;
   requestId: string;
   requestFingerprint: string;
-  /** The policy principal that created it (its quotas count it); "" without a policy. */
+  /** The principal it belongs to (see VmRecord.principal). */
   principal: string;
 }
 
 const NONE: ReadonlySet<string> = new Set();
 
+/**
+ * Who owns a record, as one key: its principal's name, or "uid:N" for a
+ * record without a principal. Principal names cannot hold ":", so the two
+ * never meet. Name uniqueness, request_id retries and the per-owner listing
+ * index are all per this key.
+ */
+export function ownerKey(principal: string, uid: number): string {
+  return principal || `uid:${uid}`;
+}
+
+const ownerKeyOf = (vm: Pick<VmRecord, 'principal' | 'ownerUid'>) => ownerKey(vm.principal, vm.ownerUid);
+
 /** Lists a walk may keep to (see VmRegistry.inOrderAfter). */
 export interface CandidateHint {
-  ownerUid?: number;
+  /** The owner keys (see ownerKey) whose records are wanted. */
+  owners?: readonly string[];
   labels?: Readonly<Record<string, string>>;
 }
 
@@ -130,7 +149,7 @@ export class VmRegistry {
    * memmove of a few microseconds at 10,000 records.
    */
   readonly #ordered: VmRecord[] = [];
-  readonly #byOwner = new Map<number, VmRecord[]>();
+  readonly #byOwner = new Map<string, VmRecord[]>();
   /** label key → label value → records. */
   readonly #byLabel = new Map<string, Map<string, VmRecord[]>>();
   /** Indexes for the per-create lookups, so a create costs the same at 10,000 records as at 10. */
@@ -166,17 +185,37 @@ export class VmRegistry {
    * one. Iterate it synchronously: the registry must not change meanwhile.
    */
   *inOrderAfter(afterSeq: number, only: CandidateHint = {}): Generator<VmRecord, void, undefined> {
-    const list = this.#narrowest(only);
-    for (let i = firstAfter(list, afterSeq); i < list.length; i++) yield list[i];
+    const lists = this.#narrowest(only);
+    if (lists.length === 1) {
+      const list = lists[0];
+      for (let i = firstAfter(list, afterSeq); i < list.length; i++) yield list[i];
+      return;
+    }
+    // Several owners' lists (a principal's and its uid's older records): merged by seq.
+    const at = lists.map((l) => firstAfter(l, afterSeq));
+    for (;;) {
+      let next = -1;
+      for (let j = 0; j < lists.length; j++) if (at[j] < lists[j].length && (next < 0 || lists[j][at[j]].seq < lists[next][at[next]].seq)) next = j;
+      if (next < 0) return;
+      yield lists[next][at[next]++];
+    }
   }
 
-  #narrowest(only: CandidateHint): readonly VmRecord[] {
-    let best: readonly VmRecord[] = this.#ordered;
-    if (only.ownerUid !== undefined) best = this.#byOwner.get(only.ownerUid) ?? [];
+  /** The shortest choice of lists that together hold every record the hint allows. */
+  #narrowest(only: CandidateHint): readonly (readonly VmRecord[])[] {
+    let best: readonly (readonly VmRecord[])[] = [this.#ordered];
+    let size = this.#ordered.length;
+    if (only.owners) {
+      best = only.owners.map((k) => this.#byOwner.get(k) ?? []);
+      size = best.reduce((n, l) => n + l.length, 0);
+    }
     if (only.labels) {
       for (const k of Object.keys(only.labels)) {
         const list = this.#byLabel.get(k)?.get(only.labels[k]) ?? [];
-        if (list.length < best.length) best = list;
+        if (list.length < size) {
+          best = [list];
+          size = list.length;
+        }
       }
     }
     return best;
@@ -185,7 +224,7 @@ export class VmRegistry {
   /** Adds a record to the ordered lists; it must have the largest seq so far, or they are sorted after (restore). */
   #addOrdered(vm: VmRecord): void {
     this.#ordered.push(vm);
-    appendTo(this.#byOwner, vm.ownerUid, vm);
+    appendTo(this.#byOwner, ownerKeyOf(vm), vm);
     for (const k of Object.keys(vm.labels)) {
       let values = this.#byLabel.get(k);
       if (!values) this.#byLabel.set(k, (values = new Map()));
@@ -195,8 +234,9 @@ export class VmRegistry {
 
   #removeOrdered(vm: VmRecord): void {
     removeFrom(this.#ordered, vm);
-    removeFrom(this.#byOwner.get(vm.ownerUid), vm);
-    if (!this.#byOwner.get(vm.ownerUid)?.length) this.#byOwner.delete(vm.ownerUid);
+    const owner = ownerKeyOf(vm);
+    removeFrom(this.#byOwner.get(owner), vm);
+    if (!this.#byOwner.get(owner)?.length) this.#byOwner.delete(owner);
     for (const k of Object.keys(vm.labels)) {
       const values = this.#byLabel.get(k);
       const list = values?.get(vm.labels[k]);
@@ -208,13 +248,14 @@ export class VmRegistry {
     }
   }
 
-  findByName(ownerUid: number, name: string): VmRecord | undefined {
-    return this.#byName.get(`${ownerUid}/${name}`);
+  /** The record of that name among the owner's (`owner` as ownerKey gives it). */
+  findByName(owner: string, name: string): VmRecord | undefined {
+    return this.#byName.get(`${owner}/${name}`);
   }
 
-  findByRequestId(ownerUid: number, requestId: string): VmRecord | undefined {
+  findByRequestId(owner: string, requestId: string): VmRecord | undefined {
     if (!requestId) return undefined;
-    return this.#byRequestId.get(`${ownerUid}/${requestId}`);
+    return this.#byRequestId.get(`${owner}/${requestId}`);
   }
 
   /** The ids of the VMs a policy principal created (its quotas count them); empty for an unknown one. */
@@ -223,8 +264,9 @@ export class VmRegistry {
   }
 
   #index(vm: VmRecord): void {
-    this.#byName.set(`${vm.ownerUid}/${vm.name}`, vm);
-    if (vm.requestId) this.#byRequestId.set(`${vm.ownerUid}/${vm.requestId}`, vm);
+    const owner = ownerKeyOf(vm);
+    this.#byName.set(`${owner}/${vm.name}`, vm);
+    if (vm.requestId) this.#byRequestId.set(`${owner}/${vm.requestId}`, vm);
     let ids = this.#byPrincipal.get(vm.principal);
     if (!ids) this.#byPrincipal.set(vm.principal, (ids = new Set()));
     ids.add(vm.id);
@@ -302,7 +344,8 @@ export class VmRegistry {
     }
     let top = Math.max(this.#revision, revision);
     for (const r of inOrder) {
-      const vm: VmRecord = { ...r, seq: seqOf(r), groups: [...r.groups], labels: { ...r.labels }, strayGroups: [...(r.strayGroups ?? [])] };
+      // A state file from before principals were recorded has none: the record belongs to its uid.
+      const vm: VmRecord = { ...r, seq: seqOf(r), groups: [...r.groups], labels: { ...r.labels }, principal: r.principal ?? '', strayGroups: [...(r.strayGroups ?? [])] };
       this.#byId.set(vm.id, vm);
       this.#addOrdered(vm);
       this.#index(vm);
@@ -319,8 +362,9 @@ export class VmRegistry {
   remove(vm: VmRecord): void {
     if (!this.#byId.delete(vm.id)) return;
     this.#removeOrdered(vm);
-    this.#byName.delete(`${vm.ownerUid}/${vm.name}`);
-    if (vm.requestId) this.#byRequestId.delete(`${vm.ownerUid}/${vm.requestId}`);
+    const owner = ownerKeyOf(vm);
+    this.#byName.delete(`${owner}/${vm.name}`);
+    if (vm.requestId) this.#byRequestId.delete(`${owner}/${vm.requestId}`);
     const ids = this.#byPrincipal.get(vm.principal);
     ids?.delete(vm.id);
     if (ids?.size === 0) this.#byPrincipal.delete(vm.principal);

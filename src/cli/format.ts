@@ -67,6 +67,7 @@ export function vmDetail(v: Vm, extra: readonly [string, string][] = [], now: nu
     ['id', v.id],
     ['name', v.name],
     ['state', stateName(v.state)],
+    ['principal', orDash(v.principal)],
     ['owner uid', String(v.owner_uid)],
     ['vmm uid', String(v.vmm_uid)],
     ['vmm pid', v.vmm_pid ? `${v.vmm_pid}${v.passive_vmm ? ' (passive: attached by kvmvfioctl attach)' : ''}` : '-'],

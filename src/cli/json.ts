@@ -35,6 +35,7 @@ export function vmJson(v: Vm): Vm {
     revision: v.revision,
     vmm_pid: v.vmm_pid,
     passive_vmm: v.passive_vmm,
+    principal: v.principal,
     stray_groups: v.stray_groups.map((g) => ({ group: g.group, holders: g.holders.map(holderJson), since: g.since })),
   };
 }

@@ -132,7 +132,18 @@ const COMMANDS: Record<string, Command> = {
           ctx.out(ctx.json ? js.pretty({ ok: false, problems: [`${file}: no such file`] }) : `${file}: no such file\n`);
           return 1;
         }
-        ctx.out(ctx.json ? js.pretty({ ok: true, principals: p.principalCount }) : `${file}: valid, ${p.principalCount} principal(s)\n`);
+        // What each principal may hold, defaults applied: the memlock defaults depend on admin.
+        const { UNLIMITED } = require('../broker/policy') as typeof import('../broker/policy');
+        const effective = p.principals.map((x) => ({
+          name: x.name,
+          admin: x.admin,
+          limits: Object.fromEntries(Object.entries(x.limits).map(([k, v]) => [k, v >= UNLIMITED ? 'unlimited' : v])),
+        }));
+        if (ctx.json) ctx.out(js.pretty({ ok: true, principals: p.principalCount, effective }));
+        else {
+          const lines = effective.map((x) => `  ${x.name}${x.admin ? ' (admin)' : ''}: ${Object.entries(x.limits).map(([k, v]) => `${k} ${v}`).join(', ')}\n`);
+          ctx.out(`${file}: valid, ${p.principalCount} principal(s)\n${lines.join('')}`);
+        }
         return 0;
       } catch (e) {
         if (!(e instanceof PolicyError)) throw e;

@@ -61,7 +61,9 @@ Commands:
                               else $KVMVFIO_HANDOFF, else ${DEFAULT_HANDOFF}.
                               The daemon's VM operations on such a VM fail with FAILED_PRECONDITION.
 
-VM is a VM id or name. STATE is pending, running, exited or failed.
+VM is a VM id or name: an argument shaped like an id (a UUID, in any case) is only ever an id,
+anything else only a name; a name more than one VM you can see has (root and admins see every
+owner's) is an error that lists their ids and owners. STATE is pending, running, exited or failed.
 
 Global flags (anywhere on the line):
   --socket PATH   the daemon's API socket (else $KVMVFIO_SOCKET, else ${(require('../client/client') as typeof import('../client/client')).DEFAULT_SOCKET})

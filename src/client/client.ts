@@ -3,6 +3,7 @@
  * for kvmvfioctl. One channel per instance; every unary call has a deadline.
  */
 import * as grpc from '@grpc/grpc-js';
+import { isVmIdShaped } from '../api/ids';
 import { loadApi } from '../api/proto';
 import type { AddGroupRequest } from '../generated/kvmvfio/v1/AddGroupRequest';
 import type { AttachToken__Output } from '../generated/kvmvfio/v1/AttachToken';
@@ -22,6 +23,11 @@ import type { VmEvent__Output } from '../generated/kvmvfio/v1/VmEvent';
 import type { WatchVmsRequest } from '../generated/kvmvfio/v1/WatchVmsRequest';
 
 export const DEFAULT_SOCKET = '/run/kvmvfiod/api.sock';
+
+/** "<id> (principal tenant-a, owner uid 1000)": one candidate of an ambiguous name. */
+function describeOwner(vm: Vm__Output): string {
+  return `${vm.id} (${vm.principal ? `principal ${vm.principal}, ` : ''}owner uid ${vm.owner_uid})`;
+}
 
 export interface ClientOptions {
   /** Per-call deadline for unary calls, ms. */
@@ -155,17 +161,23 @@ export class KvmVfioApi {
     }
   }
 
-  /** Resolves the VM's id from an id or a name (names are unique per owner). */
+  /**
+   * The VM's id from an argument that is either an id or a name, never
+   * both: an argument shaped like an id (a UUID, in any case) is only ever
+   * taken as an id — the daemon refuses such names — and anything else only
+   * as a name. A name more than one visible VM has (names are unique per
+   * owner, and uid 0 or an admin sees every owner's VMs) is an error that
+   * lists the candidates; it is never resolved by a guess.
+   */
   async resolveVm(idOrName: string): Promise<string> {
-    if (/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/.test(idOrName)) return idOrName;
+    if (isVmIdShaped(idOrName)) return idOrName.toLowerCase();
     const hits: Vm__Output[] = [];
-    // Every page: names are unique per owner only, so uid 0 may see several VMs of one name.
     for await (const vm of this.allVms({ page_size: 500 })) if (vm.name === idOrName) hits.push(vm);
     if (hits.length === 1) return hits[0].id;
-    const err = new Error(hits.length ? `${hits.length} VMs are named ${idOrName}; use the id` : `no VM named ${idOrName}`) as Error & { code: number; details: string };
-    err.code = hits.length ? grpc.status.FAILED_PRECONDITION : grpc.status.NOT_FOUND;
-    err.details = err.message;
-    throw err;
+    const message = hits.length
+      ? `${hits.length} VMs you can see are named ${idOrName}: ${hits.map(describeOwner).join('; ')}; give the id of the one you mean`
+      : `no VM named ${idOrName}`;
+    throw Object.assign(new Error(message), { code: hits.length ? grpc.status.FAILED_PRECONDITION : grpc.status.NOT_FOUND, details: message });
   }
 
   close(): void {

@@ -28,6 +28,8 @@ export interface DaemonConfig {
   maxSessions: number;
   maxApiConnections: number;
   maxHandoffConnections: number;
+  /** WatchVms streams open at once per uid (uid 0 is not limited). */
+  maxWatchesPerUid: number;
   /** fds kept free under RLIMIT_NOFILE: calls that would open more fail with RESOURCE_EXHAUSTED first. */
   fdMargin: number;
   /** The longest any unary call may run. */
@@ -50,6 +52,7 @@ export const DEFAULTS: DaemonConfig = {
   maxSessions: 8_000,
   maxApiConnections: 1024,
   maxHandoffConnections: 2048,
+  maxWatchesPerUid: 16,
   fdMargin: 256,
   callTimeoutMs: 60_000,
 };
@@ -74,6 +77,7 @@ Options (environment variable in brackets):
   --max-sessions N    attached VMM sessions at most (${DEFAULTS.maxSessions})
   --max-api-connections N      (${DEFAULTS.maxApiConnections})
   --max-handoff-connections N  (${DEFAULTS.maxHandoffConnections})
+  --max-watches-per-uid N      WatchVms streams open at once per uid; uid 0 is not limited (${DEFAULTS.maxWatchesPerUid})
   --fd-margin N       fds kept free under RLIMIT_NOFILE (${DEFAULTS.fdMargin})
   --call-timeout-ms N the longest a call may run (${DEFAULTS.callTimeoutMs})
   --version, --help
@@ -106,6 +110,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): DaemonConfi
         'max-sessions': { type: 'string' },
         'max-api-connections': { type: 'string' },
         'max-handoff-connections': { type: 'string' },
+        'max-watches-per-uid': { type: 'string' },
         'fd-margin': { type: 'string' },
         'call-timeout-ms': { type: 'string' },
         help: { type: 'boolean' },
@@ -136,6 +141,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): DaemonConfi
     maxSessions: ms(values['max-sessions'], DEFAULTS.maxSessions),
     maxApiConnections: ms(values['max-api-connections'], DEFAULTS.maxApiConnections),
     maxHandoffConnections: ms(values['max-handoff-connections'], DEFAULTS.maxHandoffConnections),
+    maxWatchesPerUid: ms(values['max-watches-per-uid'], DEFAULTS.maxWatchesPerUid),
     fdMargin: ms(values['fd-margin'], DEFAULTS.fdMargin),
     callTimeoutMs: ms(values['call-timeout-ms'], DEFAULTS.callTimeoutMs),
   };
@@ -150,6 +156,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): DaemonConfi
     ['maxSessions', '--max-sessions', 1, 1_000_000],
     ['maxApiConnections', '--max-api-connections', 1, 1_000_000],
     ['maxHandoffConnections', '--max-handoff-connections', 1, 1_000_000],
+    ['maxWatchesPerUid', '--max-watches-per-uid', 1, 1_000_000],
     ['fdMargin', '--fd-margin', 16, 1_000_000],
     ['callTimeoutMs', '--call-timeout-ms', 100, 3_600_000],
   ];

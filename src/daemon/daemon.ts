@@ -138,6 +138,8 @@ export class Daemon {
       },
       log: (event, msg) => log.info(event, msg),
       onVmmGone: (vmId) => this.#state?.sessionChanged(vmId),
+      // The policy in force now (a SIGHUP swaps it), not the one of the call that made the VM.
+      principalNamed: (name) => this.#authorizer?.policy.principalNamed(name),
     });
     const broker = this.#broker;
     const pool = this.#pool;
@@ -177,6 +179,7 @@ export class Daemon {
       host: this.host,
       authorizer: this.#authorizer,
       callTimeoutMs: config.callTimeoutMs,
+      maxWatchesPerUid: config.maxWatchesPerUid,
       peers: (p) => this.#listener?.peers.lookup(p),
       log,
     });

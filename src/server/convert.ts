@@ -46,6 +46,7 @@ export function vmMessage(vm: Readonly<VmRecord>): Vm {
     revision: String(vm.revision),
     vmm_pid: vm.vmmPid,
     passive_vmm: vm.passive,
+    principal: vm.principal,
     stray_groups: (vm.strayGroups ?? []).map((g) => ({ group: g.group, holders: g.holders.map(holderMessage), since: g.since })),
   };
 }

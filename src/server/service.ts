@@ -29,8 +29,14 @@ export interface ServiceDeps {
   authorizer: Authorizer;
   peers: PeerLookup;
   log: Logger;
-  /** A watcher whose unsent events exceed this, or twice the number of VMs if that is more, is ended (RESOURCE_EXHAUSTED). */
+  /**
+   * The allowance of unsent WatchVms events per caller: this, or twice the
+   * number of VMs if that is more. A caller's streams together (uid 0's each
+   * alone) hold at most that many, opening snapshots included.
+   */
   watchBacklog?: number;
+  /** WatchVms streams open at once per uid (uid 0: no limit); more are refused (RESOURCE_EXHAUSTED). */
+  maxWatchesPerUid?: number;
   /** No unary call runs longer than this (DEADLINE_EXCEEDED), whatever deadline the client set. */
   callTimeoutMs?: number;
 }
@@ -50,11 +56,37 @@ async function runWithin<T>(method: string, ms: number, work: () => Promise<T> |
 
 type Outcome = { code: Status; details?: string; ref?: string };
 
+/** An open WatchVms stream, as its caller's allowance sees it. */
+interface OpenWatch {
+  /** Events written to the stream that its client has not taken yet. */
+  unsent(): number;
+}
+
+function unsentOf(group: ReadonlySet<OpenWatch>): number {
+  let n = 0;
+  for (const w of group) n += w.unsent();
+  return n;
+}
+
 const statusName = (c: Status) => Status[c] ?? String(c);
 
 export function createService(deps: ServiceDeps): { handlers: KvmVfioHandlers; endWatches(): void } {
   const { broker, authorizer, log } = deps;
   const watches = new Set<() => void>();
+  /**
+   * The open WatchVms streams of each uid but 0. A stream stays in its set
+   * until grpc-js closes it — not when the daemon ends it — because until then
+   * the events written to it are still held: a client that stops reading keeps
+   * them, and must not get a fresh stream (and allowance) for each it stalls.
+   */
+  const watchesByUid = new Map<number, Set<OpenWatch>>();
+  const backlog = deps.watchBacklog ?? 4096;
+  const maxWatchesPerUid = deps.maxWatchesPerUid ?? 16;
+  // A burst makes at most a few events per VM (all VMMs exiting at once: one each), so the
+  // allowance grows with the records rather than cutting every watcher on a large host; and a
+  // whole snapshot (one event per VM, and SYNCED) always fits in it.
+  const allowance = () => Math.max(backlog, 2 * broker.vms.size);
+  const allowanceRule = `the larger of ${backlog} and twice the VMs`;
 
   function callerOf(call: { getPeer(): string }): Caller {
     const c = deps.peers(call.getPeer());
@@ -200,7 +232,6 @@ export function createService(deps: ServiceDeps): { handlers: KvmVfioHandlers; e
       let caller: Caller | undefined;
       let unsubscribe = () => {};
       let ended = false;
-      const backlog = deps.watchBacklog ?? 4096;
       const end = (m?: MappedStatus) => {
         if (ended) return;
         ended = true;
@@ -214,44 +245,63 @@ export function createService(deps: ServiceDeps): { handlers: KvmVfioHandlers; e
         caller = callerOf(call);
         caller = { ...caller, principal: authorizer.authorize(caller, 'WatchVms') };
         const filter = validate.filter(call.request);
-        // The snapshot (EXISTING..., SYNCED) is queued at once, whatever its size, and does not
-        // count against the backlog: only changes queued behind it do. Else a watch of more than
-        // `backlog` VMs would be ended before it could sync.
-        let snapshotUnsent = 0;
+        const { uid } = caller;
+        // uid 0 is trusted: no count, and each of its streams has an allowance of its own.
+        const group = uid === 0 ? new Set<OpenWatch>() : (watchesByUid.get(uid) ?? new Set<OpenWatch>());
+        const whose = uid === 0 ? 'this WatchVms stream holds' : `the WatchVms streams of uid ${uid} hold`;
+        if (uid !== 0 && group.size >= maxWatchesPerUid) {
+          throw new ResourceExhaustedError(
+            `uid ${uid} has ${group.size} WatchVms streams open; the limit per uid (--max-watches-per-uid) is ${maxWatchesPerUid} (a stream counts until its client has read it to its end or cancelled it)`,
+          );
+        }
+        const existing = broker.listVms(caller, filter);
+        // The opening snapshot (EXISTING per VM, then SYNCED) counts against the caller's allowance
+        // like any event: a caller cannot pin memory by opening streams it does not read.
+        const snapshot = existing.length + 1;
+        const held = unsentOf(group);
+        if (held + snapshot > allowance()) {
+          throw new ResourceExhaustedError(
+            `${whose} ${held} events not yet taken by their clients; an opening snapshot of ${snapshot} more would pass the allowance of ${allowance()} unsent events per caller (${allowanceRule}); read or close the other streams`,
+          );
+        }
+        const me: OpenWatch = { unsent: () => call.writableLength };
+        group.add(me);
+        if (uid !== 0) watchesByUid.set(uid, group);
+        call.on('close', () => {
+          group.delete(me);
+          if (group.size === 0 && watchesByUid.get(uid) === group) watchesByUid.delete(uid);
+        });
         // Changes are written after the work that made them (setImmediate): a CreateVm answer or an
         // ATTACH result goes out first, and the watcher's copy follows in one batch per loop turn.
         let queued: VmChange[] = [];
         const flush = () => {
           const batch = queued;
           queued = [];
+          let unsent = unsentOf(group);
           for (const ch of batch) {
             if (ended) return;
-            // A burst makes at most a few events per VM (all VMMs exiting at once: one each), so the
-            // allowance grows with the records rather than cutting every watcher on a large host.
-            const allowed = Math.max(backlog, 2 * broker.vms.size);
-            if (call.writableLength - snapshotUnsent > allowed) {
-              end(toStatus(new ResourceExhaustedError(`watcher fell more than ${allowed} events behind; watch again`)));
+            const allowed = allowance();
+            // The stream whose event would pass the caller's allowance is ended, even when a sibling
+            // holds more: the caller answers for all its streams.
+            if (unsent + 1 > allowed) {
+              end(toStatus(new ResourceExhaustedError(`watcher fell behind: ${whose} ${unsent} events not yet taken by their clients; the allowance is ${allowed} (${allowanceRule}); watch again`)));
               return;
             }
             call.write({ type: `TYPE_${ch.type}`, vm: vmMessage(ch.vm) });
+            unsent++;
           }
         };
         const send = (ch: VmChange) => {
           if (ended) return;
           if (queued.push(ch) === 1) setImmediate(flush);
         };
-        const sendSnapshot = (ev: VmEvent) => {
-          snapshotUnsent++;
-          call.write(ev, () => snapshotUnsent--);
-        };
-        const existing = broker.listVms(caller, filter);
         // Subscribe before sending the snapshot: both run in this tick, so no change falls between.
         const matches = vmMatcher(filter);
         unsubscribe = broker.watch(caller, (ch: VmChange) => {
           if (matches(ch.vm)) send(ch);
         });
-        for (const vm of existing) sendSnapshot({ type: 'TYPE_EXISTING', vm: vmMessage(vm) });
-        sendSnapshot({ type: 'TYPE_SYNCED' });
+        for (const vm of existing) call.write({ type: 'TYPE_EXISTING', vm: vmMessage(vm) });
+        call.write({ type: 'TYPE_SYNCED' });
         watches.add(stop);
         call.on('cancelled', () => end());
         call.on('close', () => end());

@@ -4,6 +4,7 @@
  * changes nothing.
  */
 import { totalmem } from 'node:os';
+import { isVmIdShaped } from '../api/ids';
 import { InvalidArgumentError } from '../broker/errors';
 import type { CreateVmSpec, PageRequest, VmFilter } from '../broker/broker';
 import type { VmState } from '../broker/vms';
@@ -43,6 +44,9 @@ const stateNames = new Map<string, VmState>([
 export function vmName(field: string, v: string): string {
   if (!v) throw new InvalidArgumentError(field, 'required');
   if (v.length > LIMITS.nameLength) throw new InvalidArgumentError(field, `longer than ${LIMITS.nameLength} characters`);
+  // A name that reads as an id would let one tenant's VM be taken for another's by whoever
+  // resolves names (kvmvfioctl takes such an argument as an id, always).
+  if (isVmIdShaped(v)) throw new InvalidArgumentError(field, `"${v}" is shaped like a VM id (a UUID); a name must not be, so that no name is ever taken for an id`);
   if (!DNS_LABEL.test(v)) throw new InvalidArgumentError(field, `"${v}" is not a DNS label (lower-case letters, digits and '-', starting and ending with a letter or digit)`);
   return v;
 }

@@ -7,7 +7,7 @@ import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile, spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
-import { mkdtemp, readdir, rm } from 'node:fs/promises';
+import { mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { makeFakeHost, type FakeHost } from '../helpers/fakehost';
@@ -38,7 +38,7 @@ function ok(r: Run, what: string): string {
 }
 
 /** The fields of each message in kvmvfio.proto, in proto order: --json prints exactly these. */
-const VM_FIELDS = ['id', 'name', 'labels', 'state', 'owner_uid', 'vmm_uid', 'vfio_device', 'groups', 'memlock_bytes', 'request_id', 'create_time', 'update_time', 'failure_reason', 'revision', 'vmm_pid', 'passive_vmm', 'stray_groups'];
+const VM_FIELDS = ['id', 'name', 'labels', 'state', 'owner_uid', 'vmm_uid', 'vfio_device', 'groups', 'memlock_bytes', 'request_id', 'create_time', 'update_time', 'failure_reason', 'revision', 'vmm_pid', 'passive_vmm', 'principal', 'stray_groups'];
 const HOST_FIELDS = ['kernel_release', 'kvm_api_version', 'support', 'daemon_version', 'fd_limit_soft', 'fd_limit_hard', 'fds_open', 'vm_count', 'claimed_group_count', 'iommu_group_count', 'start_time'];
 const SUPPORT_FIELDS = ['kvm_vfio_device', 'vfio_file_add', 'vfio_file_del', 'vfio_container', 'iommu_groups', 'probe_errors'];
 const GROUP_FIELDS = ['number', 'devices', 'viable', 'not_viable_reasons', 'vm_id', 'vm_name', 'open_in_daemon', 'holding', 'holders', 'stray_since'];
@@ -442,5 +442,40 @@ describe('kvmvfioctl without IOMMU groups or without a daemon', () => {
     const err = parse(viaEnv.stderr.trim()).error as Json;
     assert.equal(err.code, 'UNAVAILABLE');
     assert.ok(String(err.message).includes(sock), String(err.message));
+  });
+});
+
+describe('kvmvfioctl policy check', () => {
+  test("prints each principal's limits with the defaults applied, memlock included; a bad limit is named", async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'kvmvfioctl-policy-'));
+    try {
+      const file = join(dir, 'policy.json');
+      const principals = [
+        { name: 'tenant', match: { uids: [1000] }, calls: ['*'], limits: { vms: 5, memlockPerVmBytes: '2G', memlockBytes: 8 * 2 ** 30 } },
+        { name: 'plain', match: { uids: [1001] }, calls: ['*'] },
+        { name: 'ops', match: { uids: [1002] }, calls: ['*'], admin: true },
+      ];
+      await writeFile(file, JSON.stringify({ principals }));
+      const out = ok(await ctl(['policy', 'check', file]), 'policy check');
+      assert.equal(
+        out,
+        `${file}: valid, 3 principal(s)\n` +
+          '  tenant: vms 5, groups 64, pendingTokens 100, memlockPerVmBytes 2147483648, memlockBytes 8589934592\n' +
+          '  plain: vms 100, groups 64, pendingTokens 100, memlockPerVmBytes 0, memlockBytes 0\n' +
+          '  ops (admin): vms 100, groups 64, pendingTokens 100, memlockPerVmBytes unlimited, memlockBytes unlimited\n',
+      );
+      const json = parse(ok(await ctl(['policy', 'check', file, '--json']), 'policy check --json'));
+      assert.equal(json.ok, true);
+      assert.deepEqual((json.effective as Json[])[1], { name: 'plain', admin: false, limits: { vms: 100, groups: 64, pendingTokens: 100, memlockPerVmBytes: 0, memlockBytes: 0 } });
+      assert.deepEqual(((json.effective as Json[])[2].limits as Json).memlockBytes, 'unlimited');
+
+      await writeFile(file, JSON.stringify({ principals: [{ ...principals[0], limits: { memlockBytes: '1 TB' } }, { name: 'Root', match: { uids: [5] }, calls: ['*'] }] }));
+      const bad = await ctl(['policy', 'check', file]);
+      assert.equal(bad.code, 1);
+      assert.match(bad.stdout, /principals\[0\]\.limits\.memlockBytes: "1 TB" is not a size/);
+      assert.match(bad.stdout, /principals\[1\]\.name: "root" is the built-in principal of uid 0/);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });

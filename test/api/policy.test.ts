@@ -5,19 +5,20 @@
  */
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import { mkdtemp, rm, writeFile, chmod } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { status } from '@grpc/grpc-js';
 import { makeFakeHost, type FakeHost } from '../helpers/fakehost';
-import { REPO, startDaemon, type RunningDaemon } from '../helpers/daemon';
-import { REFERENCE_VMM, runVmm } from '../helpers/vmmproc';
+import { CLI_JS, REPO, startDaemon, type RunningDaemon } from '../helpers/daemon';
+import { REFERENCE_VMM, collectJsonLines, runVmm } from '../helpers/vmmproc';
 import { until } from '../helpers/assert';
 
 const run = promisify(execFile);
 const CALL_AS = join(REPO, 'dist', 'test', 'helpers', 'call-as.js');
+const WATCH_AS = join(REPO, 'dist', 'test', 'helpers', 'watch-as.js');
 const A = 1000;
 const B = 1001;
 const VIEWER = 1002;
@@ -140,6 +141,254 @@ describe('policy', () => {
     await until('reloaded', async () => d.logs.some((l) => l.event === 'policy-reloaded'));
     await denied(callAs(VIEWER, 'getHostInfo'), status.PERMISSION_DENIED, /matches no principal/);
     assert.ok((await callAs(A, 'listVms', {})).ok);
+  });
+});
+
+/**
+ * The holes of issue 12: names shaped like ids, VMs owned per principal,
+ * memlock limits, WatchVms caps. One daemon; tenant-a has two uids.
+ */
+describe('policy: names, owners, memlock, watches', () => {
+  const A2 = 1005;
+  const holes = {
+    principals: [
+      { name: 'tenant-a', match: { uids: [A, A2] }, calls: ['*'], iommuGroups: 'all', vmmUids: [65534], limits: { memlockPerVmBytes: '4M', memlockBytes: '6M' } as Record<string, unknown> },
+      { name: 'tenant-b', match: { uids: [B] }, calls: ['*'], iommuGroups: 'all', vmmUids: [65533] },
+      { name: 'ops', match: { uids: [ADMIN] }, admin: true, calls: ['*'], vmmUids: 'any' },
+    ],
+  };
+  let host: FakeHost;
+  let dir: string;
+  let d: RunningDaemon;
+
+  const callAs = async (uid: number, method: string, req: unknown = {}): Promise<Outcome> => {
+    const { stdout } = await run('setpriv', [`--reuid=${uid}`, `--regid=${uid}`, '--clear-groups', process.execPath, CALL_AS, d.apiSocket, method, JSON.stringify(req)]);
+    return JSON.parse(stdout) as Outcome;
+  };
+  const created = async (uid: number, req: Record<string, unknown>): Promise<{ id: string; name: string; owner_uid: number }> => {
+    const r = await callAs(uid, 'createVm', req);
+    assert.ok(r.ok, `createVm as uid ${uid}: ${JSON.stringify(r)}`);
+    return r.res.vm as { id: string; name: string; owner_uid: number };
+  };
+  const refused = async (o: Promise<Outcome>, code: status, re: RegExp): Promise<string> => {
+    const r = await o;
+    assert.equal(r.ok, false, `expected ${status[code]}, got ${JSON.stringify(r)}`);
+    if (r.ok) return '';
+    assert.equal(status[r.code], status[code], r.details);
+    assert.match(r.details, re);
+    return r.details;
+  };
+  /** kvmvfioctl as root; resolves with the exit status and output, never rejects. */
+  const ctl = (...args: string[]) =>
+    new Promise<{ code: number; stdout: string; stderr: string }>((resolve) =>
+      execFile(process.execPath, [CLI_JS, '--socket', d.apiSocket, ...args], (err, stdout, stderr) =>
+        resolve({ code: err ? Number((err as { code?: number }).code) : 0, stdout, stderr }),
+      ),
+    );
+  const exists = async (id: string) => (await d.client().listAllVms()).some((v) => v.id === id);
+
+  before(async () => {
+    host = await makeFakeHost([5, 6].map((n) => ({ number: n, devices: [{ address: `0000:00:0${n}.0`, vendor: '8086', device: '10d3', class: '020000', driver: 'vfio-pci' }] })));
+    dir = await mkdtemp(join(tmpdir(), 'kvmvfiod-holes-'));
+    await chmod(dir, 0o755);
+    await writeFile(join(dir, 'policy.json'), JSON.stringify(holes));
+    d = await startDaemon({ dir, sysfs: host.sysfs, dev: host.dev, args: ['--max-watches-per-uid', '3'] });
+  });
+
+  after(async () => {
+    await d?.cleanup();
+    await host?.cleanup();
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  test("a VM cannot be named after another VM's id, so root's `vm delete <that>` cannot be turned on tenant B's VM", async () => {
+    const b = await created(B, { name: 'b-web', vmm_uid: 65533 });
+    // The attack: tenant A names its VM after B's id, hoping root deletes "A's VM" by name.
+    await refused(callAs(A, 'createVm', { name: b.id, vmm_uid: 65534 }), status.INVALID_ARGUMENT, /^name: .* is shaped like a VM id/);
+    await refused(callAs(A, 'createVm', { name: b.id.toUpperCase(), vmm_uid: 65534 }), status.INVALID_ARGUMENT, /^name: .* is shaped like a VM id/);
+    const listed = await callAs(A, 'listVms', {});
+    assert.ok(listed.ok);
+    assert.deepEqual(listed.res.vms, [], 'the refused creates made nothing');
+    // An id-shaped argument is only ever an id, in any case: root deletes exactly the VM of that id.
+    const a = await created(A, { name: 'a-web', vmm_uid: 65534 });
+    const del = await ctl('vm', 'delete', a.id.toUpperCase());
+    assert.equal(del.code, 0, del.stderr);
+    assert.equal(del.stdout, `deleted vm a-web (${a.id})\n`);
+    assert.equal(await exists(a.id), false);
+    assert.equal(await exists(b.id), true);
+    // An unknown id is NOT_FOUND as an id; it is never looked up as a name.
+    const ghost = '00000000-0000-4000-8000-000000000000';
+    const get = await ctl('vm', 'get', ghost);
+    assert.equal(get.code, 1);
+    assert.equal(get.stderr, `kvmvfioctl: NOT_FOUND: vm ${ghost} not found\n`);
+  });
+
+  test('a name two owners use is ambiguous to root: the CLI lists the candidates with their owners and changes nothing', async () => {
+    const a = await created(A, { name: 'shared', vmm_uid: 65534 });
+    const b = await created(B, { name: 'shared', vmm_uid: 65533 });
+    const del = await ctl('vm', 'delete', 'shared');
+    assert.equal(del.code, 1);
+    assert.match(del.stderr, /^kvmvfioctl: FAILED_PRECONDITION: 2 VMs you can see are named shared: /);
+    assert.ok(del.stderr.includes(`${a.id} (principal tenant-a, owner uid ${A})`), del.stderr);
+    assert.ok(del.stderr.includes(`${b.id} (principal tenant-b, owner uid ${B})`), del.stderr);
+    assert.match(del.stderr, /give the id of the one you mean/);
+    assert.equal(await exists(a.id), true);
+    assert.equal(await exists(b.id), true);
+    // Each tenant sees one VM of that name, and resolves it.
+    const own = await ctl('--json', 'vm', 'get', b.id);
+    assert.equal(JSON.parse(own.stdout).owner_uid, B);
+    for (const vm of [a, b]) assert.equal((await ctl('vm', 'delete', vm.id)).code, 0);
+  });
+
+  test('a VM belongs to its principal: its other uid sees, changes and deletes it; another principal does not; the API and CLI name the principal', async () => {
+    const vm = await created(A, { name: 'team', vmm_uid: 65534 });
+    const got = await callAs(A2, 'getVm', vm.id);
+    assert.ok(got.ok, JSON.stringify(got));
+    assert.equal(got.res.principal, 'tenant-a');
+    assert.equal(got.res.owner_uid, A);
+    const listed = await callAs(A2, 'listVms', {});
+    assert.ok(listed.ok);
+    assert.deepEqual((listed.res.vms as { id: string }[]).map((v) => v.id), [vm.id]);
+    // Names are the principal's: the other uid cannot take it again.
+    await refused(callAs(A2, 'createVm', { name: 'team', vmm_uid: 65534 }), status.ALREADY_EXISTS, /vm team already exists/);
+    await refused(callAs(B, 'getVm', vm.id), status.NOT_FOUND, /not found/);
+    await refused(callAs(B, 'deleteVm', { vm_id: vm.id }), status.NOT_FOUND, /not found/);
+    const shown = await ctl('vm', 'get', vm.id);
+    assert.match(shown.stdout, /^principal: +tenant-a$/m);
+    assert.match(shown.stdout, new RegExp(`^owner uid: +${A}$`, 'm'));
+    const rootVm = await d.client().createVm({ name: 'by-root', vmm_uid: 0 });
+    assert.equal(rootVm.vm?.principal, 'root');
+    await refused(callAs(ADMIN, 'getVm', 'x'), status.INVALID_ARGUMENT, /^vm_id: /);
+    assert.ok((await callAs(ADMIN, 'getVm', rootVm.vm!.id)).ok, 'an admin sees every VM');
+    const del = await callAs(A2, 'deleteVm', { vm_id: vm.id });
+    assert.ok(del.ok, JSON.stringify(del));
+    assert.equal(await exists(vm.id), false);
+    await d.client().deleteVm({ vm_id: rootVm.vm!.id });
+  });
+
+  test('memlock: a tenant cannot ask the host\'s RAM; per-VM and per-principal limits at CreateVm, and again at attach under a reloaded policy', async () => {
+    const MiB = 1 << 20;
+    // tenant-b has no memlock limits in the policy: as a non-admin it may ask none.
+    await refused(callAs(B, 'createVm', { name: 'b-mem', vmm_uid: 65533, memlock_bytes: '4096' }), status.PERMISSION_DENIED, /^principal tenant-b may not give a VM memlock_bytes 4096; its per-VM limit \(limits.memlockPerVmBytes\) is 0$/);
+    await refused(callAs(A, 'createVm', { name: 'a-ram', vmm_uid: 65534, memlock_bytes: String(8 * MiB) }), status.PERMISSION_DENIED, /its per-VM limit \(limits.memlockPerVmBytes\) is 4194304/);
+    const m1 = await created(A, { name: 'm-1', vmm_uid: 65534, memlock_bytes: String(4 * MiB) });
+    // The total is the principal's, whichever of its uids asks.
+    await refused(
+      callAs(A2, 'createVm', { name: 'm-2', vmm_uid: 65534, memlock_bytes: String(4 * MiB) }),
+      status.RESOURCE_EXHAUSTED,
+      /^principal tenant-a's live VMs ask 4194304 bytes of memlock; memlock_bytes 4194304 more would pass its limit \(limits.memlockBytes\) of 6291456$/,
+    );
+    const m2r = await callAs(A2, 'createVm', { name: 'm-2', vmm_uid: 65534, memlock_bytes: String(2 * MiB) });
+    assert.ok(m2r.ok, JSON.stringify(m2r));
+    const token = (m2r.res.attach_token as { token: string }).token;
+    const m2 = m2r.res.vm as { id: string };
+    assert.deepEqual(
+      (await d.client().listAllVms()).filter((v) => v.name.startsWith('m-') || v.name.endsWith('-ram') || v.name === 'b-mem').map((v) => v.name).sort(),
+      ['m-1', 'm-2'],
+      'refused creates made nothing',
+    );
+
+    // SIGHUP lowers the per-VM limit under what m-2 asked: its VMM is refused at attach, the VM fails saying why.
+    const lowered = structuredClone(holes);
+    lowered.principals[0].limits = { memlockPerVmBytes: '1M', memlockBytes: '6M' };
+    await writeFile(join(dir, 'policy.json'), JSON.stringify(lowered));
+    const reloads = d.logs.filter((l) => l.event === 'policy-reloaded').length;
+    d.proc.kill('SIGHUP');
+    await until('reloaded', async () => d.logs.filter((l) => l.event === 'policy-reloaded').length > reloads);
+    const v = runVmm([process.execPath, REFERENCE_VMM, '--socket', join(d.runtimeDir, 'handoff.sock')], token);
+    const refusal = await v.waitFor('attach-refused');
+    assert.equal(refusal.errno, 13, 'EACCES');
+    assert.match(String(refusal.reason), /principal tenant-a may not give a VM memlock_bytes 2097152; its per-VM limit \(limits.memlockPerVmBytes\) is 1048576/);
+    const failed = await d.client().getVm(m2.id);
+    assert.equal(failed.state, 'VM_STATE_FAILED');
+    assert.match(failed.failure_reason, /limits.memlockPerVmBytes\) is 1048576/);
+    await v.exit;
+
+    await writeFile(join(dir, 'policy.json'), JSON.stringify(holes));
+    d.proc.kill('SIGHUP');
+    await until('reloaded back', async () => d.logs.filter((l) => l.event === 'policy-reloaded').length > reloads + 1);
+    for (const id of [m1.id, m2.id]) await d.client().deleteVm({ vm_id: id });
+  });
+
+  /** Opens `count` WatchVms streams as `uid`, one after another (see watch-as.ts), and holds them. */
+  const watchAs = (uid: number, count: number, mode: 'read' | 'stall') =>
+    collectJsonLines(
+      spawn('setpriv', [`--reuid=${uid}`, `--regid=${uid}`, '--clear-groups', process.execPath, WATCH_AS, d.apiSocket, String(count), mode], { stdio: ['ignore', 'pipe', 'pipe'] }),
+    );
+  const outcomes = async (w: ReturnType<typeof watchAs>) => {
+    await w.waitFor((e) => e.done === true, 20_000);
+    return w.events.filter((e) => typeof e.stream === 'number');
+  };
+
+  test('WatchVms: at most --max-watches-per-uid streams per uid (uid 0 unlimited); one more is RESOURCE_EXHAUSTED naming the limit; a closed stream frees its place', async () => {
+    const w = watchAs(A, 4, 'read');
+    const got = await outcomes(w);
+    assert.deepEqual(got.slice(0, 3).map((e) => e.synced), [true, true, true], JSON.stringify(got));
+    assert.equal(got[3].code, status.RESOURCE_EXHAUSTED, JSON.stringify(got[3]));
+    assert.equal(got[3].details, `uid ${A} has 3 WatchVms streams open; the limit per uid (--max-watches-per-uid) is 3 (a stream counts until its client has read it to its end or cancelled it)`);
+    // The count is per uid: the principal's other uid has its own.
+    const other = watchAs(A2, 1, 'read');
+    assert.equal((await outcomes(other))[0].synced, true);
+    // uid 0 is not limited.
+    const stop = new AbortController();
+    const rootStreams = Array.from({ length: 5 }, async () => {
+      for await (const ev of d.client().watchVms({}, stop.signal)) if (ev.type === 'TYPE_SYNCED') return true;
+      return false;
+    });
+    try {
+      assert.deepEqual(await Promise.all(rootStreams), [true, true, true, true, true]);
+    } finally {
+      stop.abort();
+    }
+    // Its streams closed (the client is gone), uid A may watch again.
+    w.kill();
+    other.kill();
+    await w.exit;
+    await until('the closed streams to free their places', async () => {
+      const again = watchAs(A, 3, 'read');
+      try {
+        return (await outcomes(again)).every((e) => e.synced === true);
+      } finally {
+        again.kill();
+        await again.exit;
+      }
+    });
+  });
+
+  test("WatchVms: the opening snapshot counts against the caller's allowance of unsent events, across its streams", async () => {
+    const c = d.client();
+    // Enough VMs that the allowance (the larger of 4,096 and twice the VMs) is twice the VMs, and
+    // events large enough (about 8 KB of labels) that little fits in the flow-control windows.
+    const labels = Object.fromEntries(Array.from({ length: 32 }, (_, i) => [`k${i}`, 'v'.repeat(250)]));
+    let next = 0;
+    const total = 2100;
+    await Promise.all(
+      Array.from({ length: 8 }, async () => {
+        while (next < total) await c.createVm({ name: `bulk-${next++}`, vmm_uid: 1, labels });
+      }),
+    );
+    const vms = (await c.getHostInfo()).vm_count;
+    const allowance = Math.max(4096, 2 * vms);
+    // An admin (not uid 0) sees every VM: each snapshot is vms + 1 events. It reads one event of each
+    // stream and no more. Two fit; the third does not, and is refused before anything is sent.
+    const w = watchAs(ADMIN, 3, 'stall');
+    try {
+      const got = await outcomes(w);
+      assert.deepEqual(got.slice(0, 2).map((e) => e.first), ['TYPE_EXISTING', 'TYPE_EXISTING'], JSON.stringify(got));
+      assert.equal(got[2].code, status.RESOURCE_EXHAUSTED, JSON.stringify(got[2]));
+      const m = /^the WatchVms streams of uid 1004 hold (\d+) events not yet taken by their clients; an opening snapshot of (\d+) more would pass the allowance of (\d+) unsent events per caller \(the larger of 4096 and twice the VMs\); read or close the other streams$/.exec(String(got[2].details));
+      assert.ok(m, String(got[2].details));
+      assert.equal(Number(m[2]), vms + 1);
+      assert.equal(Number(m[3]), allowance);
+      assert.ok(Number(m[1]) + vms + 1 > allowance);
+      // Another caller is not held to this one's allowance.
+      const other = watchAs(A, 1, 'read');
+      assert.equal((await outcomes(other))[0].synced, true);
+      other.kill();
+    } finally {
+      w.kill();
+      await w.exit;
+    }
   });
 });
 

@@ -34,6 +34,12 @@ const STATE_NAMES = ['VM_STATE_PENDING', 'VM_STATE_RUNNING', 'VM_STATE_EXITED', 
 // --- the oracle: the rules as the proto states them, written independently ---
 
 const isDnsLabel = (s: string) => s.length >= 1 && s.length <= 63 && /^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/.test(s);
+// A name must not read as a VM id: 8-4-4-4-12 hex digits, in any case.
+const isIdShaped = (s: string) => {
+  const parts = s.split('-');
+  return parts.length === 5 && parts.map((x) => x.length).join() === '8,4,4,4,12' && parts.every((x) => /^[0-9A-Fa-f]+$/.test(x));
+};
+const isVmName = (s: string) => isDnsLabel(s) && !isIdShaped(s);
 const isLabelKey = (s: string) => s.length >= 1 && s.length <= 63 && /^[A-Za-z0-9._/-]+$/.test(s);
 // "values at most 253 characters": measured in UTF-16 code units (see the report:
 // an astral character counts twice). No control characters (C0 or DEL).
@@ -50,7 +56,7 @@ const uidOk = (r: CreateVmRequest__Output) => r._vmm_uid === 'vmm_uid' && r.vmm_
 /** The fields the oracle finds bad ("labels" for any label problem). */
 function badFields(r: CreateVmRequest__Output): Set<string> {
   const bad = new Set<string>();
-  if (!isDnsLabel(r.name)) bad.add('name');
+  if (!isVmName(r.name)) bad.add('name');
   if (!labelsOk(r.labels)) bad.add('labels');
   if (!uidOk(r)) bad.add('vmm_uid');
   if (!groupsOk(r.groups)) bad.add('groups');
@@ -79,6 +85,11 @@ function outcome<T>(fn: () => T): { ok: true; value: T } | { ok: false; err: Inv
 // --- generators ---------------------------------------------------------------
 
 const dnsLabel = fc.stringMatching(/^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$/);
+const vmName = dnsLabel.filter((s) => !isIdShaped(s));
+const hex = (n: number) => fc.stringMatching(new RegExp(`^[0-9a-f]{${n}}$`));
+/** Names shaped like a VM id, and near misses that are fine names. */
+const idShaped = fc.tuple(hex(8), hex(4), hex(4), hex(4), hex(12)).map((p) => p.join('-'));
+const nearIds = fc.oneof(idShaped.map((s) => s.slice(0, 35)), idShaped.map((s) => `${s}0`), idShaped.map((s) => s.replace(/-/g, '')), idShaped.map((s) => `x${s.slice(1)}`));
 const labelKey = fc.oneof(
   { weight: 8, arbitrary: fc.stringMatching(/^[A-Za-z0-9._/-]{1,63}$/) },
   { weight: 1, arbitrary: fc.constantFrom('__proto__', 'constructor', 'toString', 'hasOwnProperty', 'a'.repeat(63), 'example.com/role') },
@@ -98,7 +109,7 @@ const validRequestId = fc.oneof(fc.constant(''), fc.stringMatching(/^[A-Za-z0-9.
 
 const validCreate: fc.Arbitrary<CreateVmRequest__Output> = fc
   .record({
-    name: dnsLabel,
+    name: fc.oneof({ weight: 9, arbitrary: vmName }, { weight: 1, arbitrary: nearIds.filter(isDnsLabel) }),
     labels: validLabels,
     vmm_uid: fc.oneof(fc.integer({ min: 0, max: MAX_UID }), fc.constantFrom(0, 65534, MAX_UID)),
     groups: validGroups,
@@ -118,6 +129,9 @@ const anyName = mostly(
   fc.string({ unit: 'binary', maxLength: 80 }),
   fc.constantFrom('', '-a', 'a-', 'A', 'a'.repeat(64), 'a_b', 'a.b', 'é', 'a\u0000', 'a\n', ' a', '0'),
   dnsLabel.map((s) => s.toUpperCase()),
+  idShaped,
+  idShaped.map((s) => s.toUpperCase()),
+  nearIds,
 );
 const anyLabelKey = fc.oneof(labelKey, fc.string({ unit: 'binary', maxLength: 70 }), fc.constantFrom('', 'a'.repeat(64), 'a b', 'a=b', 'ä', 'k\u0000'));
 const anyLabelValue = fc.oneof(labelValue, fc.string({ unit: 'binary', maxLength: 300 }), fc.constantFrom('v'.repeat(254), 'a\tb', 'a\u007f', '\u001b[31m', '😀'.repeat(127)));
@@ -180,7 +194,7 @@ describe(`validate (seed ${SEED})`, () => {
           assert.equal(bad.size, 0, `accepted although ${[...bad].join(', ')} is bad`);
           const s = r.value;
           // The invariants of an accepted spec.
-          assert.ok(isDnsLabel(s.name));
+          assert.ok(isVmName(s.name));
           assert.ok(labelsOk(s.labels));
           assert.ok(Number.isInteger(s.vmmUid) && s.vmmUid >= 0 && s.vmmUid <= MAX_UID);
           assert.ok(groupsOk(s.groups) && s.groups.every((g) => Number.isInteger(g) && g >= 0 && g <= 0xffffffff));

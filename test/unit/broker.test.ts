@@ -3,7 +3,9 @@ import assert from 'node:assert/strict';
 import { Broker, type Caller, type CreateVmSpec, type VmFilter } from '../../src/broker/broker';
 import { GroupPool } from '../../src/broker/pool';
 import { VmRegistry, type VmChange, type VmRecord } from '../../src/broker/vms';
-import { AlreadyExistsError, FailedPreconditionError, NotFoundError, UnavailableError } from '../../src/broker/errors';
+import { AlreadyExistsError, FailedPreconditionError, NotFoundError, PermissionDeniedError, ResourceExhaustedError, UnavailableError } from '../../src/broker/errors';
+import type { Principal } from '../../src/broker/policy';
+import type { VmmLink } from '../../src/broker/vmm';
 import { Errno } from '../../src/kernel';
 import { makeFakeHost, type FakeGroup, type FakeHost } from '../helpers/fakehost';
 import { HostDouble, KernelDouble } from '../helpers/kerneldouble';
@@ -211,7 +213,7 @@ describe('Broker: quotas per principal', () => {
       uid,
       gid: uid,
       pid: 99,
-      principal: { name, admin: false, limits: { vms: 3, groups: 2, pendingTokens: 2 }, mayCall: () => true, mayUseGroup: () => true, mayNameVmmUid: () => true },
+      principal: { name, admin: false, limits: { vms: 3, groups: 2, pendingTokens: 2, memlockPerVmBytes: 0, memlockBytes: 0 }, mayCall: () => true, mayUseGroup: () => true, mayNameVmmUid: () => true },
     });
     const a = tenant('a', 1000);
     const b = tenant('b', 2000);
@@ -306,6 +308,225 @@ describe('Broker: visibility', () => {
         ['a', 'd'],
       );
       assert.ok(a);
+    });
+  });
+});
+
+describe('Broker: ownership per principal', () => {
+  const principal = (name: string, admin = false): NonNullable<Caller['principal']> => ({
+    name,
+    admin,
+    limits: { vms: 100, groups: 64, pendingTokens: 100, memlockPerVmBytes: 0, memlockBytes: 0 },
+    mayCall: () => true,
+    mayUseGroup: () => true,
+    mayNameVmmUid: () => true,
+  });
+  const tenantA = principal('tenant-a');
+  const A1: Caller = { uid: 1000, gid: 1000, pid: 21, principal: tenantA };
+  const A2: Caller = { uid: 1001, gid: 1001, pid: 22, principal: tenantA };
+  const B1: Caller = { uid: 2000, gid: 2000, pid: 23, principal: principal('tenant-b') };
+  const OPS: Caller = { uid: 3000, gid: 3000, pid: 24, principal: principal('ops', true) };
+  const ALL = { labels: {}, states: [] };
+
+  test('every uid of a principal sees and changes its VMs; another principal sees nothing; admins and uid 0 see all', async () => {
+    await withBroker(async ({ broker, pool }) => {
+      const vm = (await broker.createVm(A1, spec({ name: 'web', groups: [1] }))).vm;
+      assert.equal(vm.principal, 'tenant-a');
+      assert.equal(vm.ownerUid, 1000);
+      assert.equal(broker.getVm(A2, vm.id), vm);
+      assert.deepEqual(broker.listVms(A2, ALL).map((v) => v.id), [vm.id]);
+      await broker.addGroup(A2, vm.id, 2);
+      assert.equal(pool.ownerOf(2)?.vmId, vm.id);
+      await rejectsWith(() => broker.getVm(B1, vm.id), NotFoundError);
+      await rejectsWith(broker.addGroup(B1, vm.id, 3), NotFoundError);
+      assert.deepEqual(broker.listVms(B1, ALL), []);
+      assert.deepEqual(broker.listVms(OPS, ALL).map((v) => v.id), [vm.id]);
+      assert.deepEqual(broker.listVms(ROOT, ALL).map((v) => v.id), [vm.id]);
+      // A change by one uid reaches a watcher of the other.
+      const seen: string[] = [];
+      const stop = broker.watch(A1, (ch) => seen.push(`${ch.type} ${ch.vm.name}`));
+      const hidden = broker.watch(B1, (ch) => seen.push(`b saw ${ch.vm.name}`));
+      await broker.deleteVm(A2, vm.id);
+      stop();
+      hidden();
+      assert.deepEqual(seen, ['DELETED web']);
+      assert.equal(pool.ownerOf(1), undefined);
+    });
+  });
+
+  test('names and request_id retries are per principal, whichever of its uids calls', async () => {
+    await withBroker(async ({ broker }) => {
+      const first = await broker.createVm(A1, spec({ name: 'web', requestId: 'r-1' }));
+      const retry = await broker.createVm(A2, spec({ name: 'web', requestId: 'r-1' }));
+      assert.equal(retry.created, false);
+      assert.equal(retry.vm.id, first.vm.id);
+      await rejectsWith(broker.createVm(A2, spec({ name: 'web' })), AlreadyExistsError);
+      await rejectsWith(broker.createVm(A2, spec({ name: 'other', requestId: 'r-1' })), FailedPreconditionError);
+      // Another principal has its own names and request ids, even on the same uid.
+      const b = await broker.createVm({ ...B1, uid: 1000 }, spec({ name: 'web', requestId: 'r-1' }));
+      assert.equal(b.created, true);
+      assert.equal(broker.vms.size, 2);
+    });
+  });
+
+  test('concurrent creates of one name from two uids of a principal: exactly one wins', async () => {
+    await withBroker(async ({ broker }) => {
+      const results = await Promise.allSettled([broker.createVm(A1, spec({ name: 'web', groups: [1] })), broker.createVm(A2, spec({ name: 'web', groups: [2] }))]);
+      assert.equal(results.filter((r) => r.status === 'fulfilled').length, 1);
+      assert.equal(broker.vms.size, 1);
+    });
+  });
+
+  test('a record without a principal (from an older state file) stays with the uid that made it', async () => {
+    await withBroker(async ({ broker }) => {
+      const legacy = broker.vms.insert(broker.vms.newId(), {
+        name: 'old', labels: {}, ownerUid: 1000, vmmUid: 64000, vfioDevice: true, groups: [], memlockBytes: 0, requestId: 'r-old', requestFingerprint: '', principal: '',
+      });
+      const mine = (await broker.createVm(A1, spec({ name: 'new' }))).vm;
+      assert.equal(broker.getVm(A1, legacy.id), legacy);
+      assert.deepEqual(broker.listVms(A1, ALL).map((v) => v.name), ['old', 'new']);
+      assert.deepEqual(broker.listVmsPage(A1, ALL, { afterSeq: 0, size: 1 }).vms.map((v) => v.name), ['old']);
+      assert.deepEqual(broker.listVmsPage(A1, ALL, { afterSeq: legacy.seq, size: 1 }).vms.map((v) => v.name), ['new']);
+      // The principal's other uid did not make it: not its.
+      await rejectsWith(() => broker.getVm(A2, legacy.id), NotFoundError);
+      assert.deepEqual(broker.listVms(A2, ALL).map((v) => v.id), [mine.id]);
+      // Its name and request_id still count for the uid that made it.
+      await rejectsWith(broker.createVm(A1, spec({ name: 'old' })), AlreadyExistsError);
+      await rejectsWith(broker.createVm(A1, spec({ name: 'x', requestId: 'r-old' })), FailedPreconditionError);
+      await broker.deleteVm(A1, legacy.id);
+    });
+  });
+});
+
+describe('Broker: memlock limits', () => {
+  const MiB = 1 << 20;
+  const tenant = (memlockPerVmBytes: number, memlockBytes: number): Principal => ({
+    name: 'tenant-m',
+    admin: false,
+    limits: { vms: 100, groups: 64, pendingTokens: 100, memlockPerVmBytes, memlockBytes },
+    mayCall: () => true,
+    mayUseGroup: () => true,
+    mayNameVmmUid: () => true,
+  });
+  /** A VMM that attaches and then only waits to be told to exit. */
+  const quietLink = (): VmmLink & { end(): void } => {
+    let end!: () => void;
+    const exited = new Promise<void>((r) => (end = r));
+    return {
+      pid: 4321,
+      passive: false,
+      createVfioDevice: async () => {},
+      addGroup: async () => {},
+      removeGroup: async () => {},
+      shutdown: () => {},
+      kill: () => end(),
+      assertAlive: () => {},
+      vmMade: Promise.resolve(),
+      exited,
+      end,
+    };
+  };
+  const VMM: Caller = { uid: 64000, gid: 64000, pid: 4321 };
+
+  async function withMemlock(fn: (c: { broker: Broker; pool: GroupPool; vmmHost: HostDouble; policy: Map<string, Principal> }) => Promise<void>): Promise<void> {
+    const host = await makeFakeHost(GROUPS);
+    const k = new KernelDouble();
+    const pool = new GroupPool({ sysfsRoot: host.sysfs, devRoot: host.dev, procRoot: host.root, openGroup: k.openGroup });
+    const vmmHost = new HostDouble();
+    // The "current policy": tests change it between CreateVm and attach, as a SIGHUP would.
+    const policy = new Map<string, Principal>();
+    const broker = new Broker(pool, new VmRegistry(), { tokens: new TokenStore(60_000), host: vmmHost, exitGraceMs: 1000, principalNamed: (n) => policy.get(n) });
+    try {
+      await fn({ broker, pool, vmmHost, policy });
+    } finally {
+      vmmHost.close();
+      await pool.closeAll();
+      await host.cleanup();
+    }
+  }
+
+  test('CreateVm: over the per-VM limit is PERMISSION_DENIED, over the total of live VMs RESOURCE_EXHAUSTED, each naming the limit and the figures; nothing is made', async () => {
+    await withMemlock(async ({ broker, pool }) => {
+      const t: Caller = { uid: 1000, gid: 1000, pid: 5, principal: tenant(4 * MiB, 6 * MiB) };
+      const e = await rejectsWith(broker.createVm(t, spec({ name: 'big', memlockBytes: 4 * MiB + 1, groups: [1] })), PermissionDeniedError);
+      assert.equal(e.message, `principal tenant-m may not give a VM memlock_bytes ${4 * MiB + 1}; its per-VM limit (limits.memlockPerVmBytes) is ${4 * MiB}`);
+      const a = (await broker.createVm(t, spec({ name: 'a', memlockBytes: 4 * MiB }))).vm;
+      await broker.createVm(t, spec({ name: 'b', memlockBytes: 2 * MiB }));
+      const over = await rejectsWith(broker.createVm(t, spec({ name: 'c', memlockBytes: 1, groups: [1] })), ResourceExhaustedError);
+      assert.equal(over.message, `principal tenant-m's live VMs ask ${6 * MiB} bytes of memlock; memlock_bytes 1 more would pass its limit (limits.memlockBytes) of ${6 * MiB}`);
+      assert.equal(broker.vms.size, 2);
+      assert.equal(pool.ownerOf(1), undefined, 'a refused create claims nothing');
+      // No memlock asked: no memlock limit applies.
+      await broker.createVm(t, spec({ name: 'c', memlockBytes: 0 }));
+      // Only live VMs count: a FAILED one, or a deleted one, frees its share.
+      broker.vms.transition(a, 'FAILED', 'test');
+      await broker.createVm(t, spec({ name: 'd', memlockBytes: 4 * MiB }));
+      await rejectsWith(broker.createVm(t, spec({ name: 'e', memlockBytes: 1 })), ResourceExhaustedError);
+      // A principal with the defaults of a non-admin (0) may ask none; uid 0 any.
+      await rejectsWith(broker.createVm({ uid: 1001, gid: 1001, pid: 6, principal: tenant(0, 0) }, spec({ name: 'z', memlockBytes: 4096 })), PermissionDeniedError);
+      await broker.createVm(ROOT, spec({ name: 'r', memlockBytes: 64 * MiB }));
+    });
+  });
+
+  test('attach checks memlock against the policy as it is now: a limit lowered since CreateVm fails the VM with the reason, sets no rlimit and frees its groups', async () => {
+    await withMemlock(async ({ broker, pool, vmmHost, policy }) => {
+      policy.set('tenant-m', tenant(4 * MiB, 8 * MiB));
+      const t: Caller = { uid: 1000, gid: 1000, pid: 5, principal: policy.get('tenant-m') };
+      const ok = await broker.createVm(t, spec({ name: 'ok', memlockBytes: 4 * MiB, vmmUid: VMM.uid }));
+      const cut = await broker.createVm(t, spec({ name: 'cut', memlockBytes: 4 * MiB, vmmUid: VMM.uid, groups: [2] }));
+      // Within the limits: the rlimit is raised.
+      const l1 = quietLink();
+      (await broker.attach(ok.token!.token, VMM, l1)).kvm.closeSync();
+      assert.deepEqual(vmmHost.memlock, [{ pid: VMM.pid, bytes: 4 * MiB }]);
+      // SIGHUP: the per-VM limit drops under what "cut" asked.
+      policy.set('tenant-m', tenant(2 * MiB, 8 * MiB));
+      const l2 = quietLink();
+      const e = await rejectsWith(broker.attach(cut.token!.token, VMM, l2), PermissionDeniedError);
+      assert.match(e.message, /its per-VM limit \(limits.memlockPerVmBytes\) is 2097152/);
+      const failed = broker.getVm(ROOT, cut.vm.id);
+      assert.equal(failed.state, 'FAILED');
+      assert.match(failed.failureReason, /^attach of VMM pid 4321: principal tenant-m may not give a VM memlock_bytes 4194304/);
+      assert.equal(vmmHost.memlock.length, 1, 'no rlimit raised for the refused VMM');
+      assert.equal(pool.ownerOf(2), undefined);
+      l1.end();
+      l2.end();
+    });
+  });
+
+  test('attach: the total counts the other live VMs under the current limit; a principal gone from the policy, or a record without one, gets none', async () => {
+    await withMemlock(async ({ broker, vmmHost, policy }) => {
+      policy.set('tenant-m', tenant(4 * MiB, 8 * MiB));
+      const t: Caller = { uid: 1000, gid: 1000, pid: 5, principal: policy.get('tenant-m') };
+      const a = await broker.createVm(t, spec({ name: 'a', memlockBytes: 4 * MiB, vmmUid: VMM.uid }));
+      const b = await broker.createVm(t, spec({ name: 'b', memlockBytes: 4 * MiB, vmmUid: VMM.uid }));
+      policy.set('tenant-m', tenant(4 * MiB, 6 * MiB));
+      const e = await rejectsWith(broker.attach(a.token!.token, VMM, quietLink()), ResourceExhaustedError);
+      assert.match(e.message, /live VMs ask 4194304 bytes of memlock; memlock_bytes 4194304 more would pass its limit \(limits.memlockBytes\) of 6291456/);
+      // "a" failed and counts no more: "b" fits.
+      const lb = quietLink();
+      (await broker.attach(b.token!.token, VMM, lb)).kvm.closeSync();
+      assert.deepEqual(vmmHost.memlock, [{ pid: VMM.pid, bytes: 4 * MiB }]);
+
+      const c = await broker.createVm(t, spec({ name: 'c', memlockBytes: MiB, vmmUid: VMM.uid }));
+      policy.delete('tenant-m');
+      const gone = await rejectsWith(broker.attach(c.token!.token, VMM, quietLink()), PermissionDeniedError);
+      assert.match(gone.message, /principal tenant-m of vm c is no longer in the policy; memlock_bytes 1048576 is not granted/);
+
+      const legacy = broker.vms.insert(broker.vms.newId(), {
+        name: 'old', labels: {}, ownerUid: 1000, vmmUid: VMM.uid, vfioDevice: false, groups: [], memlockBytes: MiB, requestId: '', requestFingerprint: '', principal: '',
+      });
+      const old = await rejectsWith(broker.attach(broker.tokens.issue(legacy.id, VMM.uid).token, VMM, quietLink()), PermissionDeniedError);
+      assert.match(old.message, /vm old was recorded without a principal/);
+      // Root's records are always granted; so is a VM that asks no memlock.
+      policy.set('root', { ...tenant(0, 0), name: 'root', limits: { vms: 1e9, groups: 1e9, pendingTokens: 1e9, memlockPerVmBytes: Number.MAX_SAFE_INTEGER, memlockBytes: Number.MAX_SAFE_INTEGER } });
+      const r = await broker.createVm(ROOT, spec({ name: 'r', memlockBytes: 64 * MiB, vmmUid: VMM.uid }));
+      const lr = quietLink();
+      (await broker.attach(r.token!.token, VMM, lr)).kvm.closeSync();
+      const n = await broker.createVm(t, spec({ name: 'n', memlockBytes: 0, vmmUid: VMM.uid }));
+      const ln = quietLink();
+      (await broker.attach(n.token!.token, VMM, ln)).kvm.closeSync();
+      assert.deepEqual(vmmHost.memlock.map((m) => m.bytes), [4 * MiB, 64 * MiB]);
+      for (const l of [lb, lr, ln]) l.end();
     });
   });
 });
@@ -483,19 +704,41 @@ describe('VmRegistry: creation order', () => {
     add('e', 2, {});
     const walk = (hint: Parameters<VmRegistry['inOrderAfter']>[1], after = 0) => [...r.inOrderAfter(after, hint)].map((v) => v.name);
     assert.deepEqual(walk({}), ['a', 'b', 'c', 'd', 'e']);
-    assert.deepEqual(walk({ ownerUid: 1 }), ['a', 'c', 'd']);
-    assert.deepEqual(walk({ ownerUid: 9 }), []);
+    assert.deepEqual(walk({ owners: ['uid:1'] }), ['a', 'c', 'd']);
+    assert.deepEqual(walk({ owners: ['uid:9'] }), []);
     assert.deepEqual(walk({ labels: { env: 'prod' } }), ['b', 'd']);
     assert.deepEqual(walk({ labels: { app: 'web', env: 'prod' } }), ['b', 'd']);
     assert.deepEqual(walk({ labels: { app: 'web', env: 'nope' } }), []);
-    assert.deepEqual(walk({ ownerUid: 2, labels: { app: 'web' } }), ['b', 'e'], 'the owner\'s list is the shorter');
+    assert.deepEqual(walk({ owners: ['uid:2'], labels: { app: 'web' } }), ['b', 'e'], 'the owner\'s list is the shorter');
     assert.deepEqual(walk({ labels: { env: 'prod' } }, b.seq), ['d']);
     r.remove(b);
     assert.deepEqual(walk({ labels: { env: 'prod' } }), ['d']);
-    assert.deepEqual(walk({ ownerUid: 2 }), ['e']);
+    assert.deepEqual(walk({ owners: ['uid:2'] }), ['e']);
     r.remove(r.get([...r.inOrderAfter(0, { labels: { env: 'prod' } })][0].id)!);
     assert.deepEqual(walk({ labels: { env: 'prod' } }), []);
     assert.deepEqual(walk({}), ['a', 'c', 'e']);
+  });
+
+  test("a walk over several owners' lists (a principal's and its uid's older records) merges them in seq order", () => {
+    const r = new VmRegistry();
+    const add = (name: string, principal: string, ownerUid: number, labels: Record<string, string> = {}) => r.insert(r.newId(), { ...newVm(name), principal, ownerUid, labels });
+    add('p1', 'tenant-a', 1000);
+    add('u1', '', 1000);
+    add('o1', 'tenant-b', 1000);
+    const p2 = add('p2', 'tenant-a', 1001);
+    add('u2', '', 1000, { app: 'web' });
+    add('p3', 'tenant-a', 1000, { app: 'web' });
+    add('x', '', 1001);
+    const walk = (hint: Parameters<VmRegistry['inOrderAfter']>[1], after = 0) => [...r.inOrderAfter(after, hint)].map((v) => v.name);
+    assert.deepEqual(walk({ owners: ['tenant-a', 'uid:1000'] }), ['p1', 'u1', 'p2', 'u2', 'p3']);
+    assert.deepEqual(walk({ owners: ['tenant-a', 'uid:1000'] }, p2.seq), ['u2', 'p3']);
+    assert.deepEqual(walk({ owners: ['uid:1000', 'tenant-a'] }, p2.seq - 1), ['p2', 'u2', 'p3']);
+    assert.deepEqual(walk({ owners: ['tenant-a', 'uid:1000'], labels: { app: 'web' } }), ['u2', 'p3'], "the label's list is the shorter");
+    assert.deepEqual(walk({ owners: ['nobody', 'uid:7'] }), []);
+    // Names are unique per owner key: the same name under a principal and under a bare uid are two owners.
+    assert.equal(r.findByName('tenant-a', 'p2')?.ownerUid, 1001);
+    assert.equal(r.findByName('uid:1001', 'p2'), undefined);
+    assert.equal(r.findByName('uid:1000', 'u1')?.name, 'u1');
   });
 
   test('records of a state file without seq get one in creation-time order', () => {

@@ -40,3 +40,11 @@ test('bad settings are refused with the setting named', () => {
   assert.equal(parseConfig(['--help'], {}), 'help');
   assert.equal(parseConfig(['--version'], {}), 'version');
 });
+
+test('--max-watches-per-uid: 16 by default, at least 1', () => {
+  assert.equal(DEFAULTS.maxWatchesPerUid, 16);
+  const c = parseConfig(['--max-watches-per-uid', '4'], {});
+  assert.ok(typeof c === 'object');
+  assert.equal(c.maxWatchesPerUid, 4);
+  assert.throws(() => parseConfig(['--max-watches-per-uid', '0'], {}), (e: unknown) => e instanceof ConfigError && /--max-watches-per-uid: an integer from 1/.test(e.message));
+});

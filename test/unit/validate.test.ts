@@ -101,6 +101,18 @@ describe('validate.createVm: each bad field names itself', () => {
     rejects(() => validate.createVm(req({ vmm_uid: 0xffffffff })), 'vmm_uid', '(uid_t)-1');
   });
 
+  test('a name shaped like a VM id (a UUID, in any case) is refused, saying why; near misses are names', () => {
+    const id = randomUUID();
+    for (const name of [id, id.toUpperCase(), '00000000-0000-0000-0000-000000000000', 'abcdef01-2345-6789-abcd-ef0123456789']) {
+      const e = rejects(() => validate.createVm(req({ name })), 'name', name);
+      assert.match(e.message, /shaped like a VM id/, name);
+    }
+    // One character short or long, no dashes, a non-hex letter: ordinary DNS labels.
+    for (const name of [id.slice(0, 35), `${id}0`, id.replace(/-/g, ''), `g${id.slice(1)}`, `${id.slice(0, 8)}-web`]) {
+      assert.equal(validate.createVm(req({ name })).name, name);
+    }
+  });
+
   test('groups: repeated, or more than 64', () => {
     rejects(() => validate.createVm(req({ groups: [1, 2, 1] })), 'groups', 'repeated');
     rejects(() => validate.createVm(req({ groups: Array.from({ length: 65 }, (_, i) => i) })), 'groups', '65');

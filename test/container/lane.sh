@@ -262,10 +262,10 @@ run_container() {
   chmod 0755 "$SOCK"   # the VMM, uid 65534, must reach handoff.sock in it
   # As the README says: the host's pid namespace (the VMM's pid for its record and for
   # prlimit), no network (the API is a Unix socket), the capabilities of the systemd unit
-  # (KILL; SYS_RESOURCE, which this machine's bounding set lacks: podman leaves it out, so
+  # (KILL; SYS_PTRACE and DAC_READ_SEARCH, to read a VMM's /proc/PID/fd; SYS_RESOURCE, which this machine's bounding set lacks: podman leaves it out, so
   # memlock is not exercised here), a read-only root, /dev/kvm, the socket folder bind-mounted.
   podman run -d --name "$NAME" --label "$LABEL" --pid host --network none \
-    --cap-drop ALL --cap-add KILL --cap-add SYS_RESOURCE --security-opt no-new-privileges --read-only \
+    --cap-drop ALL --cap-add KILL --cap-add SYS_RESOURCE --cap-add SYS_PTRACE --cap-add DAC_READ_SEARCH --security-opt no-new-privileges --read-only \
     --device /dev/kvm -v "$SOCK:/run/kvmvfiod" "$IMAGE" > "$STEP_LOG" 2>&1 || return 1
   local i
   for i in $(seq 1 100); do

@@ -43,7 +43,7 @@
 #                daemon took both listening fds by name (its log), bound nothing
 #   readiness    `systemctl start` returns once READY=1 came (the manager's debug
 #                log shows it), active/running, StatusText with counts
-#   sandbox      the running daemon: capabilities CAP_KILL+CAP_SYS_RESOURCE only (of
+#   sandbox      the running daemon: capabilities CAP_KILL+CAP_SYS_RESOURCE+CAP_SYS_PTRACE+CAP_DAC_READ_SEARCH only (of
 #                what the container has), no_new_privs, seccomp, 65536 fds (or the
 #                host's hard limit when lower), /usr, /etc, /run read-only and the
 #                state directory writable, PID 1's private socket and D-Bus out of
@@ -332,9 +332,10 @@ bnd=$(cproc "$MP" status | awk '/^CapBnd:/ { print $2 }')
 nnp=$(cproc "$MP" status | awk '/^NoNewPrivs:/ { print $2 }')
 sec=$(cproc "$MP" status | awk '/^Seccomp:/ { print $2 }')
 nofile=$(cproc "$MP" limits | awk '/^Max open files/ { print $4 "/" $5 }')
-# CAP_KILL = bit 5, CAP_SYS_RESOURCE = bit 24: what the unit keeps, of what the container has
-want=$(printf '%016x' $((0x1000020 & 0x$CT_BND)))
-check capabilities "CapEff=$caps CapBnd=$bnd (want $want: CAP_KILL, CAP_SYS_RESOURCE$HAVE_RESOURCE_NOTE), NoNewPrivs=$nnp, Seccomp=$sec" \
+# CAP_DAC_READ_SEARCH = bit 2, CAP_KILL = bit 5, CAP_SYS_PTRACE = bit 19, CAP_SYS_RESOURCE = bit 24:
+# what the unit keeps, of what the container has
+want=$(printf '%016x' $((0x1080024 & 0x$CT_BND)))
+check capabilities "CapEff=$caps CapBnd=$bnd (want $want: CAP_DAC_READ_SEARCH, CAP_KILL, CAP_SYS_PTRACE, CAP_SYS_RESOURCE$HAVE_RESOURCE_NOTE), NoNewPrivs=$nnp, Seccomp=$sec" \
   test "$caps/$bnd/$nnp/$sec" = "$want/$want/1/2"
 # LimitNOFILE=65536, or the container's hard limit when it is lower and cannot be raised
 # (systemd then logs "Will attempt setting value N instead"; no drop-in needed).

@@ -14,6 +14,7 @@ import { VmRegistry } from '../../src/broker/vms';
 import { type OwnedFd, SysError } from '../../src/kernel';
 import { makeFakeHost } from '../helpers/fakehost';
 import { HostDouble, KernelDouble } from '../helpers/kerneldouble';
+import { until } from '../helpers/assert';
 
 const ROOT: Caller = { uid: 0, gid: 0, pid: 1 };
 const VMM: Caller = { uid: 64000, gid: 64000, pid: 4242 };
@@ -282,6 +283,30 @@ describe('Broker with attached VMMs', () => {
       assert.deepEqual(t.broker.getVm(ROOT, vm.id).strayGroups, [], 'the record says it is back');
       const next = await t.create({ name: 'next', groups: [1] });
       assert.deepEqual(next.vm.groups, [1]);
+    } finally {
+      await t.done();
+    }
+  });
+
+  test('after a restart: a group handed to a VMM that exited meanwhile is taken back; a stray one stays named until its holder lets go', async () => {
+    const t = await setup();
+    try {
+      // What the previous daemon left: group 1 in a VMM that is gone now, group 2 stray (a child holds it).
+      const { vm } = await t.create({ groups: [] });
+      const [g1, g2] = await Promise.all([t.k.openGroup('/dev/vfio/1', 1), t.k.openGroup('/dev/vfio/2', 2)]);
+      const gone = g1.handOver();
+      gone.closeSync(); // the VMM exited while no daemon ran
+      const child = t.k.forkHold(2);
+      g2.handOver().closeSync(); // the VMM is gone; its child keeps group 2
+      t.pool.restoreHold(1, { holding: 'vmm', owner: { vmId: vm.id, vmName: vm.name } });
+      t.pool.restoreHold(2, { holding: 'stray', owner: { vmId: vm.id, vmName: vm.name }, holders: [{ pid: 77, uid: 65534, comm: 'child' }], since: '2026-12-04T00:00:00.000Z' });
+      await t.broker.reconcileHolds();
+      assert.equal((await t.pool.get(1)).holding, 'free', 'no live session: the daemon looked, and its open succeeded');
+      assert.equal((await t.pool.get(2)).holding, 'stray');
+      await assert.rejects(t.create({ name: 'other', groups: [2] }), /IOMMU group 2 is held by pid 77 \(uid 65534, child\), outside any VM/);
+      child();
+      await until('group 2 back on the backoff', async () => (await t.pool.get(2)).holding === 'free');
+      assert.ok(t.pool.handle(2), 'kept open by the daemon');
     } finally {
       await t.done();
     }

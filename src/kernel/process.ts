@@ -4,7 +4,7 @@
  * recycled pid can never be signalled by mistake.
  */
 import { closeSync, fstatSync } from 'node:fs';
-import { readdir, readlink } from 'node:fs/promises';
+import { readFile, readdir, readlink } from 'node:fs/promises';
 import { SysError } from './errors';
 import { watchReadable } from './unix';
 import { OwnedFd } from './fd';
@@ -12,6 +12,7 @@ import { lastErrno, lib, libc } from './libc';
 
 const sys = {
   poll: lib.func('int poll(void *fds, unsigned long nfds, int timeout)'),
+  clockGettime: lib.func('int clock_gettime(int clk, void *ts)'),
   socket: lib.func('int socket(int domain, int type, int protocol)'),
   send: lib.func('intptr_t send(int fd, const void *buf, size_t len, int flags)'),
   recv: lib.func('intptr_t recv(int fd, void *buf, size_t len, int flags)'),
@@ -53,7 +54,7 @@ export function pidfdOpen(pid: number): OwnedFd {
 }
 
 /** How the daemon knows the process behind a peer's pidfd is the peer. */
-export type PeerProof = 'SO_PEERPIDFD' | 'holds-socket';
+export type PeerProof = 'SO_PEERPIDFD' | 'holds-socket' | 'sent-record';
 
 export interface PeerPidfd {
   pidfd: OwnedFd;
@@ -61,21 +62,39 @@ export interface PeerPidfd {
 }
 
 /**
- * The pidfd of the process on the other end of a Unix socket, alive now.
+ * The pidfd of the process on the other end of a Unix socket — the one that
+ * connected, alive now — given `pid` (SO_PEERCRED: who connected) and
+ * `senderPid` (SCM_CREDENTIALS of the record at hand: who sent it). The two
+ * must be the same process: a record sent by another one (a child the
+ * connecting process forked, say) is refused.
  *
  * SO_PEERPIDFD (Linux 6.5) names the process that connected, with no pid in
  * between. Older kernels (Debian 12's 6.1) have only the SO_PEERCRED pid, a
  * number the connecting process may have left behind — exited, and the pid
  * given to someone else. Then the pidfd is opened from the pid and accepted
- * only when that process holds the peer end of this socket (its inode, from
- * sock_diag, among the process's fds) and is still alive after the look, so
- * the number could not have changed hands during it.
+ * only with a proof that its process is the peer:
+ *   holds-socket  it holds the peer end of this socket (that end's inode
+ *                 from sock_diag, among its /proc/<pid>/fd), and is alive
+ *                 after the look, so the number could not have changed hands
+ *                 during it;
+ *   sent-record   where sock_diag cannot tell (the connection lives in
+ *                 another network namespace, or netlink is not allowed):
+ *                 the kernel's SCM_CREDENTIALS of the record says this pid
+ *                 sent it, the process behind the pidfd started before the
+ *                 connection was accepted (`acceptedAt`, boottimeNs(); a process that took
+ *                 the pid later is refused), and it is alive once the pidfd
+ *                 is open. What is left: a pid changing hands between the
+ *                 connect and the accept — a busy daemon's backlog — which
+ *                 takes control of pid allocation (root) to aim.
  *
- * Throws SysError ESRCH when the peer has exited (or its pid now names a
- * process that is not the peer), so an ATTACH from a process that inherited
- * the connection of an exited one is refused.
+ * Throws SysError ESRCH when the peer has exited, or cannot be shown to be
+ * the process behind the pid, or is not the sender.
  */
-export async function peerPidfd(socketFd: number, pid: number): Promise<PeerPidfd> {
+export async function peerPidfd(socketFd: number, pid: number, senderPid?: number, acceptedAt?: bigint): Promise<PeerPidfd> {
+  if (senderPid === 0) throw new SysError('SCM_CREDENTIALS', `the record from the peer of pid ${pid}: no sender named`, ESRCH);
+  if (senderPid !== undefined && senderPid !== pid) {
+    throw new SysError('SCM_CREDENTIALS', `the record from pid ${senderPid}, not from the process that connected (pid ${pid})`, ESRCH);
+  }
   const out = Buffer.alloc(4);
   const len = Buffer.alloc(4);
   len.writeUInt32LE(4, 0);
@@ -89,8 +108,16 @@ export async function peerPidfd(socketFd: number, pid: number): Promise<PeerPidf
     return { pidfd, proof: 'SO_PEERPIDFD' };
   }
   const errno = lastErrno();
-  if (errno !== ENOPROTOOPT && errno !== EINVAL) throw new SysError('getsockopt(SO_PEERPIDFD)', `pid ${pid}`, errno);
-  const peerInode = unixPeerInode(socketFd);
+  // A kernel that has SO_PEERPIDFD says EINVAL (6.5-6.8) or ESRCH when the peer has no task left: it exited.
+  if (errno === EINVAL || errno === ESRCH) throw new SysError('SO_PEERPIDFD', `peer pid ${pid} (it has exited)`, ESRCH);
+  if (errno !== ENOPROTOOPT) throw new SysError('getsockopt(SO_PEERPIDFD)', `pid ${pid}`, errno);
+  let peerInode: number | undefined;
+  try {
+    peerInode = unixPeerInode(socketFd);
+  } catch (e) {
+    // Not in this network namespace (ENOENT), or no netlink here (a sandbox): the weaker proof.
+    if (!(e instanceof SysError) || senderPid === undefined) throw e;
+  }
   let pidfd: OwnedFd;
   try {
     pidfd = pidfdOpen(pid);
@@ -99,15 +126,45 @@ export async function peerPidfd(socketFd: number, pid: number): Promise<PeerPidf
     throw e;
   }
   try {
-    if (!(await processHoldsSocket(pid, peerInode)) || pidfdExited(pidfd.fd)) {
-      throw new SysError('pidfd_open', `peer pid ${pid} (exited, or the pid now names a process that does not hold the connection)`, ESRCH);
+    if (peerInode !== undefined && !(await processHoldsSocket(pid, peerInode))) {
+      throw new SysError('pidfd_open', `peer pid ${pid} (it exited, and the pid now names a process that does not hold the connection)`, ESRCH);
     }
+    if (peerInode === undefined && acceptedAt !== undefined && !(await startedBefore(pid, acceptedAt))) {
+      throw new SysError('pidfd_open', `peer pid ${pid} (it exited, and the pid now names a process started after the connection)`, ESRCH);
+    }
+    if (pidfdExited(pidfd.fd)) throw new SysError('pidfd_open', `peer pid ${pid} (it has exited)`, ESRCH);
   } catch (e) {
     pidfd.closeSync();
     throw e;
   }
-  return { pidfd, proof: 'holds-socket' };
+  return { pidfd, proof: peerInode !== undefined ? 'holds-socket' : 'sent-record' };
 }
+
+/**
+ * Whether process `pid` started no later than `at` (boottimeNs()), to the
+ * 10 ms tick of /proc/<pid>/stat's start time (the kernel rounds it down: a
+ * process started in the tick of `at` counts as before). False when it
+ * cannot be read.
+ */
+async function startedBefore(pid: number, at: bigint): Promise<boolean> {
+  try {
+    const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
+    // Fields after the command (which may hold spaces and parentheses): state is field 3, starttime field 22.
+    const startTicks = stat.slice(stat.lastIndexOf(')') + 2).split(' ')[22 - 3];
+    return /^\d+$/.test(startTicks) && BigInt(startTicks) * NS_PER_TICK <= at;
+  } catch {
+    return false;
+  }
+}
+const NS_PER_TICK = 10_000_000n; // USER_HZ = 100 on Linux
+
+/** clock_gettime(CLOCK_BOOTTIME) in ns: the clock of a process's start time in /proc/<pid>/stat. */
+export function boottimeNs(): bigint {
+  const ts = Buffer.alloc(16);
+  if ((sys.clockGettime(CLOCK_BOOTTIME, ts) as number) < 0) throw new SysError('clock_gettime(CLOCK_BOOTTIME)', 'this process', lastErrno());
+  return ts.readBigInt64LE(0) * 1_000_000_000n + ts.readBigInt64LE(8);
+}
+const CLOCK_BOOTTIME = 7;
 
 /** Whether /proc/<pid>/fd has an fd on the socket of inode `inode`. At most 65,536 fds are looked at. */
 async function processHoldsSocket(pid: number, inode: number): Promise<boolean> {

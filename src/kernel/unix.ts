@@ -23,6 +23,7 @@ const sys = {
   recvmsg: lib.func('intptr_t recvmsg(int fd, void *msg, int flags)'),
   socketpair: lib.func('int socketpair(int domain, int type, int protocol, _Out_ int *sv)'),
   shutdown: lib.func('int shutdown(int fd, int how)'),
+  setsockopt: lib.func('int setsockopt(int fd, int level, int name, const void *val, uint32_t len)'),
 };
 
 const AF_UNIX = 1;
@@ -31,6 +32,8 @@ const SOCK_NONBLOCK = 0o4000;
 const SOCK_CLOEXEC = 0o2000000;
 const SOL_SOCKET = 1;
 const SCM_RIGHTS = 1;
+const SCM_CREDENTIALS = 2;
+const SO_PASSCRED = 16;
 const MSG_DONTWAIT = 0x40;
 const MSG_NOSIGNAL = 0x4000;
 const MSG_CMSG_CLOEXEC = 0x40000000;
@@ -44,7 +47,8 @@ export const MAX_RECORD = 4096;
 export const MAX_FDS = 8;
 
 const align8 = (n: number) => (n + 7) & ~7;
-const CTL_SPACE = 16 + align8(4 * MAX_FDS);
+// Room for SCM_RIGHTS (MAX_FDS ints) and SCM_CREDENTIALS (struct ucred, 12 bytes).
+const CTL_SPACE = 16 + align8(4 * MAX_FDS) + 16 + align8(12);
 const OFF_IOV = 56;
 const OFF_CTL = 72;
 const OFF_DATA = OFF_CTL + CTL_SPACE;
@@ -81,12 +85,24 @@ function sockaddr(path: string): Buffer {
   return b.subarray(0, 2 + n + 1);
 }
 
+function setPassCred(fd: number, label: string): void {
+  const one = Buffer.alloc(4);
+  one.writeInt32LE(1, 0);
+  if ((sys.setsockopt(fd, SOL_SOCKET, SO_PASSCRED, one, 4) as number) < 0) throw new SysError('setsockopt(SO_PASSCRED)', label, lastErrno());
+}
+
 export interface Received {
   data: Buffer;
   /** Owned by the caller now; close what you do not keep. */
   fds: OwnedFd[];
   /** The kernel dropped fds (MSG_CTRUNC) or cut the record (MSG_TRUNC). */
   truncated: boolean;
+  /**
+   * SCM_CREDENTIALS, on a socket with passCredentials(): the process that
+   * sent this record, as the kernel saw it at sendmsg (its pid numbered in
+   * this process's pid namespace at recvmsg).
+   */
+  sender?: { pid: number; uid: number; gid: number };
 }
 
 export class SeqpacketSocket {
@@ -177,19 +193,33 @@ export class SeqpacketSocket {
       if (errno !== EINTR) throw new SysError('recvmsg', this.label, errno);
     }
     const fds: OwnedFd[] = [];
+    let sender: Received['sender'];
     const ctlLen = Number(dv.getBigUint64(40, true));
     let off = 0;
     while (off + 16 <= ctlLen) {
       const len = Number(dv.getBigUint64(OFF_CTL + off, true));
       if (len < 16 || off + len > ctlLen) break;
-      if (dv.getInt32(OFF_CTL + off + 8, true) === SOL_SOCKET && dv.getInt32(OFF_CTL + off + 12, true) === SCM_RIGHTS) {
+      const level = dv.getInt32(OFF_CTL + off + 8, true);
+      const type = dv.getInt32(OFF_CTL + off + 12, true);
+      if (level === SOL_SOCKET && type === SCM_RIGHTS) {
         for (let i = 0; i < (len - 16) / 4; i++) fds.push(new OwnedFd(dv.getInt32(OFF_CTL + off + 16 + 4 * i, true), `fd from ${this.label}`));
+      } else if (level === SOL_SOCKET && type === SCM_CREDENTIALS && len >= 28) {
+        sender = { pid: dv.getInt32(OFF_CTL + off + 16, true), uid: dv.getUint32(OFF_CTL + off + 20, true), gid: dv.getUint32(OFF_CTL + off + 24, true) };
       }
       off += align8(len);
     }
     const flags = dv.getInt32(48, true);
     const data = Buffer.from(b.u8.subarray(OFF_DATA, OFF_DATA + Math.min(n, MAX_RECORD + 1)));
-    return { data, fds, truncated: (flags & (MSG_CTRUNC | MSG_TRUNC)) !== 0 };
+    return { data, fds, truncated: (flags & (MSG_CTRUNC | MSG_TRUNC)) !== 0, ...(sender ? { sender } : {}) };
+  }
+
+  /**
+   * SO_PASSCRED: from now on every record received carries its sender's
+   * credentials (Received.sender), stamped by the kernel — records already
+   * queued too, since the kernel keeps the sender with each record.
+   */
+  passCredentials(): void {
+    setPassCred(this.fd, this.label);
   }
 
   /** shutdown(SHUT_RDWR): the peer sees end of stream even while other copies of this fd live. */
@@ -264,6 +294,15 @@ export class SeqpacketListener {
 
   get fd(): number {
     return this.#fd.fd;
+  }
+
+  /**
+   * SO_PASSCRED on the listener: records sent on a connection before it is
+   * accepted, or between its accept and the accepted socket's own
+   * SO_PASSCRED, carry their sender too (the accepted socket inherits it).
+   */
+  passCredentials(): void {
+    setPassCred(this.fd, this.path);
   }
 
   /** accept4(2), non-blocking and close-on-exec. null when no connection waits. */

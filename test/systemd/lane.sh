@@ -22,7 +22,8 @@
 # host, and the VMM is not in the daemon's cgroup, so no stop of the daemon
 # signals it. Its JSON lines are read from the journal.
 #
-# Nothing of the units is changed for the lane: no drop-in. (The daemon's
+# Nothing of the units is changed for the lane, but for one drop-in in the
+# step "kernel without SO_PEERPIDFD", removed after it. (The daemon's
 # watchdog test hook is armed through the container manager's environment,
 # `systemctl set-environment`, not through the unit.) What the sandbox
 # needs goes on the nspawn command line instead: CAP_BPF, CAP_NET_ADMIN,
@@ -241,6 +242,10 @@ mkdir -p "$EXTRA/lib/systemd/system" "$EXTRA/lib/sysusers.d" "$EXTRA/lib/tmpfile
 cp "$REPO/systemd/kvmvfiod.service" "$REPO/systemd/kvmvfiod.socket" "$REPO/systemd/kvmvfiod-handoff.socket" "$EXTRA/lib/systemd/system/"
 cp "$REPO/systemd/kvmvfiod.sysusers" "$EXTRA/lib/sysusers.d/kvmvfiod.conf"
 cp "$REPO/systemd/kvmvfiod.tmpfiles" "$EXTRA/lib/tmpfiles.d/kvmvfiod.conf"
+# The test wrapper that hides SO_PEERPIDFD (step "kernel without SO_PEERPIDFD"); not part of the package.
+mkdir -p "$EXTRA/lib/kvmvfiod-lane"
+gcc -O2 -Wall -Wextra -Werror -std=c11 -D_GNU_SOURCE -o "$EXTRA/lib/kvmvfiod-lane/no-peerpidfd" "$REPO/test/helpers/no-peerpidfd.c" \
+  || abort "building test/helpers/no-peerpidfd.c"
 timing "rootfs" "$(since "$t")"
 
 log "step boot"
@@ -518,6 +523,33 @@ wait_until 5 bash -c "[ \"\$(nsenter -t $LEADER -a systemctl show -P NFileDescri
 n3=$(prop $UNIT NFileDescriptorStore)
 check "fd store remove" "NFileDescriptorStore $n2 with the VM, $n3 after its delete (want $((n2 - 2)): session and pidfd removed)" test "$n3" = $((n2 - 2))
 ct systemctl reset-failed kvmvfio-vmm-lane2 > /dev/null 2>&1
+
+log "step kernel without SO_PEERPIDFD"
+# Debian 12's kernel (6.1) has no SO_PEERPIDFD: the daemon opens the VMM's pidfd from its pid and
+# accepts it only if that process holds the connection, read from its /proc/PID/fd — which, under
+# the unit's ProtectProc=invisible, takes the unit's CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH. Played
+# here with a drop-in (the one of the lane) that runs the shipped ExecStart under a seccomp filter
+# making getsockopt(SO_PEERPIDFD) fail with ENOPROTOOPT.
+ct mkdir -p /run/systemd/system/kvmvfiod.service.d
+ct sh -c "printf '[Service]\nExecStart=\nExecStart=/usr/lib/kvmvfiod-lane/no-peerpidfd $(prop $UNIT ExecStart | sed -n 's/.*argv\[\]=\([^;]*\) ;.*/\1/p')\n' > /run/systemd/system/kvmvfiod.service.d/lane-no-peerpidfd.conf"
+sctl daemon-reload
+c=$(cursor)
+sctl restart $UNIT > /dev/null 2>&1
+wait_line 15 "$c" '"event":"ready"'
+created=$(cli --json vm create lane-vm3 --vmm-uid 65534 2>&1)
+TOKEN3=$(echo "$created" | js 'o.attach_token.token')
+ct systemd-run --quiet --unit=kvmvfio-vmm-lane3 --property=User=nobody --property=SyslogIdentifier=lane-vmm3 \
+  --setenv=KVMVFIO_TOKEN="$TOKEN3" /usr/bin/node $INSTALL/dist/src/vmm/reference.js > /dev/null 2>&1
+wait_line 15 "$c" '"event":"vmm-attached"'
+echo "DEBUG netns daemon $(ct readlink /proc/$(main_pid)/ns/net) pid1 $(ct readlink /proc/1/ns/net)"; ct nsenter -t "$(main_pid)" -n ss -xl 2>&1 | head; echo DEBUG host; ct ss -xl 2>&1 | grep kvmvfiod
+attached=$(djl "$c" | grep -m1 '"event":"vmm-attached"' | js 'o.pidfd')
+exec_start=$(prop $UNIT ExecStart | sed -n 's/.*path=\([^ ;]*\).*/\1/p')
+check "no SO_PEERPIDFD: attach" "ExecStart path $exec_start; vm lane-vm3 $(cli --json vm get lane-vm3 2>/dev/null | js 'o.state'); the VMM's pidfd proven by: ${attached:-no attach}" \
+  test "$attached" = holds-socket
+cli vm delete lane-vm3 --force > /dev/null 2>&1
+ct rm -f /run/systemd/system/kvmvfiod.service.d/lane-no-peerpidfd.conf
+sctl daemon-reload
+ct systemctl reset-failed kvmvfio-vmm-lane3 > /dev/null 2>&1
 
 log "step sockets stop"
 sctl stop kvmvfiod.socket kvmvfiod-handoff.socket

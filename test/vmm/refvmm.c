@@ -22,7 +22,9 @@
  * fd is at its end. "late": the parent exits when its control fd is at its
  * end. The control fd is fd 3 when open, else stdin. Either way the child, once its session ends, prints
  * {"event":"holding"} and keeps every fd it got (the VM, its groups) until
- * it is killed.
+ * it is killed. KVMVFIO_SEND_AND_EXIT=1 plays a VMM that connects, waits for
+ * its control fd to end, sends its ATTACH and exits at once, leaving its pid
+ * free before the daemon reads the ATTACH (a pid-reuse attack's first half).
  *
  * Build: gcc -O2 -Wall -Wextra -Werror -std=c11 -D_GNU_SOURCE refvmm.c
  */
@@ -420,6 +422,20 @@ int main(int argc, char **argv) {
 	const char *forking = getenv("KVMVFIO_FORK");
 	if (forking && *forking) hold_after_end = fork_after_connect(forking, control);
 
+	const char *send_and_exit = getenv("KVMVFIO_SEND_AND_EXIT");
+	if (send_and_exit && !strcmp(send_and_exit, "1")) {
+		/* A child keeps the connection open (and sends nothing) once this process is gone. */
+		fflush(stdout);
+		pid_t keeper = fork();
+		if (keeper < 0) fail(2, "fork", errno);
+		if (keeper == 0)
+			for (;;) pause();
+		printf("{\"event\":\"keeper\",\"child\":%d", (int)keeper);
+		end_event();
+		wait_eof(control);
+		send_rec(sock, ATTACH, 1, 0, token);
+		_exit(0);
+	}
 	send_rec(sock, ATTACH, 1, 0, token);
 	if (!recv_rec(sock, &r)) {
 		printf("{\"event\":\"attach-refused\",\"errno\":%d,\"reason\":\"the daemon closed the session\"", ECONNRESET);

@@ -49,6 +49,7 @@ export class HandoffServer {
   async listen(path: string): Promise<void> {
     await clearStaleSocket(path);
     this.#listener = SeqpacketListener.listen(path);
+    this.#listener.passCredentials();
     await chmod(path, 0o666);
     this.#unlinkOnStop = true;
     this.#watch = watchReadable(this.#listener.fd, () => this.#accept());
@@ -58,6 +59,7 @@ export class HandoffServer {
   /** Serves on a listening SOCK_SEQPACKET socket systemd passed (socket activation). */
   listenFd(fd: OwnedFd, path: string): void {
     this.#listener = SeqpacketListener.fromFd(fd, path);
+    this.#listener.passCredentials();
     this.#watch = watchReadable(this.#listener.fd, () => this.#accept());
     this.#log.info({ event: 'handoff-listening', path, activated: true }, 'handoff socket from systemd');
   }
@@ -124,6 +126,14 @@ export class HandoffServer {
         cred = peerCredentials(sock.fd);
       } catch (e) {
         this.#log.warn({ event: 'handoff-no-credentials', err: (e as Error).message }, 'dropping a connection without credentials');
+        sock.closeSync();
+        continue;
+      }
+      try {
+        // The kernel then says who sent each record: an ATTACH must come from the process that connected.
+        sock.passCredentials();
+      } catch (e) {
+        this.#log.warn({ event: 'handoff-no-credentials', err: (e as Error).message }, 'dropping a connection whose records cannot carry credentials');
         sock.closeSync();
         continue;
       }

@@ -13,7 +13,7 @@ import type { Logger } from 'pino';
 import type { Broker, Caller } from '../../broker/broker';
 import { DeadlineExceededError, DomainError, FailedPreconditionError, PermissionDeniedError, ResourceExhaustedError, UnavailableError } from '../../broker/errors';
 import type { AttachGrant, VmmLink } from '../../broker/vmm';
-import { type FdWatch, type OwnedFd, type SendableFd, SIGKILL, type SeqpacketSocket, SysError, peerPidfd, pidfdExited, pidfdSendSignal, watchReadable } from '../../kernel';
+import { type FdWatch, type OwnedFd, type SendableFd, SIGKILL, type SeqpacketSocket, SysError, boottimeNs, peerPidfd, pidfdExited, pidfdSendSignal, watchReadable } from '../../kernel';
 import { FdKind, type Message, MsgType, ProtocolError, RESULT_BIT, decode, encode, isResult, typeName } from '../../protocol/session';
 
 const EACCES = 13;
@@ -79,6 +79,8 @@ export class Session implements VmmLink {
   #phase: Phase = 'new';
   /** How the pidfd was tied to the peer (logged at attach). */
   #proof = '';
+  /** When the connection was accepted (CLOCK_BOOTTIME, ns): the VMM started before it. */
+  readonly #acceptedAt = boottimeNs();
   #seq = 0;
   #vmId = '';
   #vmName = '';
@@ -198,7 +200,7 @@ export class Session implements VmmLink {
       try {
         if (rec.truncated) throw new ProtocolError('record or its fds were truncated (MSG_TRUNC/MSG_CTRUNC)');
         const msg = decode(rec.data, fds.length);
-        this.#handle(msg, fds);
+        this.#handle(msg, fds, rec.sender?.pid);
       } catch (e) {
         for (const f of fds) f.closeSync();
         if (e instanceof ProtocolError) {
@@ -211,7 +213,8 @@ export class Session implements VmmLink {
     }
   }
 
-  #handle(msg: Message, fds: OwnedFd[]): void {
+  /** `senderPid`: who sent the record (SCM_CREDENTIALS), where the socket passes credentials. */
+  #handle(msg: Message, fds: OwnedFd[], senderPid?: number): void {
     // No message from a VMM carries fds in protocol v1.
     if (fds.length) throw new ProtocolError(`${typeName(msg.type)} carries ${fds.length} fds; none are expected from a VMM`);
     if (isResult(msg.type)) {
@@ -237,7 +240,7 @@ export class Session implements VmmLink {
         if (msg.arg !== 0 && msg.arg !== 1) throw new ProtocolError(`ATTACH arg 0x${msg.arg.toString(16)} has unknown bits`);
         this.#phase = 'attaching';
         clearTimeout(this.#attachTimer);
-        void this.#attach(msg);
+        void this.#attach(msg, senderPid);
         return;
       case MsgType.VM_CREATED:
         if (this.#phase !== 'attached' || this.#passive) throw new ProtocolError(`VM_CREATED in phase ${this.#phase}`);
@@ -256,7 +259,7 @@ export class Session implements VmmLink {
     }
   }
 
-  async #attach(msg: Message): Promise<void> {
+  async #attach(msg: Message, senderPid?: number): Promise<void> {
     this.#passive = msg.arg === 1;
     let grant: AttachGrant;
     try {
@@ -268,7 +271,7 @@ export class Session implements VmmLink {
       if (this.#broker.sessionCount >= max) throw new ResourceExhaustedError(`kvmvfiod has ${this.#broker.sessionCount} VMM sessions; its limit (--max-sessions) is ${max}`);
       // The pidfd first: from here on the VMM is named by it, never by a pid that could be reused.
       // A peer that has exited (its connection inherited by another process) is refused here.
-      const { pidfd, proof } = await peerPidfd(this.#sock.fd, this.peer.pid);
+      const { pidfd, proof } = await peerPidfd(this.#sock.fd, this.peer.pid, senderPid, this.#acceptedAt);
       if (this.#phase !== 'attaching') {
         pidfd.closeSync();
         return;

@@ -10,7 +10,7 @@ import { connect, createServer, type Server as NetServer, type Socket } from 'no
 import { chmod, lstat, unlink } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import type { Caller } from '../broker/broker';
-import { type OwnedFd, peerCredentials } from '../kernel';
+import { type OwnedFd, peerCredentials, peersHungUp } from '../kernel';
 
 export class PeerDirectory {
   readonly #byPeer = new Map<string, Caller>();
@@ -62,35 +62,144 @@ export async function clearStaleSocket(path: string): Promise<void> {
   await unlink(path);
 }
 
+/**
+ * How a caller ranks at accept: uid 0 and admin principals are never refused
+ * by a connection limit; a tenant counts against them; a stranger (a policy
+ * exists and names no principal for it) is closed at once.
+ */
+export type Admission = 'privileged' | 'tenant' | 'stranger';
+
+export interface ApiListenerOptions {
+  /** Connections of tenants (every caller but uid 0 and admin principals) together, at most. */
+  maxConnections: number;
+  /** Connections of one tenant uid at most. */
+  maxConnectionsPerUid: number;
+  /** Ranks a caller by its credentials (asked at each accept, so a policy reload applies at once). */
+  admit(cred: Caller): Admission;
+  /** How often the open connections are checked for a peer that hung up. Default 200 ms. */
+  sweepMs?: number;
+  /** A connection whose HTTP/2 session has ended its side but is still open this long is destroyed. Default 2 s. */
+  closeGraceMs?: number;
+}
+
+interface Connection {
+  sock: Socket;
+  fd: number;
+  key: string;
+  uid: number;
+  tenant: boolean;
+  /** When the session ended its writable side (grpc-js closing it), if it did. */
+  endedAt?: number;
+}
+
+/** Why a connection was refused, in the log line's `reason`. */
+type Refusal = 'per-uid-limit' | 'limit' | 'no-principal';
+
 export class ApiListener {
   readonly peers = new PeerDirectory();
   readonly #net: NetServer;
-  readonly #sockets = new Set<Socket>();
+  readonly #conns = new Map<Socket, Connection>();
+  /** Tenant connections per uid. */
+  readonly #perUid = new Map<number, number>();
+  #tenants = 0;
   readonly #log: Logger;
+  readonly #opts: Required<ApiListenerOptions>;
+  #sweep: NodeJS.Timeout | undefined;
 
-  constructor(injector: ConnectionInjector, log: Logger, maxConnections = 1024) {
+  constructor(injector: ConnectionInjector, log: Logger, opts: ApiListenerOptions) {
     this.#log = log;
-    this.#net = createServer((sock) => {
-      let key: string;
-      try {
-        key = this.peers.add(peerCredentials(socketFd(sock)));
-      } catch (e) {
-        log.warn({ event: 'api-accept-failed', err: (e as Error).message }, 'dropping an API connection without credentials');
-        sock.destroy();
-        return;
-      }
-      Object.defineProperty(sock, 'remoteAddress', { value: key, configurable: true });
-      this.#sockets.add(sock);
-      sock.once('close', () => {
-        this.#sockets.delete(sock);
-        this.peers.remove(key);
-      });
-      injector.injectConnection(sock);
-    });
-    // Beyond the limit Node closes new connections at once (the client sees UNAVAILABLE and retries).
-    this.#net.maxConnections = maxConnections;
-    this.#net.on('drop', () => log.warn({ event: 'api-connection-dropped', limit: maxConnections }, 'API connection refused: --max-api-connections reached'));
+    this.#opts = { sweepMs: 200, closeGraceMs: 2000, ...opts };
+    // No net.Server maxConnections: it would refuse uid 0 as readily as anyone. Limits are per caller, below.
+    this.#net = createServer((sock) => this.#accepted(sock, injector));
     this.#net.on('error', (e) => log.error({ event: 'api-listener-error', err: e.message }, 'API listener error'));
+  }
+
+  #accepted(sock: Socket, injector: ConnectionInjector): void {
+    let fd: number;
+    let cred: Caller;
+    try {
+      fd = socketFd(sock);
+      cred = peerCredentials(fd);
+    } catch (e) {
+      this.#log.warn({ event: 'api-accept-failed', err: (e as Error).message }, 'dropping an API connection without credentials');
+      sock.destroy();
+      return;
+    }
+    const rank = this.#opts.admit(cred);
+    const tenant = rank !== 'privileged';
+    if (rank === 'stranger') return this.#refuse(sock, cred, 'no-principal');
+    if (tenant) {
+      const mine = this.#perUid.get(cred.uid) ?? 0;
+      if (mine >= this.#opts.maxConnectionsPerUid) return this.#refuse(sock, cred, 'per-uid-limit');
+      if (this.#tenants >= this.#opts.maxConnections) return this.#refuse(sock, cred, 'limit');
+      this.#perUid.set(cred.uid, mine + 1);
+      this.#tenants++;
+    }
+    const key = this.peers.add(cred);
+    Object.defineProperty(sock, 'remoteAddress', { value: key, configurable: true });
+    const conn: Connection = { sock, fd, key, uid: cred.uid, tenant };
+    this.#conns.set(sock, conn);
+    sock.once('close', () => this.#forget(conn));
+    injector.injectConnection(sock);
+    this.#sweep ??= setInterval(() => this.#sweepConnections(), this.#opts.sweepMs).unref();
+  }
+
+  #refuse(sock: Socket, cred: Caller, reason: Refusal): void {
+    sock.destroy();
+    const limit = reason === 'per-uid-limit' ? this.#opts.maxConnectionsPerUid : reason === 'limit' ? this.#opts.maxConnections : undefined;
+    const why =
+      reason === 'no-principal'
+        ? `uid ${cred.uid} matches no principal of the policy`
+        : reason === 'per-uid-limit'
+          ? `uid ${cred.uid} holds ${this.#perUid.get(cred.uid)} API connections (--max-api-connections-per-uid ${limit})`
+          : `callers other than root and admins hold ${this.#tenants} API connections (--max-api-connections ${limit})`;
+    this.#log.warn({ event: 'api-connection-refused', uid: cred.uid, gid: cred.gid, pid: cred.pid, reason, limit }, `API connection refused: ${why}`);
+  }
+
+  /** Every connection's fd, ownership and counts end here, once ('close' is emitted once per socket). */
+  #forget(conn: Connection): void {
+    if (!this.#conns.delete(conn.sock)) return;
+    this.peers.remove(conn.key);
+    if (conn.tenant) {
+      this.#tenants--;
+      const n = (this.#perUid.get(conn.uid) ?? 1) - 1;
+      if (n > 0) this.#perUid.set(conn.uid, n);
+      else this.#perUid.delete(conn.uid);
+    }
+    if (this.#conns.size === 0) {
+      clearInterval(this.#sweep);
+      this.#sweep = undefined;
+    }
+  }
+
+  /**
+   * Destroys the connections whose peer is gone. Node's HTTP/2 stops
+   * reading a session after a connection error (a bad frame: nghttp2 sends
+   * GOAWAY and wants no more input), so the peer's close would never be
+   * read and the socket would stay open for good. Also destroys a
+   * connection whose session ended its side (grpc-js's idle close) but that
+   * a peer which reads nothing keeps from closing.
+   */
+  #sweepConnections(): void {
+    const now = Date.now();
+    const conns: Connection[] = [];
+    for (const c of this.#conns.values()) {
+      if (c.sock.destroyed) continue;
+      if (c.sock.writableEnded) {
+        c.endedAt ??= now;
+        if (now - c.endedAt >= this.#opts.closeGraceMs) {
+          c.sock.destroy();
+          continue;
+        }
+      }
+      conns.push(c);
+    }
+    for (const i of peersHungUp(conns.map((c) => c.fd))) conns[i].sock.destroy();
+  }
+
+  /** Connections open now: all, and of tenants (every caller but uid 0 and admins). */
+  get counts(): { all: number; tenants: number } {
+    return { all: this.#conns.size, tenants: this.#tenants };
   }
 
   async listen(path: string, mode = 0o666): Promise<void> {
@@ -121,7 +230,7 @@ export class ApiListener {
   }
 
   get connections(): number {
-    return this.#sockets.size;
+    return this.#conns.size;
   }
 
   /**
@@ -134,6 +243,8 @@ export class ApiListener {
   }
 
   destroyConnections(): void {
-    for (const s of this.#sockets) s.destroy();
+    for (const c of [...this.#conns.values()]) c.sock.destroy();
+    clearInterval(this.#sweep);
+    this.#sweep = undefined;
   }
 }

@@ -375,7 +375,7 @@ export class Daemon {
     this.#broker?.beginShutdown();
     this.#health?.setStatus('', 'NOT_SERVING');
     this.#health?.setStatus(SERVICE_NAME, 'NOT_SERVING');
-    this.#listener?.stopAccepting();
+    await this.#listener?.stopAccepting();
     await this.#handoff?.stopAccepting();
     this.#endWatches();
     if (this.#grpc) {

@@ -4,13 +4,28 @@
  * hands each connection to grpc-js through a connection injector. The
  * credentials are found again per call by the peer string, which is the
  * `remoteAddress` this listener gives the socket.
+ *
+ * accept(2) is the daemon's own (on a uv_poll, as the handoff socket's), not
+ * net.Server's: a connection a limit refuses is closed before Node makes a
+ * socket object of it (an accept, a getsockopt and a close: a third of what
+ * net.Server spends on it), and each loop turn accepts a bounded number, so
+ * a flood of connections from one user delays root's calls by little.
  */
 import type { ConnectionInjector } from '@grpc/grpc-js';
-import { connect, createServer, type Server as NetServer, type Socket } from 'node:net';
+import { connect, Socket } from 'node:net';
 import { chmod, lstat, unlink } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import type { Caller } from '../broker/broker';
-import { type OwnedFd, peerCredentials, peersHungUp } from '../kernel';
+import { type FdWatch, type OwnedFd, SeqpacketListener, peerCredentials, peersHungUp, watchReadable } from '../kernel';
+
+/** Connections accepted per loop turn at most; the listener is level-triggered, so the rest wait one turn. */
+const ACCEPTS_PER_TURN = 32;
+/**
+ * The listen backlog (the kernel caps it at net.core.somaxconn). A Unix
+ * socket's connect fails with EAGAIN, not waits, when the backlog is full: a
+ * deep one keeps root's connect queued behind a flood rather than refused.
+ */
+const API_BACKLOG = 4096;
 
 export class PeerDirectory {
   readonly #byPeer = new Map<string, Caller>();
@@ -31,13 +46,6 @@ export class PeerDirectory {
   get size(): number {
     return this.#byPeer.size;
   }
-}
-
-/** The fd under a net.Socket of a Unix connection. */
-function socketFd(sock: Socket): number {
-  const fd = (sock as unknown as { _handle?: { fd?: number } })._handle?.fd;
-  if (typeof fd !== 'number' || fd < 0) throw new Error('accepted socket has no fd');
-  return fd;
 }
 
 /**
@@ -97,7 +105,10 @@ type Refusal = 'per-uid-limit' | 'limit' | 'no-principal';
 
 export class ApiListener {
   readonly peers = new PeerDirectory();
-  readonly #net: NetServer;
+  readonly #injector: ConnectionInjector;
+  #listener?: SeqpacketListener;
+  #watch?: FdWatch;
+  #unlinkOnStop = false;
   readonly #conns = new Map<Socket, Connection>();
   /** Tenant connections per uid. */
   readonly #perUid = new Map<number, number>();
@@ -108,31 +119,67 @@ export class ApiListener {
 
   constructor(injector: ConnectionInjector, log: Logger, opts: ApiListenerOptions) {
     this.#log = log;
+    this.#injector = injector;
     this.#opts = { sweepMs: 200, closeGraceMs: 2000, ...opts };
-    // No net.Server maxConnections: it would refuse uid 0 as readily as anyone. Limits are per caller, below.
-    this.#net = createServer((sock) => this.#accepted(sock, injector));
-    this.#net.on('error', (e) => log.error({ event: 'api-listener-error', err: e.message }, 'API listener error'));
   }
 
-  #accepted(sock: Socket, injector: ConnectionInjector): void {
-    let fd: number;
-    let cred: Caller;
-    try {
-      fd = socketFd(sock);
-      cred = peerCredentials(fd);
-    } catch (e) {
-      this.#log.warn({ event: 'api-accept-failed', err: (e as Error).message }, 'dropping an API connection without credentials');
-      sock.destroy();
-      return;
+  #watchListener(): void {
+    if (this.#listener) this.#watch = watchReadable(this.#listener.fd, () => this.#acceptSome());
+  }
+
+  #acceptSome(): void {
+    const listener = this.#listener;
+    if (!listener) return;
+    for (let i = 0; i < ACCEPTS_PER_TURN; i++) {
+      let conn;
+      try {
+        conn = listener.accept();
+      } catch (e) {
+        // EMFILE and friends: the connection stays queued. Stop watching for a moment rather than spin.
+        this.#log.error({ event: 'api-accept-failed', err: (e as Error).message }, 'API accept failed; retrying in 100 ms');
+        this.#watch?.close();
+        this.#watch = undefined;
+        setTimeout(() => {
+          if (!this.#watch) this.#watchListener();
+        }, 100).unref();
+        return;
+      }
+      if (!conn) return;
+      let cred: Caller;
+      try {
+        cred = peerCredentials(conn.fd);
+      } catch (e) {
+        this.#log.warn({ event: 'api-accept-failed', err: (e as Error).message }, 'dropping an API connection without credentials');
+        conn.closeSync();
+        continue;
+      }
+      const rank = this.#opts.admit(cred);
+      const tenant = rank !== 'privileged';
+      let refusal: Refusal | undefined;
+      if (rank === 'stranger') refusal = 'no-principal';
+      else if (tenant && (this.#perUid.get(cred.uid) ?? 0) >= this.#opts.maxConnectionsPerUid) refusal = 'per-uid-limit';
+      else if (tenant && this.#tenants >= this.#opts.maxConnections) refusal = 'limit';
+      if (refusal) {
+        conn.closeSync();
+        this.#refused(cred, refusal);
+        continue;
+      }
+      // From here the net.Socket owns the fd (it closes it on destroy).
+      const fd = conn.release();
+      let sock: Socket;
+      try {
+        sock = new Socket({ fd, readable: true, writable: true });
+      } catch (e) {
+        this.#log.warn({ event: 'api-accept-failed', err: (e as Error).message }, 'dropping an API connection Node could not take');
+        continue;
+      }
+      this.#admitted(sock, fd, cred, tenant);
     }
-    const rank = this.#opts.admit(cred);
-    const tenant = rank !== 'privileged';
-    if (rank === 'stranger') return this.#refuse(sock, cred, 'no-principal');
+  }
+
+  #admitted(sock: Socket, fd: number, cred: Caller, tenant: boolean): void {
     if (tenant) {
-      const mine = this.#perUid.get(cred.uid) ?? 0;
-      if (mine >= this.#opts.maxConnectionsPerUid) return this.#refuse(sock, cred, 'per-uid-limit');
-      if (this.#tenants >= this.#opts.maxConnections) return this.#refuse(sock, cred, 'limit');
-      this.#perUid.set(cred.uid, mine + 1);
+      this.#perUid.set(cred.uid, (this.#perUid.get(cred.uid) ?? 0) + 1);
       this.#tenants++;
     }
     const key = this.peers.add(cred);
@@ -140,12 +187,11 @@ export class ApiListener {
     const conn: Connection = { sock, fd, key, uid: cred.uid, tenant };
     this.#conns.set(sock, conn);
     sock.once('close', () => this.#forget(conn));
-    injector.injectConnection(sock);
+    this.#injector.injectConnection(sock);
     this.#sweep ??= setInterval(() => this.#sweepConnections(), this.#opts.sweepMs).unref();
   }
 
-  #refuse(sock: Socket, cred: Caller, reason: Refusal): void {
-    sock.destroy();
+  #refused(cred: Caller, reason: Refusal): void {
     const limit = reason === 'per-uid-limit' ? this.#opts.maxConnectionsPerUid : reason === 'limit' ? this.#opts.maxConnections : undefined;
     const why =
       reason === 'no-principal'
@@ -204,28 +250,19 @@ export class ApiListener {
 
   async listen(path: string, mode = 0o666): Promise<void> {
     await clearStaleSocket(path);
-    await new Promise<void>((resolve, reject) => {
-      this.#net.once('error', reject);
-      this.#net.listen(path, () => {
-        this.#net.off('error', reject);
-        resolve();
-      });
-    });
+    this.#listener = SeqpacketListener.listen(path, API_BACKLOG, true);
+    this.#unlinkOnStop = true;
     // Anyone may connect: SO_PEERCRED and the policy decide what they may do.
     await chmod(path, mode);
+    this.#watchListener();
     this.#log.info({ event: 'api-listening', path }, 'API socket ready');
   }
 
   /** Serves on a listening socket systemd passed (socket activation); its path and mode are the unit's. */
   async listenFd(fd: OwnedFd): Promise<void> {
-    const n = fd.release();
-    await new Promise<void>((resolve, reject) => {
-      this.#net.once('error', reject);
-      this.#net.listen({ fd: n }, () => {
-        this.#net.off('error', reject);
-        resolve();
-      });
-    });
+    const n = fd.fd;
+    this.#listener = SeqpacketListener.fromFd(fd, 'api.sock (from systemd)');
+    this.#watchListener();
     this.#log.info({ event: 'api-listening', fd: n, activated: true }, 'API socket from systemd');
   }
 
@@ -233,13 +270,15 @@ export class ApiListener {
     return this.#conns.size;
   }
 
-  /**
-   * Stops accepting; open connections stay until grpc-js drains them.
-   * net.Server.close() calls back only once every connection has ended, so
-   * its callback is not awaited: the caller's grace period bounds the rest.
-   */
-  stopAccepting(): void {
-    this.#net.close();
+  /** Stops accepting (and removes the socket file it made); open connections stay until grpc-js drains them. */
+  async stopAccepting(): Promise<void> {
+    this.#watch?.close();
+    this.#watch = undefined;
+    const path = this.#listener?.path;
+    await this.#listener?.close();
+    this.#listener = undefined;
+    // A socket systemd made is systemd's to remove.
+    if (path && this.#unlinkOnStop) await unlink(path).catch(() => undefined);
   }
 
   destroyConnections(): void {

@@ -238,9 +238,66 @@ describe('API socket under a flood from one unprivileged uid', () => {
   });
 });
 
+describe('limits: per uid, daemon-wide, and who they never refuse', () => {
+  test('tenants hold at most their share; uid 0 and an admin principal get in past every limit, on both sockets', async (t) => {
+    const ADMIN = 1004;
+    const OTHER = 1001;
+    const dir = await mkdtemp(join(tmpdir(), 'kvmvfiod-dos-'));
+    await chmod(dir, 0o755);
+    await writeFile(
+      join(dir, 'policy.json'),
+      JSON.stringify({
+        principals: [
+          { name: 'tenants', match: { uids: [VMM_UID, OTHER] }, calls: ['GetHostInfo'] },
+          { name: 'ops', match: { uids: [ADMIN] }, admin: true, calls: ['GetHostInfo'] },
+        ],
+      }),
+    );
+    const d = await daemon(['--max-api-connections', '8', '--max-api-connections-per-uid', '6', '--max-handoff-connections', '8', '--max-handoff-connections-per-uid', '6'], dir);
+    const hold = (uid: number) =>
+      startFlood(
+        d,
+        {
+          workers: [
+            { kind: 'api-hold', hold: 20, attempts: 20 },
+            { kind: 'handoff-hold', hold: 20, attempts: 20 },
+          ],
+          maxMs: 20_000,
+        },
+        { uid },
+      );
+    // One at a time, so that which limit refuses whom is known.
+    const settled = async (f: Flood) => {
+      await f.proc.waitFor('all-opened', 10_000);
+      await sleep(300);
+      return f.stats();
+    };
+    const first = await settled(hold(VMM_UID));
+    const second = await settled(hold(OTHER));
+    const admin = await settled(hold(ADMIN));
+    const root = await settled(hold(0));
+    t.diagnostic(JSON.stringify({ first, second, admin, root }));
+    // 6 of uid 1000's per socket (its own limit), 2 of uid 1001's (the daemon-wide 8), all 20 of the admin's and root's.
+    assert.deepEqual([first.held, second.held, admin.held, root.held], [12, 4, 40, 40]);
+    const reasons = new Set(d.logs.filter((l) => l.event === 'api-connection-refused' || l.event === 'handoff-connection-refused').map((l) => `${l.event} ${l.uid} ${l.reason}`));
+    assert.deepEqual(
+      [...reasons].sort(),
+      [
+        `api-connection-refused ${OTHER} limit`,
+        `api-connection-refused ${VMM_UID} per-uid-limit`,
+        `handoff-connection-refused ${OTHER} limit`,
+        `handoff-connection-refused ${VMM_UID} per-uid-limit`,
+      ].sort(),
+    );
+    // Root's calls are served meanwhile, on a new connection.
+    assert.ok((await freshInfo(d)) < 5000);
+  });
+});
+
 describe('handoff socket under a flood from one unprivileged uid', () => {
   test('2,048 idle connections, reopened as the daemon closes them: a VMM of another uid with a valid token attaches; the log stays small', async (t) => {
-    const d = await daemon();
+    // A summary of what was held back every second.
+    const d = await daemon(['--log-interval-ms', '1000']);
     const c = d.client();
     // Warm up: one attach, so the baseline holds what a used daemon holds (the state journal).
     const warm = await attachVmm(d, c, 'warm-up');
@@ -261,6 +318,9 @@ describe('handoff socket under a flood from one unprivileged uid', () => {
     // One uid's refusals: a few lines and a summary per interval, not one per connection.
     const lines = d.logs.filter((l) => l.level >= 40).length;
     assert.ok(lines <= 100, `${lines} warning lines`);
+    const summary = await d.waitForLog((l) => l.event === 'log-suppressed' && l.of === 'handoff-connection-refused', 3000);
+    assert.ok(Number(summary.suppressed) > 1000 && (summary.by_uid as Record<string, number>)[String(HOSTILE)] === summary.suppressed, JSON.stringify(summary));
+    assert.match(summary.msg, /^handoff-connection-refused: [\d,]+ more in the last 1 s$/);
     await assertFdsBack(d, base, 3000);
     assertAlive(d);
     assertNoErrorLogs(d);

@@ -243,11 +243,6 @@ export class ApiListener {
     for (const i of peersHungUp(conns.map((c) => c.fd))) conns[i].sock.destroy();
   }
 
-  /** Connections open now: all, and of tenants (every caller but uid 0 and admins). */
-  get counts(): { all: number; tenants: number } {
-    return { all: this.#conns.size, tenants: this.#tenants };
-  }
-
   async listen(path: string, mode = 0o666): Promise<void> {
     await clearStaleSocket(path);
     this.#listener = SeqpacketListener.listen(path, API_BACKLOG, true);

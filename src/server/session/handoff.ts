@@ -173,11 +173,6 @@ export class HandoffServer {
     this.#unattachedOthers--;
   }
 
-  /** Connections not attached yet: all, and of callers that are not privileged. */
-  get unattachedCounts(): { all: number; others: number } {
-    return { all: this.#unattached.size, others: this.#unattachedOthers };
-  }
-
   /** Stops accepting; sessions stay. */
   async stopAccepting(): Promise<void> {
     this.#watch?.close();

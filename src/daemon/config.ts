@@ -26,8 +26,20 @@ export interface DaemonConfig {
   /** Daemon-wide limits (RESOURCE_EXHAUSTED, or a refused connection, beyond them). */
   maxVms: number;
   maxSessions: number;
+  /**
+   * API connections of callers other than uid 0 and admin principals, together; each such uid
+   * holds at most `maxApiConnectionsPerUid`. uid 0 and admins are never refused by either.
+   */
   maxApiConnections: number;
+  maxApiConnectionsPerUid: number;
+  /** Handoff connections not attached yet (uid 0's aside), together and per uid. */
   maxHandoffConnections: number;
+  maxHandoffConnectionsPerUid: number;
+  /** An API connection with no call in flight (or that never completes the HTTP/2 handshake) is closed after this. */
+  apiIdleTimeoutMs: number;
+  /** Log lines of one event (that an unprivileged peer can cause) and uid let through per interval; then one summary line per interval. */
+  logBurst: number;
+  logIntervalMs: number;
   /** WatchVms streams open at once per uid (uid 0 is not limited). */
   maxWatchesPerUid: number;
   /** fds kept free under RLIMIT_NOFILE: calls that would open more fail with RESOURCE_EXHAUSTED first. */
@@ -51,7 +63,12 @@ export const DEFAULTS: DaemonConfig = {
   maxVms: 10_000,
   maxSessions: 8_000,
   maxApiConnections: 1024,
+  maxApiConnectionsPerUid: 64,
   maxHandoffConnections: 2048,
+  maxHandoffConnectionsPerUid: 256,
+  apiIdleTimeoutMs: 60_000,
+  logBurst: 10,
+  logIntervalMs: 10_000,
   maxWatchesPerUid: 16,
   fdMargin: 256,
   callTimeoutMs: 60_000,
@@ -75,9 +92,21 @@ Options (environment variable in brackets):
   --attach-timeout-ms N  how long a handoff connection has to attach (${DEFAULTS.attachTimeoutMs})
   --max-vms N         VM records at most (${DEFAULTS.maxVms})
   --max-sessions N    attached VMM sessions at most (${DEFAULTS.maxSessions})
-  --max-api-connections N      (${DEFAULTS.maxApiConnections})
-  --max-handoff-connections N  (${DEFAULTS.maxHandoffConnections})
-  --max-watches-per-uid N      WatchVms streams open at once per uid; uid 0 is not limited (${DEFAULTS.maxWatchesPerUid})
+  --max-api-connections N  API connections of callers other than uid 0 and admin
+                      principals, together [KVMVFIOD_MAX_API_CONNECTIONS] (${DEFAULTS.maxApiConnections})
+  --max-api-connections-per-uid N  API connections of one such uid
+                      [KVMVFIOD_MAX_API_CONNECTIONS_PER_UID] (${DEFAULTS.maxApiConnectionsPerUid})
+  --max-handoff-connections N  handoff connections not attached yet, uid 0's aside
+                      [KVMVFIOD_MAX_HANDOFF_CONNECTIONS] (${DEFAULTS.maxHandoffConnections})
+  --max-handoff-connections-per-uid N  unattached handoff connections of one uid
+                      [KVMVFIOD_MAX_HANDOFF_CONNECTIONS_PER_UID] (${DEFAULTS.maxHandoffConnectionsPerUid})
+  --api-idle-timeout-ms N  an API connection with no call in flight is closed
+                      [KVMVFIOD_API_IDLE_TIMEOUT_MS] (${DEFAULTS.apiIdleTimeoutMs})
+  --log-burst N       lines of one event and uid a peer can cause, per interval; the rest
+                      are counted in one summary line [KVMVFIOD_LOG_BURST] (${DEFAULTS.logBurst})
+  --log-interval-ms N the interval of --log-burst [KVMVFIOD_LOG_INTERVAL_MS] (${DEFAULTS.logIntervalMs})
+  --max-watches-per-uid N  WatchVms streams open at once per uid; uid 0 is not limited
+                      [KVMVFIOD_MAX_WATCHES_PER_UID] (${DEFAULTS.maxWatchesPerUid})
   --fd-margin N       fds kept free under RLIMIT_NOFILE (${DEFAULTS.fdMargin})
   --call-timeout-ms N the longest a call may run (${DEFAULTS.callTimeoutMs})
   --version, --help
@@ -109,7 +138,12 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): DaemonConfi
         'max-vms': { type: 'string' },
         'max-sessions': { type: 'string' },
         'max-api-connections': { type: 'string' },
+        'max-api-connections-per-uid': { type: 'string' },
         'max-handoff-connections': { type: 'string' },
+        'max-handoff-connections-per-uid': { type: 'string' },
+        'api-idle-timeout-ms': { type: 'string' },
+        'log-burst': { type: 'string' },
+        'log-interval-ms': { type: 'string' },
         'max-watches-per-uid': { type: 'string' },
         'fd-margin': { type: 'string' },
         'call-timeout-ms': { type: 'string' },
@@ -139,9 +173,14 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): DaemonConfi
     attachTimeoutMs: ms(values['attach-timeout-ms'], DEFAULTS.attachTimeoutMs),
     maxVms: ms(values['max-vms'], DEFAULTS.maxVms),
     maxSessions: ms(values['max-sessions'], DEFAULTS.maxSessions),
-    maxApiConnections: ms(values['max-api-connections'], DEFAULTS.maxApiConnections),
-    maxHandoffConnections: ms(values['max-handoff-connections'], DEFAULTS.maxHandoffConnections),
-    maxWatchesPerUid: ms(values['max-watches-per-uid'], DEFAULTS.maxWatchesPerUid),
+    maxApiConnections: ms(values['max-api-connections'] ?? env.KVMVFIOD_MAX_API_CONNECTIONS, DEFAULTS.maxApiConnections),
+    maxApiConnectionsPerUid: ms(values['max-api-connections-per-uid'] ?? env.KVMVFIOD_MAX_API_CONNECTIONS_PER_UID, DEFAULTS.maxApiConnectionsPerUid),
+    maxHandoffConnections: ms(values['max-handoff-connections'] ?? env.KVMVFIOD_MAX_HANDOFF_CONNECTIONS, DEFAULTS.maxHandoffConnections),
+    maxHandoffConnectionsPerUid: ms(values['max-handoff-connections-per-uid'] ?? env.KVMVFIOD_MAX_HANDOFF_CONNECTIONS_PER_UID, DEFAULTS.maxHandoffConnectionsPerUid),
+    apiIdleTimeoutMs: ms(values['api-idle-timeout-ms'] ?? env.KVMVFIOD_API_IDLE_TIMEOUT_MS, DEFAULTS.apiIdleTimeoutMs),
+    logBurst: ms(values['log-burst'] ?? env.KVMVFIOD_LOG_BURST, DEFAULTS.logBurst),
+    logIntervalMs: ms(values['log-interval-ms'] ?? env.KVMVFIOD_LOG_INTERVAL_MS, DEFAULTS.logIntervalMs),
+    maxWatchesPerUid: ms(values['max-watches-per-uid'] ?? env.KVMVFIOD_MAX_WATCHES_PER_UID, DEFAULTS.maxWatchesPerUid),
     fdMargin: ms(values['fd-margin'], DEFAULTS.fdMargin),
     callTimeoutMs: ms(values['call-timeout-ms'], DEFAULTS.callTimeoutMs),
   };
@@ -155,7 +194,12 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): DaemonConfi
     ['maxVms', '--max-vms', 1, 1_000_000],
     ['maxSessions', '--max-sessions', 1, 1_000_000],
     ['maxApiConnections', '--max-api-connections', 1, 1_000_000],
+    ['maxApiConnectionsPerUid', '--max-api-connections-per-uid', 1, 1_000_000],
     ['maxHandoffConnections', '--max-handoff-connections', 1, 1_000_000],
+    ['maxHandoffConnectionsPerUid', '--max-handoff-connections-per-uid', 1, 1_000_000],
+    ['apiIdleTimeoutMs', '--api-idle-timeout-ms', 100, 86_400_000],
+    ['logBurst', '--log-burst', 1, 1_000_000],
+    ['logIntervalMs', '--log-interval-ms', 100, 3_600_000],
     ['maxWatchesPerUid', '--max-watches-per-uid', 1, 1_000_000],
     ['fdMargin', '--fd-margin', 16, 1_000_000],
     ['callTimeoutMs', '--call-timeout-ms', 100, 3_600_000],

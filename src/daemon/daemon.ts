@@ -26,7 +26,7 @@ import { PolicyAuthorizer } from '../server/auth';
 import { readAccounts } from '../broker/accounts';
 import { ResourceExhaustedError } from '../broker/errors';
 import { Policy, PolicyError } from '../broker/policy';
-import { ApiListener } from '../server/listener';
+import { type Admission, ApiListener } from '../server/listener';
 import { createService } from '../server/service';
 import { type DaemonConfig, apiSocketPath, handoffSocketPath } from './config';
 
@@ -173,6 +173,10 @@ export class Daemon {
     this.#grpc = new Server({
       'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
       'grpc.max_send_message_length': 16 * 1024 * 1024,
+      // Applies to injected connections too (grpc-js runs its session handler on the injector's
+      // HTTP/2 server): counted from the connection's start, so one that never completes the
+      // handshake is closed as well; a connection with a call or watch in flight is not idle.
+      'grpc.max_connection_idle_ms': config.apiIdleTimeoutMs,
     });
     const service = createService({
       broker: this.#broker,
@@ -193,6 +197,8 @@ export class Daemon {
       requestTimeoutMs: config.vmmTimeoutMs,
       attachTimeoutMs: config.attachTimeoutMs,
       maxConnections: config.maxHandoffConnections,
+      maxConnectionsPerUid: config.maxHandoffConnectionsPerUid,
+      privileged: (cred) => this.#admit(cred) === 'privileged',
       maxSessions: config.maxSessions,
       onAttached: (s) => {
         const fds = s.storableFds;
@@ -226,7 +232,11 @@ export class Daemon {
     await this.#state.open();
 
     await mkdir(config.runtimeDir, { recursive: true, mode: 0o755 });
-    this.#listener = new ApiListener(this.#grpc.createConnectionInjector(ServerCredentials.createInsecure()), log, config.maxApiConnections);
+    this.#listener = new ApiListener(this.#grpc.createConnectionInjector(ServerCredentials.createInsecure()), log, {
+      maxConnections: config.maxApiConnections,
+      maxConnectionsPerUid: config.maxApiConnectionsPerUid,
+      admit: (cred) => this.#admit(cred),
+    });
     const api = take('api');
     if (api) await this.#listener.listenFd(api);
     else await this.#listener.listen(apiSocketPath(config));
@@ -314,6 +324,21 @@ export class Daemon {
     log.info({ event: 'restored', vms: previous.vms.length, claims: previous.claims.length, sessions, ms: Date.now() - t0 }, 'state carried over a restart');
   }
 
+  /**
+   * How the connection limits treat a caller, by the current policy: uid 0
+   * and admin principals are privileged (never refused by a limit); with a
+   * policy file, a uid no principal names is a stranger (closed at accept);
+   * without one, non-root callers may connect, within the limits, and are
+   * told PERMISSION_DENIED per call.
+   */
+  #admit(cred: { uid: number; gid: number }): Admission {
+    if (cred.uid === 0) return 'privileged';
+    const policy = this.#authorizer!.policy;
+    const principal = policy.principalOf(cred);
+    if (principal?.admin) return 'privileged';
+    return !principal && policy.source !== 'none' ? 'stranger' : 'tenant';
+  }
+
   #notifyReady(): void {
     const usec = Systemd.watchdogUsec();
     if (usec > 0) {
@@ -370,7 +395,7 @@ export class Daemon {
     this.#broker?.beginShutdown();
     this.#health?.setStatus('', 'NOT_SERVING');
     this.#health?.setStatus(SERVICE_NAME, 'NOT_SERVING');
-    this.#listener?.stopAccepting();
+    await this.#listener?.stopAccepting();
     await this.#handoff?.stopAccepting();
     this.#endWatches();
     if (this.#grpc) {

@@ -1,10 +1,10 @@
 #!/usr/bin/env -S node --max-semi-space-size=2
 /** kvmvfiod: the entry point. Parses settings, starts the daemon, stops it on SIGTERM/SIGINT. */
 import { monitorEventLoopDelay } from 'node:perf_hooks';
-import pino from 'pino';
 import { DAEMON_VERSION } from '../version';
 import { ConfigError, USAGE, parseConfig } from './config';
 import { Daemon } from './daemon';
+import { createLogger } from './log';
 
 async function main(): Promise<number> {
   let cfg;
@@ -20,8 +20,7 @@ async function main(): Promise<number> {
   if (cfg === 'help') return process.stdout.write(USAGE), 0;
   if (cfg === 'version') return process.stdout.write(`${DAEMON_VERSION}\n`), 0;
 
-  // No pid in the base: `pid` on a call line is the caller's (the daemon's pid is on the ready line).
-  const log = pino({ level: cfg.logLevel, base: { name: 'kvmvfiod' } });
+  const { log, throttle } = createLogger({ level: cfg.logLevel, burst: cfg.logBurst, intervalMs: cfg.logIntervalMs });
   const daemon = new Daemon(cfg, log);
   try {
     await daemon.start();
@@ -68,6 +67,8 @@ async function main(): Promise<number> {
       daemon.stop().then(
         () => {
           loopStats?.();
+          // What was held back until now gets its summary line.
+          throttle.close();
           resolve(0);
         },
         (e) => {

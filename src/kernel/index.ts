@@ -5,7 +5,7 @@ export { Kvm, VmFd, KvmVfioDevice } from './kvm';
 export { VfioGroup, VfioContainer, VfioDevice, type VfioGroupStatus } from './vfio';
 export { peerCredentials, fdLimits, openFdCount, listOpenFds, presizeFdTable, kernelRelease, probeKvmVfio, type PeerCred, type FdLimits, type KvmVfioSupport } from './host';
 export { KVM, KVM_DEV_VFIO, VFIO } from './libc';
-export { SeqpacketSocket, SeqpacketListener, bindDatagramSocket, watchReadable, MAX_RECORD, MAX_FDS, type Received, type FdWatch } from './unix';
+export { SeqpacketSocket, SeqpacketListener, bindDatagramSocket, watchReadable, peersHungUp, MAX_RECORD, MAX_FDS, type Received, type FdWatch } from './unix';
 export { pidfdOpen, peerPidfd, boottimeNs, pidfdExited, watchProcessExit, unixPeerInode, type PeerPidfd, type PeerProof, pidfdSendSignal, setMemlockLimit, getMemlockLimit, inheritAcrossExec, execReplace, SIGKILL, SIGTERM } from './process';
 export { GuestMemory, Vcpu, KvmSregs, KVM_GUEST, KVM_EXIT, KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT, exitReasonName, setUserMemoryRegion, vcpuMmapSize, type MemoryRegion, type KvmRegs, type KvmSegment, type SegmentName, type IoExit, type VcpuExit } from './guest';
 export { Systemd, takeListenFds } from './systemd';

@@ -24,6 +24,7 @@ const sys = {
   socketpair: lib.func('int socketpair(int domain, int type, int protocol, _Out_ int *sv)'),
   shutdown: lib.func('int shutdown(int fd, int how)'),
   setsockopt: lib.func('int setsockopt(int fd, int level, int name, const void *val, uint32_t len)'),
+  poll: lib.func('int poll(void *fds, uint64_t nfds, int timeout)'),
 };
 
 const AF_UNIX = 1;
@@ -319,6 +320,50 @@ export class SeqpacketListener {
   close(): Promise<void> {
     return this.#fd.close();
   }
+}
+
+// poll(2) events (include/uapi/asm-generic/poll.h); struct pollfd {int fd; short events; short revents} = 8 bytes.
+const POLLERR = 0x8;
+const POLLHUP = 0x10;
+const POLLRDHUP = 0x2000;
+const POLLFD = 8;
+
+let pollArea: { ptr: unknown; dv: DataView; capacity: number } | undefined;
+
+/**
+ * Which of `fds` (connected stream sockets) have a peer that hung up or shut
+ * down its side: one poll(2) with a zero timeout, so it never blocks and
+ * registers nothing with the event loop. Returns indexes into `fds`.
+ *
+ * For sockets the event loop no longer reads (Node's HTTP/2 stops reading a
+ * session nghttp2 gave up on), this is how the peer's close is seen at all.
+ */
+export function peersHungUp(fds: readonly number[]): number[] {
+  if (fds.length === 0) return [];
+  if (!pollArea || pollArea.capacity < fds.length) {
+    const capacity = Math.max(256, 2 ** Math.ceil(Math.log2(fds.length)));
+    const ptr = koffi.alloc('uint8_t', capacity * POLLFD);
+    pollArea = { ptr, dv: new DataView(koffi.view(ptr, capacity * POLLFD)), capacity };
+  }
+  const { ptr, dv } = pollArea;
+  for (let i = 0; i < fds.length; i++) {
+    dv.setInt32(i * POLLFD, fds[i], true);
+    dv.setInt16(i * POLLFD + 4, POLLRDHUP, true);
+    dv.setInt16(i * POLLFD + 6, 0, true);
+  }
+  let n: number;
+  for (;;) {
+    n = sys.poll(ptr, fds.length, 0) as number;
+    if (n >= 0) break;
+    const errno = lastErrno();
+    if (errno !== EINTR) throw new SysError('poll', `${fds.length} sockets`, errno);
+  }
+  const gone: number[] = [];
+  for (let i = 0; i < fds.length && gone.length < n; i++) {
+    // POLLNVAL (not an open fd) is not a hang-up: that fd is no socket of the caller's any more.
+    if (dv.getInt16(i * POLLFD + 6, true) & (POLLHUP | POLLRDHUP | POLLERR)) gone.push(i);
+  }
+  return gone;
 }
 
 export interface FdWatch {

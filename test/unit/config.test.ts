@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { ConfigError, DEFAULTS, apiSocketPath, parseConfig } from '../../src/daemon/config';
+import { ConfigError, DEFAULTS, USAGE, apiSocketPath, parseConfig } from '../../src/daemon/config';
 
 test('defaults are the paths of DESIGN.md', () => {
   const c = parseConfig([], {});
@@ -47,4 +47,36 @@ test('--max-watches-per-uid: 16 by default, at least 1', () => {
   assert.ok(typeof c === 'object');
   assert.equal(c.maxWatchesPerUid, 4);
   assert.throws(() => parseConfig(['--max-watches-per-uid', '0'], {}), (e: unknown) => e instanceof ConfigError && /--max-watches-per-uid: an integer from 1/.test(e.message));
+});
+
+test('connection limits, the API idle timeout and the log rate: flags, environment, bounds', () => {
+  const env = {
+    KVMVFIOD_MAX_API_CONNECTIONS: '500',
+    KVMVFIOD_MAX_API_CONNECTIONS_PER_UID: '8',
+    KVMVFIOD_MAX_HANDOFF_CONNECTIONS: '700',
+    KVMVFIOD_MAX_HANDOFF_CONNECTIONS_PER_UID: '9',
+    KVMVFIOD_API_IDLE_TIMEOUT_MS: '30000',
+    KVMVFIOD_LOG_BURST: '3',
+    KVMVFIOD_LOG_INTERVAL_MS: '5000',
+  };
+  const c = parseConfig([], env);
+  assert.ok(typeof c === 'object');
+  assert.deepEqual(
+    [c.maxApiConnections, c.maxApiConnectionsPerUid, c.maxHandoffConnections, c.maxHandoffConnectionsPerUid, c.apiIdleTimeoutMs, c.logBurst, c.logIntervalMs],
+    [500, 8, 700, 9, 30_000, 3, 5000],
+  );
+  const f = parseConfig(['--max-api-connections-per-uid', '2', '--max-handoff-connections-per-uid', '3', '--api-idle-timeout-ms', '1000', '--log-burst', '1', '--log-interval-ms', '100'], env);
+  assert.ok(typeof f === 'object');
+  assert.deepEqual([f.maxApiConnectionsPerUid, f.maxHandoffConnectionsPerUid, f.apiIdleTimeoutMs, f.logBurst, f.logIntervalMs], [2, 3, 1000, 1, 100]);
+  for (const [flag, bad] of [
+    ['--max-api-connections-per-uid', '0'],
+    ['--max-handoff-connections-per-uid', 'many'],
+    ['--api-idle-timeout-ms', '99'],
+    ['--log-burst', '0'],
+    ['--log-interval-ms', '10'],
+  ]) {
+    assert.throws(() => parseConfig([flag, bad], {}), (e: unknown) => e instanceof ConfigError && e.message.startsWith(flag));
+  }
+  // The usage text names every new flag with its variable.
+  for (const v of Object.keys(env)) assert.match(USAGE, new RegExp(v));
 });

@@ -15,8 +15,12 @@ import { SliceQueue } from './slices';
 export interface HandoffOptions {
   requestTimeoutMs: number;
   attachTimeoutMs: number;
-  /** Connections that have not attached yet, at most; more are closed at once. */
+  /** Connections that have not attached yet, at most (uid 0's aside); more are closed at once. */
   maxConnections?: number;
+  /** Connections of one uid that have not attached yet, at most. */
+  maxConnectionsPerUid?: number;
+  /** Callers the two limits above never refuse (uid 0 and admin principals); default: uid 0. */
+  privileged?(cred: Caller): boolean;
   /** Attached sessions at most; an ATTACH beyond is refused with EMFILE. */
   maxSessions?: number;
   onAttached?(session: Session): void;
@@ -32,6 +36,11 @@ export class HandoffServer {
   readonly sessions = new Set<Session>();
   /** Attached sessions by VM (one per VM: a VM takes one attach). */
   readonly #byVm = new Map<string, Session>();
+  /** Connections not attached yet, with the uid they count against (none: privileged). */
+  readonly #unattached = new Map<Session, number | undefined>();
+  readonly #unattachedPerUid = new Map<number, number>();
+  /** Of #unattached, those of callers that are not privileged. */
+  #unattachedOthers = 0;
   #listener?: SeqpacketListener;
   #watch?: FdWatch;
   #nextId = 0;
@@ -84,10 +93,12 @@ export class HandoffServer {
       attachTimeoutMs: this.#opts.attachTimeoutMs,
       maxSessions: this.#opts.maxSessions,
       onClosed: (s) => {
+        this.#attachedOrGone(s);
         if (this.#byVm.get(s.vmId) === s) this.#byVm.delete(s.vmId);
         if (this.sessions.delete(s)) this.#opts.onDone?.(s);
       },
       onAttached: (s) => {
+        this.#attachedOrGone(s);
         this.#byVm.set(s.vmId, s);
         this.#opts.onAttached?.(s);
       },
@@ -115,12 +126,6 @@ export class HandoffServer {
         return;
       }
       if (!sock) return;
-      // Connections not yet attached: attached sessions are bounded by --max-sessions instead.
-      if (this.sessions.size - this.#broker.sessionCount >= (this.#opts.maxConnections ?? Number.MAX_SAFE_INTEGER)) {
-        this.#log.warn({ event: 'handoff-connection-refused', limit: this.#opts.maxConnections }, 'handoff connection refused: --max-handoff-connections reached');
-        sock.closeSync();
-        continue;
-      }
       let cred;
       try {
         cred = peerCredentials(sock.fd);
@@ -128,6 +133,24 @@ export class HandoffServer {
         this.#log.warn({ event: 'handoff-no-credentials', err: (e as Error).message }, 'dropping a connection without credentials');
         sock.closeSync();
         continue;
+      }
+      // Refused before any session exists: the connection costs an accept and a close.
+      const privileged = this.#opts.privileged ? this.#opts.privileged(cred) : cred.uid === 0;
+      if (!privileged) {
+        const mine = this.#unattachedPerUid.get(cred.uid) ?? 0;
+        const perUid = this.#opts.maxConnectionsPerUid ?? Number.MAX_SAFE_INTEGER;
+        const all = this.#opts.maxConnections ?? Number.MAX_SAFE_INTEGER;
+        const reason = mine >= perUid ? 'per-uid-limit' : this.#unattachedOthers >= all ? 'limit' : undefined;
+        if (reason) {
+          sock.closeSync();
+          const limit = reason === 'per-uid-limit' ? perUid : all;
+          const flag = reason === 'per-uid-limit' ? '--max-handoff-connections-per-uid' : '--max-handoff-connections';
+          this.#log.warn(
+            { event: 'handoff-connection-refused', uid: cred.uid, gid: cred.gid, pid: cred.pid, reason, limit },
+            `handoff connection refused: ${reason === 'per-uid-limit' ? `uid ${cred.uid} has` : 'there are'} ${reason === 'per-uid-limit' ? mine : this.#unattachedOthers} connections not attached yet (${flag} ${limit})`,
+          );
+          continue;
+        }
       }
       try {
         // The kernel then says who sent each record: an ATTACH must come from the process that connected.
@@ -139,8 +162,25 @@ export class HandoffServer {
       }
       const session = new Session(++this.#nextId, sock, cred, this.#broker, this.#log, this.#sessionOptions());
       this.sessions.add(session);
+      this.#unattached.set(session, privileged ? undefined : cred.uid);
+      if (!privileged) {
+        this.#unattachedPerUid.set(cred.uid, (this.#unattachedPerUid.get(cred.uid) ?? 0) + 1);
+        this.#unattachedOthers++;
+      }
       this.#log.debug({ event: 'session-open', session: session.id, vmm_pid: cred.pid, vmm_uid: cred.uid }, 'handoff connection');
     }
+  }
+
+  /** A session leaves the unattached count once: when it attaches, or ends without. */
+  #attachedOrGone(s: Session): void {
+    if (!this.#unattached.has(s)) return;
+    const uid = this.#unattached.get(s);
+    this.#unattached.delete(s);
+    if (uid === undefined) return;
+    const n = (this.#unattachedPerUid.get(uid) ?? 1) - 1;
+    if (n > 0) this.#unattachedPerUid.set(uid, n);
+    else this.#unattachedPerUid.delete(uid);
+    this.#unattachedOthers--;
   }
 
   /** Stops accepting; sessions stay. */
@@ -159,6 +199,9 @@ export class HandoffServer {
     const all = [...this.sessions];
     this.sessions.clear();
     this.#byVm.clear();
+    this.#unattached.clear();
+    this.#unattachedPerUid.clear();
+    this.#unattachedOthers = 0;
     for (const s of all) s.close();
   }
 }

@@ -46,7 +46,7 @@ export interface VmmHost {
   setMemlock(pid: number, bytes: number): void;
 }
 
-/** What the session sends a VMM at attach. The session closes each once sent (the loans stay open). */
+/** What the session sends a VMM at attach. The session closes each once sent: a loan (/dev/kvm) stays open, a group handed over is the daemon's only copy and goes. */
 export interface AttachGrant {
   vmId: string;
   vmName: string;

@@ -12,11 +12,13 @@
  * a flood of connections from one user delays root's calls by little.
  */
 import type { ConnectionInjector } from '@grpc/grpc-js';
-import { connect, Socket } from 'node:net';
-import { chmod, lstat, unlink } from 'node:fs/promises';
+import { Socket } from 'node:net';
 import type { Logger } from 'pino';
 import type { Caller } from '../broker/broker';
-import { type FdWatch, type OwnedFd, SeqpacketListener, peerCredentials, peersHungUp, watchReadable } from '../kernel';
+import { type OwnedFd, peerCredentials, peersHungUp } from '../kernel';
+import { PolledListener } from './polled';
+
+export { clearStaleSocket } from './polled';
 
 /** Connections accepted per loop turn at most; the listener is level-triggered, so the rest wait one turn. */
 const ACCEPTS_PER_TURN = 32;
@@ -46,28 +48,6 @@ export class PeerDirectory {
   get size(): number {
     return this.#byPeer.size;
   }
-}
-
-/**
- * Removes a stale socket file left by a daemon that died; refuses when a
- * live daemon still answers on it.
- */
-export async function clearStaleSocket(path: string): Promise<void> {
-  let st;
-  try {
-    st = await lstat(path);
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return;
-    throw e;
-  }
-  if (!st.isSocket()) throw new Error(`${path} exists and is not a socket; remove it or choose another runtime directory`);
-  const alive = await new Promise<boolean>((resolve) => {
-    const s = connect(path);
-    s.once('connect', () => (s.destroy(), resolve(true)));
-    s.once('error', () => resolve(false));
-  });
-  if (alive) throw new Error(`${path}: another kvmvfiod is serving on it`);
-  await unlink(path);
 }
 
 /**
@@ -106,9 +86,7 @@ type Refusal = 'per-uid-limit' | 'limit' | 'no-principal';
 export class ApiListener {
   readonly peers = new PeerDirectory();
   readonly #injector: ConnectionInjector;
-  #listener?: SeqpacketListener;
-  #watch?: FdWatch;
-  #unlinkOnStop = false;
+  readonly #polled = new PolledListener(() => this.#acceptSome());
   readonly #conns = new Map<Socket, Connection>();
   /** Tenant connections per uid. */
   readonly #perUid = new Map<number, number>();
@@ -123,12 +101,8 @@ export class ApiListener {
     this.#opts = { sweepMs: 200, closeGraceMs: 2000, ...opts };
   }
 
-  #watchListener(): void {
-    if (this.#listener) this.#watch = watchReadable(this.#listener.fd, () => this.#acceptSome());
-  }
-
   #acceptSome(): void {
-    const listener = this.#listener;
+    const listener = this.#polled.listener;
     if (!listener) return;
     for (let i = 0; i < ACCEPTS_PER_TURN; i++) {
       let conn;
@@ -137,11 +111,7 @@ export class ApiListener {
       } catch (e) {
         // EMFILE and friends: the connection stays queued. Stop watching for a moment rather than spin.
         this.#log.error({ event: 'api-accept-failed', err: (e as Error).message }, 'API accept failed; retrying in 100 ms');
-        this.#watch?.close();
-        this.#watch = undefined;
-        setTimeout(() => {
-          if (!this.#watch) this.#watchListener();
-        }, 100).unref();
+        this.#polled.pause();
         return;
       }
       if (!conn) return;
@@ -244,20 +214,15 @@ export class ApiListener {
   }
 
   async listen(path: string, mode = 0o666): Promise<void> {
-    await clearStaleSocket(path);
-    this.#listener = SeqpacketListener.listen(path, API_BACKLOG, true);
-    this.#unlinkOnStop = true;
     // Anyone may connect: SO_PEERCRED and the policy decide what they may do.
-    await chmod(path, mode);
-    this.#watchListener();
+    await this.#polled.listen(path, { backlog: API_BACKLOG, stream: true, mode });
     this.#log.info({ event: 'api-listening', path }, 'API socket ready');
   }
 
   /** Serves on a listening socket systemd passed (socket activation); its path and mode are the unit's. */
   async listenFd(fd: OwnedFd): Promise<void> {
     const n = fd.fd;
-    this.#listener = SeqpacketListener.fromFd(fd, 'api.sock (from systemd)');
-    this.#watchListener();
+    this.#polled.adopt(fd, 'api.sock (from systemd)');
     this.#log.info({ event: 'api-listening', fd: n, activated: true }, 'API socket from systemd');
   }
 
@@ -267,13 +232,7 @@ export class ApiListener {
 
   /** Stops accepting (and removes the socket file it made); open connections stay until grpc-js drains them. */
   async stopAccepting(): Promise<void> {
-    this.#watch?.close();
-    this.#watch = undefined;
-    const path = this.#listener?.path;
-    await this.#listener?.close();
-    this.#listener = undefined;
-    // A socket systemd made is systemd's to remove.
-    if (path && this.#unlinkOnStop) await unlink(path).catch(() => undefined);
+    await this.#polled.stop();
   }
 
   destroyConnections(): void {

@@ -2,14 +2,15 @@
  * One holder per group, proven by the kernel, on real VFIO groups inside the
  * lane's nested guest (test/vfio/lane.sh); anywhere else it skips.
  *
- * The attack: a VMM (uid 65534) connects and forks; its child attaches on
- * the inherited connection, gets group A in its VM and uses it (container,
- * DMA map); the parent exits. The daemon's pidfd (the parent's) ends the VM,
- * but the child still holds /dev/vfio/A, so the daemon's fresh open fails
- * EBUSY: the group is stray, named (the child's pid and uid) in the group and
- * the VM, and another tenant's claim is refused. Once the child exits (a
- * pidfd of it tells the daemon), the group is back and a new VM's VMM sets a
- * container on it and maps DMA.
+ * The attack: a VMM (uid 65534) attaches, gets group A in its VM and uses it
+ * (container, DMA map), then forks a child that keeps every fd — the VM, the
+ * group — and is killed. (A child that presents the token itself is refused
+ * at ATTACH: test/api/identity.test.ts.) The daemon's pidfd ends the VM, but
+ * the child still holds /dev/vfio/A, so the daemon's fresh open fails EBUSY:
+ * the group is stray, named (the child's pid and uid) in the group and the
+ * VM, and another tenant's claim is refused. Once the child exits (a pidfd of
+ * it tells the daemon), the group is back and a new VM's VMM sets a container
+ * on it and maps DMA.
  */
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -18,7 +19,7 @@ import { status } from '@grpc/grpc-js';
 import type { IommuGroup, KvmVfioApi } from '../../src/client/client';
 import { startDaemon, type RunningDaemon } from '../helpers/daemon';
 import { buildCVmm } from '../helpers/cvmm';
-import { endControl, runVmm, type VmmProc } from '../helpers/vmmproc';
+import { runVmm, type VmmProc } from '../helpers/vmmproc';
 import { expectStatus, until as untilShort } from '../helpers/assert';
 
 /** TCG is slow: a minute for anything in the guest. */
@@ -58,15 +59,15 @@ describe('one holder per VFIO group, whatever the VMM forks', { skip: inGuest ? 
     await d?.cleanup();
   });
 
-  test('a forked child keeps the group after its VM ended: stray, named, claims refused; back once the child exits', async (t) => {
+  test('a child the VMM forked keeps the group after its VM ended: stray, named, claims refused; back once the child exits', async (t) => {
     const { vm, attach_token } = await c.createVm({ name: 'forker', vmm_uid: 65534, vfio_device: true, groups: [A.number] });
-    const v = runVmm([cvmm, handoff], attach_token!.token, true, { env: { KVMVFIO_FORK: 'late' }, control: true });
+    const v = runVmm([cvmm, handoff], attach_token!.token, true, { env: { KVMVFIO_FORK: 'after-add' } });
     vmms.push(v);
-    const child = Number((await v.waitFor('forked', 60_000)).child);
-    strays.push(child);
-    const use = await until('the child uses group A', async () => v.events.find((e) => e.event === 'vfio-use' && e.group === A.number));
+    const use = await until('the VMM uses group A', async () => v.events.find((e) => e.event === 'vfio-use' && e.group === A.number));
     assert.equal(use.ok, true, JSON.stringify(use));
     assert.equal(use.dma, true);
+    const child = Number((await v.waitFor('holding', 60_000)).pid);
+    strays.push(child);
     const running = await until('RUNNING', async () => {
       const g = await c.getVm(vm!.id);
       return g.state === 'VM_STATE_RUNNING' && g;
@@ -75,8 +76,8 @@ describe('one holder per VFIO group, whatever the VMM forks', { skip: inGuest ? 
     const inVmm = await c.getIommuGroup(A.number);
     assert.deepEqual([inVmm.holding, inVmm.open_in_daemon, inVmm.vm_id], ['GROUP_HOLDING_VMM', false, vm!.id], 'the daemon keeps no copy of a group its VMM holds');
 
-    // The parent, the process the daemon knows as the VMM, exits; its child lives on with the group.
-    endControl(v);
+    // The VMM is killed; its child lives on with the group.
+    v.kill('SIGKILL');
     await until('EXITED', async () => (await c.getVm(vm!.id)).state === 'VM_STATE_EXITED');
     const stray = await until('group A stray', async () => {
       const g = await c.getIommuGroup(A.number);

@@ -20,7 +20,10 @@
  * the session on the inherited connection. "early": the parent exits at
  * once and the child attaches only once the parent is gone and its control
  * fd is at its end. "late": the parent exits when its control fd is at its
- * end. The control fd is fd 3 when open, else stdin. Either way the child, once its session ends, prints
+ * end. The control fd is fd 3 when open, else stdin. "after-add": once its
+ * first group is added (and used, with KVMVFIO_USE_VFIO), the VMM forks a
+ * child that keeps every fd it has (the VM, the group) and prints
+ * {"event":"holding","pid":PID}; the parent goes on serving. Either way the child, once its session ends, prints
  * {"event":"holding"} and keeps every fd it got (the VM, its groups) until
  * it is killed. KVMVFIO_SEND_AND_EXIT=1 plays a VMM that connects, waits for
  * its control fd to end, sends its ATTACH and exits at once, leaving its pid
@@ -420,7 +423,8 @@ int main(int argc, char **argv) {
 	if (sock < 0) fail(2, "socket", errno);
 	if (connect(sock, (struct sockaddr *)&sa, sizeof sa) < 0) fail(2, "connect", errno);
 	const char *forking = getenv("KVMVFIO_FORK");
-	if (forking && *forking) hold_after_end = fork_after_connect(forking, control);
+	int fork_after_add = forking && !strcmp(forking, "after-add");
+	if (forking && *forking && !fork_after_add) hold_after_end = fork_after_connect(forking, control);
 
 	const char *send_and_exit = getenv("KVMVFIO_SEND_AND_EXIT");
 	if (send_and_exit && !strcmp(send_and_exit, "1")) {
@@ -534,6 +538,16 @@ int main(int argc, char **argv) {
 		printf("{\"event\":\"request\",\"type\":\"%s\",\"arg\":%llu,\"errno\":%d", type_name(r.type), (unsigned long long)r.arg, err);
 		end_event();
 		if (r.type == ADD_GROUP && !err && use && !strcmp(use, "1")) vfio_use(container, r.arg, r.fds[0]);
+		if (r.type == ADD_GROUP && !err && fork_after_add) {
+			fork_after_add = 0;
+			fflush(stdout);
+			pid_t keeper = fork();
+			if (keeper < 0) fail(2, "fork", errno);
+			if (keeper == 0) {
+				hold_after_end = 1;
+				end_session(0);
+			}
+		}
 		if (r.type == SHUTDOWN) {
 			event_reason("shutdown", r.text);
 			end_session(0);

@@ -3,12 +3,11 @@
  * mode 0666 (the token and SO_PEERCRED are the gate), accepted on Node's
  * event loop through a uv_poll — never a blocking accept.
  */
-import { chmod, unlink } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import type { Broker } from '../../broker/broker';
 import type { Caller } from '../../broker/broker';
-import { type FdWatch, type OwnedFd, SeqpacketListener, type SeqpacketSocket, peerCredentials, watchReadable } from '../../kernel';
-import { clearStaleSocket } from '../listener';
+import { type OwnedFd, type SeqpacketSocket, peerCredentials } from '../../kernel';
+import { PolledListener } from '../polled';
 import { type RestoredSession, Session, type SessionOptions } from './session';
 import { SliceQueue } from './slices';
 
@@ -41,10 +40,8 @@ export class HandoffServer {
   readonly #unattachedPerUid = new Map<number, number>();
   /** Of #unattached, those of callers that are not privileged. */
   #unattachedOthers = 0;
-  #listener?: SeqpacketListener;
-  #watch?: FdWatch;
+  readonly #polled = new PolledListener(() => this.#accept());
   #nextId = 0;
-  #unlinkOnStop = false;
   /** VMM exits, handled a slice per loop turn. */
   readonly #exits: SliceQueue;
 
@@ -56,20 +53,13 @@ export class HandoffServer {
   }
 
   async listen(path: string): Promise<void> {
-    await clearStaleSocket(path);
-    this.#listener = SeqpacketListener.listen(path);
-    this.#listener.passCredentials();
-    await chmod(path, 0o666);
-    this.#unlinkOnStop = true;
-    this.#watch = watchReadable(this.#listener.fd, () => this.#accept());
+    await this.#polled.listen(path, { mode: 0o666, prepare: (l) => l.passCredentials() });
     this.#log.info({ event: 'handoff-listening', path }, 'handoff socket ready');
   }
 
   /** Serves on a listening SOCK_SEQPACKET socket systemd passed (socket activation). */
   listenFd(fd: OwnedFd, path: string): void {
-    this.#listener = SeqpacketListener.fromFd(fd, path);
-    this.#listener.passCredentials();
-    this.#watch = watchReadable(this.#listener.fd, () => this.#accept());
+    this.#polled.adopt(fd, path, (l) => l.passCredentials());
     this.#log.info({ event: 'handoff-listening', path, activated: true }, 'handoff socket from systemd');
   }
 
@@ -108,7 +98,7 @@ export class HandoffServer {
   }
 
   #accept(): void {
-    const listener = this.#listener;
+    const listener = this.#polled.listener;
     if (!listener) return;
     for (;;) {
       let sock;
@@ -118,11 +108,7 @@ export class HandoffServer {
         // EMFILE and friends: the connection stays queued. The listener is
         // level-triggered, so stop watching it for a moment rather than spin.
         this.#log.error({ event: 'handoff-accept-failed', err: (e as Error).message }, 'accept failed; retrying in 100 ms');
-        this.#watch?.close();
-        this.#watch = undefined;
-        setTimeout(() => {
-          if (this.#listener && !this.#watch) this.#watch = watchReadable(this.#listener.fd, () => this.#accept());
-        }, 100).unref();
+        this.#polled.pause();
         return;
       }
       if (!sock) return;
@@ -185,13 +171,7 @@ export class HandoffServer {
 
   /** Stops accepting; sessions stay. */
   async stopAccepting(): Promise<void> {
-    this.#watch?.close();
-    this.#watch = undefined;
-    const path = this.#listener?.path;
-    await this.#listener?.close();
-    this.#listener = undefined;
-    // A socket systemd made is systemd's to remove.
-    if (path && this.#unlinkOnStop) await unlink(path).catch(() => undefined);
+    await this.#polled.stop();
   }
 
   /** For daemon shutdown: closes our copies of the session sockets (the fd store may keep its own). */

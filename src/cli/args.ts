@@ -28,6 +28,7 @@ const OPTIONS = {
   force: { type: 'boolean' },
   token: { type: 'string' },
   handoff: { type: 'string' },
+  vmm: { type: 'string' },
 } as const;
 
 export type OptionName = keyof typeof OPTIONS;

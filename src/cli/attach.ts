@@ -7,7 +7,8 @@
  * one) and the VM's group fds, and then execs the VMM in this very process:
  * the pid stays, so the daemon's pidfd of its peer now names the VMM, and
  * the VM ends when the VMM exits. The received fds and the session socket
- * are inherited by the VMM and described in KVMVFIO_FDS.
+ * are inherited by the VMM, described in KVMVFIO_FDS and written into its
+ * arguments where they name them ({kvm}, {group:N}...: fillPlaceholders).
  *
  * What the exec'd VMM inherits is chosen, not left to chance: exactly
  * stdin, stdout, stderr and the fds listed in KVMVFIO_FDS.
@@ -170,6 +171,35 @@ export function describeFds(fds: readonly (readonly [string, number])[]): string
   return fds.map(([name, fd]) => `${name}:${fd}`).join(',');
 }
 
+/**
+ * The placeholders of CMD's arguments: `{kvm}`, `{vfio-container}`,
+ * `{session}` and `{group:N}` stand for the numbers of the fds handed over
+ * (the names of KVMVFIO_FDS, `group-N` written `group:N`), so a VMM that
+ * takes pre-opened fds by number gets them on its command line:
+ * `-add-fd fd={kvm},set=1 -accel kvm,device=/dev/fdset/1`. Only these exact
+ * words are replaced (other braces, a QEMU JSON option say, stay as they
+ * are); `{iommufd}` and `{device:ADDRESS}` are reserved for the device cdev
+ * handoff. A placeholder for an fd the daemon did not hand out is an error
+ * (INVALID_ARGUMENT), before anything is exec'd.
+ */
+export const PLACEHOLDER = /\{(kvm|vfio-container|session|group:\d+|iommufd|device:[0-9a-fA-F:.]+)\}/g;
+
+export function fillPlaceholders(argv: readonly string[], handed: readonly (readonly [string, number])[]): string[] {
+  const byName = new Map(handed.map(([name, fd]) => [name.replace(/^group-/, 'group:'), fd]));
+  return argv.map((arg) =>
+    arg.replace(PLACEHOLDER, (_, name: string) => {
+      const fd = byName.get(name);
+      if (fd === undefined) {
+        throw new AttachFailure(
+          'INVALID_ARGUMENT',
+          `the command line names {${name}}, which kvmvfiod did not hand to this VM's VMM (handed: ${[...byName.keys()].map((n) => `{${n}}`).join(', ')})`,
+        );
+      }
+      return String(fd);
+    }),
+  );
+}
+
 /** Attaches, then execs the VMM. Returns only by throwing (AttachFailure, ExecFailure). */
 export async function runAttach(opts: AttachOptions): Promise<never> {
   const s = await connect(opts);
@@ -178,6 +208,8 @@ export async function runAttach(opts: AttachOptions): Promise<never> {
   if (attach.container) handed.push(['vfio-container', attach.container.fd]);
   for (const [group, fd] of attach.groups) handed.push([`group-${group}`, fd.fd]);
   handed.push(['session', s.sock.fd]);
+  // Before any fd is made inheritable: a bad placeholder ends here, and the session with it.
+  const argv = fillPlaceholders(opts.argv, handed);
 
   // Ignored signals stay ignored across exec, caught ones go back to SIG_DFL.
   for (const sig of ['SIGPIPE', 'SIGXFSZ'] as const) process.on(sig, () => undefined);
@@ -194,7 +226,7 @@ export async function runAttach(opts: AttachOptions): Promise<never> {
 
   const env = { KVMVFIO_FDS: describeFds(handed), KVMVFIO_VM_ID: attach.vmId, KVMVFIO_VM_NAME: attach.vmName };
   try {
-    return execReplace(opts.argv, env);
+    return execReplace(argv, env);
   } catch (e) {
     if (!(e instanceof SysError)) throw e;
     // The session closes when this process exits, and the VM ends with it.

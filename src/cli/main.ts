@@ -26,6 +26,7 @@ import {
   positionals,
 } from './args';
 import { AttachFailure, DEFAULT_HANDOFF, ExecFailure, runAttach } from './attach';
+import { KNOWN_VMMS, VmmArgsError, vmmArgs } from './vmmargs';
 import * as fmt from './format';
 import * as js from './json';
 import { help, synopsisFor } from './usage';
@@ -216,6 +217,19 @@ const COMMANDS: Record<string, Command> = {
 
   'vm get': onVm((api, id) => api.getVm(id), (vm) => fmt.vmDetail(vm)),
 
+  'vm args': {
+    options: ['vmm'],
+    async run(ctx) {
+      const [ref] = positionals(ctx.args, ['VM']);
+      const vmm = ctx.cl.values.vmm;
+      if (vmm === undefined) throw new UsageError('vm args needs --vmm qemu');
+      if (!(KNOWN_VMMS as readonly string[]).includes(vmm)) throw new UsageError(`--vmm: one of ${KNOWN_VMMS.join(', ')}, not ${JSON.stringify(vmm)}`);
+      const api = ctx.api();
+      const args = vmmArgs(await api.getVm(await api.resolveVm(ref)), vmm as (typeof KNOWN_VMMS)[number]);
+      ctx.out(ctx.json ? js.pretty({ args }) : `${args.join(' ')}\n`);
+    },
+  },
+
   'vm token': {
     options: [],
     async run(ctx) {
@@ -390,7 +404,7 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
     // Only a call makes an ApiError, and a call needs the client loaded.
     const [code, message] = reached !== undefined && clientModule().isApiError(e)
       ? [grpcStatus()[e.code] ?? `CODE_${e.code}`, describe(e, reached, timeoutMs)]
-      : e instanceof AttachFailure || e instanceof ExecFailure
+      : e instanceof AttachFailure || e instanceof ExecFailure || e instanceof VmmArgsError
         ? [e.code, e.message]
         : ['UNKNOWN', e instanceof Error ? e.message : String(e)];
     process.stderr.write(json ? js.line({ error: { code, message } }) : `kvmvfioctl: ${code}: ${message}\n`);

@@ -8,6 +8,7 @@ export const SYNOPSIS: Record<string, string> = {
   'vm create': 'kvmvfioctl vm create NAME --vmm-uid UID [--vfio-device] [--group N]... [--label KEY=VALUE]... [--memlock SIZE] [--request-id ID]',
   'vm get': 'kvmvfioctl vm get VM',
   'vm token': 'kvmvfioctl vm token VM',
+  'vm args': 'kvmvfioctl vm args VM --vmm qemu',
   'vm list': 'kvmvfioctl vm list [--label KEY=VALUE]... [--state pending|running|exited|failed]... [--page-size N]',
   'vm delete': 'kvmvfioctl vm delete VM [--force]',
   'vm watch': 'kvmvfioctl vm watch [--label KEY=VALUE]... [--state pending|running|exited|failed]...',
@@ -38,6 +39,8 @@ Commands:
                               SIZE is bytes or K/M/G/T (powers of 1024), e.g. 2G
   vm get VM                   one VM
   vm token VM                 a new attach token for a PENDING VM (earlier ones stop working)
+  vm args VM --vmm qemu       the VMM arguments that use the fds kvmvfioctl attach hands over, with
+                              its placeholders, e.g. for QEMU -add-fd fd={kvm},set=1,... -accel kvm,...
   vm list [--label KEY=VALUE]... [--state STATE]... [--page-size N]
                               the VMs, oldest first; every label must match, any state may;
                               all of them, fetched N per call (default 100, at most 500)
@@ -54,7 +57,12 @@ Commands:
                               this process, same pid, with them inherited and listed in $KVMVFIO_FDS,
                               e.g. kvm:17,vfio-container:18,group-12:19,session:20 (vfio-container only
                               when the daemon sent one), and $KVMVFIO_VM_ID, $KVMVFIO_VM_NAME set.
-                              CMD holds the session; the VM ends when CMD exits. CMD inherits stdin,
+                              In ARGs, {kvm}, {vfio-container}, {group:N} and {session} become those
+                              fds' numbers, e.g. -add-fd fd={kvm},set=1 -accel kvm,device=/dev/fdset/1
+                              (kvmvfioctl vm args VM --vmm qemu prints them); one the daemon did not
+                              hand out is INVALID_ARGUMENT, and nothing is exec'd.
+                              CMD holds the session; the VM ends when CMD exits, and DeleteVm
+                              sends it SIGTERM (with --force, SIGKILL). CMD inherits stdin,
                               stdout, stderr and the fds in $KVMVFIO_FDS, no other fd.
                               The token comes from --token, else $KVMVFIO_TOKEN; prefer the variable:
                               a command line is visible to every user in ps. The handoff socket: --handoff,

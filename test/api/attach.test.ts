@@ -82,7 +82,7 @@ describe('kvmvfioctl attach with a VFIO container', () => {
   let spentToken = '';
 
   before(async () => {
-    host = await makeFakeHost([vfioGroup(12), vfioGroup(13), vfioGroup(14), vfioGroup(15)], { vfioContainer: true });
+    host = await makeFakeHost([vfioGroup(12), vfioGroup(13), vfioGroup(14), vfioGroup(15), vfioGroup(16)], { vfioContainer: true });
     d = await startDaemon({ sysfs: host.sysfs, dev: host.dev });
     c = d.client();
     handoff = join(d.runtimeDir, 'handoff.sock');
@@ -165,6 +165,40 @@ describe('kvmvfioctl attach with a VFIO container', () => {
     const others = open.filter((fd) => !expected.includes(fd));
     assert.equal(others.length, 1, `fds beyond stdio, the described ones and ls's own: ${JSON.stringify(others)} (the caller's ${[EXTRA_FD, ...passedToChildren].join(', ')} must not pass)`);
     await until('vm fd-table EXITED', async () => (await c.getVm(vm.id)).state === 'VM_STATE_EXITED');
+  });
+
+  test('placeholders in the VMM\'s arguments become the handed fds\' numbers; DeleteVm without force stops it with SIGTERM', async () => {
+    const { vm, attach_token } = await c.createVm({ name: 'placeholders', vmm_uid: NOBODY_UID, vfio_device: true, groups: [16] });
+    // sh prints its arguments as the VMM would get them, then becomes fdcheck (same pid).
+    const script = 'printf \'{"event":"argv","a":"%s","b":"%s","c":%s}\\n\' "$1" "$2" "$3"; exec node "$0"';
+    const a = attach(
+      ['--handoff', handoff, '--', 'sh', '-c', script, FDCHECK, 'fd={kvm},set=1', 'x{group:16}y{session}', '{"qom-type":"x","n":{kvm}}'],
+      { KVMVFIO_TOKEN: attach_token!.token },
+    );
+    const args = await a.waitFor('argv');
+    const fds = (await a.waitFor('fds')).fds as Record<string, number>;
+    assert.equal(args.a, `fd=${fds.kvm},set=1`);
+    assert.equal(args.b, `x${fds['group-16']}y${fds.session}`);
+    assert.deepEqual(args.c, { 'qom-type': 'x', n: fds.kvm }, 'other braces stay as they are');
+    const running = await until('RUNNING', async () => {
+      const v = await c.getVm(vm!.id);
+      return v.state === 'VM_STATE_RUNNING' && v;
+    });
+    assert.equal(running.vmm_pid, a.pid);
+    // A passive VMM never reads its session: DeleteVm sends SIGTERM through the pidfd, and fdcheck exits 0 on it.
+    const del = await c.deleteVm({ vm_id: vm!.id });
+    assert.equal(del.vm?.id, vm!.id);
+    assert.deepEqual(await a.exit, { code: 0, signal: null });
+    assert.ok(d.logs.some((l) => l.event === 'vmm-terminated' && l.vm === vm!.id));
+  });
+
+  test('a placeholder for an fd not handed out: INVALID_ARGUMENT, nothing exec\'d, the VM ends', async () => {
+    const { vm, attach_token } = await c.createVm({ name: 'bad-placeholder', vmm_uid: NOBODY_UID });
+    const a = attach(['--handoff', handoff, '--', 'node', FDCHECK, '{group:99}'], { KVMVFIO_TOKEN: attach_token!.token });
+    assert.deepEqual(await a.exit, { code: 1, signal: null });
+    assert.match(a.stderr(), /^kvmvfioctl: INVALID_ARGUMENT: the command line names \{group:99\}, which kvmvfiod did not hand to this VM's VMM \(handed: \{kvm\}, \{vfio-container\}, \{session\}\)\n$/);
+    assert.ok(!a.events.some((e) => e.event === 'fds'), 'nothing was exec\'d');
+    await until('vm EXITED', async () => (await c.getVm(vm!.id)).state === 'VM_STATE_EXITED');
   });
 
   test('a used token: exit 1, PERMISSION_DENIED with the daemon\'s reason, nothing exec\'d', async () => {

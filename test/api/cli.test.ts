@@ -194,6 +194,26 @@ describe('kvmvfioctl against a daemon with IOMMU groups', () => {
     assert.equal(ok(await run('vm', 'list', '--state', 'failed'), 'list'), 'No VMs match.\n');
   });
 
+  test('vm args --vmm qemu: the arguments with attach\'s placeholders; refused for a VM with groups', async () => {
+    ok(await run('vm', 'create', 'qemu-vm', '--vmm-uid', '65534'), 'vm create qemu-vm');
+    assert.equal(ok(await run('vm', 'args', 'qemu-vm', '--vmm', 'qemu'), 'vm args'), '-add-fd fd={kvm},set=1,opaque=kvmvfiod-kvm -accel kvm,device=/dev/fdset/1\n');
+    assert.deepEqual(JSON.parse(ok(await run('--json', 'vm', 'args', 'qemu-vm', '--vmm', 'qemu'), 'vm args --json')), {
+      args: ['-add-fd', 'fd={kvm},set=1,opaque=kvmvfiod-kvm', '-accel', 'kvm,device=/dev/fdset/1'],
+    });
+    const usage = await run('vm', 'args', 'qemu-vm');
+    assert.equal(usage.code, 2);
+    assert.match(usage.stderr, /vm args needs --vmm qemu/);
+    const other = await run('vm', 'args', 'qemu-vm', '--vmm', 'firecracker');
+    assert.equal(other.code, 2);
+    const free = (JSON.parse(ok(await run('--json', 'groups'), 'groups')) as { groups: { number: number; viable: boolean; vm_id: string }[] }).groups.find((g) => g.viable && !g.vm_id);
+    assert.ok(free, 'a free viable group');
+    ok(await run('vm', 'create', 'qemu-groups', '--vmm-uid', '65534', '--vfio-device', '--group', String(free.number)), 'vm create qemu-groups');
+    const refused = await run('vm', 'args', 'qemu-groups', '--vmm', 'qemu');
+    assert.equal(refused.code, 1);
+    assert.match(refused.stderr, new RegExp(`^kvmvfioctl: FAILED_PRECONDITION: vm qemu-groups has IOMMU groups ${free.number}: QEMU takes a VFIO device from outside only as a device cdev fd`));
+    for (const name of ['qemu-vm', 'qemu-groups']) ok(await run('vm', 'delete', name), `vm delete ${name}`);
+  });
+
   test('vm vfio-device, add-group and remove-group change a PENDING VM', async () => {
     const made = ok(await run('vm', 'create', 'db', '--vmm-uid', '0'), 'vm create db');
     // People get the VM and the token its VMM needs, in one aligned block.

@@ -13,7 +13,7 @@ import type { Logger } from 'pino';
 import type { Broker, Caller } from '../../broker/broker';
 import { DeadlineExceededError, DomainError, FailedPreconditionError, PermissionDeniedError, ResourceExhaustedError, UnavailableError } from '../../broker/errors';
 import type { AttachGrant, VmmLink } from '../../broker/vmm';
-import { type FdWatch, type OwnedFd, type SendableFd, SIGKILL, type SeqpacketSocket, SysError, boottimeNs, peerPidfd, pidfdExited, pidfdSendSignal, watchReadable } from '../../kernel';
+import { type FdWatch, type OwnedFd, type SendableFd, SIGKILL, SIGTERM, type SeqpacketSocket, SysError, boottimeNs, peerPidfd, pidfdExited, pidfdSendSignal, watchReadable } from '../../kernel';
 import { FdKind, type Message, MsgType, ProtocolError, RESULT_BIT, decode, encode, isResult, typeName } from '../../protocol/session';
 
 const EACCES = 13;
@@ -156,6 +156,12 @@ export class Session implements VmmLink {
   }
 
   shutdown(reason: string): void {
+    if (this.#passive) {
+      // A passive VMM (QEMU under kvmvfioctl attach) never reads its session: SIGTERM through the
+      // pidfd, which QEMU and cloud-hypervisor take as a clean stop.
+      this.#signal(SIGTERM, reason);
+      return;
+    }
     if (this.#phase === 'closed') return;
     // The result is not awaited: the VMM answers, then exits.
     this.#request(MsgType.SHUTDOWN, 0, [], 'SHUTDOWN', '', reason).catch(() => undefined);
@@ -166,10 +172,16 @@ export class Session implements VmmLink {
   }
 
   kill(): void {
+    this.#signal(SIGKILL);
+  }
+
+  /** A signal through the pidfd (never by pid); a VMM gone already (ESRCH) is no error. */
+  #signal(signal: number, reason?: string): void {
     if (!this.#pidfd?.isOpen) return;
     try {
-      pidfdSendSignal(this.#pidfd.fd, SIGKILL, `VMM pid ${this.pid}`);
-      this.#log.warn({ event: 'vmm-killed', vm: this.#vmId }, 'VMM killed');
+      pidfdSendSignal(this.#pidfd.fd, signal, `VMM pid ${this.pid}`);
+      if (signal === SIGKILL) this.#log.warn({ event: 'vmm-killed', vm: this.#vmId }, 'VMM killed');
+      else this.#log.info({ event: 'vmm-terminated', vm: this.#vmId, reason }, 'SIGTERM sent to the passive VMM');
     } catch (e) {
       if (!(e instanceof SysError && e.code === 'ESRCH')) throw e;
     }

@@ -13,6 +13,12 @@ export interface PciDeviceInfo {
   classCode: string;
   /** Bound driver name, "" when none. */
   driver: string;
+  /**
+   * The device's VFIO cdev ("vfio0", i.e. /dev/vfio/devices/vfio0): present
+   * while it is bound to vfio-pci on a kernel with CONFIG_VFIO_DEVICE_CDEV
+   * (sysfs: <device>/vfio-dev/vfioN); "" otherwise.
+   */
+  cdev: string;
 }
 
 export interface GroupInventory {
@@ -89,6 +95,17 @@ async function readHexAttr(file: string, width: number): Promise<string> {
   return hex.padStart(width, '0');
 }
 
+const CDEV_NAME = /^vfio[0-9]+$/;
+
+async function readCdev(deviceDir: string): Promise<string> {
+  try {
+    return (await readdir(path.join(deviceDir, 'vfio-dev'))).find((n) => CDEV_NAME.test(n)) ?? '';
+  } catch (err) {
+    if (isAbsent(err)) return '';
+    throw err;
+  }
+}
+
 async function readDriver(deviceDir: string): Promise<string> {
   try {
     return path.basename(await readlink(path.join(deviceDir, 'driver')));
@@ -107,13 +124,14 @@ async function readDevice(groupDevicesDir: string, address: string): Promise<Pci
     if (isAbsent(err)) return undefined;
     throw err;
   }
-  const [vendorId, deviceId, classCode, driver] = await Promise.all([
+  const [vendorId, deviceId, classCode, driver, cdev] = await Promise.all([
     readHexAttr(path.join(dir, 'vendor'), 4),
     readHexAttr(path.join(dir, 'device'), 4),
     readHexAttr(path.join(dir, 'class'), 6),
     readDriver(dir),
+    readCdev(dir),
   ]);
-  return { address, vendorId, deviceId, classCode, driver };
+  return { address, vendorId, deviceId, classCode, driver, cdev };
 }
 
 function reasonFor(dev: PciDeviceInfo): string {

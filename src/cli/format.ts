@@ -86,7 +86,7 @@ export function vmDetail(v: Vm, extra: readonly [string, string][] = [], now: nu
 }
 
 /** "0000:01:00.0 10de:1eb8 vfio-pci"; a device with no driver shows "-". */
-const deviceCell = (d: IommuGroup['devices'][number]): string => `${d.address} ${d.vendor_id}:${d.device_id} ${orDash(d.driver)}`;
+const deviceCell = (d: IommuGroup['devices'][number]): string => `${d.address} ${d.vendor_id}:${d.device_id} ${orDash(d.driver)}${d.cdev ? ` (${d.cdev})` : ''}`;
 
 /** What a host without IOMMU groups prints instead of an empty table. */
 export const NO_IOMMU_GROUPS =
@@ -144,6 +144,8 @@ export function hostInfo(h: HostInfo, now: number = Date.now()): string {
     ['kvm-vfio device', s ? yesNo(s.kvm_vfio_device) : '-'],
     ['vfio file add/del', s ? `${yesNo(s.vfio_file_add)}/${yesNo(s.vfio_file_del)}` : '-'],
     ['vfio container', s ? yesNo(s.vfio_container) : '-'],
+    ['vfio device cdevs', s ? yesNo(s.vfio_device_cdev) : '-'],
+    ['iommufd', s ? yesNo(s.iommufd) : '-'],
     ['iommu groups', String(h.iommu_group_count)],
     ['claimed groups', String(h.claimed_group_count)],
     ['vms', String(h.vm_count)],

@@ -56,6 +56,8 @@ function supportJson(s: KernelSupport__Output): KernelSupport__Output {
     vfio_container: s.vfio_container,
     iommu_groups: s.iommu_groups,
     probe_errors: [...s.probe_errors],
+    iommufd: s.iommufd,
+    vfio_device_cdev: s.vfio_device_cdev,
   };
 }
 
@@ -76,7 +78,7 @@ export function hostInfoJson(h: HostInfo): HostInfo {
 }
 
 function deviceJson(d: PciDevice__Output): PciDevice__Output {
-  return { address: d.address, vendor_id: d.vendor_id, device_id: d.device_id, class_code: d.class_code, driver: d.driver };
+  return { address: d.address, vendor_id: d.vendor_id, device_id: d.device_id, class_code: d.class_code, driver: d.driver, cdev: d.cdev };
 }
 
 export function groupJson(g: IommuGroup): IommuGroup {

@@ -64,6 +64,7 @@ export function groupMessage(g: GroupView): IommuGroup {
       device_id: d.deviceId,
       class_code: d.classCode,
       driver: d.driver,
+      cdev: d.cdev,
     })),
     viable: g.viable,
     not_viable_reasons: [...g.notViableReasons],

@@ -157,6 +157,8 @@ export function createService(deps: ServiceDeps): { handlers: KvmVfioHandlers; e
           vfio_container: h.support.vfioContainer,
           iommu_groups: groups.length > 0,
           probe_errors: h.support.errors,
+          iommufd: h.iommufd,
+          vfio_device_cdev: h.vfioDeviceCdev,
         },
         daemon_version: DAEMON_VERSION,
         fd_limit_soft: String(h.fdLimitSoft),

@@ -24,7 +24,7 @@ async function fdTargets(pid: number): Promise<string[]> {
 
 const groups = [
   { number: 3, devices: [{ address: '0000:00:03.0', vendor: '8086', device: '10d3', class: '020000', driver: 'vfio-pci' }] },
-  { number: 4, devices: [{ address: '0000:00:04.0', vendor: '1af4', device: '1041', class: '020000', driver: 'vfio-pci' }] },
+  { number: 4, devices: [{ address: '0000:00:04.0', vendor: '1af4', device: '1041', class: '020000', driver: 'vfio-pci', cdev: 'vfio3' }] },
   {
     number: 7,
     devices: [
@@ -60,6 +60,9 @@ describe('kvmvfio.v1 API on a real daemon', () => {
     assert.equal(h.support?.vfio_file_del, true);
     assert.equal(h.support?.vfio_container, false);
     assert.equal(h.support?.iommu_groups, true);
+    // The fake tree has a device cdev (group 4's) but no /dev/iommu.
+    assert.equal(h.support?.vfio_device_cdev, true);
+    assert.equal(h.support?.iommufd, false);
     assert.equal(h.iommu_group_count, 4);
     assert.equal(h.daemon_version, (require(join(REPO, 'package.json')) as { version: string }).version);
     assert.ok(Number(h.fd_limit_soft) > 0 && Number(h.fds_open) > 0);
@@ -75,6 +78,8 @@ describe('kvmvfio.v1 API on a real daemon', () => {
     ]);
     assert.deepEqual(g7.not_viable_reasons, ['0000:01:00.1 is bound to snd_hda_intel; bind 0000:01:00.1 to vfio-pci']);
     assert.equal((await c.getIommuGroup(12)).devices[0].driver, '');
+    assert.equal((await c.getIommuGroup(4)).devices[0].cdev, 'vfio3', "the device's cdev under /dev/vfio/devices");
+    assert.equal((await c.getIommuGroup(3)).devices[0].cdev, '');
     await expectStatus(c.getIommuGroup(99), status.NOT_FOUND, /IOMMU group 99 does not exist/);
   });
 

@@ -40,9 +40,9 @@ function ok(r: Run, what: string): string {
 /** The fields of each message in kvmvfio.proto, in proto order: --json prints exactly these. */
 const VM_FIELDS = ['id', 'name', 'labels', 'state', 'owner_uid', 'vmm_uid', 'vfio_device', 'groups', 'memlock_bytes', 'request_id', 'create_time', 'update_time', 'failure_reason', 'revision', 'vmm_pid', 'passive_vmm', 'principal', 'stray_groups'];
 const HOST_FIELDS = ['kernel_release', 'kvm_api_version', 'support', 'daemon_version', 'fd_limit_soft', 'fd_limit_hard', 'fds_open', 'vm_count', 'claimed_group_count', 'iommu_group_count', 'start_time'];
-const SUPPORT_FIELDS = ['kvm_vfio_device', 'vfio_file_add', 'vfio_file_del', 'vfio_container', 'iommu_groups', 'probe_errors'];
+const SUPPORT_FIELDS = ['kvm_vfio_device', 'vfio_file_add', 'vfio_file_del', 'vfio_container', 'iommu_groups', 'probe_errors', 'iommufd', 'vfio_device_cdev'];
 const GROUP_FIELDS = ['number', 'devices', 'viable', 'not_viable_reasons', 'vm_id', 'vm_name', 'open_in_daemon', 'holding', 'holders', 'stray_since'];
-const DEVICE_FIELDS = ['address', 'vendor_id', 'device_id', 'class_code', 'driver'];
+const DEVICE_FIELDS = ['address', 'vendor_id', 'device_id', 'class_code', 'driver', 'cdev'];
 
 type Json = Record<string, unknown>;
 const parse = (s: string): Json => JSON.parse(s) as Json;
@@ -130,7 +130,7 @@ describe('kvmvfioctl against a daemon with IOMMU groups', () => {
     assert.deepEqual(g9.not_viable_reasons, ['0000:02:00.0 is bound to igb; bind 0000:02:00.0 to vfio-pci']);
     const dev = (gs[0].devices as Json[])[1];
     assert.deepEqual(Object.keys(dev), DEVICE_FIELDS);
-    assert.deepEqual(dev, { address: '0000:01:00.1', vendor_id: '10de', device_id: '10f8', class_code: '040300', driver: 'vfio-pci' });
+    assert.deepEqual(dev, { address: '0000:01:00.1', vendor_id: '10de', device_id: '10f8', class_code: '040300', driver: 'vfio-pci', cdev: '' });
 
     const one = parse(ok(await run('groups', '12', '--json'), 'groups 12 --json'));
     assert.deepEqual(Object.keys(one), GROUP_FIELDS);

@@ -14,6 +14,8 @@ export interface FakeDevice {
   class: string;
   /** Bound driver; absent = no driver. */
   driver?: string;
+  /** Its VFIO device cdev ("vfio0"): sysfs <device>/vfio-dev/vfio0 and /dev/vfio/devices/vfio0. */
+  cdev?: string;
 }
 
 export interface FakeGroup {
@@ -65,7 +67,7 @@ async function ignoreMissing(p: Promise<unknown>): Promise<void> {
   }
 }
 
-export async function makeFakeHost(groups: FakeGroup[], opts: { vfioContainer?: boolean } = {}): Promise<FakeHost> {
+export async function makeFakeHost(groups: FakeGroup[], opts: { vfioContainer?: boolean; iommufd?: boolean } = {}): Promise<FakeHost> {
   const seenGroups = new Set<number>();
   const seenDevices = new Set<string>();
   for (const g of groups) {
@@ -127,6 +129,12 @@ export async function makeFakeHost(groups: FakeGroup[], opts: { vfioContainer?: 
         await relSymlink(dir, path.join(groupDir, 'devices', d.address));
         await relSymlink(dir, path.join(busDevicesDir, d.address));
         if (d.driver !== undefined) await bind(d.address, d.driver);
+        if (d.cdev !== undefined) {
+          if (!/^vfio[0-9]+$/.test(d.cdev)) throw new Error(`fakehost: ${d.address}: bad cdev name ${JSON.stringify(d.cdev)}`);
+          await mkdir(path.join(dir, 'vfio-dev', d.cdev), { recursive: true });
+          await mkdir(path.join(vfioDir, 'devices'), { recursive: true });
+          await writeFile(path.join(vfioDir, 'devices', d.cdev), '', { mode: 0o600 });
+        }
       }
       // An ordinary file stands in for the char device; tests only need it to exist and be openable.
       const node = path.join(vfioDir, String(g.number));
@@ -135,6 +143,7 @@ export async function makeFakeHost(groups: FakeGroup[], opts: { vfioContainer?: 
     }
     // The real /dev/kvm, reached through the fake dev root: KVM is tested against the real kernel.
     await symlink('/dev/kvm', path.join(vfioDir, '..', 'kvm'));
+    if (opts.iommufd) await writeFile(path.join(dev, 'iommu'), '', { mode: 0o660 });
     if (opts.vfioContainer) {
       const node = path.join(vfioDir, 'vfio');
       await writeFile(node, '', { mode: 0o600 });

@@ -32,13 +32,13 @@ test('two single-device vfio-pci groups are read with ids, class and driver, and
       assert.deepEqual(groups, [
         {
           number: 12,
-          devices: [{ address: '0000:01:00.0', vendorId: '10de', deviceId: '1eb8', classCode: '030000', driver: 'vfio-pci' }],
+          devices: [{ address: '0000:01:00.0', vendorId: '10de', deviceId: '1eb8', classCode: '030000', driver: 'vfio-pci', cdev: '' }],
           viable: true,
           notViableReasons: [],
         },
         {
           number: 13,
-          devices: [{ address: '0000:02:00.0', vendorId: '8086', deviceId: '1521', classCode: '020000', driver: 'vfio-pci' }],
+          devices: [{ address: '0000:02:00.0', vendorId: '8086', deviceId: '1521', classCode: '020000', driver: 'vfio-pci', cdev: '' }],
           viable: true,
           notViableReasons: [],
         },
@@ -237,8 +237,8 @@ test('a non-PCI device in a group has empty ids; a dangling member is skipped', 
     fs.symlinkSync('../../../../devices/pci0000:00/0000:09:00.0', path.join(groupDevices, '0000:09:00.0')); // unplugged
     const g = await readIommuGroup(h.sysfs, 9);
     assert.deepEqual(g?.devices, [
-      { address: '0000:01:00.0', vendorId: '10de', deviceId: '1eb8', classCode: '030000', driver: 'vfio-pci' },
-      { address: 'fe000000.dma', vendorId: '', deviceId: '', classCode: '', driver: '' },
+      { address: '0000:01:00.0', vendorId: '10de', deviceId: '1eb8', classCode: '030000', driver: 'vfio-pci', cdev: '' },
+      { address: 'fe000000.dma', vendorId: '', deviceId: '', classCode: '', driver: '', cdev: '' },
     ]);
     assert.equal(g?.viable, true);
   });
@@ -284,6 +284,29 @@ test('fakehost: kernel layout, relative links, /dev/vfio nodes, and bindDriver',
     await h.cleanup();
   }
   assert.ok(!fs.existsSync(h.root));
+});
+
+test('a device bound to vfio-pci on a kernel with device cdevs names its cdev (sysfs vfio-dev/vfioN)', async () => {
+  const host = await makeFakeHost(
+    [
+      { number: 4, devices: [{ address: '0000:00:04.0', ...NIC, driver: 'vfio-pci', cdev: 'vfio0' }] },
+      { number: 5, devices: [{ address: '0000:00:05.0', ...NIC, driver: 'vfio-pci' }] },
+    ],
+    { iommufd: true },
+  );
+  try {
+    const [g4, g5] = await readIommuGroups(host.sysfs);
+    assert.equal(g4.devices[0].cdev, 'vfio0');
+    assert.equal(g5.devices[0].cdev, '', 'no vfio-dev directory: no cdev');
+    assert.ok(fs.existsSync(path.join(host.dev, 'vfio', 'devices', 'vfio0')));
+    assert.ok(fs.existsSync(path.join(host.dev, 'iommu')));
+    // Something else in vfio-dev is not a cdev name.
+    fs.rmSync(path.join(host.sysfs, 'devices', 'pci0000:00', '0000:00:04.0', 'vfio-dev', 'vfio0'), { recursive: true });
+    fs.mkdirSync(path.join(host.sysfs, 'devices', 'pci0000:00', '0000:00:04.0', 'vfio-dev', 'uevent'));
+    assert.equal((await readIommuGroup(host.sysfs, 4))!.devices[0].cdev, '');
+  } finally {
+    await host.cleanup();
+  }
 });
 
 test('fakehost: no vfio container node unless asked', async () => {

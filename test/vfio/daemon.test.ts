@@ -6,7 +6,7 @@
  */
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { openSync, closeSync, readFileSync } from 'node:fs';
+import { openSync, closeSync, existsSync, readFileSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { status } from '@grpc/grpc-js';
 import { type IommuGroup, type KvmVfioApi } from '../../src/client/client';
@@ -67,6 +67,13 @@ describe('real VFIO groups through kvmvfiod', { skip: inGuest ? false : 'runs on
     const h = await c.getHostInfo();
     assert.equal(h.support?.vfio_container, true);
     assert.equal(h.support?.iommu_groups, true);
+    // What the guest's kernel has (Debian's 6.12: neither, unless the lane rebuilt vfio and iommufd).
+    assert.equal(h.support?.iommufd, existsSync('/dev/iommu'));
+    assert.equal(h.support?.vfio_device_cdev, existsSync('/dev/vfio/devices'));
+    for (const g of viable) {
+      const dir = `/sys/bus/pci/devices/${g.devices[0].address}/vfio-dev`;
+      assert.equal(g.devices[0].cdev, existsSync(dir) ? readdirSync(dir).find((n) => /^vfio\d+$/.test(n)) ?? '' : '');
+    }
     for (const g of viable) {
       assert.equal(g.devices[0].vendor_id, sysfsVendor(g.devices[0].address).replace(/^0x/, ''));
       assert.deepEqual(g.not_viable_reasons, []);

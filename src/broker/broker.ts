@@ -351,23 +351,30 @@ export class Broker {
   async deleteVm(caller: Caller, id: string, force = false): Promise<VmRecord> {
     this.#assertOpen();
     this.getVm(caller, id);
-    const link = this.#links.get(id);
-    if (link) {
-      if (force) link.kill();
-      else link.shutdown('DeleteVm');
-      if (!(await within(link.exited, this.#opts.exitGraceMs))) {
-        throw new DeadlineExceededError(
-          `the VMM of vm ${id} (pid ${link.pid}) did not exit within ${this.#opts.exitGraceMs} ms${force ? '' : '; DeleteVm with force kills it'}`,
-        );
+    // No new VMM from here on; one that spent its token before this (its attach waiting on the VM's
+    // lock) is found under the lock below and stopped like any other.
+    this.tokens.revokeVm(id);
+    for (let round = 0; ; round++) {
+      const link = this.#links.get(id);
+      if (link) {
+        if (force) link.kill();
+        else link.shutdown('DeleteVm');
+        if (!(await within(link.exited, this.#opts.exitGraceMs))) {
+          throw new DeadlineExceededError(
+            `the VMM of vm ${id} (pid ${link.pid}) did not exit within ${this.#opts.exitGraceMs} ms${force ? '' : '; DeleteVm with force kills it'}`,
+          );
+        }
+        // vmmExited() runs under the VM's lock; wait for it before removing.
       }
-      // vmmExited() runs under the VM's lock; wait for it before removing.
+      const removed = await this.#onVm(caller, id, async (vm) => {
+        if (this.#links.has(vm.id)) return undefined;
+        await this.#letGoAll(vm.id, false);
+        this.vms.remove(vm);
+        return vm;
+      });
+      if (removed) return removed;
+      if (round >= 2) throw new FailedPreconditionError(`vm ${id} keeps getting a VMM attached while it is being deleted; retry`);
     }
-    return this.#onVm(caller, id, async (vm) => {
-      this.tokens.revokeVm(vm.id);
-      await this.#letGoAll(vm.id, this.#links.has(vm.id));
-      this.vms.remove(vm);
-      return vm;
-    });
   }
 
   async createVfioDevice(caller: Caller, id: string): Promise<VmRecord> {

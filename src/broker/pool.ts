@@ -79,6 +79,8 @@ export interface PoolOptions {
   devRoot: string;
   procRoot?: string;
   openGroup: OpenGroup;
+  /** Who holds a file open (default: findFileHolders over procRoot); a seam for tests. */
+  findHolders?: (path: string) => Promise<FileHolder[]>;
   /** Tells when a holder of a stray group exits, so the group is tried again at once. */
   watchExit?: WatchExit;
   /** Backoff of the retries of a stray group, in ms: each failure waits the next, then the last again. */
@@ -263,6 +265,8 @@ export class GroupPool {
     hold.holding = 'stray';
     hold.since = new Date().toISOString();
     hold.holders = await this.#holders(n);
+    // A claim may have tried it again meanwhile (retryStray) and won it back: then it is not stray.
+    if (this.#holds.get(n) !== hold) return this.#holds.get(n)?.holding ?? 'free';
     this.#opts.onClaimsChanged?.([n]);
     this.#opts.log?.(
       { event: 'group-stray', group: n, vm: hold.owner.vmId, holders: hold.holders },
@@ -490,7 +494,9 @@ export class GroupPool {
   }
 
   #holders(n: number): Promise<FileHolder[]> {
-    return findFileHolders(this.#opts.procRoot ?? '/proc', this.groupPath(n)).catch(() => []);
+    const path = this.groupPath(n);
+    const find = this.#opts.findHolders ?? ((p: string) => findFileHolders(this.#opts.procRoot ?? '/proc', p));
+    return find(path).catch(() => []);
   }
 
   async #inventory(n: number): Promise<GroupInventory> {

@@ -52,6 +52,19 @@ export class TokenStore {
    * valid for the right one.
    */
   redeem(token: string, uid: number): string {
+    const key = this.check(token, uid);
+    const e = this.#live.get(key)!;
+    this.#drop(key, e.vmId);
+    this.#used.set(key, e.expiresAt);
+    return e.vmId;
+  }
+
+  /**
+   * The checks of redeem() without spending the token (its digest when it
+   * would redeem): for the session to refuse a bad token before any costly
+   * step of an attach.
+   */
+  check(token: string, uid: number): string {
     const key = digest(token);
     const e = this.#live.get(key);
     if (!e) {
@@ -62,9 +75,7 @@ export class TokenStore {
       throw new PermissionDeniedError('attach token has expired');
     }
     if (e.vmmUid !== uid) throw new PermissionDeniedError(`attach token is for vmm uid ${e.vmmUid}, not uid ${uid}`);
-    this.#drop(key, e.vmId);
-    this.#used.set(key, e.expiresAt);
-    return e.vmId;
+    return key;
   }
 
   revokeVm(vmId: string): void {

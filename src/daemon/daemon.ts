@@ -151,7 +151,7 @@ export class Daemon {
         vm: (id) => broker.vms.get(id),
         claim: (group) => pool.claimOf(group),
         session: (vmId) => {
-          // A session whose socket or pidfd is closed cannot be carried over a restart.
+          // Carried over a restart while the VMM's pidfd is open (its socket may have closed).
           const s = this.#handoff?.sessionOf(vmId);
           if (!s?.storableFds) return undefined;
           return { vmId, pid: s.peer.pid, uid: s.peer.uid, gid: s.peer.gid, passive: s.passive };
@@ -203,7 +203,7 @@ export class Daemon {
       onAttached: (s) => {
         const fds = s.storableFds;
         if (fds) {
-          store.put(fdName.session(s.vmId), fds.socket);
+          if (fds.socket !== undefined) store.put(fdName.session(s.vmId), fds.socket);
           store.put(fdName.pidfd(s.vmId), fds.pidfd);
         }
         this.#state?.sessionChanged(s.vmId);
@@ -282,9 +282,10 @@ export class Daemon {
     const withSession = new Set(previous.sessions.map((s) => s.vmId));
     for (const c of previous.claims) {
       const fd = take(fdName.group(c.group));
-      // Written before holds were recorded: a running VM's group had been lent to its VMM.
+      // Written before holds were recorded: the daemon lent its own fd to any VMM that attached (the
+      // plan, a passive attach), so a VM that ever had one may share that file: never adopt it then.
       const vm = broker.vms.get(c.vmId);
-      const holding = c.holding ?? (vm?.state === 'RUNNING' || withSession.has(c.vmId) ? 'vmm' : 'claimed');
+      const holding = c.holding ?? ((vm?.vmmPid ?? 0) > 0 || vm?.state !== 'PENDING' || withSession.has(c.vmId) ? 'vmm' : 'claimed');
       if (holding === 'claimed') {
         if (fd) pool.adopt(c.group, new VfioGroup(fd, c.group, pool.groupPath(c.group)));
       } else if (fd) {

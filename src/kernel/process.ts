@@ -166,8 +166,24 @@ export function boottimeNs(): bigint {
 }
 const CLOCK_BOOTTIME = 7;
 
+/** Scans of a process's fds running at once: the rest wait, so attaching VMMs cannot fill the libuv pool. */
+const MAX_SCANS = 2;
+let scans = 0;
+const waiting: (() => void)[] = [];
+
 /** Whether /proc/<pid>/fd has an fd on the socket of inode `inode`. At most 65,536 fds are looked at. */
 async function processHoldsSocket(pid: number, inode: number): Promise<boolean> {
+  if (scans >= MAX_SCANS) await new Promise<void>((r) => waiting.push(r));
+  scans++;
+  try {
+    return await scanForSocket(pid, inode);
+  } finally {
+    scans--;
+    waiting.shift()?.();
+  }
+}
+
+async function scanForSocket(pid: number, inode: number): Promise<boolean> {
   const dir = `/proc/${pid}/fd`;
   let names: string[];
   try {

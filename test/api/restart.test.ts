@@ -83,6 +83,13 @@ test('fake systemd: READY, STATUS, WATCHDOG; SIGKILL; the next daemon restores V
   assert.equal((await c1.getIommuGroup(10)).holding, 'GROUP_HOLDING_VMM');
   assert.equal((await c1.getIommuGroup(10)).open_in_daemon, false);
 
+  // A VMM that closes its session and lives on: still the VM's VMM, carried over by its pidfd alone.
+  const closer = await c1.createVm({ name: 'closer', vmm_uid: 0 });
+  const closing = spawn(process.execPath, [CLI_JS, 'attach', '--token', closer.attach_token!.token, '--handoff', handoffPath, '--', 'bash', '-c', 'exec {session}>&-; exec sleep 600'], { stdio: 'ignore' });
+  cleanups.push(() => void closing.kill('SIGKILL'));
+  await until('the closer attached and closed its session', async () => d1.logs.some((l) => l.event === 'session-end' && l.vm === closer.vm!.id));
+  await until('its pidfd stored, its socket not', async () => systemd.store.has(`pidfd-${closer.vm!.id}`) && !systemd.store.has(`session-${closer.vm!.id}`));
+
   const { vm: live, attach_token: tok } = await c1.createVm({ name: 'survivor', vmm_uid: 65534, vfio_device: true });
   const v = runVmm([process.execPath, REFERENCE_VMM, '--socket', handoffPath], tok!.token);
   vmms.push(v);
@@ -102,7 +109,7 @@ test('fake systemd: READY, STATUS, WATCHDOG; SIGKILL; the next daemon restores V
   const d2 = await startDaemon({ ...common, listenFds: [...sockets, ...systemd.listenFds()] });
   daemons.push(d2);
   const restored = await d2.waitForLog((l) => l.event === 'restored');
-  assert.equal(restored.sessions, 2, "the active and the passive VMM");
+  assert.equal(restored.sessions, 3, 'the active VMM, the passive one, and the one that closed its session');
   const c2 = d2.client();
   const after = await c2.listVms();
   assert.deepEqual(
@@ -124,6 +131,8 @@ test('fake systemd: READY, STATUS, WATCHDOG; SIGKILL; the next daemon restores V
   await until('EXITED', async () => (await c2.getVm(live!.id)).state === 'VM_STATE_EXITED');
   passive.kill('SIGKILL');
   await until('passive VMM EXITED', async () => (await c2.getVm(held.vm!.id)).state === 'VM_STATE_EXITED');
+  closing.kill('SIGKILL');
+  await until('the closer EXITED: its pidfd came back from the store', async () => (await c2.getVm(closer.vm!.id)).state === 'VM_STATE_EXITED');
   const back = await c2.getIommuGroup(10);
   assert.deepEqual([back.vm_id, back.holding, back.open_in_daemon], ['', 'GROUP_HOLDING_FREE', true], "the daemon's fresh open took it back");
   await until("group-10 stored again: the daemon's own open", async () => systemd.store.has('group-10'));

@@ -455,3 +455,41 @@ describe('GroupPool: the real VfioGroup on the fake tree', () => {
     }
   });
 });
+
+describe('GroupPool: a group let go while someone claims it', () => {
+  test('a claim that wins a group back during the holder scan leaves it claimed, not reported stray', async () => {
+    const host = await makeFakeHost(GROUPS);
+    const k = new KernelDouble();
+    const scan = gate();
+    const events: string[] = [];
+    const pool = new GroupPool({
+      sysfsRoot: host.sysfs,
+      devRoot: host.dev,
+      openGroup: k.openGroup,
+      findHolders: async () => {
+        await scan.promise; // the /proc walk takes its time
+        return [{ pid: 4242, uid: 65534, comm: 'child' }];
+      },
+      onStray: (g, h) => events.push(`stray ${g} ${h.owner.vmName}`),
+      onStrayReturned: (g, o) => events.push(`returned ${g} ${o.vmName}`),
+    });
+    try {
+      await pool.claim([12], A);
+      const sent = pool.handOver(12, A.vmId);
+      const child = k.forkHold(12); // A's VMM forked before it exited: the child keeps the file
+      sent.closeSync();
+      const letGo = pool.letGo(12, A.vmId, false);
+      while (pool.holdOf(12)?.holding !== 'stray') await new Promise((r) => setImmediate(r));
+      child(); // the child exits while the daemon is still looking for holders
+      await pool.claim([12], B);
+      scan.open();
+      assert.equal(await letGo, 'claimed');
+      assert.deepEqual(pool.holdOf(12), { holding: 'claimed', owner: B });
+      assert.deepEqual(events, ['returned 12 web-1'], 'not reported stray after it came back');
+    } finally {
+      scan.open();
+      await pool.closeAll();
+      await host.cleanup();
+    }
+  });
+});

@@ -13,7 +13,7 @@ import type { VmmLink } from '../../src/broker/vmm';
 import { VmRegistry } from '../../src/broker/vms';
 import { type OwnedFd, SysError } from '../../src/kernel';
 import { makeFakeHost } from '../helpers/fakehost';
-import { HostDouble, KernelDouble } from '../helpers/kerneldouble';
+import { HostDouble, KernelDouble, gate } from '../helpers/kerneldouble';
 import { until } from '../helpers/assert';
 
 const ROOT: Caller = { uid: 0, gid: 0, pid: 1 };
@@ -61,8 +61,11 @@ class LinkDouble implements VmmLink {
   shutdown(reason: string) {
     this.shutdowns.push(reason);
   }
+  /** Set to play a VMM that dies of the SIGKILL (kill() then exits it). */
+  killExits = false;
   kill() {
     this.killed = true;
+    if (this.killExits) this.exit();
   }
   /** Set to play a VMM that exited while the broker was attaching it. */
   dead = false;
@@ -307,6 +310,36 @@ describe('Broker with attached VMMs', () => {
       child();
       await until('group 2 back on the backoff', async () => (await t.pool.get(2)).holding === 'free');
       assert.ok(t.pool.handle(2), 'kept open by the daemon');
+    } finally {
+      await t.done();
+    }
+  });
+
+  test('DeleteVm with force while an attach waits on the VM\'s lock: the VMM that got in is killed before the record goes', async () => {
+    const t = await setup();
+    try {
+      const { vm, token } = await t.create({ groups: [1] });
+      // A plan edit holds the VM's lock across an await (its open of group 2).
+      const opening = gate();
+      t.k.set(2, { openGate: opening.promise });
+      const adding = t.broker.addGroup(ROOT, vm.id, 2);
+      const link = new LinkDouble();
+      link.passive = true;
+      link.killExits = true;
+      const attaching = t.broker.attach(token!.token, VMM, link); // its token spent, it waits for the lock
+      await new Promise((r) => setImmediate(r));
+      const deleting = t.broker.deleteVm(ROOT, vm.id, true); // no VMM yet when it starts
+      opening.open();
+      await adding;
+      const grant = await attaching;
+      for (const g of grant.groups) link.heldFds.push(g.fd as OwnedFd);
+      grant.kvm.closeSync();
+      const deleted = await deleting;
+      assert.equal(deleted.id, vm.id);
+      assert.equal(link.killed, true, 'the VMM that attached meanwhile was killed');
+      assert.equal(t.broker.sessionCount, 0);
+      assert.equal(t.broker.vms.get(vm.id), undefined);
+      assert.deepEqual(t.pool.claims(), [], 'its groups are back, not held by a deleted VM');
     } finally {
       await t.done();
     }

@@ -119,10 +119,14 @@ export class Session implements VmmLink {
     this.#watch = watchReadable(sock.fd, () => this.#onReadable());
   }
 
-  /** The fds that keep this session alive over a daemon restart (for the fd store). */
-  get storableFds(): { socket: number; pidfd: number } | undefined {
-    if (!this.#sock.isOpen || !this.#pidfd?.isOpen) return undefined;
-    return { socket: this.#sock.fd, pidfd: this.#pidfd.fd };
+  /**
+   * The fds that carry this session over a daemon restart (for the fd store):
+   * the VMM's pidfd while the process is watched, and its socket while that
+   * is open (a VMM may close its session and live on, holding its VM).
+   */
+  get storableFds(): { socket?: number; pidfd: number } | undefined {
+    if (!this.#pidfd?.isOpen) return undefined;
+    return { ...(this.#sock.isOpen ? { socket: this.#sock.fd } : {}), pidfd: this.#pidfd.fd };
   }
 
   get pid(): number {
@@ -281,6 +285,8 @@ export class Session implements VmmLink {
       if (this.peer.pid <= 0) throw new FailedPreconditionError("the VMM's pid is not visible in kvmvfiod's pid namespace; run kvmvfiod in the host pid namespace");
       const max = this.#opts.maxSessions ?? Number.MAX_SAFE_INTEGER;
       if (this.#broker.sessionCount >= max) throw new ResourceExhaustedError(`kvmvfiod has ${this.#broker.sessionCount} VMM sessions; its limit (--max-sessions) is ${max}`);
+      // A bad token is refused before the costlier checks below (the fallback's /proc look).
+      this.#broker.tokens.check(msg.text, this.peer.uid);
       // The pidfd first: from here on the VMM is named by it, never by a pid that could be reused.
       // A peer that has exited (its connection inherited by another process) is refused here.
       const { pidfd, proof } = await peerPidfd(this.#sock.fd, this.peer.pid, senderPid, this.#acceptedAt);

@@ -72,6 +72,22 @@ export const VFIO = {
   PCI_CONFIG_REGION_INDEX: 7,
   DMA_MAP_FLAG_READ: 1,
   DMA_MAP_FLAG_WRITE: 2,
+  // The device cdev (/dev/vfio/devices/vfioN, 6.6+): _IO(VFIO_TYPE, VFIO_BASE + 7, 18, 19, 20).
+  DEVICE_GET_INFO: 0x3b6b, // struct vfio_device_info, 24 bytes
+  DEVICE_BIND_IOMMUFD: 0x3b76, // struct vfio_device_bind_iommufd { argsz, flags, s32 iommufd, out_devid }
+  DEVICE_ATTACH_IOMMUFD_PT: 0x3b77, // struct vfio_device_attach_iommufd_pt { argsz, flags, pt_id }
+  DEVICE_DETACH_IOMMUFD_PT: 0x3b78, // struct vfio_device_detach_iommufd_pt { argsz, flags }
+} as const;
+
+// include/uapi/linux/iommufd.h: IOMMUFD_TYPE ';' (0x3b), IOMMUFD_CMD_BASE 0x80; each struct starts with its size.
+export const IOMMUFD = {
+  DESTROY: 0x3b80, // struct iommu_destroy { size, id }
+  IOAS_ALLOC: 0x3b81, // struct iommu_ioas_alloc { size, flags, out_ioas_id }
+  IOAS_MAP: 0x3b85, // struct iommu_ioas_map { size, flags, ioas_id, __reserved, u64 user_va, length, iova }
+  IOAS_UNMAP: 0x3b86, // struct iommu_ioas_unmap { size, ioas_id, u64 iova, length }
+  MAP_FIXED_IOVA: 1,
+  MAP_WRITEABLE: 2,
+  MAP_READABLE: 4,
 } as const;
 
 export const SOCK = {

@@ -149,27 +149,37 @@ export class VfioDevice {
 
   /** VFIO_DEVICE_GET_REGION_INFO: where region `index` lives in the device fd. */
   regionInfo(index: number): { size: bigint; offset: bigint; flags: number } {
-    const b = Buffer.alloc(32);
-    b.writeUInt32LE(32, 0);
-    b.writeUInt32LE(index, 8);
-    const r = libc.ioctlPtr(this.fd, VFIO.DEVICE_GET_REGION_INFO, b) as number;
-    if (r < 0) throw new SysError('VFIO_DEVICE_GET_REGION_INFO', `${this.name} region ${index}`, lastErrno());
-    return { flags: b.readUInt32LE(4), size: b.readBigUInt64LE(16), offset: b.readBigUInt64LE(24) };
+    return regionInfoOf(this.fd, this.name, index);
   }
 
   /** The PCI vendor id, read from the config space region (VFIO_PCI_CONFIG_REGION_INDEX). */
   pciVendorId(): number {
-    const { offset } = this.regionInfo(VFIO.PCI_CONFIG_REGION_INDEX);
-    const b = Buffer.alloc(2);
-    try {
-      readSync(this.fd, b, 0, 2, Number(offset));
-    } catch (e) {
-      throw SysError.fromNode('pread(config space)', this.name, e as NodeJS.ErrnoException);
-    }
-    return b.readUInt16LE(0);
+    return pciVendorIdOf(this.fd, this.name);
   }
 
   close(): Promise<void> {
     return this.#fd.close();
   }
+}
+
+/** VFIO_DEVICE_GET_REGION_INFO on a device fd (from a group, or a cdev). */
+export function regionInfoOf(fd: number, what: string, index: number): { size: bigint; offset: bigint; flags: number } {
+  const b = Buffer.alloc(32);
+  b.writeUInt32LE(32, 0);
+  b.writeUInt32LE(index, 8);
+  const r = libc.ioctlPtr(fd, VFIO.DEVICE_GET_REGION_INFO, b) as number;
+  if (r < 0) throw new SysError('VFIO_DEVICE_GET_REGION_INFO', `${what} region ${index}`, lastErrno());
+  return { flags: b.readUInt32LE(4), size: b.readBigUInt64LE(16), offset: b.readBigUInt64LE(24) };
+}
+
+/** The PCI vendor id of a device fd, read from its config space region. */
+export function pciVendorIdOf(fd: number, what: string): number {
+  const { offset } = regionInfoOf(fd, what, VFIO.PCI_CONFIG_REGION_INDEX);
+  const b = Buffer.alloc(2);
+  try {
+    readSync(fd, b, 0, 2, Number(offset));
+  } catch (e) {
+    throw SysError.fromNode('pread(config space)', what, e as NodeJS.ErrnoException);
+  }
+  return b.readUInt16LE(0);
 }

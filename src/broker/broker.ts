@@ -9,7 +9,7 @@ import { KeyedMutex } from './mutex';
 import type { GroupHold, GroupPool, GroupView } from './pool';
 import type { IssuedToken, TokenStore } from './tokens';
 import type { AttachGrant, VmmHost, VmmLink } from './vmm';
-import { type NewVm, type VmChange, type VmRecord, type VmRegistry, type VmState, ownerKey } from './vms';
+import { type NewVm, type VfioHandoff, type VmChange, type VmRecord, type VmRegistry, type VmState, ownerKey } from './vms';
 
 export interface Caller {
   uid: number;
@@ -27,6 +27,8 @@ export interface CreateVmSpec {
   groups: number[];
   memlockBytes: number;
   requestId: string;
+  /** How the VM's groups reach its VMM: the group files (the default), or each device's cdev with an iommufd. */
+  handoff?: VfioHandoff;
 }
 
 export interface VmFilter {
@@ -248,7 +250,7 @@ export class Broker {
 
   async createVm(caller: Caller, spec: CreateVmSpec): Promise<CreateVmResult> {
     this.#assertOpen();
-    const fingerprint = JSON.stringify([spec.name, Object.entries(spec.labels).sort(), spec.vmmUid, spec.vfioDevice, [...spec.groups].sort((a, b) => a - b), spec.memlockBytes]);
+    const fingerprint = JSON.stringify([spec.name, Object.entries(spec.labels).sort(), spec.vmmUid, spec.vfioDevice, [...spec.groups].sort((a, b) => a - b), spec.memlockBytes, spec.handoff ?? 'group']);
     // One create at a time per owner (a principal, whichever of its uids calls): name uniqueness
     // and request_id retries are decided without another create of the same owner in between.
     const owners = this.#ownKeys(caller);
@@ -270,7 +272,7 @@ export class Broker {
       if (this.vms.size >= max) throw new ResourceExhaustedError(`kvmvfiod holds ${this.vms.size} VMs; its limit (--max-vms) is ${max}`);
       if (spec.groups.length) await this.#opts.fdGuard?.();
       const id = this.vms.newId();
-      await this.pool.claim(spec.groups, { vmId: id, vmName: spec.name });
+      await this.pool.claim(spec.groups, { vmId: id, vmName: spec.name }, spec.handoff ?? 'group');
       const record: NewVm = { ...spec, ownerUid: caller.uid, requestFingerprint: fingerprint, principal: caller.principal?.name ?? '' };
       const vm = this.vms.insert(id, record);
       return { vm, created: true, token: this.tokens.issue(vm.id, vm.vmmUid) };
@@ -409,6 +411,7 @@ export class Broker {
             `IOMMU group ${group} was removed from vm ${vm.name}, but its VMM (pid ${link.pid}) still holds ${this.pool.groupPath(group)}; it can be added again once the VMM closes it`,
           );
         }
+        if (vm.handoff === 'cdev') throw new FailedPreconditionError(`vm ${vm.name} uses the device-cdev handoff, which only a passive VMM takes so far`);
         await this.pool.claim([group], { vmId: vm.id, vmName: vm.name });
         let fd;
         try {
@@ -431,7 +434,7 @@ export class Broker {
       if (!vm.vfioDevice) {
         throw new FailedPreconditionError(`vm ${vm.name} has no KVM-VFIO device; call CreateVfioDevice before AddGroup`);
       }
-      await this.pool.claim([group], { vmId: vm.id, vmName: vm.name });
+      await this.pool.claim([group], { vmId: vm.id, vmName: vm.name }, vm.handoff);
       return this.vms.update(vm, (v) => v.groups.push(group));
     });
   }
@@ -477,8 +480,11 @@ export class Broker {
         v.passive = link.passive;
       });
       void link.exited.then(() => this.vmmExited(vm.id));
-      const sent: AttachGrant = { vmId: vm.id, vmName: vm.name, kvm: undefined as never, container: null, memlockBytes: vm.memlockBytes, groups: [] };
+      const sent: AttachGrant = { vmId: vm.id, vmName: vm.name, kvm: undefined as never, container: null, memlockBytes: vm.memlockBytes, groups: [], iommufd: null, devices: [] };
       try {
+        if (vm.handoff === 'cdev' && !link.passive) {
+          throw new FailedPreconditionError(`vm ${vm.name} uses the device-cdev handoff, which only a passive VMM (kvmvfioctl attach) takes so far`);
+        }
         // The policy may have changed since CreateVm (SIGHUP): its limits now decide.
         this.#checkMemlockNow(vm);
         if (vm.memlockBytes > 0) {
@@ -488,11 +494,17 @@ export class Broker {
           link.assertAlive('raising its RLIMIT_MEMLOCK');
         }
         sent.kvm = this.#opts.host.lendKvm();
-        sent.container = await this.#opts.host.openContainer();
-        if (link.passive) for (const g of vm.groups) sent.groups.push({ number: g, fd: this.pool.handOver(g, vm.id) });
+        if (vm.handoff === 'cdev') {
+          // A fresh iommufd for this VMM alone, and a fresh open of each device's cdev: nothing of another VMM's.
+          sent.iommufd = await this.#opts.host.openIommufd();
+          for (const g of vm.groups) for (const d of await this.pool.handOverDevices(g, vm.id)) sent.devices.push({ group: g, ...d });
+        } else {
+          sent.container = await this.#opts.host.openContainer();
+          if (link.passive) for (const g of vm.groups) sent.groups.push({ number: g, fd: this.pool.handOver(g, vm.id) });
+        }
       } catch (e) {
         // Nothing reached the VMM: once the fds are closed, its groups can go back at once.
-        await Promise.all([sent.kvm?.close(), sent.container?.close(), ...sent.groups.map((g) => g.fd.close())]);
+        await Promise.all([sent.kvm?.close(), sent.container?.close(), sent.iommufd?.close(), ...sent.groups.map((g) => g.fd.close()), ...sent.devices.map((d) => d.fd.close())]);
         this.#links.delete(vm.id);
         await this.#letGoAll(vm.id, false);
         const reason = `attach of VMM pid ${vmm.pid}: ${describeError(e)}`;

@@ -21,9 +21,10 @@
  * A claim is all-or-nothing: a call that fails claims nothing and closes
  * what it opened.
  */
+import { open as fsOpen, constants } from 'node:fs';
 import { join } from 'node:path';
 import type { SendableFd, VfioGroupStatus } from '../kernel';
-import { SysError } from '../kernel';
+import { OwnedFd, SysError } from '../kernel';
 import { AlreadyExistsError, FailedPreconditionError, NotFoundError, ResourceExhaustedError } from './errors';
 import { type FileHolder, findFileHolders } from './holders';
 import { type GroupInventory, readIommuGroup, readIommuGroups } from './sysfs';
@@ -51,8 +52,13 @@ export interface GroupOwner {
 
 export type Holding = 'claimed' | 'vmm' | 'stray';
 
+/** group: the VMM gets the group file; cdev: a fresh open of each device's cdev (the daemon then keeps no group fd, which would make the VMM's bind EBUSY). */
+export type HandoffMode = 'group' | 'cdev';
+
 export interface GroupHold {
   holding: Holding;
+  /** Default group. */
+  mode?: HandoffMode;
   /** The VM that holds it (claimed, vmm), or whose VMM left it held (stray). */
   owner: GroupOwner;
   /** stray: the processes found holding /dev/vfio/N (where /proc shows them), by pid. */
@@ -79,6 +85,8 @@ export interface PoolOptions {
   devRoot: string;
   procRoot?: string;
   openGroup: OpenGroup;
+  /** Opens a device cdev for a VMM (O_RDWR, close-on-exec); a seam for tests. */
+  openDeviceCdev?: (path: string) => Promise<SendableFd>;
   /** Who holds a file open (default: findFileHolders over procRoot); a seam for tests. */
   findHolders?: (path: string) => Promise<FileHolder[]>;
   /** Tells when a holder of a stray group exits, so the group is tried again at once. */
@@ -97,6 +105,13 @@ export interface PoolOptions {
   /** A group became stray, or its holders changed. */
   onStray?: (group: number, hold: GroupHold) => void;
   log?: (event: Record<string, unknown>, msg: string) => void;
+}
+
+/** A device cdev opened for a VMM: read-write (QEMU needs config space and BARs), close-on-exec, on the libuv pool. */
+function openCdev(path: string): Promise<SendableFd> {
+  return new Promise((resolve, reject) =>
+    fsOpen(path, constants.O_RDWR | 0o2000000, (err, fd) => (err ? reject(SysError.fromNode('open', path, err)) : resolve(new OwnedFd(fd, path)))),
+  );
 }
 
 /** 100 ms up to a minute: a holder's exit usually cuts it short (watchExit). */
@@ -182,7 +197,7 @@ export class GroupPool {
    * its claim is refused, naming the holders, unless the daemon's open now
    * succeeds.
    */
-  async claim(numbers: readonly number[], owner: GroupOwner): Promise<void> {
+  async claim(numbers: readonly number[], owner: GroupOwner, mode: HandoffMode = 'group'): Promise<void> {
     const strays = numbers.filter((n) => this.#holds.get(n)?.holding === 'stray');
     if (strays.length) await Promise.all(strays.map((n) => this.retryStray(n)));
     for (const n of numbers) {
@@ -196,7 +211,7 @@ export class GroupPool {
       if (hold.owner.vmId === owner.vmId) throw new AlreadyExistsError(`IOMMU group ${n} is already in vm ${owner.vmName}`);
       throw new FailedPreconditionError(`IOMMU group ${n} is held by vm ${hold.owner.vmName} (${hold.owner.vmId})`);
     }
-    for (const n of numbers) this.#holds.set(n, { holding: 'claimed', owner });
+    for (const n of numbers) this.#holds.set(n, { holding: 'claimed', owner, ...(mode === 'cdev' ? { mode } : {}) });
     if (numbers.length) this.#opts.onClaimsChanged?.(numbers);
     const openedHere: number[] = [];
     try {
@@ -205,6 +220,14 @@ export class GroupPool {
         if (!inv.viable) {
           throw new FailedPreconditionError(`IOMMU group ${n} is not viable: ${inv.notViableReasons.join('; ')}`);
         }
+        if (mode === 'cdev') {
+          const without = inv.devices.filter((d) => !d.cdev).map((d) => d.address);
+          if (without.length) {
+            throw new FailedPreconditionError(
+              `IOMMU group ${n}: ${without.join(', ')} has no VFIO device cdev (it needs vfio-pci on a kernel with CONFIG_VFIO_DEVICE_CDEV, 6.6+); create the VM with the GROUP handoff`,
+            );
+          }
+        }
         if (!this.#open.has(n)) {
           const handle = await this.#openGroup(n);
           this.#open.set(n, handle);
@@ -212,6 +235,8 @@ export class GroupPool {
           this.#opts.onOpened?.(n, handle);
         }
         this.#checkStatus(n);
+        // The daemon's open proved nobody holds the group; for a cdev handoff it must not stay open (the VMM's bind would be EBUSY).
+        if (mode === 'cdev') await this.#closeGroup(n);
       }
     } catch (e) {
       for (const n of numbers) if (this.#holds.get(n)?.owner === owner) this.#holds.delete(n);
@@ -229,8 +254,8 @@ export class GroupPool {
    */
   handOver(n: number, vmId: string): SendableFd {
     const hold = this.#holds.get(n);
-    if (!hold || hold.owner.vmId !== vmId || hold.holding !== 'claimed') {
-      throw new Error(`group ${n} is not claimed by vm ${vmId} (${hold ? hold.holding : 'free'})`);
+    if (!hold || hold.owner.vmId !== vmId || hold.holding !== 'claimed' || hold.mode === 'cdev') {
+      throw new Error(`group ${n} is not claimed by vm ${vmId} for a group handoff (${hold ? `${hold.holding}, ${hold.mode ?? 'group'}` : 'free'})`);
     }
     const handle = this.#open.get(n);
     if (!handle) {
@@ -241,6 +266,39 @@ export class GroupPool {
     hold.holding = 'vmm';
     this.#opts.onClaimsChanged?.([n]);
     return handle.handOver();
+  }
+
+  /**
+   * A fresh O_RDWR open of the cdev of each device of group `n`, claimed by
+   * `vmId` for a cdev handoff, for its VMM: the caller sends them and closes
+   * them; the daemon keeps no copy. The group is then the VM's until the
+   * daemon's open of /dev/vfio/N succeeds again (while a cdev of it is bound,
+   * that open is EBUSY).
+   */
+  async handOverDevices(n: number, vmId: string): Promise<{ address: string; fd: SendableFd }[]> {
+    const hold = this.#holds.get(n);
+    if (!hold || hold.owner.vmId !== vmId || hold.holding !== 'claimed' || hold.mode !== 'cdev') {
+      throw new Error(`group ${n} is not claimed by vm ${vmId} for a cdev handoff (${hold ? `${hold.holding}, ${hold.mode ?? 'group'}` : 'free'})`);
+    }
+    const inv = await this.#inventory(n);
+    const open = this.#opts.openDeviceCdev ?? openCdev;
+    const out: { address: string; fd: SendableFd }[] = [];
+    try {
+      for (const d of inv.devices) {
+        if (!d.cdev) throw new FailedPreconditionError(`IOMMU group ${n}: ${d.address} has no VFIO device cdev any more`);
+        out.push({ address: d.address, fd: await open(join(this.#opts.devRoot, 'vfio', 'devices', d.cdev)) });
+      }
+    } catch (e) {
+      for (const o of out) o.fd.closeSync();
+      throw e instanceof SysError ? new FailedPreconditionError(`IOMMU group ${n}: ${e.message}`) : e;
+    }
+    if (this.#holds.get(n) !== hold) {
+      for (const o of out) o.fd.closeSync();
+      throw new FailedPreconditionError(`IOMMU group ${n} left vm ${hold.owner.vmName} while its devices were opened`);
+    }
+    hold.holding = 'vmm';
+    this.#opts.onClaimsChanged?.([n]);
+    return out;
   }
 
   /**
@@ -362,13 +420,13 @@ export class GroupPool {
   }
 
   /** Every hold, for the state file. */
-  claims(): { group: number; vmId: string; vmName: string; holding: Holding; holders?: FileHolder[]; since?: string }[] {
+  claims(): { group: number; vmId: string; vmName: string; holding: Holding; mode?: HandoffMode; holders?: FileHolder[]; since?: string }[] {
     return [...this.#holds].map(([group, h]) => this.claimOf(group, h)!).sort((a, b) => a.group - b.group);
   }
 
   claimOf(group: number, h = this.#holds.get(group)) {
     if (!h) return undefined;
-    return { group, vmId: h.owner.vmId, vmName: h.owner.vmName, holding: h.holding, ...(h.holding === 'stray' ? { holders: h.holders ?? [], since: h.since } : {}) };
+    return { group, vmId: h.owner.vmId, vmName: h.owner.vmName, holding: h.holding, ...(h.mode === 'cdev' ? { mode: h.mode } : {}), ...(h.holding === 'stray' ? { holders: h.holders ?? [], since: h.since } : {}) };
   }
 
   /**
@@ -493,10 +551,17 @@ export class GroupPool {
     return out.sort((a, b) => a - b);
   }
 
-  #holders(n: number): Promise<FileHolder[]> {
-    const path = this.groupPath(n);
+  /** Who holds the group's file, or (a cdev handoff) one of its devices' cdevs. */
+  async #holders(n: number): Promise<FileHolder[]> {
     const find = this.#opts.findHolders ?? ((p: string) => findFileHolders(this.#opts.procRoot ?? '/proc', p));
-    return find(path).catch(() => []);
+    const paths = [this.groupPath(n)];
+    if (this.#holds.get(n)?.mode === 'cdev') {
+      const inv = await readIommuGroup(this.#opts.sysfsRoot, n).catch(() => undefined);
+      for (const d of inv?.devices ?? []) if (d.cdev) paths.push(join(this.#opts.devRoot, 'vfio', 'devices', d.cdev));
+    }
+    const found = new Map<number, FileHolder>();
+    for (const p of paths) for (const h of await find(p).catch(() => [])) found.set(h.pid, h);
+    return [...found.values()].sort((a, b) => a.pid - b.pid);
   }
 
   async #inventory(n: number): Promise<GroupInventory> {

@@ -59,6 +59,8 @@ export interface ClaimState {
    * daemon's restore).
    */
   holding?: 'claimed' | 'vmm' | 'stray';
+  /** cdev: handed out as device cdevs (the daemon keeps no group fd, even while claimed). Absent: group. */
+  mode?: 'group' | 'cdev';
   holders?: { pid: number; uid: number; comm: string }[];
   since?: string;
 }

@@ -42,6 +42,8 @@ export interface VmmHost {
   lendKvm(): SendableFd;
   /** A fresh VFIO container (/dev/vfio/vfio), or null where the host has none. */
   openContainer(): Promise<OwnedFd | null>;
+  /** A fresh iommufd (/dev/iommu, read-write) for one VMM (the device-cdev handoff). */
+  openIommufd(): Promise<OwnedFd>;
   /** Raise the VMM's RLIMIT_MEMLOCK (prlimit). */
   setMemlock(pid: number, bytes: number): void;
 }
@@ -55,4 +57,7 @@ export interface AttachGrant {
   memlockBytes: number;
   /** For `kvmvfioctl attach`: the group fds, since a passive VMM gets its plan at once. */
   groups: { number: number; fd: SendableFd }[];
+  /** The device-cdev handoff: the VMM's own iommufd, and a fresh open of each device's cdev of each group. */
+  iommufd: OwnedFd | null;
+  devices: { group: number; address: string; fd: SendableFd }[];
 }

@@ -53,7 +53,12 @@ export interface VmRecord {
    * closes them. Ascending by group.
    */
   strayGroups: StrayGroup[];
+  /** How its groups reach its VMM (see VfioHandoff). */
+  readonly handoff: VfioHandoff;
 }
+
+/** group: the group files (/dev/vfio/N); cdev: a fresh open of each device's cdev and an iommufd. */
+export type VfioHandoff = 'group' | 'cdev';
 
 /** A group left held by a process after its VM let it go; `holders` as /proc shows them. */
 export interface StrayGroup {
@@ -91,6 +96,8 @@ export interface NewVm {
   requestFingerprint: string;
   /** The principal it belongs to (see VmRecord.principal). */
   principal: string;
+  /** Default group. */
+  handoff?: VfioHandoff;
 }
 
 const NONE: ReadonlySet<string> = new Set();
@@ -293,6 +300,7 @@ export class VmRegistry {
       vmmPid: 0,
       passive: false,
       strayGroups: [],
+      handoff: spec.handoff ?? 'group',
     };
     this.#byId.set(id, vm);
     this.#addOrdered(vm);
@@ -345,7 +353,7 @@ export class VmRegistry {
     let top = Math.max(this.#revision, revision);
     for (const r of inOrder) {
       // A state file from before principals were recorded has none: the record belongs to its uid.
-      const vm: VmRecord = { ...r, seq: seqOf(r), groups: [...r.groups], labels: { ...r.labels }, principal: r.principal ?? '', strayGroups: [...(r.strayGroups ?? [])] };
+      const vm: VmRecord = { ...r, seq: seqOf(r), groups: [...r.groups], labels: { ...r.labels }, principal: r.principal ?? '', strayGroups: [...(r.strayGroups ?? [])], handoff: r.handoff ?? 'group' };
       this.#byId.set(vm.id, vm);
       this.#addOrdered(vm);
       this.#index(vm);

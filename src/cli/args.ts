@@ -29,6 +29,7 @@ const OPTIONS = {
   token: { type: 'string' },
   handoff: { type: 'string' },
   vmm: { type: 'string' },
+  cdev: { type: 'boolean' },
 } as const;
 
 export type OptionName = keyof typeof OPTIONS;

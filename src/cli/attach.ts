@@ -165,7 +165,9 @@ async function connect(opts: AttachOptions): Promise<VmmSession> {
 /**
  * KVMVFIO_FDS: `name:fd` pairs, comma-separated, in this order: `kvm`,
  * `vfio-container` (only when the daemon sent one), `group-N` for each of
- * the VM's IOMMU groups, `session`.
+ * the VM's IOMMU groups — or, for the device-cdev handoff, `iommufd` and
+ * `device-ADDRESS` for each device (an address has colons: split an item at
+ * its last one) — and `session`.
  */
 export function describeFds(fds: readonly (readonly [string, number])[]): string {
   return fds.map(([name, fd]) => `${name}:${fd}`).join(',');
@@ -178,14 +180,15 @@ export function describeFds(fds: readonly (readonly [string, number])[]): string
  * takes pre-opened fds by number gets them on its command line:
  * `-add-fd fd={kvm},set=1 -accel kvm,device=/dev/fdset/1`. Only these exact
  * words are replaced (other braces, a QEMU JSON option say, stay as they
- * are); `{iommufd}` and `{device:ADDRESS}` are reserved for the device cdev
- * handoff. A placeholder for an fd the daemon did not hand out is an error
- * (INVALID_ARGUMENT), before anything is exec'd.
+ * are). A VM with the device-cdev handoff has `{iommufd}` and
+ * `{device:ADDRESS}` ("{device:0000:00:04.0}") instead of `{group:N}` and
+ * `{vfio-container}`. A placeholder for an fd the daemon did not hand out is
+ * an error (INVALID_ARGUMENT), before anything is exec'd.
  */
 export const PLACEHOLDER = /\{(kvm|vfio-container|session|group:\d+|iommufd|device:[0-9a-fA-F:.]+)\}/g;
 
 export function fillPlaceholders(argv: readonly string[], handed: readonly (readonly [string, number])[]): string[] {
-  const byName = new Map(handed.map(([name, fd]) => [name.replace(/^group-/, 'group:'), fd]));
+  const byName = new Map(handed.map(([name, fd]) => [name.replace(/^(group|device)-/, '$1:'), fd]));
   return argv.map((arg) =>
     arg.replace(PLACEHOLDER, (_, name: string) => {
       const fd = byName.get(name);
@@ -207,6 +210,8 @@ export async function runAttach(opts: AttachOptions): Promise<never> {
   const handed: [string, number][] = [['kvm', attach.kvm.fd]];
   if (attach.container) handed.push(['vfio-container', attach.container.fd]);
   for (const [group, fd] of attach.groups) handed.push([`group-${group}`, fd.fd]);
+  if (attach.iommufd) handed.push(['iommufd', attach.iommufd.fd]);
+  for (const [address, fd] of attach.devices) handed.push([`device-${address}`, fd.fd]);
   handed.push(['session', s.sock.fd]);
   // Before any fd is made inheritable: a bad placeholder ends here, and the session with it.
   const argv = fillPlaceholders(opts.argv, handed);

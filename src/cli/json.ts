@@ -37,6 +37,7 @@ export function vmJson(v: Vm): Vm {
     passive_vmm: v.passive_vmm,
     principal: v.principal,
     stray_groups: v.stray_groups.map((g) => ({ group: g.group, holders: g.holders.map(holderJson), since: g.since })),
+    vfio_handoff: v.vfio_handoff,
   };
 }
 

@@ -192,7 +192,7 @@ const COMMANDS: Record<string, Command> = {
   },
 
   'vm create': {
-    options: ['vmm-uid', 'vfio-device', 'group', 'label', 'memlock', 'request-id'],
+    options: ['vmm-uid', 'vfio-device', 'group', 'label', 'memlock', 'request-id', 'cdev'],
     async run(ctx) {
       const [name] = positionals(ctx.args, ['NAME']);
       const v = ctx.cl.values;
@@ -209,6 +209,7 @@ const COMMANDS: Record<string, Command> = {
         labels: parseLabels(v.label),
         memlock_bytes: v.memlock === undefined ? '0' : parseSize(v.memlock, '--memlock'),
         request_id: v['request-id'] ?? '',
+        vfio_handoff: v.cdev ? 'VFIO_HANDOFF_CDEV' : 'VFIO_HANDOFF_UNSPECIFIED',
       });
       if (ctx.json) ctx.out(js.pretty(js.createVmJson(res)));
       else if (res.vm) ctx.out(fmt.vmDetail(res.vm, fmt.attachTokenPairs(res.attach_token)));
@@ -225,7 +226,10 @@ const COMMANDS: Record<string, Command> = {
       if (vmm === undefined) throw new UsageError('vm args needs --vmm qemu');
       if (!(KNOWN_VMMS as readonly string[]).includes(vmm)) throw new UsageError(`--vmm: one of ${KNOWN_VMMS.join(', ')}, not ${JSON.stringify(vmm)}`);
       const api = ctx.api();
-      const args = vmmArgs(await api.getVm(await api.resolveVm(ref)), vmm as (typeof KNOWN_VMMS)[number]);
+      const vm = await api.getVm(await api.resolveVm(ref));
+      const devices: string[] = [];
+      if (vm.vfio_handoff === 'VFIO_HANDOFF_CDEV') for (const g of vm.groups) for (const d of (await api.getIommuGroup(g)).devices) devices.push(d.address);
+      const args = vmmArgs(vm, vmm as (typeof KNOWN_VMMS)[number], devices);
       ctx.out(ctx.json ? js.pretty({ args }) : `${args.join(' ')}\n`);
     },
   },

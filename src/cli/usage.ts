@@ -5,7 +5,7 @@ export const SYNOPSIS: Record<string, string> = {
   info: 'kvmvfioctl info',
   health: 'kvmvfioctl health [SERVICE]',
   groups: 'kvmvfioctl groups [GROUP]',
-  'vm create': 'kvmvfioctl vm create NAME --vmm-uid UID [--vfio-device] [--group N]... [--label KEY=VALUE]... [--memlock SIZE] [--request-id ID]',
+  'vm create': 'kvmvfioctl vm create NAME --vmm-uid UID [--vfio-device] [--group N]... [--cdev] [--label KEY=VALUE]... [--memlock SIZE] [--request-id ID]',
   'vm get': 'kvmvfioctl vm get VM',
   'vm token': 'kvmvfioctl vm token VM',
   'vm args': 'kvmvfioctl vm args VM --vmm qemu',
@@ -33,9 +33,11 @@ Commands:
                               HEALTHCHECK or liveness probe)
   groups [GROUP]              the host's IOMMU groups (devices, drivers, viability, holder), or one
   policy check FILE           validate a policy file offline (exit 0 valid, 1 not, with where and what)
-  vm create NAME --vmm-uid UID [--vfio-device] [--group N]... [--label KEY=VALUE]...
+  vm create NAME --vmm-uid UID [--vfio-device] [--group N]... [--cdev] [--label KEY=VALUE]...
             [--memlock SIZE] [--request-id ID]
                               record a VM (PENDING) and claim its groups; --group needs --vfio-device;
+                              --cdev hands its VMM each device's cdev and an iommufd instead of the
+                              group files (what QEMU takes; kvmvfioctl attach only, for now);
                               SIZE is bytes or K/M/G/T (powers of 1024), e.g. 2G
   vm get VM                   one VM
   vm token VM                 a new attach token for a PENDING VM (earlier ones stop working)
@@ -57,8 +59,9 @@ Commands:
                               this process, same pid, with them inherited and listed in $KVMVFIO_FDS,
                               e.g. kvm:17,vfio-container:18,group-12:19,session:20 (vfio-container only
                               when the daemon sent one), and $KVMVFIO_VM_ID, $KVMVFIO_VM_NAME set.
-                              In ARGs, {kvm}, {vfio-container}, {group:N} and {session} become those
-                              fds' numbers, e.g. -add-fd fd={kvm},set=1 -accel kvm,device=/dev/fdset/1
+                              In ARGs, {kvm}, {vfio-container}, {group:N}, {iommufd}, {device:ADDRESS}
+                              and {session} become those fds' numbers, e.g.
+                              -add-fd fd={kvm},set=1 -accel kvm,device=/dev/fdset/1
                               (kvmvfioctl vm args VM --vmm qemu prints them); one the daemon did not
                               hand out is INVALID_ARGUMENT, and nothing is exec'd.
                               CMD holds the session; the VM ends when CMD exits, and DeleteVm

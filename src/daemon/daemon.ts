@@ -116,6 +116,12 @@ export class Daemon {
           fsOpen(path, constants.O_RDWR | 0o2000000, (err, fd) => (err ? reject(SysError.fromNode('open', path, err)) : resolve(new OwnedFd(fd, path)))),
         );
       },
+      openIommufd: async () => {
+        const path = join(config.devRoot, 'iommu');
+        return new Promise<OwnedFd>((resolve, reject) =>
+          fsOpen(path, constants.O_RDWR | 0o2000000, (err, fd) => (err ? reject(SysError.fromNode('open', path, err)) : resolve(new OwnedFd(fd, path)))),
+        );
+      },
       setMemlock: (pid, bytes) => void setMemlockLimit(pid, BigInt(bytes)),
     };
     this.#broker = new Broker(this.#pool, new VmRegistry(), {
@@ -286,15 +292,15 @@ export class Daemon {
       // plan, a passive attach), so a VM that ever had one may share that file: never adopt it then.
       const vm = broker.vms.get(c.vmId);
       const holding = c.holding ?? ((vm?.vmmPid ?? 0) > 0 || vm?.state !== 'PENDING' || withSession.has(c.vmId) ? 'vmm' : 'claimed');
-      if (holding === 'claimed') {
+      if (holding === 'claimed' && c.mode !== 'cdev') {
         if (fd) pool.adopt(c.group, new VfioGroup(fd, c.group, pool.groupPath(c.group)));
       } else if (fd) {
         // The daemon keeps no copy of a group a VMM was given (an old daemon's loan): closed, and out of the store.
         fd.closeSync();
         store.remove(fdName.group(c.group));
       }
-      pool.restoreHold(c.group, { holding, owner: { vmId: c.vmId, vmName: c.vmName }, holders: c.holders, since: c.since });
-      if (holding === 'claimed' && !fd && !(await pool.reopen(c.group))) {
+      pool.restoreHold(c.group, { holding, owner: { vmId: c.vmId, vmName: c.vmName }, holders: c.holders, since: c.since, ...(c.mode === 'cdev' ? { mode: 'cdev' as const } : {}) });
+      if (holding === 'claimed' && c.mode !== 'cdev' && !fd && !(await pool.reopen(c.group))) {
         log.warn({ event: 'group-not-reopened', group: c.group, vm: c.vmId }, 'a claimed group did not come back from the fd store and could not be opened again');
       }
     }

@@ -30,7 +30,25 @@ export const FdKind = {
   KVM: 1,
   VFIO_CONTAINER: 2,
   VFIO_GROUP: 3,
+  /** A VMM's own iommufd (/dev/iommu); id 0. */
+  IOMMUFD: 4,
+  /** A VFIO device cdev (/dev/vfio/devices/vfioN); id = its PCI address (pciAddressToId). */
+  VFIO_DEVICE: 5,
 } as const;
+
+const PCI_ADDRESS = /^([0-9a-f]{4}):([0-9a-f]{2}):([0-1][0-9a-f])\.([0-7])$/;
+
+/** "0000:00:04.0" as the 32 bits of a manifest id: domain << 16 | bus << 8 | device << 3 | function. */
+export function pciAddressToId(address: string): number {
+  const m = PCI_ADDRESS.exec(address);
+  if (!m) throw new RangeError(`not a PCI address: ${JSON.stringify(address)}`);
+  return ((parseInt(m[1], 16) << 16) | (parseInt(m[2], 16) << 8) | (parseInt(m[3], 16) << 3) | Number(m[4])) >>> 0;
+}
+
+export function idToPciAddress(id: number): string {
+  const hex = (v: number, w: number) => v.toString(16).padStart(w, '0');
+  return `${hex(id >>> 16, 4)}:${hex((id >>> 8) & 0xff, 2)}:${hex((id >>> 3) & 0x1f, 2)}.${id & 7}`;
+}
 
 const fdKinds = new Set<number>(Object.values(FdKind));
 

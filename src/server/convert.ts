@@ -48,6 +48,7 @@ export function vmMessage(vm: Readonly<VmRecord>): Vm {
     passive_vmm: vm.passive,
     principal: vm.principal,
     stray_groups: (vm.strayGroups ?? []).map((g) => ({ group: g.group, holders: g.holders.map(holderMessage), since: g.since })),
+    vfio_handoff: vm.handoff === 'cdev' ? 'VFIO_HANDOFF_CDEV' : 'VFIO_HANDOFF_GROUP',
   };
 }
 

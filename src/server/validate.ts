@@ -123,6 +123,12 @@ export function createVm(req: CreateVmRequest__Output): CreateVmSpec {
   const memlock = BigInt(memlockText);
   const ram = HOST_RAM;
   if (memlock > ram) throw new InvalidArgumentError('memlock_bytes', `${memlock} is more than the host's memory (${ram} bytes)`);
+  // Absent (a client built before the field) is UNSPECIFIED; a number the decoder has no name for is refused.
+  const handoffName = (req as { vfio_handoff?: unknown }).vfio_handoff ?? 'VFIO_HANDOFF_UNSPECIFIED';
+  if (handoffName !== 'VFIO_HANDOFF_CDEV' && handoffName !== 'VFIO_HANDOFF_GROUP' && handoffName !== 'VFIO_HANDOFF_UNSPECIFIED') {
+    throw new InvalidArgumentError('vfio_handoff', `${JSON.stringify(handoffName)} is not VFIO_HANDOFF_GROUP or VFIO_HANDOFF_CDEV`);
+  }
+  const handoff = handoffName === 'VFIO_HANDOFF_CDEV' ? 'cdev' : 'group';
   const requestId = req.request_id;
   if (requestId && (requestId.length > LIMITS.requestIdLength || !REQUEST_ID.test(requestId))) {
     throw new InvalidArgumentError('request_id', `at most ${LIMITS.requestIdLength} characters of [A-Za-z0-9._:-]`);
@@ -135,5 +141,6 @@ export function createVm(req: CreateVmRequest__Output): CreateVmSpec {
     groups,
     memlockBytes: Number(memlock),
     requestId,
+    handoff,
   };
 }

@@ -6,7 +6,7 @@
  * removing VFIO groups, each answered with the kernel's errno.
  */
 import { type FdWatch, Kvm, type KvmVfioDevice, type OwnedFd, SeqpacketSocket, SysError, type VmFd, watchReadable } from '../kernel';
-import { FdKind, type Message, MsgType, ProtocolError, RESULT_BIT, decode, encode, isResult, typeName } from '../protocol/session';
+import { FdKind, type Message, MsgType, ProtocolError, RESULT_BIT, decode, encode, idToPciAddress, isResult, typeName } from '../protocol/session';
 
 export interface AttachResult {
   vmId: string;
@@ -17,6 +17,9 @@ export interface AttachResult {
   container: OwnedFd | null;
   /** Passive attach only: the VM's group fds, by number. */
   groups: Map<number, OwnedFd>;
+  /** The device-cdev handoff (passive attach): this VMM's iommufd, and each device's cdev by PCI address. */
+  iommufd: OwnedFd | null;
+  devices: Map<string, OwnedFd>;
 }
 
 export class AttachError extends Error {
@@ -103,18 +106,22 @@ export class VmmSession {
         if (msg.status !== 0) throw new AttachError(msg.status, msg.text || `attach refused (errno ${msg.status})`);
         let kvm: Kvm | undefined;
         let container: OwnedFd | null = null;
+        let iommufd: OwnedFd | null = null;
         const groups = new Map<number, OwnedFd>();
+        const devices = new Map<string, OwnedFd>();
         msg.manifest.forEach((e, i) => {
           const fd = fds[i];
           if (e.kind === FdKind.KVM && !kvm) kvm = Kvm.fromFd(fd);
           else if (e.kind === FdKind.VFIO_CONTAINER && !container) container = fd;
           else if (e.kind === FdKind.VFIO_GROUP && !groups.has(e.id)) groups.set(e.id, fd);
+          else if (e.kind === FdKind.IOMMUFD && !iommufd) iommufd = fd;
+          else if (e.kind === FdKind.VFIO_DEVICE && !devices.has(idToPciAddress(e.id))) devices.set(idToPciAddress(e.id), fd);
           else throw new ProtocolError(`unexpected fd kind ${e.kind} in the ATTACH result`);
         });
         if (!kvm) throw new ProtocolError('the ATTACH result carries no /dev/kvm fd');
         owned.length = 0;
         const [vmId, ...name] = msg.text.split(' ');
-        return new VmmSession(sock, { vmId, vmName: name.join(' '), memlockBytes: msg.arg, kvm, container, groups });
+        return new VmmSession(sock, { vmId, vmName: name.join(' '), memlockBytes: msg.arg, kvm, container, groups, iommufd, devices });
       } finally {
         for (const f of owned) f.closeSync();
       }
@@ -252,6 +259,8 @@ export class VmmSession {
     for (const fd of this.groups.values()) fd.closeSync();
     this.groups.clear();
     for (const fd of this.attach.groups.values()) fd.closeSync();
+    for (const fd of this.attach.devices.values()) fd.closeSync();
+    this.attach.iommufd?.closeSync();
     this.attach.container?.closeSync();
     this.#events.onClosed?.(reason);
   }

@@ -82,7 +82,10 @@ describe('kvmvfioctl attach with a VFIO container', () => {
   let spentToken = '';
 
   before(async () => {
-    host = await makeFakeHost([vfioGroup(12), vfioGroup(13), vfioGroup(14), vfioGroup(15), vfioGroup(16)], { vfioContainer: true });
+    host = await makeFakeHost([vfioGroup(12), vfioGroup(13), vfioGroup(14), vfioGroup(15), vfioGroup(16), { ...vfioGroup(17), devices: [{ ...vfioGroup(17).devices[0], cdev: 'vfio7' }] }], {
+      vfioContainer: true,
+      iommufd: true,
+    });
     d = await startDaemon({ sysfs: host.sysfs, dev: host.dev });
     c = d.client();
     handoff = join(d.runtimeDir, 'handoff.sock');
@@ -190,6 +193,35 @@ describe('kvmvfioctl attach with a VFIO container', () => {
     assert.equal(del.vm?.id, vm!.id);
     assert.deepEqual(await a.exit, { code: 0, signal: null });
     assert.ok(d.logs.some((l) => l.event === 'vmm-terminated' && l.vm === vm!.id));
+  });
+
+  test('the device-cdev handoff: a fresh iommufd and each device\'s cdev, at the numbers of {iommufd} and {device:ADDRESS}; no group fd in the daemon', async () => {
+    await expectStatus(
+      c.createVm({ name: 'no-cdev', vmm_uid: NOBODY_UID, vfio_device: true, groups: [16], vfio_handoff: 'VFIO_HANDOFF_CDEV' }),
+      status.FAILED_PRECONDITION,
+      /IOMMU group 16: 0000:00:16.0 has no VFIO device cdev/,
+    );
+    const { vm, attach_token } = await c.createVm({ name: 'cdev-vm', vmm_uid: NOBODY_UID, vfio_device: true, groups: [17], vfio_handoff: 'VFIO_HANDOFF_CDEV' });
+    assert.equal(vm!.vfio_handoff, 'VFIO_HANDOFF_CDEV');
+    const claimed = await c.getIommuGroup(17);
+    assert.deepEqual([claimed.holding, claimed.open_in_daemon], ['GROUP_HOLDING_CLAIMED', false], 'a held group file would make the VMM\'s bind EBUSY');
+    const address = claimed.devices[0].address;
+    // What QEMU would be given; here a shell reports which files its fds are.
+    const script = 'printf \'{"event":"fds","iommufd":"%s","device":"%s","spec":"%s"}\\n\' "$(readlink /proc/$$/fd/$1)" "$(readlink /proc/$$/fd/$2)" "$KVMVFIO_FDS"; exec sleep 600';
+    const a = attach(['--handoff', handoff, '--', 'sh', '-c', script, 'sh', '{iommufd}', `{device:${address}}`], { KVMVFIO_TOKEN: attach_token!.token });
+    const ev = await a.waitFor('fds');
+    assert.equal(ev.iommufd, join(host.dev, 'iommu'));
+    assert.equal(ev.device, join(host.dev, 'vfio', 'devices', 'vfio7'));
+    assert.match(String(ev.spec), new RegExp(`^kvm:\\d+,iommufd:\\d+,device-${address.replace(/\./g, '\\.')}:\\d+,session:\\d+$`));
+    const held = await until('RUNNING', async () => {
+      const v = await c.getVm(vm!.id);
+      return v.state === 'VM_STATE_RUNNING' && (await c.getIommuGroup(17));
+    });
+    assert.deepEqual([held.holding, held.open_in_daemon], ['GROUP_HOLDING_VMM', false]);
+    await c.deleteVm({ vm_id: vm!.id });
+    assert.equal((await a.exit).signal, 'SIGTERM');
+    const back = await c.getIommuGroup(17);
+    assert.deepEqual([back.holding, back.open_in_daemon], ['GROUP_HOLDING_FREE', true], "back once the daemon's open of the group succeeds");
   });
 
   test('a placeholder for an fd not handed out: INVALID_ARGUMENT, nothing exec\'d, the VM ends', async () => {

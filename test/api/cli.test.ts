@@ -38,7 +38,7 @@ function ok(r: Run, what: string): string {
 }
 
 /** The fields of each message in kvmvfio.proto, in proto order: --json prints exactly these. */
-const VM_FIELDS = ['id', 'name', 'labels', 'state', 'owner_uid', 'vmm_uid', 'vfio_device', 'groups', 'memlock_bytes', 'request_id', 'create_time', 'update_time', 'failure_reason', 'revision', 'vmm_pid', 'passive_vmm', 'principal', 'stray_groups'];
+const VM_FIELDS = ['id', 'name', 'labels', 'state', 'owner_uid', 'vmm_uid', 'vfio_device', 'groups', 'memlock_bytes', 'request_id', 'create_time', 'update_time', 'failure_reason', 'revision', 'vmm_pid', 'passive_vmm', 'principal', 'stray_groups', 'vfio_handoff'];
 const HOST_FIELDS = ['kernel_release', 'kvm_api_version', 'support', 'daemon_version', 'fd_limit_soft', 'fd_limit_hard', 'fds_open', 'vm_count', 'claimed_group_count', 'iommu_group_count', 'start_time'];
 const SUPPORT_FIELDS = ['kvm_vfio_device', 'vfio_file_add', 'vfio_file_del', 'vfio_container', 'iommu_groups', 'probe_errors', 'iommufd', 'vfio_device_cdev'];
 const GROUP_FIELDS = ['number', 'devices', 'viable', 'not_viable_reasons', 'vm_id', 'vm_name', 'open_in_daemon', 'holding', 'holders', 'stray_since'];
@@ -210,7 +210,7 @@ describe('kvmvfioctl against a daemon with IOMMU groups', () => {
     ok(await run('vm', 'create', 'qemu-groups', '--vmm-uid', '65534', '--vfio-device', '--group', String(free.number)), 'vm create qemu-groups');
     const refused = await run('vm', 'args', 'qemu-groups', '--vmm', 'qemu');
     assert.equal(refused.code, 1);
-    assert.match(refused.stderr, new RegExp(`^kvmvfioctl: FAILED_PRECONDITION: vm qemu-groups has IOMMU groups ${free.number}: QEMU takes a VFIO device from outside only as a device cdev fd`));
+    assert.match(refused.stderr, new RegExp(`^kvmvfioctl: FAILED_PRECONDITION: vm qemu-groups has IOMMU groups ${free.number} handed over as group files: QEMU takes a VFIO device from outside only as a device cdev fd`));
     for (const name of ['qemu-vm', 'qemu-groups']) ok(await run('vm', 'delete', name), `vm delete ${name}`);
   });
 

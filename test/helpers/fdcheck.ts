@@ -63,6 +63,8 @@ for (const [name, fd] of Object.entries(fds)) {
   }
 }
 
+// Before the report: a test may signal as soon as it reads it.
+process.on('SIGTERM', () => process.exit(0));
 process.stdout.write(
   `${JSON.stringify({
     event: 'fds',
@@ -85,6 +87,5 @@ process.stdout.write(
 
 const i = process.argv.indexOf('--exit-after');
 const exitAfter = i >= 0 ? Number(process.argv[i + 1]) : NaN;
-process.on('SIGTERM', () => process.exit(0));
 if (Number.isFinite(exitAfter)) setTimeout(() => process.exit(0), exitAfter);
 else setInterval(() => undefined, 1 << 30);

@@ -237,6 +237,13 @@ export class HostDouble implements VmmHost {
   async openContainer(): Promise<OwnedFd | null> {
     return null;
   }
+  /** iommufds opened (fresh /dev/null fds), for a test to check each VMM got its own. */
+  readonly iommufds: OwnedFd[] = [];
+  async openIommufd(): Promise<OwnedFd> {
+    const fd = new OwnedFd(openSync('/dev/null', 'r'), '/dev/iommu (double)');
+    this.iommufds.push(fd);
+    return fd;
+  }
   setMemlock(pid: number, bytes: number): void {
     if (this.memlockErrno !== undefined) throw new SysError('prlimit(RLIMIT_MEMLOCK)', `pid ${pid}`, this.memlockErrno);
     this.memlock.push({ pid, bytes });

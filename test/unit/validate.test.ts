@@ -19,6 +19,7 @@ function req(over: Partial<CreateVmRequest__Output> = {}): CreateVmRequest__Outp
     groups: [12],
     memlock_bytes: '0',
     request_id: '',
+    vfio_handoff: 'VFIO_HANDOFF_UNSPECIFIED',
     ...over,
   };
 }
@@ -52,7 +53,10 @@ describe('validate.createVm: good requests', () => {
       groups: [12, 3],
       memlockBytes: 1073741824,
       requestId: 'ci-42:try.1_a',
+      handoff: 'group',
     });
+    assert.equal(validate.createVm(req({ vfio_handoff: 'VFIO_HANDOFF_CDEV' })).handoff, 'cdev');
+    assert.equal(validate.createVm(req({ vfio_handoff: 'VFIO_HANDOFF_GROUP' })).handoff, 'group');
   });
 
   test('limits are inclusive: 63-char name, 64 groups, 32 labels, 253-char value, 128-char request_id, memlock = RAM', () => {

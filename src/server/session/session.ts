@@ -14,7 +14,7 @@ import type { Broker, Caller } from '../../broker/broker';
 import { DeadlineExceededError, DomainError, FailedPreconditionError, PermissionDeniedError, ResourceExhaustedError, UnavailableError } from '../../broker/errors';
 import type { AttachGrant, VmmLink } from '../../broker/vmm';
 import { type FdWatch, type OwnedFd, type SendableFd, SIGKILL, SIGTERM, type SeqpacketSocket, SysError, boottimeNs, peerPidfd, pidfdExited, pidfdSendSignal, watchReadable } from '../../kernel';
-import { FdKind, type Message, MsgType, ProtocolError, RESULT_BIT, decode, encode, isResult, typeName } from '../../protocol/session';
+import { FdKind, type Message, MsgType, ProtocolError, RESULT_BIT, decode, encode, isResult, pciAddressToId, typeName } from '../../protocol/session';
 
 const EACCES = 13;
 const EPROTO = 71;
@@ -308,7 +308,7 @@ export class Session implements VmmLink {
     }
     this.#vmId = grant.vmId;
     this.#vmName = grant.vmName;
-    const fdsOfGrant = () => [grant.kvm, grant.container, ...grant.groups.map((g) => g.fd)];
+    const fdsOfGrant = () => [grant.kvm, grant.container, grant.iommufd, ...grant.groups.map((g) => g.fd), ...grant.devices.map((d) => d.fd)];
     if (this.#phase !== 'attaching') {
       // The session ended while the broker attached it: nothing reached the
       // VMM, so its VM ends here and its groups go back (our copies closed first).
@@ -325,6 +325,8 @@ export class Session implements VmmLink {
     const sent: { kind: number; id: number; fd: SendableFd }[] = [{ kind: FdKind.KVM, id: 0, fd: grant.kvm }];
     if (grant.container) sent.push({ kind: FdKind.VFIO_CONTAINER, id: 0, fd: grant.container });
     for (const g of grant.groups) sent.push({ kind: FdKind.VFIO_GROUP, id: g.number, fd: g.fd });
+    if (grant.iommufd) sent.push({ kind: FdKind.IOMMUFD, id: 0, fd: grant.iommufd });
+    for (const d of grant.devices) sent.push({ kind: FdKind.VFIO_DEVICE, id: pciAddressToId(d.address), fd: d.fd });
     try {
       this.#send({ type: msg.type | RESULT_BIT, seq: msg.seq, status: 0, arg: grant.memlockBytes, manifest: sent, text: `${grant.vmId} ${grant.vmName}` }, sent);
       this.#phase = 'attached';

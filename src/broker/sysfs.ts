@@ -97,13 +97,28 @@ async function readHexAttr(file: string, width: number): Promise<string> {
 
 const CDEV_NAME = /^vfio[0-9]+$/;
 
+/**
+ * A cdev is a vfio-dev/vfioN entry with a device number (its `dev` file):
+ * a kernel without CONFIG_VFIO_DEVICE_CDEV makes the entry too, with no
+ * number and no /dev node (measured on Debian's 6.12).
+ */
 async function readCdev(deviceDir: string): Promise<string> {
+  let names: string[];
   try {
-    return (await readdir(path.join(deviceDir, 'vfio-dev'))).find((n) => CDEV_NAME.test(n)) ?? '';
+    names = (await readdir(path.join(deviceDir, 'vfio-dev'))).filter((n) => CDEV_NAME.test(n));
   } catch (err) {
     if (isAbsent(err)) return '';
     throw err;
   }
+  for (const n of names) {
+    try {
+      await stat(path.join(deviceDir, 'vfio-dev', n, 'dev'));
+      return n;
+    } catch (err) {
+      if (!isAbsent(err)) throw err;
+    }
+  }
+  return '';
 }
 
 async function readDriver(deviceDir: string): Promise<string> {

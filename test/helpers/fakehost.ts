@@ -132,6 +132,7 @@ export async function makeFakeHost(groups: FakeGroup[], opts: { vfioContainer?: 
         if (d.cdev !== undefined) {
           if (!/^vfio[0-9]+$/.test(d.cdev)) throw new Error(`fakehost: ${d.address}: bad cdev name ${JSON.stringify(d.cdev)}`);
           await mkdir(path.join(dir, 'vfio-dev', d.cdev), { recursive: true });
+          await writeFile(path.join(dir, 'vfio-dev', d.cdev, 'dev'), '244:0\n');
           await mkdir(path.join(vfioDir, 'devices'), { recursive: true });
           await writeFile(path.join(vfioDir, 'devices', d.cdev), '', { mode: 0o600 });
         }

@@ -300,6 +300,9 @@ test('a device bound to vfio-pci on a kernel with device cdevs names its cdev (s
     assert.equal(g5.devices[0].cdev, '', 'no vfio-dev directory: no cdev');
     assert.ok(fs.existsSync(path.join(host.dev, 'vfio', 'devices', 'vfio0')));
     assert.ok(fs.existsSync(path.join(host.dev, 'iommu')));
+    // The entry a kernel without device cdevs makes: vfio-dev/vfioN with no device number.
+    fs.rmSync(path.join(host.sysfs, 'devices', 'pci0000:00', '0000:00:04.0', 'vfio-dev', 'vfio0', 'dev'));
+    assert.equal((await readIommuGroup(host.sysfs, 4))!.devices[0].cdev, '', 'no dev file: no cdev');
     // Something else in vfio-dev is not a cdev name.
     fs.rmSync(path.join(host.sysfs, 'devices', 'pci0000:00', '0000:00:04.0', 'vfio-dev', 'vfio0'), { recursive: true });
     fs.mkdirSync(path.join(host.sysfs, 'devices', 'pci0000:00', '0000:00:04.0', 'vfio-dev', 'uevent'));

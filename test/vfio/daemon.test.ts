@@ -72,7 +72,9 @@ describe('real VFIO groups through kvmvfiod', { skip: inGuest ? false : 'runs on
     assert.equal(h.support?.vfio_device_cdev, existsSync('/dev/vfio/devices'));
     for (const g of viable) {
       const dir = `/sys/bus/pci/devices/${g.devices[0].address}/vfio-dev`;
-      assert.equal(g.devices[0].cdev, existsSync(dir) ? readdirSync(dir).find((n) => /^vfio\d+$/.test(n)) ?? '' : '');
+      const named = existsSync(dir) ? readdirSync(dir).find((n) => /^vfio\d+$/.test(n) && existsSync(`${dir}/${n}/dev`)) : undefined;
+      assert.equal(g.devices[0].cdev, named ?? '');
+      if (named) assert.ok(existsSync(`/dev/vfio/devices/${named}`), `the daemon names ${named}, which has a node`);
     }
     for (const g of viable) {
       assert.equal(g.devices[0].vendor_id, sysfsVendor(g.devices[0].address).replace(/^0x/, ''));

@@ -16,7 +16,10 @@ export interface GuestDevice {
   classCode: string;
   /** The bound driver, "" when none. */
   driver: string;
-  /** Its VFIO device cdev (sysfs vfio-dev/vfioN: "vfio0"), "" when none (Debian's vfio, KVMVFIO_LANE_CDEV=0). */
+  /**
+   * Its VFIO device cdev ("vfio0": sysfs vfio-dev/vfioN with a dev number), "" when none (Debian's
+   * vfio, KVMVFIO_LANE_CDEV=0: the vfio-dev/vfioN is there, but without a dev number or node).
+   */
   cdev: string;
 }
 

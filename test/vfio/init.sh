@@ -99,8 +99,10 @@ done
 
 # ------------------------------------------------------------------ cdev
 step cdev
+# Every device on vfio-pci has a sysfs vfio-dev/vfioN; only with CONFIG_VFIO_DEVICE_CDEV has it
+# a dev number (a "dev" file), and so a node.
 # cdev_of ADDRESS: sets c to the device's cdev name ("vfio0"), "" when it has none.
-cdev_of() { c=; for x in /sys/bus/pci/devices/$1/vfio-dev/vfio*; do [ -e "$x" ] && c=${x##*/}; done; }
+cdev_of() { c=; for x in /sys/bus/pci/devices/$1/vfio-dev/vfio*; do [ -e "$x/dev" ] && c=${x##*/}; done; }
 if [ "$CDEV" = 1 ]; then
   [ -c /dev/iommu ] || fail "no /dev/iommu with the rebuilt iommufd loaded: $(dmesg | grep -i -E 'iommufd|taint' | tail -3 | tr '\n' ' ')"
   n=0
@@ -109,7 +111,7 @@ if [ "$CDEV" = 1 ]; then
     set -- /sys/bus/pci/devices/$a/vfio-dev/vfio*
     [ $# = 1 ] && [ -e "$1" ] || fail "$a on vfio-pci has no single cdev in sysfs (vfio-dev: $(ls "/sys/bus/pci/devices/$a/vfio-dev" 2>&1 | tr '\n' ' ')): vfio without CONFIG_VFIO_DEVICE_CDEV?"
     c=${1##*/}
-    read -r want < "$1/dev" || fail "no $1/dev"
+    read -r want < "$1/dev" || fail "$a has $1 but no dev number: vfio without CONFIG_VFIO_DEVICE_CDEV?"
     [ -c "/dev/vfio/devices/$c" ] || fail "$a: sysfs names cdev $c ($want) but /dev/vfio/devices/$c is not a char device (/dev/vfio/devices: $(ls /dev/vfio/devices 2>&1 | tr '\n' ' '))"
     got=$(stat -c '%t %T' "/dev/vfio/devices/$c")
     set -- $got
@@ -121,7 +123,7 @@ if [ "$CDEV" = 1 ]; then
   [ "$n" = "$BOUND" ] || fail "$BOUND devices bound to vfio-pci, $n on the driver's sysfs list"
   say "cdevs: $n; /dev/iommu $(stat -c '%t:%T' /dev/iommu)"
 else
-  say "cdevs off (KVMVFIO_LANE_CDEV=0): /dev/iommu $([ -e /dev/iommu ] && echo present || echo absent)"
+  say "cdevs off (KVMVFIO_LANE_CDEV=0): /dev/iommu $([ -e /dev/iommu ] && echo present || echo absent), /dev/vfio/devices $([ -e /dev/vfio/devices ] && echo present || echo absent)"
 fi
 
 # ------------------------------------------------------------------ groups

@@ -14,7 +14,7 @@
  */
 import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
-import { closeSync, constants, openSync, readFileSync, readdirSync, readlinkSync, statSync } from 'node:fs';
+import { closeSync, constants, existsSync, openSync, readFileSync, readdirSync, readlinkSync, statSync } from 'node:fs';
 import { basename } from 'node:path';
 import { Kvm, VfioGroup } from '../../src/kernel';
 import {
@@ -34,10 +34,14 @@ function driverOf(address: string): string {
   }
 }
 
-/** The device's cdev names in sysfs (vfio-dev/vfioN); [] when it has none. */
+/**
+ * The device's cdev names in sysfs; [] when it has none. Every device on vfio-pci has a
+ * vfio-dev/vfioN, but only with CONFIG_VFIO_DEVICE_CDEV does it have a dev number (a `dev` file).
+ */
 function sysfsCdevs(address: string): string[] {
+  const dir = `/sys/bus/pci/devices/${address}/vfio-dev`;
   try {
-    return readdirSync(`/sys/bus/pci/devices/${address}/vfio-dev`).filter((n) => /^vfio\d+$/.test(n));
+    return readdirSync(dir).filter((n) => /^vfio\d+$/.test(n) && existsSync(`${dir}/${n}/dev`));
   } catch {
     return [];
   }

@@ -16,6 +16,11 @@ export interface GuestDevice {
   classCode: string;
   /** The bound driver, "" when none. */
   driver: string;
+  /**
+   * Its VFIO device cdev ("vfio0": sysfs vfio-dev/vfioN with a dev number), "" when none (Debian's
+   * vfio, KVMVFIO_LANE_CDEV=0: the vfio-dev/vfioN is there, but without a dev number or node).
+   */
+  cdev: string;
 }
 
 export interface GuestGroup {
@@ -46,6 +51,13 @@ export const IN_VFIO_GUEST = process.env.KVMVFIO_GUEST === '1';
 
 /** For `describe(..., { skip: VFIO_GUEST_SKIP })`: false in the guest, a reason elsewhere. */
 export const VFIO_GUEST_SKIP: string | false = IN_VFIO_GUEST ? false : 'not in the VFIO guest (run npm run test:vfio)';
+
+/**
+ * The lane rebuilt vfio with iommufd (KVMVFIO_LANE_CDEV, default 1) and its /init checked
+ * /dev/iommu and each device's /dev/vfio/devices/vfioN. For `{ skip: VFIO_CDEV_SKIP }`.
+ */
+export const VFIO_CDEV_SKIP: string | false =
+  process.env.KVMVFIO_GUEST_CDEV === '1' ? false : 'the lane ran with KVMVFIO_LANE_CDEV=0: Debian\'s vfio, no cdevs';
 
 export function loadGuestGroups(file = process.env.KVMVFIO_GUEST_GROUPS): GuestGroups {
   assert.ok(file, 'KVMVFIO_GUEST_GROUPS is not set (the lane sets it in the guest)');

@@ -3,11 +3,15 @@
 #
 # In order, each one a named step (a failure names its step on the console
 # and in out/fail, then powers off):
-#   modules  insmod every module in /lib/modules/order (deps first);
+#   modules  insmod every module in /lib/modules/order (deps first; with
+#            the lane's rebuilt vfio, iommufd comes before it);
 #   share    mount the read-write 9p share "results" at /out and read the
-#            lane's inputs from /out/in (repo, node, tests, test-timeout);
+#            lane's inputs from /out/in (repo, node, tests, test-timeout, cdev);
 #   bind     bind the lane's test devices (edu 1234:11e8, pci-testdev
 #            1b36:0005) to vfio-pci with driver_override + drivers_probe;
+#   cdev     when the lane rebuilt vfio (cdev=1): /dev/iommu, and for each
+#            device on vfio-pci its cdev (sysfs vfio-dev/vfioN) as the char
+#            device /dev/vfio/devices/vfioN with the major:minor sysfs gives;
 #   groups   describe every IOMMU group from sysfs in /out/groups.json and
 #            check the lane has the cases it promises (>= 2 viable
 #            single-device VFIO groups, >= 1 VFIO group that is not viable
@@ -16,7 +20,8 @@
 #            /proc, /sys, /dev, a tmpfs /tmp and /run, the results share at
 #            /run/kvmvfio-lane;
 #   tests    node --test --test-concurrency=1 <tests> from the repo, as root,
-#            with KVMVFIO_GUEST=1 and KVMVFIO_GUEST_GROUPS; output to
+#            with KVMVFIO_GUEST=1, KVMVFIO_GUEST_GROUPS and KVMVFIO_GUEST_CDEV
+#            (1: the cdevs are there, checked above); output to
 #            /out/tests.log (and the console), exit code to /out/tests.rc.
 # Console lines the host reads start with "kvmvfio-lane: "; test output
 # lines start with "test| ".
@@ -64,15 +69,17 @@ step share
 mkdir -p /out
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 results /out || fail "cannot mount the 9p share 'results'"
 OUT=/out
-for f in repo node tests test-timeout; do
+for f in repo node tests test-timeout cdev; do
   [ -s /out/in/$f ] || fail "the lane left no /out/in/$f"
 done
 read -r REPO < /out/in/repo
 read -r NODE < /out/in/node
 read -r TEST_TIMEOUT < /out/in/test-timeout
+read -r CDEV < /out/in/cdev
 
 # ------------------------------------------------------------------ bind
 step bind
+BOUND=0
 for d in /sys/bus/pci/devices/*; do
   id="$(cat "$d/vendor"):$(cat "$d/device")"
   case "$id" in
@@ -86,7 +93,38 @@ for d in /sys/bus/pci/devices/*; do
   drv=$(readlink "$d/driver"); drv=${drv##*/}
   [ "$drv" = vfio-pci ] || fail "$a ($id) did not bind to vfio-pci (driver: ${drv:-none}): $(dmesg | grep -F "$a" | tail -2 | tr '\n' ' ')"
   say "bound $a ($id) to vfio-pci"
+  BOUND=$((BOUND + 1))
 done
+[ "$BOUND" -ge 1 ] || fail "no edu or pci-testdev to bind (the lane's QEMU command line has them)"
+
+# ------------------------------------------------------------------ cdev
+step cdev
+# Every device on vfio-pci has a sysfs vfio-dev/vfioN; only with CONFIG_VFIO_DEVICE_CDEV has it
+# a dev number (a "dev" file), and so a node.
+# cdev_of ADDRESS: sets c to the device's cdev name ("vfio0"), "" when it has none.
+cdev_of() { c=; for x in /sys/bus/pci/devices/$1/vfio-dev/vfio*; do [ -e "$x/dev" ] && c=${x##*/}; done; }
+if [ "$CDEV" = 1 ]; then
+  [ -c /dev/iommu ] || fail "no /dev/iommu with the rebuilt iommufd loaded: $(dmesg | grep -i -E 'iommufd|taint' | tail -3 | tr '\n' ' ')"
+  n=0
+  for d in /sys/bus/pci/drivers/vfio-pci/0000:*; do
+    a=${d##*/}
+    set -- /sys/bus/pci/devices/$a/vfio-dev/vfio*
+    [ $# = 1 ] && [ -e "$1" ] || fail "$a on vfio-pci has no single cdev in sysfs (vfio-dev: $(ls "/sys/bus/pci/devices/$a/vfio-dev" 2>&1 | tr '\n' ' ')): vfio without CONFIG_VFIO_DEVICE_CDEV?"
+    c=${1##*/}
+    read -r want < "$1/dev" || fail "$a has $1 but no dev number: vfio without CONFIG_VFIO_DEVICE_CDEV?"
+    [ -c "/dev/vfio/devices/$c" ] || fail "$a: sysfs names cdev $c ($want) but /dev/vfio/devices/$c is not a char device (/dev/vfio/devices: $(ls /dev/vfio/devices 2>&1 | tr '\n' ' '))"
+    got=$(stat -c '%t %T' "/dev/vfio/devices/$c")
+    set -- $got
+    got=$(printf '%d:%d' "0x$1" "0x$2")
+    [ "$got" = "$want" ] || fail "/dev/vfio/devices/$c is $got, sysfs says $want"
+    say "cdev $a: /dev/vfio/devices/$c ($got)"
+    n=$((n + 1))
+  done
+  [ "$n" = "$BOUND" ] || fail "$BOUND devices bound to vfio-pci, $n on the driver's sysfs list"
+  say "cdevs: $n; /dev/iommu $(stat -c '%t:%T' /dev/iommu)"
+else
+  say "cdevs off (KVMVFIO_LANE_CDEV=0): /dev/iommu $([ -e /dev/iommu ] && echo present || echo absent), /dev/vfio/devices $([ -e /dev/vfio/devices ] && echo present || echo absent)"
+fi
 
 # ------------------------------------------------------------------ groups
 step groups
@@ -116,7 +154,8 @@ VIABLE=; NOT_VIABLE=; SINGLES=0; SHARED_BLOCKED=0
       hexattr "$s/vendor"; ven=$v
       hexattr "$s/device"; dev=$v
       hexattr "$s/class"; cls=$v
-      devs="$devs$dsep{\"address\": \"$d\", \"vendorId\": \"$ven\", \"deviceId\": \"$dev\", \"classCode\": \"$cls\", \"driver\": \"$drv\"}"
+      cdev_of "$d"
+      devs="$devs$dsep{\"address\": \"$d\", \"vendorId\": \"$ven\", \"deviceId\": \"$dev\", \"classCode\": \"$cls\", \"driver\": \"$drv\", \"cdev\": \"$c\"}"
       dsep=', '
       ndev=$((ndev + 1))
       [ "$drv" = vfio-pci ] && nvfio=$((nvfio + 1))
@@ -125,7 +164,7 @@ VIABLE=; NOT_VIABLE=; SINGLES=0; SHARED_BLOCKED=0
         blockers="$blockers$bsep{\"address\": \"$d\", \"driver\": \"$drv\"}"
         bsep=', '
       fi
-      say "group $g: $d [$ven:$dev class $cls] driver=${drv:-none}" >&2
+      say "group $g: $d [$ven:$dev class $cls] driver=${drv:-none}${c:+ cdev=$c}" >&2
     done
     if [ -n "$gpath" ]; then
       if [ "$viable" = true ]; then
@@ -193,6 +232,7 @@ HEARTBEAT=$!
     KVMVFIO_GUEST=1 \
     KVMVFIO_GUEST_GROUPS=/run/kvmvfio-lane/groups.json \
     KVMVFIO_GUEST_RESULTS=/run/kvmvfio-lane \
+    KVMVFIO_GUEST_CDEV="$CDEV" \
     /bin/sh -c 'cd "$1" && shift && exec "$@"' sh "$REPO" \
     "$NODE" --test --test-concurrency=1 --test-timeout="$TEST_TIMEOUT" --test-reporter=spec "$@" 2>&1
   echo $? > /out/tests.rc

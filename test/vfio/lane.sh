@@ -5,20 +5,26 @@
 # .ci/run. Root on Debian 12; needs the Debian archive for the first run.
 #
 #   host                                     guest (Debian 6.12 kernel, busybox /init = test/vfio/init.sh)
-#   apt: qemu-system-x86 busybox-static cpio
+#   apt: qemu-system-x86 busybox-static cpio (+ gcc-12 make xz-utils for the rebuild)
 #   newest linux-image-6.12.*+deb12-amd64-unsigned -> vmlinuz + modules
-#   initramfs: busybox, modules, /init
+#   build-vfio-modules.sh: iommufd + vfio     (Debian's 6.12 has no IOMMUFD: rebuilt with
+#     rebuilt against Debian's headers        CONFIG_IOMMUFD=m, CONFIG_VFIO_DEVICE_CDEV=y)
+#   initramfs: busybox, modules, /init       iommufd before vfio: /dev/iommu, /dev/vfio/devices/vfioN
 #   qemu q35 + intel-iommu                   edu, pci-testdev          -> vfio-pci, one group each (viable)
 #        + pcie-pci-bridge { edu, e1000 }    edu -> vfio-pci, e1000 -> e1000: one group, NOT viable
 #        + 9p: host / (ro), results (rw)     chroot into the host's /, node --test <KVMVFIO_GUEST_TESTS>
 #
 # Steps, each timed and named when it fails: apt, kernel, download, unpack,
-# initramfs, boot (QEMU start to /init), then the guest's own steps (modules,
-# share, bind, groups, chroot, tests). Exit 0 only when the guest tests passed.
+# vfio-modules, initramfs, boot (QEMU start to /init), then the guest's own
+# steps (modules, share, bind, cdev, groups, chroot, tests). Exit 0 only when
+# the guest tests passed.
 #
 # Environment:
 #   KVMVFIO_LANE_DIR           cache and logs (default /tmp/kvmvfio-vfio-lane): debs/, kernel/,
+#                              vfio-modules/ (the rebuild's .debs and, per kernel, its modules),
 #                              initramfs.cpio, logs/, run/ (console.log, share/ = the guest's results)
+#   KVMVFIO_LANE_CDEV=0        Debian's own vfio modules, no rebuild: no /dev/iommu, no VFIO
+#                              device cdevs, and the tests that need them skip (default 1)
 #   KVMVFIO_GUEST_TESTS        test files to run in the guest, relative to the repo or absolute,
 #                              space-separated (default: every dist/test/vfio/*.test.js)
 #   KVMVFIO_LANE_TIMEOUT       bound of the whole guest run, seconds (default 600)
@@ -44,8 +50,11 @@ MEM=${KVMVFIO_LANE_MEM:-2048}
 SMP=${KVMVFIO_LANE_SMP:-2}
 OFFLINE=${KVMVFIO_LANE_OFFLINE:-0}
 APPEND=${KVMVFIO_LANE_APPEND:-}
+CDEV=${KVMVFIO_LANE_CDEV:-1}
 KERNEL_RE='^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$'
 PACKAGES=(qemu-system-x86 busybox-static cpio)
+# The rebuild of vfio + iommufd: Debian's kernel is built with gcc-12, its headers call it by that name.
+CDEV_PACKAGES=(gcc-12 make xz-utils)
 # Guest modules; their dependencies (vfio_pci_core, irqbypass, kvm, ccp, netfs,
 # 9pnet...) are added from each .ko's depends=, built-ins are skipped.
 MODULES=(virtio_pci irqbypass vfio vfio_iommu_type1 vfio_pci kvm kvm_amd 9pnet_virtio 9p e1000)
@@ -76,6 +85,8 @@ fail() {   # fail MESSAGE [LOGFILE]: the step, the reason, the log's tail, timin
 step() { STEP=$1; log "step $STEP"; }
 
 [ "$(id -u)" = 0 ] || { STEP=setup; fail "run as root (apt, QEMU's 9p share of / as root)"; }
+case "$CDEV" in 0|1) ;; *) fail "KVMVFIO_LANE_CDEV is '$CDEV': 1 (rebuild vfio with cdevs and iommufd, the default) or 0" ;; esac
+[ "$CDEV" = 1 ] && PACKAGES+=("${CDEV_PACKAGES[@]}")
 mkdir -p "$LANE"/{debs,kernel,logs} || fail "cannot create $LANE"
 exec 9> "$LANE/.lock"
 flock -n 9 || fail "another lane run holds $LANE/.lock (set KVMVFIO_LANE_DIR to run two at once)"
@@ -109,6 +120,9 @@ fi
 for c in qemu-system-x86_64 cpio dpkg-deb timeout flock; do
   command -v "$c" > /dev/null || fail "$c is not installed"
 done
+if [ "$CDEV" = 1 ]; then
+  for c in x86_64-linux-gnu-gcc-12 make xz; do command -v "$c" > /dev/null || fail "$c is not installed"; done
+fi
 BUSYBOX=/bin/busybox
 [ -x "$BUSYBOX" ] || fail "no $BUSYBOX (package busybox-static)"
 timing "apt (update + install)" "$(since "$t")"
@@ -163,6 +177,28 @@ VMLINUZ=$KDIR/boot/vmlinuz-$KV
 MODDIR=$KDIR/lib/modules/$KV
 [ -f "$VMLINUZ" ] && [ -d "$MODDIR/kernel" ] || fail "no $VMLINUZ or $MODDIR/kernel in the unpacked package"
 
+# ------------------------------------------------------------------ 2b. vfio + iommufd, rebuilt
+# Debian's 6.12 has "# CONFIG_IOMMUFD is not set": no /dev/iommu, no /dev/vfio/devices. Rebuilt
+# once per kernel (25-45 s, 163 MB of .debs), then cached in $LANE/vfio-modules/$KV.
+REBUILT=
+if [ "$CDEV" = 1 ]; then
+  step vfio-modules
+  t=$(now_us)
+  KVMVFIO_LANE_OFFLINE=$OFFLINE bash "$REPO/test/vfio/build-vfio-modules.sh" "$KV" "$KDIR" "$LANE/vfio-modules" \
+    > "$LANE/logs/vfio-modules.log" 2>&1 \
+    || fail "$(tail -n1 "$LANE/logs/vfio-modules.log")" "$LANE/logs/vfio-modules.log"
+  REBUILT=$LANE/vfio-modules/$KV
+  if grep -q ': cached in ' "$LANE/logs/vfio-modules.log"; then
+    log "vfio modules: cached ($REBUILT)"
+    timing "vfio modules" cached
+  else
+    while read -r _ label secs; do timing "vfio modules: $label" "$secs"; done < <(grep '^timing ' "$LANE/logs/vfio-modules.log")
+    log "vfio modules: $(grep '^built: ' "$LANE/logs/vfio-modules.log" | cut -c8-) in $(since "$t")s"
+  fi
+else
+  timing "vfio modules" "off (KVMVFIO_LANE_CDEV=0)"
+fi
+
 # ------------------------------------------------------------------ 3. initramfs
 step initramfs
 t=$(now_us)
@@ -175,6 +211,11 @@ install -m 0755 "$REPO/test/vfio/init.sh" "$IR/init" || fail "copying test/vfio/
 declare -A KO=() BUILTIN=() ADDED=()
 while IFS= read -r -d '' f; do n=${f##*/}; n=${n%%.ko*}; KO[${n//-/_}]=$f; done \
   < <(find "$MODDIR/kernel" -name '*.ko*' -print0)
+# The rebuilt modules replace Debian's of the same name; iommufd is new.
+if [ -n "$REBUILT" ]; then
+  for f in "$REBUILT"/*.ko; do n=${f##*/}; n=${n%.ko}; KO[${n//-/_}]=$f; done
+  MODULES=(iommufd "${MODULES[@]}")   # before vfio, which needs it (and says so in its depends=)
+fi
 if [ -f "$MODDIR/modules.builtin" ]; then
   while read -r f; do n=${f##*/}; n=${n%.ko}; BUILTIN[${n//-/_}]=1; done < "$MODDIR/modules.builtin"
 fi
@@ -204,6 +245,10 @@ add_module() {
 }
 for m in "${MODULES[@]}"; do add_module "$m" 2> "$LANE/logs/modules.log" || fail "resolving module $m" "$LANE/logs/modules.log"; done
 printf '%s\n' "${ORDER[@]}" > "$IR/lib/modules/order"
+if [ -n "$REBUILT" ]; then
+  o=" ${ORDER[*]} "; before=${o%% vfio *}
+  [ "$before" != "$o" ] && [[ "$before " == *" iommufd "* ]] || fail "the module order does not load iommufd before vfio: ${ORDER[*]}"
+fi
 (cd "$IR" && find . -print0 | sort -z | cpio --null -o -H newc --quiet) > "$LANE/initramfs.cpio" \
   || fail "cpio of $IR failed"
 timing "initramfs" "$(since "$t")"
@@ -234,6 +279,7 @@ printf '%s\n' "$REPO" > "$SHARE/in/repo"
 printf '%s\n' "$NODE" > "$SHARE/in/node"
 printf '%s\n' "${TESTS[@]}" > "$SHARE/in/tests"
 printf '%s\n' "$TEST_TIMEOUT" > "$SHARE/in/test-timeout"
+printf '%s\n' "$CDEV" > "$SHARE/in/cdev"
 CONSOLE=$RUN/console.log
 
 # ------------------------------------------------------------------ 5. boot

@@ -75,6 +75,8 @@ done
 read -r REPO < /out/in/repo
 read -r NODE < /out/in/node
 read -r TEST_TIMEOUT < /out/in/test-timeout
+QEMU10=
+[ -s /out/in/qemu ] && read -r QEMU10 < /out/in/qemu
 read -r CDEV < /out/in/cdev
 
 # ------------------------------------------------------------------ bind
@@ -233,6 +235,7 @@ HEARTBEAT=$!
     KVMVFIO_GUEST_GROUPS=/run/kvmvfio-lane/groups.json \
     KVMVFIO_GUEST_RESULTS=/run/kvmvfio-lane \
     KVMVFIO_GUEST_CDEV="$CDEV" \
+    KVMVFIO_QEMU="$QEMU10" \
     /bin/sh -c 'cd "$1" && shift && exec "$@"' sh "$REPO" \
     "$NODE" --test --test-concurrency=1 --test-timeout="$TEST_TIMEOUT" --test-reporter=spec "$@" 2>&1
   echo $? > /out/tests.rc

@@ -32,6 +32,9 @@
 #   KVMVFIO_LANE_STALL         fail when the guest console is silent this long, seconds (default 120;
 #                              the guest prints a heartbeat every 20 s while its tests run)
 #   KVMVFIO_GUEST_TEST_TIMEOUT node --test-timeout in the guest, ms (default 300000)
+#   KVMVFIO_QEMU               Debian's QEMU 10 (test/qemu/get-qemu10.sh) for the guest's QEMU
+#                              test, reached in the guest through the read-only share of /
+#                              (default: the QEMU lane's cache, when it is there; else that test skips)
 #   KVMVFIO_LANE_MEM, KVMVFIO_LANE_SMP   guest memory (MiB, default 2048) and vCPUs (default 2)
 #   (TCG runs single-threaded, thread=single: with one host thread per vCPU, a guest's live kernel
 #   text patching once oopsed on int3 in __schedule as a VMM was killed; measured in CI)
@@ -279,6 +282,8 @@ printf '%s\n' "$REPO" > "$SHARE/in/repo"
 printf '%s\n' "$NODE" > "$SHARE/in/node"
 printf '%s\n' "${TESTS[@]}" > "$SHARE/in/tests"
 printf '%s\n' "$TEST_TIMEOUT" > "$SHARE/in/test-timeout"
+QEMU10=${KVMVFIO_QEMU:-/var/cache/kvmvfiod-lanes/qemu10/root/usr/bin/qemu-system-x86_64}
+if [ -x "$QEMU10" ]; then printf '%s\n' "$QEMU10" > "$SHARE/in/qemu"; log "QEMU 10 for the guest: $QEMU10"; else : > "$SHARE/in/qemu"; log "no QEMU 10 at $QEMU10: the guest's QEMU test skips"; fi
 printf '%s\n' "$CDEV" > "$SHARE/in/cdev"
 CONSOLE=$RUN/console.log
 

@@ -1,7 +1,8 @@
-/** Assertions the API tests share. */
+/** Assertions the tests share. */
 import assert from 'node:assert/strict';
 import { status } from '@grpc/grpc-js';
 import { isApiError } from '../../src/client/client';
+import { SysError } from '../../src/kernel';
 
 /** Awaits `p` and asserts it failed with gRPC status `code` (and details matching `detail`); returns the details. */
 export async function expectStatus(p: Promise<unknown>, code: status, detail?: RegExp): Promise<string> {
@@ -25,4 +26,15 @@ export async function until<T>(what: string, fn: () => Promise<T | undefined | f
     if (Date.now() > end) assert.fail(`timed out waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 25));
   }
+}
+
+/** Runs `fn`, which must throw a SysError; returns it. */
+export function sysErrorOf(fn: () => unknown): SysError {
+  try {
+    fn();
+  } catch (e) {
+    assert.ok(e instanceof SysError, `expected a SysError, got ${String(e)}`);
+    return e;
+  }
+  assert.fail('expected the call to fail');
 }

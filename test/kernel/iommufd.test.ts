@@ -6,6 +6,7 @@
  * each fd is closed once. The calls that succeed run against real devices in
  * the VFIO lane (test/vfio/cdev.test.ts).
  */
+import { sysErrorOf } from '../helpers/assert';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
@@ -13,15 +14,6 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Iommufd, OwnedFd, SysError, VfioDeviceCdev, openFdCount } from '../../src/kernel';
 
-function sysErrorOf(fn: () => unknown): SysError {
-  try {
-    fn();
-  } catch (e) {
-    assert.ok(e instanceof SysError, `expected a SysError, got ${String(e)}`);
-    return e;
-  }
-  assert.fail('expected the call to fail');
-}
 
 test('Iommufd.open without /dev/iommu is ENOENT naming the path', async () => {
   const dir = mkdtempSync(join(tmpdir(), 'kvmvfiod-iommufd-'));

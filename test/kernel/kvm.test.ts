@@ -2,6 +2,7 @@
  * The kernel layer against the real /dev/kvm of this host: the probe, and
  * errno of real failures reaching a caller as the right gRPC status.
  */
+import { sysErrorOf } from '../helpers/assert';
 import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { openSync, closeSync, writeFileSync, mkdtempSync, rmSync, fstatSync, statSync } from 'node:fs';
@@ -13,15 +14,6 @@ import { Kvm, KVM, OwnedFd, SysError, VfioGroup, openFdCount, peerCredentials, p
 import { toStatus } from '../../src/server/status';
 import { libc } from '../../src/kernel/libc';
 
-function sysErrorOf(fn: () => unknown): SysError {
-  try {
-    fn();
-  } catch (e) {
-    assert.ok(e instanceof SysError, `expected a SysError, got ${String(e)}`);
-    return e;
-  }
-  assert.fail('expected the call to fail');
-}
 
 describe('Kvm on the real /dev/kvm', () => {
   test('API version is 12 and the VFIO device probe succeeds without leaking fds', async () => {

@@ -16,13 +16,13 @@ import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { chmodSync, existsSync, mkdtempSync, rmSync } from 'node:fs';
-import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { KvmVfioApi } from '../../src/client/client';
 import { CLI_JS, startDaemon, type RunningDaemon } from '../helpers/daemon';
 import { buildCVmm } from '../helpers/cvmm';
 import { collectJsonLines, runVmm, type VmmProc } from '../helpers/vmmproc';
+import { qmp } from '../helpers/qmp';
 import { until as untilShort } from '../helpers/assert';
 import { IN_VFIO_GUEST } from './guest-groups';
 
@@ -37,30 +37,6 @@ const skip = !IN_VFIO_GUEST
 const until = <T>(what: string, fn: () => Promise<T | undefined | false>) => untilShort(what, fn, 90_000);
 const NOBODY = ['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups', '--inh-caps=-all', '--bounding-set=-all'];
 
-/** One QMP command on a fresh connection; its `return`. */
-function qmp(socket: string, command: string): Promise<unknown> {
-  return new Promise((resolve, reject) => {
-    const s = connect(socket);
-    let buf = '';
-    let step = 0;
-    const timer = setTimeout(() => (s.destroy(), reject(new Error(`QMP ${command}: no answer in 30 s; got ${buf}`))), 30_000);
-    s.on('error', (e) => (clearTimeout(timer), reject(e)));
-    s.on('data', (chunk) => {
-      buf += chunk.toString();
-      let i;
-      while ((i = buf.indexOf('\n')) >= 0) {
-        const msg = JSON.parse(buf.slice(0, i)) as { return?: unknown; error?: { desc: string }; event?: string };
-        buf = buf.slice(i + 1);
-        if (msg.event) continue;
-        if (msg.error) return (clearTimeout(timer), s.destroy(), reject(new Error(`QMP ${command}: ${msg.error.desc}`)));
-        if (step === 0) s.write(`${JSON.stringify({ execute: 'qmp_capabilities' })}\n`);
-        else if (step === 1) s.write(`${JSON.stringify({ execute: command })}\n`);
-        else return (clearTimeout(timer), s.destroy(), resolve(msg.return));
-        step++;
-      }
-    });
-  });
-}
 
 interface PciDev {
   bus: number;

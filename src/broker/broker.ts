@@ -411,7 +411,29 @@ export class Broker {
             `IOMMU group ${group} was removed from vm ${vm.name}, but its VMM (pid ${link.pid}) still holds ${this.pool.groupPath(group)}; it can be added again once the VMM closes it`,
           );
         }
-        if (vm.handoff === 'cdev') throw new FailedPreconditionError(`vm ${vm.name} uses the device-cdev handoff, which only a passive VMM takes so far`);
+        if (vm.handoff === 'cdev') {
+          await this.pool.claim([group], { vmId: vm.id, vmName: vm.name }, 'cdev');
+          let devices;
+          try {
+            devices = await this.pool.handOverDevices(group, vm.id);
+          } catch (e) {
+            this.pool.release([group], vm.id);
+            throw e;
+          }
+          const added: string[] = [];
+          try {
+            for (const d of devices.splice(0)) {
+              await link.addDevice(d.address, d.fd);
+              added.push(d.address);
+            }
+          } catch (e) {
+            for (const d of devices) d.fd.closeSync();
+            for (const a of added.reverse()) await link.removeDevice(a).catch(() => undefined);
+            await this.pool.letGo(group, vm.id, true);
+            throw e;
+          }
+          return this.vms.update(vm, (v) => v.groups.push(group));
+        }
         await this.pool.claim([group], { vmId: vm.id, vmName: vm.name });
         let fd;
         try {
@@ -445,7 +467,9 @@ export class Broker {
       if (vm.state === 'RUNNING') {
         const link = this.#activeLink(vm);
         if (!vm.groups.includes(group)) throw new NotFoundError(`IOMMU group ${group} is not in vm ${vm.name}`);
-        await link.removeGroup(group);
+        if (vm.handoff === 'cdev') {
+          for (const d of (await this.pool.get(group)).devices) await link.removeDevice(d.address);
+        } else await link.removeGroup(group);
         const updated = this.vms.update(vm, (v) => (v.groups = v.groups.filter((g) => g !== group)));
         // Back in the pool at once if the VMM closed its file (the protocol asks it to); else held until it does, or exits.
         await this.pool.letGo(group, vm.id, true);
@@ -482,9 +506,6 @@ export class Broker {
       void link.exited.then(() => this.vmmExited(vm.id));
       const sent: AttachGrant = { vmId: vm.id, vmName: vm.name, kvm: undefined as never, container: null, memlockBytes: vm.memlockBytes, groups: [], iommufd: null, devices: [] };
       try {
-        if (vm.handoff === 'cdev' && !link.passive) {
-          throw new FailedPreconditionError(`vm ${vm.name} uses the device-cdev handoff, which only a passive VMM (kvmvfioctl attach) takes so far`);
-        }
         // The policy may have changed since CreateVm (SIGHUP): its limits now decide.
         this.#checkMemlockNow(vm);
         if (vm.memlockBytes > 0) {
@@ -497,7 +518,8 @@ export class Broker {
         if (vm.handoff === 'cdev') {
           // A fresh iommufd for this VMM alone, and a fresh open of each device's cdev: nothing of another VMM's.
           sent.iommufd = await this.#opts.host.openIommufd();
-          for (const g of vm.groups) for (const d of await this.pool.handOverDevices(g, vm.id)) sent.devices.push({ group: g, ...d });
+          // An active VMM gets the devices with the plan (ADD_DEVICE), a passive one now.
+          if (link.passive) for (const g of vm.groups) for (const d of await this.pool.handOverDevices(g, vm.id)) sent.devices.push({ group: g, ...d });
         } else {
           sent.container = await this.#opts.host.openContainer();
           if (link.passive) for (const g of vm.groups) sent.groups.push({ number: g, fd: this.pool.handOver(g, vm.id) });
@@ -532,10 +554,16 @@ export class Broker {
       const vm = this.vms.get(vmId);
       const link = this.#links.get(vmId);
       if (!vm || !link || link.passive || vm.state !== 'PENDING') return undefined;
-      const steps: { what: string; group?: number; done: Promise<void> }[] = [];
+      const steps: { what: string; group?: number; device?: string; done: Promise<void> }[] = [];
       try {
         if (vm.vfioDevice) steps.push({ what: 'KVM-VFIO device', done: link.createVfioDevice() });
-        for (const g of vm.groups) steps.push({ what: `IOMMU group ${g}`, group: g, done: link.addGroup(g, this.pool.handOver(g, vm.id)) });
+        for (const g of vm.groups) {
+          if (vm.handoff === 'cdev') {
+            for (const d of await this.pool.handOverDevices(g, vm.id)) {
+              steps.push({ what: `device ${d.address} of IOMMU group ${g}`, device: d.address, done: link.addDevice(d.address, d.fd) });
+            }
+          } else steps.push({ what: `IOMMU group ${g}`, group: g, done: link.addGroup(g, this.pool.handOver(g, vm.id)) });
+        }
       } catch (e) {
         // Could not send a step (no fd of a group): what went out is answered, then undone below.
         steps.push({ what: 'the plan', done: Promise.reject(e) });
@@ -555,8 +583,8 @@ export class Broker {
         this.vms.transition(vm, 'RUNNING');
         return;
       }
-      const added = steps.filter((s, i) => s.group !== undefined && outcomes[i].status === 'fulfilled').map((s) => s.group!);
-      for (const g of added.reverse()) await link.removeGroup(g).catch(() => undefined);
+      const added = steps.filter((s, i) => (s.group !== undefined || s.device !== undefined) && outcomes[i].status === 'fulfilled');
+      for (const s of added.reverse()) await (s.device !== undefined ? link.removeDevice(s.device) : link.removeGroup(s.group!)).catch(() => undefined);
       const reason = (outcomes[failed] as PromiseRejectedResult).reason;
       this.#fail(vm, link, `setting up ${steps[failed].what}: ${describeError(reason)}`);
     });

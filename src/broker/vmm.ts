@@ -18,6 +18,9 @@ export interface VmmLink {
   /** Sends `fd` (the daemon's only copy of the group's file, handed over) with the request and closes it once sent. */
   addGroup(group: number, fd: SendableFd): Promise<void>;
   removeGroup(group: number): Promise<void>;
+  /** The device-cdev handoff: ADD_DEVICE / REMOVE_DEVICE of one device (by PCI address); `fd` as addGroup's. */
+  addDevice(address: string, fd: SendableFd): Promise<void>;
+  removeDevice(address: string): Promise<void>;
   /** Asks the VMM to stop its VM and exit. */
   shutdown(reason: string): void;
   /** SIGKILL through the pidfd. */

@@ -37,7 +37,7 @@ Commands:
             [--memlock SIZE] [--request-id ID]
                               record a VM (PENDING) and claim its groups; --group needs --vfio-device;
                               --cdev hands its VMM each device's cdev and an iommufd instead of the
-                              group files (what QEMU takes; kvmvfioctl attach only, for now);
+                              group files (what QEMU takes);
                               SIZE is bytes or K/M/G/T (powers of 1024), e.g. 2G
   vm get VM                   one VM
   vm token VM                 a new attach token for a PENDING VM (earlier ones stop working)

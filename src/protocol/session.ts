@@ -21,6 +21,10 @@ export const MsgType = {
   ADD_GROUP: 17,
   REMOVE_GROUP: 18,
   SHUTDOWN: 19,
+  /** Device-cdev handoff: bind the device (one VFIO_DEVICE fd) to the VMM's iommufd, attach it to its IOAS, KVM_DEV_VFIO_FILE_ADD it. arg = the PCI address id. */
+  ADD_DEVICE: 20,
+  /** KVM_DEV_VFIO_FILE_DEL of the device (arg = its PCI address id), then detach and close it. */
+  REMOVE_DEVICE: 21,
 } as const;
 export type MsgTypeName = keyof typeof MsgType;
 

@@ -34,7 +34,7 @@ async function main(): Promise<number> {
     say('attach-refused', { errno: e instanceof AttachError ? e.errno : undefined, reason: (e as Error).message });
     return 1;
   }
-  say('attached', { vm: s.attach.vmId, name: s.attach.vmName, memlock: s.attach.memlockBytes, container: s.attach.container !== null, uid: process.getuid?.() });
+  say('attached', { vm: s.attach.vmId, name: s.attach.vmName, memlock: s.attach.memlockBytes, container: s.attach.container !== null, iommufd: s.attach.iommufd !== null, uid: process.getuid?.() });
   const vm = await s.createVm();
   const guest = runTinyGuest(s.attach.kvm, vm, values.message!);
   say('guest', { ...guest });
@@ -45,6 +45,9 @@ async function main(): Promise<number> {
       onRequest: (type, arg, errno) => say('request', { type, arg, errno }),
       onGroupAdded: (group, fd) => {
         if (vfio) say('vfio-use', { ...vfio.use(group, fd) });
+      },
+      onDeviceAdded: (address, cdev, iommufd, ioas) => {
+        if (vfio) say('vfio-use', { ...vfio.useDevice(address, cdev, iommufd, ioas) });
       },
       onShutdown: (reason) => {
         say('shutdown', { reason });

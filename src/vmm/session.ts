@@ -5,7 +5,7 @@
  * runs the daemon's requests there: the KVM-VFIO device, and adding and
  * removing VFIO groups, each answered with the kernel's errno.
  */
-import { type FdWatch, Kvm, type KvmVfioDevice, type OwnedFd, SeqpacketSocket, SysError, type VmFd, watchReadable } from '../kernel';
+import { type FdWatch, Iommufd, Kvm, type KvmVfioDevice, type OwnedFd, SeqpacketSocket, SysError, VfioDeviceCdev, type VmFd, watchReadable } from '../kernel';
 import { FdKind, type Message, MsgType, ProtocolError, RESULT_BIT, decode, encode, idToPciAddress, isResult, typeName } from '../protocol/session';
 
 export interface AttachResult {
@@ -36,6 +36,8 @@ export interface VmmEvents {
   onRequest?(type: string, arg: number, errno: number): void;
   /** A group was added to the KVM-VFIO device (answered already); its fd stays owned by the session. */
   onGroupAdded?(group: number, fd: OwnedFd): void;
+  /** A device cdev was bound, attached to the session's IOAS and added (answered already); owned by the session. */
+  onDeviceAdded?(address: string, device: VfioDeviceCdev, iommufd: Iommufd, ioas: number): void;
   /** SHUTDOWN from the daemon (answered already); the VMM should stop its VM and exit. */
   onShutdown?(reason: string): void;
   /** The session ended (the daemon closed it or broke the protocol). */
@@ -82,6 +84,10 @@ export class VmmSession {
   device?: KvmVfioDevice;
   /** Group fds this VMM holds, by group number (kept for DEL and for VFIO use). */
   readonly groups = new Map<number, OwnedFd>();
+  /** Device cdevs this VMM holds (the device-cdev handoff), by PCI address: bound, attached, in the KVM-VFIO device. */
+  readonly devices = new Map<string, VfioDeviceCdev>();
+  #iommufd?: Iommufd;
+  #ioas?: number;
   #watch?: FdWatch;
   #events: VmmEvents = {};
   #closed = false;
@@ -212,6 +218,36 @@ export class VmmSession {
           if (earlier) void earlier.close();
           break;
         }
+        case MsgType.ADD_DEVICE: {
+          const address = idToPciAddress(msg.arg);
+          const fd = fds.shift();
+          if (!fd) throw new SysError('ADD_DEVICE', `device ${address}: no fd`, 9);
+          const cdev = new VfioDeviceCdev(fd, `device ${address}`);
+          try {
+            if (!this.device) throw new SysError('KVM_SET_DEVICE_ATTR(VFIO_FILE_ADD)', 'no KVM-VFIO device', 19 /* ENODEV */);
+            if (!this.attach.iommufd) throw new SysError('VFIO_DEVICE_BIND_IOMMUFD', 'no iommufd from the daemon', 9 /* EBADF */);
+            this.#iommufd ??= new Iommufd(this.attach.iommufd, 'iommufd from kvmvfiod');
+            cdev.bindIommufd(this.#iommufd.fd);
+            this.#ioas ??= this.#iommufd.allocIoas();
+            cdev.attach(this.#ioas);
+            this.device.addFile(cdev.fd, `device ${address}`);
+          } catch (e) {
+            cdev.closeSync();
+            throw e;
+          }
+          this.devices.get(address)?.closeSync();
+          this.devices.set(address, cdev);
+          break;
+        }
+        case MsgType.REMOVE_DEVICE: {
+          const address = idToPciAddress(msg.arg);
+          const cdev = this.devices.get(address);
+          if (!cdev || !this.device) throw new SysError('KVM_SET_DEVICE_ATTR(VFIO_FILE_DEL)', `device ${address}`, 2 /* ENOENT */);
+          this.device.deleteFile(cdev.fd, `device ${address}`);
+          this.devices.delete(address);
+          cdev.closeSync();
+          break;
+        }
         case MsgType.REMOVE_GROUP: {
           const fd = this.groups.get(msg.arg);
           if (!fd || !this.device) throw new SysError('KVM_SET_DEVICE_ATTR(VFIO_FILE_DEL)', `group ${msg.arg}`, 2 /* ENOENT */);
@@ -247,6 +283,11 @@ export class VmmSession {
       const fd = this.groups.get(msg.arg);
       if (fd) this.#events.onGroupAdded?.(msg.arg, fd);
     }
+    if (msg.type === MsgType.ADD_DEVICE && errno === 0) {
+      const address = idToPciAddress(msg.arg);
+      const cdev = this.devices.get(address);
+      if (cdev && this.#iommufd && this.#ioas !== undefined) this.#events.onDeviceAdded?.(address, cdev, this.#iommufd, this.#ioas);
+    }
     if (msg.type === MsgType.SHUTDOWN) this.#events.onShutdown?.(msg.text);
   }
 
@@ -260,6 +301,8 @@ export class VmmSession {
     this.groups.clear();
     for (const fd of this.attach.groups.values()) fd.closeSync();
     for (const fd of this.attach.devices.values()) fd.closeSync();
+    for (const cdev of this.devices.values()) cdev.closeSync();
+    this.devices.clear();
     this.attach.iommufd?.closeSync();
     this.attach.container?.closeSync();
     this.#events.onClosed?.(reason);

@@ -6,10 +6,11 @@
  * groups exist.
  */
 import { readdirSync } from 'node:fs';
-import { GuestMemory, type OwnedFd, SysError, VFIO, VfioContainer, VfioGroup } from '../kernel';
+import { GuestMemory, type Iommufd, type OwnedFd, SysError, VFIO, VfioContainer, type VfioDeviceCdev, VfioGroup } from '../kernel';
 
 export interface VfioUse {
-  group: number;
+  /** The group (group handoff); absent for a device cdev, named by `device`. */
+  group?: number;
   ok: boolean;
   device?: string;
   /** "0x1234" */
@@ -67,6 +68,26 @@ export class VfioUser {
     } catch (e) {
       if (e instanceof SysError) return { group: n, ok: false, step, errno: e.errno, reason: e.message };
       return { group: n, ok: false, step, errno: 0, reason: (e as Error).message };
+    }
+  }
+
+  /**
+   * Uses a device handed over as a cdev, bound and attached to `ioas` of
+   * `iommufd` already (the session did that): its config space is read, and
+   * 1 MiB of memory mapped for DMA in the IOAS. Never throws.
+   */
+  useDevice(address: string, cdev: VfioDeviceCdev, iommufd: Iommufd, ioas: number): VfioUse {
+    let step = 'pread';
+    try {
+      const vendor = `0x${cdev.pciVendorId().toString(16).padStart(4, '0')}`;
+      step = 'ioas_map';
+      const mem = GuestMemory.map(Number(DMA_BYTES), `dma for ${address}`);
+      this.#memory.push(mem);
+      iommufd.mapFixed(ioas, mem.address, BigInt(this.#memory.length) * 2n * DMA_BYTES, DMA_BYTES);
+      return { device: address, ok: true, vendor, dma: true };
+    } catch (e) {
+      if (e instanceof SysError) return { device: address, ok: false, step, errno: e.errno, reason: e.message };
+      return { device: address, ok: false, step, errno: 0, reason: (e as Error).message };
     }
   }
 

@@ -52,6 +52,22 @@ class LinkDouble implements VmmLink {
       },
     );
   }
+  readonly #devices = new Map<string, OwnedFd>();
+  addDevice(address: string, fd: OwnedFd) {
+    return this.#answer(`add-device ${address}`).then(
+      () => void this.#devices.set(address, fd),
+      (e: unknown) => {
+        fd.closeSync();
+        throw e;
+      },
+    );
+  }
+  removeDevice(address: string) {
+    return this.#answer(`remove-device ${address}`).then(() => {
+      this.#devices.get(address)?.closeSync();
+      this.#devices.delete(address);
+    });
+  }
   removeGroup(group: number) {
     return this.#answer(`remove ${group}`).then(() => {
       this.#kept.get(group)?.closeSync();
@@ -73,13 +89,13 @@ class LinkDouble implements VmmLink {
     if (this.dead) throw new UnavailableError(`VMM pid ${this.pid} exited before ${step}`);
   }
   exit() {
-    for (const fd of [...this.heldFds, ...this.#kept.values()]) fd.closeSync();
+    for (const fd of [...this.heldFds, ...this.#kept.values(), ...this.#devices.values()]) fd.closeSync();
     this.#exit();
   }
 }
 
 async function setup() {
-  const host = await makeFakeHost([1, 2, 3].map((n) => ({ number: n, devices: [{ address: `0000:0${n}:00.0`, vendor: '8086', device: '1521', class: '020000', driver: 'vfio-pci' }] })));
+  const host = await makeFakeHost([1, 2, 3].map((n) => ({ number: n, devices: [{ address: `0000:0${n}:00.0`, vendor: '8086', device: '1521', class: '020000', driver: 'vfio-pci', cdev: `vfio${n}` }] })));
   const k = new KernelDouble();
   const hostDouble = new HostDouble();
   let broker: Broker | undefined;
@@ -340,6 +356,36 @@ describe('Broker with attached VMMs', () => {
       assert.equal(t.broker.sessionCount, 0);
       assert.equal(t.broker.vms.get(vm.id), undefined);
       assert.deepEqual(t.pool.claims(), [], 'its groups are back, not held by a deleted VM');
+    } finally {
+      await t.done();
+    }
+  });
+
+  test('the device-cdev handoff: the plan ADD_DEVICEs each device of each group; the daemon holds no group fd; RemoveGroup REMOVE_DEVICEs', async () => {
+    const t = await setup();
+    try {
+      const { vm, token } = await t.create({ groups: [2, 1], handoff: 'cdev' });
+      assert.equal(t.pool.handle(1), undefined, 'claimed without a group fd: a held group makes the bind EBUSY');
+      const link = new LinkDouble();
+      const grant = await t.broker.attach(token!.token, VMM, link);
+      assert.ok(grant.iommufd, 'a fresh iommufd for this VMM');
+      assert.equal(grant.devices.length, 0, 'an active VMM gets its devices with the plan');
+      grant.kvm.closeSync();
+      await t.broker.applyPlan(vm.id);
+      assert.deepEqual(link.calls, ['device', 'add-device 0000:01:00.0', 'add-device 0000:02:00.0']);
+      assert.equal(t.broker.getVm(ROOT, vm.id).state, 'RUNNING');
+      assert.equal((await t.pool.get(1)).holding, 'vmm');
+      await assert.rejects(t.broker.addGroup(ROOT, vm.id, 1), /already in the KVM-VFIO device/);
+      assert.deepEqual((await t.broker.addGroup(ROOT, vm.id, 3)).groups, [1, 2, 3]);
+      assert.equal(link.calls.at(-1), 'add-device 0000:03:00.0');
+      await t.broker.removeGroup(ROOT, vm.id, 3);
+      assert.equal(link.calls.at(-1), 'remove-device 0000:03:00.0');
+      assert.equal((await t.pool.get(3)).holding, 'free', 'the VMM closed the cdev: the daemon opens the group again');
+      await grant.iommufd!.close();
+      link.exit();
+      await link.exited;
+      await t.broker.vmmExited(vm.id);
+      assert.deepEqual([(await t.pool.get(1)).holding, (await t.pool.get(2)).holding], ['free', 'free']);
     } finally {
       await t.done();
     }

@@ -96,3 +96,45 @@ describe('VFIO device cdev + iommufd on a real device', { skip }, () => {
     await ctx2.close();
   });
 });
+
+describe('a VMM that speaks the session, with the device-cdev handoff', { skip }, () => {
+  test('binds, attaches and KVM-ADDs each device the daemon sends; AddGroup/RemoveGroup; devices back after DeleteVm', async (t) => {
+    const { startDaemon } = await import('../helpers/daemon');
+    const { REFERENCE_VMM, runVmm } = await import('../helpers/vmmproc');
+    const { expectStatus, until } = await import('../helpers/assert');
+    const { status } = await import('@grpc/grpc-js');
+    const d = await startDaemon({ args: ['--vmm-timeout-ms', '20000', '--vmm-exit-grace-ms', '20000'] });
+    const procs: { kill(): void }[] = [];
+    try {
+      const c = d.client();
+      const slow = <T>(what: string, fn: () => Promise<T | undefined | false>) => until(what, fn, 60_000);
+      const [A, B] = singleDeviceGroups(loadGuestGroups());
+      assert.ok(A && B, 'two viable single-device groups');
+      const sysVendor = (g: typeof A) => `0x${readFileSync(`/sys/bus/pci/devices/${g.devices[0].address}/vendor`, 'utf8').trim().replace(/^0x/, '')}`;
+      const { vm, attach_token } = await c.createVm({ name: 'cdev-ts', vmm_uid: 65534, vfio_device: true, groups: [A.number], vfio_handoff: 'VFIO_HANDOFF_CDEV', memlock_bytes: String(64 << 20) });
+      const v = runVmm([process.execPath, REFERENCE_VMM, '--socket', `${d.runtimeDir}/handoff.sock`], attach_token!.token, true, { env: { KVMVFIO_USE_VFIO: '1' } });
+      procs.push(v);
+      assert.equal((await v.waitFor('attached', 60_000)).iommufd, true);
+      const useOf = (g: typeof A) => slow(`vfio-use of ${g.devices[0].address}`, async () => v.events.find((e) => e.event === 'vfio-use' && e.device === g.devices[0].address));
+      const useA = await useOf(A);
+      assert.equal(useA.ok, true, JSON.stringify(useA));
+      assert.equal(useA.vendor, sysVendor(A), 'config space through the cdev');
+      assert.equal(useA.dma, true);
+      await slow('RUNNING', async () => (await c.getVm(vm!.id)).state === 'VM_STATE_RUNNING');
+      assert.deepEqual([(await c.getIommuGroup(A.number)).holding, (await c.getIommuGroup(A.number)).open_in_daemon], ['GROUP_HOLDING_VMM', false]);
+
+      assert.deepEqual((await c.addGroup({ vm_id: vm!.id, group: B.number })).groups, [A.number, B.number].sort((x, y) => x - y));
+      assert.equal((await useOf(B)).ok, true);
+      await expectStatus(c.addGroup({ vm_id: vm!.id, group: B.number }), status.ALREADY_EXISTS);
+      assert.deepEqual((await c.removeGroup({ vm_id: vm!.id, group: B.number })).groups, [A.number]);
+      assert.equal((await c.getIommuGroup(B.number)).holding, 'GROUP_HOLDING_FREE', 'the VMM closed the cdev: the daemon opens the group again');
+      const t0 = Date.now();
+      await c.deleteVm({ vm_id: vm!.id });
+      await slow('group A free', async () => (await c.getIommuGroup(A.number)).holding === 'GROUP_HOLDING_FREE');
+      t.diagnostic(`device back ${Date.now() - t0} ms after DeleteVm was called`);
+    } finally {
+      for (const p of procs) p.kill();
+      await d.cleanup();
+    }
+  });
+});

@@ -159,6 +159,15 @@ export class Session implements VmmLink {
     await this.#request(MsgType.REMOVE_GROUP, group, [], 'KVM_SET_DEVICE_ATTR(VFIO_FILE_DEL)', `group ${group}`);
   }
 
+  async addDevice(address: string, fd: SendableFd): Promise<void> {
+    const id = pciAddressToId(address);
+    await this.#request(MsgType.ADD_DEVICE, id, [{ kind: FdKind.VFIO_DEVICE, id, fd }], 'ADD_DEVICE (bind, attach, KVM_DEV_VFIO_FILE_ADD)', `device ${address}`);
+  }
+
+  async removeDevice(address: string): Promise<void> {
+    await this.#request(MsgType.REMOVE_DEVICE, pciAddressToId(address), [], 'REMOVE_DEVICE (KVM_DEV_VFIO_FILE_DEL)', `device ${address}`);
+  }
+
   shutdown(reason: string): void {
     if (this.#passive) {
       // A passive VMM (QEMU under kvmvfioctl attach) never reads its session: SIGTERM through the

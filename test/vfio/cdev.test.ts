@@ -98,9 +98,11 @@ describe('VFIO device cdev + iommufd on a real device', { skip }, () => {
 });
 
 describe('a VMM that speaks the session, with the device-cdev handoff', { skip }, () => {
-  test('binds, attaches and KVM-ADDs each device the daemon sends; AddGroup/RemoveGroup; devices back after DeleteVm', async (t) => {
+  for (const kind of ["ts", "c"] as const)
+  test(`${kind} VMM: binds, attaches and KVM-ADDs each device the daemon sends; AddGroup/RemoveGroup; devices back after DeleteVm`, async (t) => {
     const { startDaemon } = await import('../helpers/daemon');
     const { REFERENCE_VMM, runVmm } = await import('../helpers/vmmproc');
+    const { buildCVmm } = await import('../helpers/cvmm');
     const { expectStatus, until } = await import('../helpers/assert');
     const { status } = await import('@grpc/grpc-js');
     const d = await startDaemon({ args: ['--vmm-timeout-ms', '20000', '--vmm-exit-grace-ms', '20000'] });
@@ -111,8 +113,10 @@ describe('a VMM that speaks the session, with the device-cdev handoff', { skip }
       const [A, B] = singleDeviceGroups(loadGuestGroups());
       assert.ok(A && B, 'two viable single-device groups');
       const sysVendor = (g: typeof A) => `0x${readFileSync(`/sys/bus/pci/devices/${g.devices[0].address}/vendor`, 'utf8').trim().replace(/^0x/, '')}`;
-      const { vm, attach_token } = await c.createVm({ name: 'cdev-ts', vmm_uid: 65534, vfio_device: true, groups: [A.number], vfio_handoff: 'VFIO_HANDOFF_CDEV', memlock_bytes: String(64 << 20) });
-      const v = runVmm([process.execPath, REFERENCE_VMM, '--socket', `${d.runtimeDir}/handoff.sock`], attach_token!.token, true, { env: { KVMVFIO_USE_VFIO: '1' } });
+      const { vm, attach_token } = await c.createVm({ name: `cdev-${kind}`, vmm_uid: 65534, vfio_device: true, groups: [A.number], vfio_handoff: 'VFIO_HANDOFF_CDEV', memlock_bytes: String(64 << 20) });
+      const handoff = `${d.runtimeDir}/handoff.sock`;
+      const argv = kind === 'ts' ? [process.execPath, REFERENCE_VMM, '--socket', handoff] : [process.env.KVMVFIO_CVMM || (await buildCVmm()), handoff];
+      const v = runVmm(argv, attach_token!.token, true, { env: { KVMVFIO_USE_VFIO: '1' } });
       procs.push(v);
       assert.equal((await v.waitFor('attached', 60_000)).iommufd, true);
       const useOf = (g: typeof A) => slow(`vfio-use of ${g.devices[0].address}`, async () => v.events.find((e) => e.event === 'vfio-use' && e.device === g.devices[0].address));

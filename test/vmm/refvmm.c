@@ -10,7 +10,10 @@
  * answers the daemon's requests with its own kernel's errnos until SHUTDOWN
  * or the end of the stream. One JSON line per event on stdout. With
  * KVMVFIO_USE_VFIO=1 it also uses each group it adds, after answering the
- * ADD_GROUP (see vfio_use). Exit: 0
+ * ADD_GROUP (see vfio_use). With the device-cdev handoff (an IOMMUFD fd at
+ * ATTACH, ADD_DEVICE/REMOVE_DEVICE requests) it binds each device to that
+ * iommufd, attaches it to one IOAS and adds it to its KVM-VFIO device (and,
+ * with KVMVFIO_USE_VFIO=1, reads its vendor id and maps DMA: vfio_use_device). Exit: 0
  * shutdown or end of stream, 1 attach refused, 2 usage or system error,
  * 3 protocol error (a garbled record), 4 KVM or guest failure. exit() closes
  * every fd, which ends the session and, with it, the VM.
@@ -52,8 +55,26 @@
 #define MAX_REC 4096
 #define MAX_FDS 8
 #define RESULT 0x8000
-enum { ATTACH = 1, VM_CREATED = 2, PING = 3, CREATE_VFIO_DEVICE = 16, ADD_GROUP = 17, REMOVE_GROUP = 18, SHUTDOWN = 19 };
-enum { FD_KVM = 1, FD_VFIO_CONTAINER = 2, FD_VFIO_GROUP = 3 };
+enum { ATTACH = 1, VM_CREATED = 2, PING = 3, CREATE_VFIO_DEVICE = 16, ADD_GROUP = 17, REMOVE_GROUP = 18, SHUTDOWN = 19,
+	ADD_DEVICE = 20, REMOVE_DEVICE = 21 };
+enum { FD_KVM = 1, FD_VFIO_CONTAINER = 2, FD_VFIO_GROUP = 3, FD_IOMMUFD = 4, FD_VFIO_DEVICE = 5 };
+
+/*
+ * The device-cdev handoff (Linux 6.6+). Debian 12's uapi headers (6.1) have neither iommufd.h nor the
+ * cdev ioctls, so they are spelled out here (include/uapi/linux/iommufd.h and vfio.h: _IO(';', nr),
+ * each struct starting with its size).
+ */
+struct kvf_bind { uint32_t argsz, flags; int32_t iommufd; uint32_t out_devid; };  /* vfio_device_bind_iommufd */
+struct kvf_attach { uint32_t argsz, flags, pt_id; };                              /* vfio_device_attach_iommufd_pt */
+struct kvf_ioas_alloc { uint32_t size, flags, out_ioas_id; };                       /* iommu_ioas_alloc */
+struct kvf_ioas_map { uint32_t size, flags, ioas_id, reserved; uint64_t user_va, length, iova; }; /* iommu_ioas_map */
+#define KVF_VFIO_DEVICE_BIND_IOMMUFD _IO(VFIO_TYPE, VFIO_BASE + 18)
+#define KVF_VFIO_DEVICE_ATTACH_IOMMUFD_PT _IO(VFIO_TYPE, VFIO_BASE + 19)
+#define KVF_IOMMU_IOAS_ALLOC _IO(';', 0x81)
+#define KVF_IOMMU_IOAS_MAP _IO(';', 0x85)
+#define KVF_MAP_FIXED_IOVA 1
+#define KVF_MAP_WRITEABLE 2
+#define KVF_MAP_READABLE 4
 /* KVM_DEV_VFIO_FILE, _FILE_ADD, _FILE_DEL: older headers call them _GROUP, _GROUP_ADD, _GROUP_DEL. */
 enum { VFIO_FILE = 1, VFIO_FILE_ADD = 1, VFIO_FILE_DEL = 2 };
 #define SERIAL_PORT 0x3f8
@@ -73,7 +94,8 @@ struct rec {
 
 static const char *type_name(unsigned t) {
 	static const char *const names[] = { [ATTACH] = "ATTACH", [VM_CREATED] = "VM_CREATED", [PING] = "PING",
-		[CREATE_VFIO_DEVICE] = "CREATE_VFIO_DEVICE", [ADD_GROUP] = "ADD_GROUP", [REMOVE_GROUP] = "REMOVE_GROUP", [SHUTDOWN] = "SHUTDOWN" };
+		[CREATE_VFIO_DEVICE] = "CREATE_VFIO_DEVICE", [ADD_GROUP] = "ADD_GROUP", [REMOVE_GROUP] = "REMOVE_GROUP", [SHUTDOWN] = "SHUTDOWN",
+		[ADD_DEVICE] = "ADD_DEVICE", [REMOVE_DEVICE] = "REMOVE_DEVICE" };
 	t &= ~RESULT;
 	return t < sizeof names / sizeof *names ? names[t] : NULL;
 }
@@ -166,7 +188,7 @@ static int recv_rec(int sock, struct rec *r) {
 	for (unsigned i = 0; i < r->nfds; i++) {
 		r->kind[i] = (uint32_t)get_le(b + HDR + 8 * i, 4);
 		r->id[i] = (uint32_t)get_le(b + HDR + 8 * i + 4, 4);
-		if (r->kind[i] < FD_KVM || r->kind[i] > FD_VFIO_GROUP) garbled("unknown fd kind in the manifest");
+		if (r->kind[i] < FD_KVM || r->kind[i] > FD_VFIO_DEVICE) garbled("unknown fd kind in the manifest");
 	}
 	memcpy(r->text, b + HDR + 8 * r->nfds, r->text_len);
 	r->text[r->text_len] = '\0';
@@ -405,11 +427,55 @@ static void end_session(int code) {
 	exit(code);
 }
 
+/*
+ * KVMVFIO_USE_VFIO=1 with the device-cdev handoff: the device (bound and attached by ADD_DEVICE) has its
+ * vendor id read from config space and 1 MiB mapped for DMA in the IOAS. One "vfio-use" event either way.
+ */
+static void vfio_use_device(int iommufd, uint32_t ioas, uint64_t id, int dfd) {
+	static int nmapped;
+	struct vfio_region_info ri = { .argsz = sizeof ri, .index = VFIO_PCI_CONFIG_REGION_INDEX };
+	struct kvf_ioas_map map = { .size = sizeof map, .flags = KVF_MAP_FIXED_IOVA | KVF_MAP_READABLE | KVF_MAP_WRITEABLE,
+		.ioas_id = ioas, .length = DMA_SIZE };
+	unsigned char vendor[2];
+	const char *step = "region_info";
+	char addr[16];
+	void *mem = MAP_FAILED;
+	ssize_t n;
+	int err;
+
+	snprintf(addr, sizeof addr, "%04x:%02x:%02x.%x", (unsigned)(id >> 16), (unsigned)((id >> 8) & 0xff), (unsigned)((id >> 3) & 0x1f), (unsigned)(id & 7));
+	if (ioctl(dfd, VFIO_DEVICE_GET_REGION_INFO, &ri) < 0) goto out;
+	step = "pread";
+	if ((n = pread(dfd, vendor, sizeof vendor, (off_t)ri.offset)) != (ssize_t)sizeof vendor) {
+		if (n >= 0) errno = EIO;
+		goto out;
+	}
+	step = "ioas_map";
+	if ((mem = mmap(NULL, DMA_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)) == MAP_FAILED) goto out;
+	map.user_va = (uintptr_t)mem, map.iova = (uint64_t)(++nmapped) << 21;
+	if (ioctl(iommufd, KVF_IOMMU_IOAS_MAP, &map) < 0) {
+		err = errno;
+		munmap(mem, DMA_SIZE);
+		errno = err;
+		goto out;
+	}
+	printf("{\"event\":\"vfio-use\",\"device\":\"%s\",\"ok\":true,\"vendor\":\"0x%04x\",\"dma\":true", addr, (unsigned)get_le(vendor, 2));
+	end_event();
+	return;
+out:
+	err = errno;
+	printf("{\"event\":\"vfio-use\",\"device\":\"%s\",\"ok\":false,\"step\":\"%s\",\"errno\":%d,\"reason\":", addr, step, err);
+	json_str(strerror(err), strlen(strerror(err)));
+	end_event();
+}
+
 int main(int argc, char **argv) {
 	const char *token = getenv("KVMVFIO_TOKEN"), *use = getenv("KVMVFIO_USE_VFIO");
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
 	struct rec r;
-	int kvm = -1, container = -1, dev = -1, nkept = 0;
+	int kvm = -1, container = -1, iommufd = -1, dev = -1, nkept = 0, ndev = 0;
+	uint32_t ioas = 0; /* the IOAS the devices attach to, allocated at the first ADD_DEVICE */
+	struct { uint64_t id; int fd; } devs[MAX_KEPT]; /* device cdevs added, for REMOVE_DEVICE */
 	struct { uint64_t group; int fd; } kept[MAX_KEPT]; /* group fds added to the device, for REMOVE_GROUP */
 	char text[256];
 
@@ -457,6 +523,7 @@ int main(int argc, char **argv) {
 	for (unsigned i = 0; i < r.nfds; i++) {
 		if (r.kind[i] == FD_KVM && kvm < 0 && r.id[i] == 0) kvm = r.fds[i];
 		else if (r.kind[i] == FD_VFIO_CONTAINER && container < 0 && r.id[i] == 0) container = r.fds[i];
+		else if (r.kind[i] == FD_IOMMUFD && iommufd < 0 && r.id[i] == 0) iommufd = r.fds[i];
 		else garbled("unexpected fd in the ATTACH result");
 	}
 	if (kvm < 0) garbled("the ATTACH result carries no /dev/kvm fd");
@@ -466,7 +533,8 @@ int main(int argc, char **argv) {
 	json_str(r.text, idlen);
 	fputs(",\"name\":", stdout);
 	json_str(name ? name + 1 : "", name ? r.text_len - idlen - 1 : 0);
-	printf(",\"memlock\":%llu,\"container\":%s,\"uid\":%u", (unsigned long long)r.arg, container >= 0 ? "true" : "false", (unsigned)getuid());
+	printf(",\"memlock\":%llu,\"container\":%s,\"iommufd\":%s,\"uid\":%u", (unsigned long long)r.arg, container >= 0 ? "true" : "false",
+		iommufd >= 0 ? "true" : "false", (unsigned)getuid());
 	end_event();
 
 	int vm = xioctl(kvm, KVM_CREATE_VM, 0, "KVM_CREATE_VM");
@@ -485,7 +553,8 @@ int main(int argc, char **argv) {
 			continue;
 		}
 		/* fds come only with ADD_GROUP: exactly one, a VFIO_GROUP whose id is the group number. */
-		if (r.type == ADD_GROUP ? r.nfds != 1 || r.kind[0] != FD_VFIO_GROUP || r.id[0] != r.arg : r.nfds != 0)
+		if (r.type == ADD_GROUP ? r.nfds != 1 || r.kind[0] != FD_VFIO_GROUP || r.id[0] != r.arg
+		    : r.type == ADD_DEVICE ? r.nfds != 1 || r.kind[0] != FD_VFIO_DEVICE || r.id[0] != r.arg : r.nfds != 0)
 			garbled("the manifest does not match the request type");
 		int err = 0, i;
 		const char *call = type_name(r.type);
@@ -524,13 +593,56 @@ int main(int argc, char **argv) {
 			else if (ioctl(dev, KVM_SET_DEVICE_ATTR, &attr) < 0) err = errno;
 			else close(kept[i].fd), kept[i] = kept[--nkept];
 			break;
+		case ADD_DEVICE: /* bind to our iommufd, attach to our IOAS, add to the KVM-VFIO device; kept on success */
+			call = "ADD_DEVICE";
+			for (i = 0; i < ndev && devs[i].id != r.arg; i++);
+			if (dev < 0) err = ENODEV;
+			else if (iommufd < 0) err = EBADF;
+			else if (i == MAX_KEPT) err = EMFILE;
+			else {
+				struct kvf_bind bind = { .argsz = sizeof bind, .iommufd = iommufd };
+				struct kvf_attach at = { .argsz = sizeof at };
+				call = "VFIO_DEVICE_BIND_IOMMUFD";
+				if (ioctl(r.fds[0], KVF_VFIO_DEVICE_BIND_IOMMUFD, &bind) < 0) err = errno;
+				if (!err && !ioas) {
+					struct kvf_ioas_alloc al = { .size = sizeof al };
+					call = "IOMMU_IOAS_ALLOC";
+					if (ioctl(iommufd, KVF_IOMMU_IOAS_ALLOC, &al) < 0) err = errno;
+					else ioas = al.out_ioas_id;
+				}
+				at.pt_id = ioas;
+				if (!err) call = "VFIO_DEVICE_ATTACH_IOMMUFD_PT";
+				if (!err && ioctl(r.fds[0], KVF_VFIO_DEVICE_ATTACH_IOMMUFD_PT, &at) < 0) err = errno;
+				file = r.fds[0], attr.attr = VFIO_FILE_ADD, attr.addr = (uintptr_t)&file;
+				if (!err) call = "KVM_SET_DEVICE_ATTR(VFIO_FILE_ADD)";
+				if (!err && ioctl(dev, KVM_SET_DEVICE_ATTR, &attr) < 0) err = errno;
+			}
+			if (err) {
+				close(r.fds[0]);
+				break;
+			}
+			if (i < ndev) close(devs[i].fd);
+			else ndev++;
+			devs[i].id = r.arg, devs[i].fd = r.fds[0];
+			break;
+		case REMOVE_DEVICE: /* with the fd kept from ADD_DEVICE, closed (so unbound) on success */
+			call = "KVM_SET_DEVICE_ATTR(VFIO_FILE_DEL)";
+			for (i = 0; i < ndev && devs[i].id != r.arg; i++);
+			file = i < ndev ? devs[i].fd : -1, attr.attr = VFIO_FILE_DEL, attr.addr = (uintptr_t)&file;
+			if (dev < 0 || i == ndev) err = ENOENT;
+			else if (ioctl(dev, KVM_SET_DEVICE_ATTR, &attr) < 0) err = errno;
+			else close(devs[i].fd), devs[i] = devs[--ndev];
+			break;
 		case PING:
 		case SHUTDOWN:
 			break;
 		default: /* ATTACH and VM_CREATED are not the daemon's to send */
 			err = EOPNOTSUPP;
 		}
-		if (err && (r.type == ADD_GROUP || r.type == REMOVE_GROUP))
+		if (err && (r.type == ADD_DEVICE || r.type == REMOVE_DEVICE))
+			snprintf(text, sizeof text, "%s, device %04llx:%02llx:%02llx.%llx: %s", call, (unsigned long long)(r.arg >> 16), (unsigned long long)((r.arg >> 8) & 0xff),
+				(unsigned long long)((r.arg >> 3) & 0x1f), (unsigned long long)(r.arg & 7), strerror(err));
+		else if (err && (r.type == ADD_GROUP || r.type == REMOVE_GROUP))
 			snprintf(text, sizeof text, "%s, group %llu: %s", call, (unsigned long long)r.arg, strerror(err));
 		else if (err) snprintf(text, sizeof text, "%s: %s", call, strerror(err));
 		else snprintf(text, sizeof text, "%s", r.type == PING ? "pong" : r.type == SHUTDOWN ? "stopping" : "ok");
@@ -538,6 +650,7 @@ int main(int argc, char **argv) {
 		printf("{\"event\":\"request\",\"type\":\"%s\",\"arg\":%llu,\"errno\":%d", type_name(r.type), (unsigned long long)r.arg, err);
 		end_event();
 		if (r.type == ADD_GROUP && !err && use && !strcmp(use, "1")) vfio_use(container, r.arg, r.fds[0]);
+		if (r.type == ADD_DEVICE && !err && use && !strcmp(use, "1")) vfio_use_device(iommufd, ioas, r.arg, r.fds[0]);
 		if (r.type == ADD_GROUP && !err && fork_after_add) {
 			fork_after_add = 0;
 			fflush(stdout);

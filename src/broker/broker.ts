@@ -27,7 +27,10 @@ export interface CreateVmSpec {
   groups: number[];
   memlockBytes: number;
   requestId: string;
-  /** How the VM's groups reach its VMM: the group files (the default), or each device's cdev with an iommufd. */
+  /**
+   * How the VM's groups reach its VMM: the group files, or each device's
+   * cdev with an iommufd. Unset: the host's default (GroupPool.defaultHandoff).
+   */
   handoff?: VfioHandoff;
 }
 
@@ -250,7 +253,7 @@ export class Broker {
 
   async createVm(caller: Caller, spec: CreateVmSpec): Promise<CreateVmResult> {
     this.#assertOpen();
-    const fingerprint = JSON.stringify([spec.name, Object.entries(spec.labels).sort(), spec.vmmUid, spec.vfioDevice, [...spec.groups].sort((a, b) => a - b), spec.memlockBytes, spec.handoff ?? 'group']);
+    const fingerprint = JSON.stringify([spec.name, Object.entries(spec.labels).sort(), spec.vmmUid, spec.vfioDevice, [...spec.groups].sort((a, b) => a - b), spec.memlockBytes, spec.handoff ?? 'host default']);
     // One create at a time per owner (a principal, whichever of its uids calls): name uniqueness
     // and request_id retries are decided without another create of the same owner in between.
     const owners = this.#ownKeys(caller);
@@ -272,8 +275,9 @@ export class Broker {
       if (this.vms.size >= max) throw new ResourceExhaustedError(`kvmvfiod holds ${this.vms.size} VMs; its limit (--max-vms) is ${max}`);
       if (spec.groups.length) await this.#opts.fdGuard?.();
       const id = this.vms.newId();
-      await this.pool.claim(spec.groups, { vmId: id, vmName: spec.name }, spec.handoff ?? 'group');
-      const record: NewVm = { ...spec, ownerUid: caller.uid, requestFingerprint: fingerprint, principal: caller.principal?.name ?? '' };
+      const handoff = spec.handoff ?? (await this.pool.defaultHandoff(spec.groups));
+      await this.pool.claim(spec.groups, { vmId: id, vmName: spec.name }, handoff);
+      const record: NewVm = { ...spec, handoff, ownerUid: caller.uid, requestFingerprint: fingerprint, principal: caller.principal?.name ?? '' };
       const vm = this.vms.insert(id, record);
       return { vm, created: true, token: this.tokens.issue(vm.id, vm.vmmUid) };
     });

@@ -21,7 +21,7 @@
  * A claim is all-or-nothing: a call that fails claims nothing and closes
  * what it opened.
  */
-import { open as fsOpen, constants } from 'node:fs';
+import { constants, existsSync, open as fsOpen } from 'node:fs';
 import { join } from 'node:path';
 import type { SendableFd, VfioGroupStatus } from '../kernel';
 import { OwnedFd, SysError } from '../kernel';
@@ -266,6 +266,21 @@ export class GroupPool {
     hold.holding = 'vmm';
     this.#opts.onClaimsChanged?.([n]);
     return handle.handOver();
+  }
+
+  /**
+   * The handoff of a VM whose request left it to the host: cdev where the
+   * kernel has iommufd and device cdevs and every device of `groups` has a
+   * cdev (what released VMMs take); group otherwise, and for a VM created
+   * without groups.
+   */
+  async defaultHandoff(groups: readonly number[]): Promise<HandoffMode> {
+    if (!groups.length || !existsSync(join(this.#opts.devRoot, 'iommu')) || !existsSync(join(this.#opts.devRoot, 'vfio', 'devices'))) return 'group';
+    for (const n of groups) {
+      const inv = await readIommuGroup(this.#opts.sysfsRoot, n);
+      if (!inv || !inv.devices.length || inv.devices.some((d) => !d.cdev)) return 'group';
+    }
+    return 'cdev';
   }
 
   /**

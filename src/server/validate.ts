@@ -128,7 +128,7 @@ export function createVm(req: CreateVmRequest__Output): CreateVmSpec {
   if (handoffName !== 'VFIO_HANDOFF_CDEV' && handoffName !== 'VFIO_HANDOFF_GROUP' && handoffName !== 'VFIO_HANDOFF_UNSPECIFIED') {
     throw new InvalidArgumentError('vfio_handoff', `${JSON.stringify(handoffName)} is not VFIO_HANDOFF_GROUP or VFIO_HANDOFF_CDEV`);
   }
-  const handoff = handoffName === 'VFIO_HANDOFF_CDEV' ? 'cdev' : 'group';
+  const handoff = handoffName === 'VFIO_HANDOFF_CDEV' ? 'cdev' : handoffName === 'VFIO_HANDOFF_GROUP' ? 'group' : undefined;
   const requestId = req.request_id;
   if (requestId && (requestId.length > LIMITS.requestIdLength || !REQUEST_ID.test(requestId))) {
     throw new InvalidArgumentError('request_id', `at most ${LIMITS.requestIdLength} characters of [A-Za-z0-9._:-]`);
@@ -141,6 +141,6 @@ export function createVm(req: CreateVmRequest__Output): CreateVmSpec {
     groups,
     memlockBytes: Number(memlock),
     requestId,
-    handoff,
+    ...(handoff ? { handoff } : {}),
   };
 }

@@ -201,7 +201,12 @@ describe('kvmvfioctl attach with a VFIO container', () => {
       status.FAILED_PRECONDITION,
       /IOMMU group 16: 0000:00:16.0 has no VFIO device cdev/,
     );
-    const { vm, attach_token } = await c.createVm({ name: 'cdev-vm', vmm_uid: NOBODY_UID, vfio_device: true, groups: [17], vfio_handoff: 'VFIO_HANDOFF_CDEV' });
+    // Left to the host: a group whose devices have no cdev is handed over as a group.
+    const grouped = await c.createVm({ name: 'default-group', vmm_uid: NOBODY_UID, vfio_device: true, groups: [16] });
+    assert.equal(grouped.vm!.vfio_handoff, 'VFIO_HANDOFF_GROUP');
+    await c.deleteVm({ vm_id: grouped.vm!.id });
+    // This host has /dev/iommu and group 17's device has a cdev: left to the host, it is CDEV.
+    const { vm, attach_token } = await c.createVm({ name: 'cdev-vm', vmm_uid: NOBODY_UID, vfio_device: true, groups: [17] });
     assert.equal(vm!.vfio_handoff, 'VFIO_HANDOFF_CDEV');
     const claimed = await c.getIommuGroup(17);
     assert.deepEqual([claimed.holding, claimed.open_in_daemon], ['GROUP_HOLDING_CLAIMED', false], 'a held group file would make the VMM\'s bind EBUSY');

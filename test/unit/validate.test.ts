@@ -53,7 +53,6 @@ describe('validate.createVm: good requests', () => {
       groups: [12, 3],
       memlockBytes: 1073741824,
       requestId: 'ci-42:try.1_a',
-      handoff: 'group',
     });
     assert.equal(validate.createVm(req({ vfio_handoff: 'VFIO_HANDOFF_CDEV' })).handoff, 'cdev');
     assert.equal(validate.createVm(req({ vfio_handoff: 'VFIO_HANDOFF_GROUP' })).handoff, 'group');

@@ -142,3 +142,24 @@ describe('a VMM that speaks the session, with the device-cdev handoff', { skip }
     }
   });
 });
+
+describe('the host default handoff', { skip }, () => {
+  test('unspecified: CDEV for a VM whose devices all have cdevs (this guest), GROUP for a VM without groups', async () => {
+    const { startDaemon } = await import('../helpers/daemon');
+    const d = await startDaemon();
+    try {
+      const c = d.client();
+      assert.equal((await c.getHostInfo()).support?.vfio_device_cdev, true);
+      const [g] = singleDeviceGroups(loadGuestGroups());
+      const withGroup = await c.createVm({ name: 'default-cdev', vmm_uid: 65534, vfio_device: true, groups: [g.number] });
+      assert.equal(withGroup.vm!.vfio_handoff, 'VFIO_HANDOFF_CDEV');
+      assert.equal((await c.getIommuGroup(g.number)).open_in_daemon, false, 'claimed for a cdev handoff: no group fd kept');
+      const without = await c.createVm({ name: 'default-none', vmm_uid: 65534 });
+      assert.equal(without.vm!.vfio_handoff, 'VFIO_HANDOFF_GROUP');
+      await c.deleteVm({ vm_id: withGroup.vm!.id });
+      await c.deleteVm({ vm_id: without.vm!.id });
+    } finally {
+      await d.cleanup();
+    }
+  });
+});

@@ -88,7 +88,7 @@ describe('real VFIO groups through kvmvfiod', { skip: inGuest ? false : 'runs on
   for (const [kind, exitHow] of [['ts', 'DeleteVm'], ['c', 'SIGKILL']] as const) {
     test(`${kind} VMM: ADD of a real group at attach, AddGroup/RemoveGroup with the kernel's verdicts, VFIO use, EBUSY, groups back clean after ${exitHow}`, async () => {
       const [A, B] = viable;
-      const { vm, attach_token } = await c.createVm({ name: `vm-${kind}`, vmm_uid: 65534, vfio_device: true, groups: [A.number], memlock_bytes: String(64 << 20) });
+      const { vm, attach_token } = await c.createVm({ name: `vm-${kind}`, vmm_uid: 65534, vfio_device: true, vfio_handoff: 'VFIO_HANDOFF_GROUP', groups: [A.number], memlock_bytes: String(64 << 20) });
       const v = vmm(kind, attach_token!.token);
       const attached = await v.waitFor('attached', 60_000);
       assert.equal(attached.uid, 65534);
@@ -111,10 +111,10 @@ describe('real VFIO groups through kvmvfiod', { skip: inGuest ? false : 'runs on
       assert.deepEqual((await c.removeGroup({ vm_id: vm!.id, group: B.number })).groups, [A.number]);
       await expectStatus(c.removeGroup({ vm_id: vm!.id, group: B.number }), status.NOT_FOUND);
 
-      await expectStatus(c.createVm({ name: `second-${kind}`, vmm_uid: 65534, vfio_device: true, groups: [A.number] }), status.FAILED_PRECONDITION, new RegExp(`held by vm vm-${kind}`));
+      await expectStatus(c.createVm({ name: `second-${kind}`, vmm_uid: 65534, vfio_device: true, vfio_handoff: 'VFIO_HANDOFF_GROUP', groups: [A.number] }), status.FAILED_PRECONDITION, new RegExp(`held by vm vm-${kind}`));
       const other = blocked.devices.find((x) => x.driver !== 'vfio-pci' && x.driver !== '')!;
       await expectStatus(
-        c.createVm({ name: `blocked-${kind}`, vmm_uid: 65534, vfio_device: true, groups: [blocked.number] }),
+        c.createVm({ name: `blocked-${kind}`, vmm_uid: 65534, vfio_device: true, vfio_handoff: 'VFIO_HANDOFF_GROUP', groups: [blocked.number] }),
         status.FAILED_PRECONDITION,
         new RegExp(`${other.address} is bound to ${other.driver}; bind ${other.address} to vfio-pci`),
       );
@@ -126,7 +126,7 @@ describe('real VFIO groups through kvmvfiod', { skip: inGuest ? false : 'runs on
       await until('groups back', async () => (await c.getIommuGroup(A.number)).vm_id === '' && (await c.getIommuGroup(B.number)).vm_id === '');
 
       // The same groups, a new VM and VMM: container set and DMA mapped again, no EBUSY.
-      const next = await c.createVm({ name: `again-${kind}`, vmm_uid: 65534, vfio_device: true, groups: [A.number, B.number] });
+      const next = await c.createVm({ name: `again-${kind}`, vmm_uid: 65534, vfio_device: true, vfio_handoff: 'VFIO_HANDOFF_GROUP', groups: [A.number, B.number] });
       const w = vmm(kind, next.attach_token!.token);
       for (const g of [A, B]) {
         const use = await vfioUse(w, g.number);

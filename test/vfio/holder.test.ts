@@ -60,7 +60,7 @@ describe('one holder per VFIO group, whatever the VMM forks', { skip: inGuest ? 
   });
 
   test('a child the VMM forked keeps the group after its VM ended: stray, named, claims refused; back once the child exits', async (t) => {
-    const { vm, attach_token } = await c.createVm({ name: 'forker', vmm_uid: 65534, vfio_device: true, groups: [A.number] });
+    const { vm, attach_token } = await c.createVm({ name: 'forker', vmm_uid: 65534, vfio_device: true, vfio_handoff: 'VFIO_HANDOFF_GROUP', groups: [A.number] });
     const v = runVmm([cvmm, handoff], attach_token!.token, true, { env: { KVMVFIO_FORK: 'after-add' } });
     vmms.push(v);
     const use = await until('the VMM uses group A', async () => v.events.find((e) => e.event === 'vfio-use' && e.group === A.number));
@@ -94,7 +94,7 @@ describe('one holder per VFIO group, whatever the VMM forks', { skip: inGuest ? 
 
     // Another tenant's claim: refused, naming the holder; it leaves nothing behind.
     await expectStatus(
-      c.createVm({ name: 'second-tenant', vmm_uid: 65534, vfio_device: true, groups: [A.number] }),
+      c.createVm({ name: 'second-tenant', vmm_uid: 65534, vfio_device: true, vfio_handoff: 'VFIO_HANDOFF_GROUP', groups: [A.number] }),
       status.FAILED_PRECONDITION,
       new RegExp(`IOMMU group ${A.number} is held by .*pid ${child} \\(uid 65534`),
     );
@@ -109,7 +109,7 @@ describe('one holder per VFIO group, whatever the VMM forks', { skip: inGuest ? 
     assert.deepEqual((await c.getVm(vm!.id)).stray_groups, [], 'the record says the group is back');
 
     // A new VM's VMM sets a container on it and maps DMA: the group is clean.
-    const next = await c.createVm({ name: 'next', vmm_uid: 65534, vfio_device: true, groups: [A.number] });
+    const next = await c.createVm({ name: 'next', vmm_uid: 65534, vfio_device: true, vfio_handoff: 'VFIO_HANDOFF_GROUP', groups: [A.number] });
     const w = runVmm([cvmm, handoff], next.attach_token!.token);
     vmms.push(w);
     const again = await until('vfio-use of A again', async () => w.events.find((e) => e.event === 'vfio-use' && e.group === A.number));

@@ -117,7 +117,7 @@ describe('QEMU 10 takes a real VFIO device from kvmvfiod (device-cdev handoff)',
 
     // The device is clean for the next VM: a group-handoff VMM sets a container on it and maps DMA.
     process.env.KVMVFIO_USE_VFIO = '1';
-    const next = await c.createVm({ name: 'after-qemu', vmm_uid: 65534, vfio_device: true, groups: [edu.number], memlock_bytes: String(64 << 20) });
+    const next = await c.createVm({ name: 'after-qemu', vmm_uid: 65534, vfio_device: true, vfio_handoff: 'VFIO_HANDOFF_GROUP', groups: [edu.number], memlock_bytes: String(64 << 20) });
     const w = runVmm([await buildCVmm(), join(d.runtimeDir, 'handoff.sock')], next.attach_token!.token);
     procs.push(w);
     const use = await until('vfio-use', async () => w.events.find((e) => e.event === 'vfio-use' && e.group === edu.number));

@@ -515,7 +515,7 @@ export class Broker {
         if (vm.memlockBytes > 0) {
           // prlimit takes a pid: act on it only while the pidfd says that process lives (then the pid is still its own).
           link.assertAlive('raising its RLIMIT_MEMLOCK');
-          this.#opts.host.setMemlock(vmm.pid, vm.memlockBytes);
+          this.#opts.host.setMemlock(vmm.pid, this.#memlockFor(vm));
           link.assertAlive('raising its RLIMIT_MEMLOCK');
         }
         sent.kvm = this.#opts.host.lendKvm();
@@ -682,6 +682,24 @@ export class Broker {
     if (!link) throw new UnavailableError(`vm ${vm.name}: its VMM is gone`);
     if (link.passive) throw new FailedPreconditionError(`vm ${vm.name} runs a passive VMM (kvmvfioctl attach), which takes no requests`);
     return link;
+  }
+
+  /**
+   * The RLIMIT_MEMLOCK to give a VM's VMM. With the device-cdev handoff,
+   * iommufd charges pinned pages to the VMM's *user* and checks the total
+   * against the limit of the process that pins: so a VMM of a uid gets the
+   * sum of what the live cdev VMs of that uid ask (their VMMs attached, and
+   * this one). A VMM attached earlier keeps the limit it got. With the group
+   * handoff the type1 driver charges the process: its own figure.
+   */
+  #memlockFor(vm: VmRecord): number {
+    if (vm.handoff !== 'cdev') return vm.memlockBytes;
+    let sum = vm.memlockBytes;
+    for (const id of this.#links.keys()) {
+      const other = id === vm.id ? undefined : this.vms.get(id);
+      if (other && other.handoff === 'cdev' && other.vmmUid === vm.vmmUid && (other.state === 'PENDING' || other.state === 'RUNNING')) sum += other.memlockBytes;
+    }
+    return sum;
   }
 
   /** Lets go of every group `vmId` holds (see GroupPool.letGo); says which came back and which are stray. */

@@ -391,6 +391,26 @@ describe('Broker with attached VMMs', () => {
     }
   });
 
+  test('memlock with the device-cdev handoff: a VMM gets what its uid\'s live cdev VMs ask together (iommufd charges the user)', async () => {
+    const t = await setup();
+    try {
+      const first = await t.create({ name: 'c1', groups: [1], handoff: 'cdev', memlockBytes: 1 << 20 });
+      const firstLink = new LinkDouble();
+      (await t.broker.attach(first.token!.token, VMM, firstLink)).kvm.closeSync();
+      const second = await t.create({ name: 'c2', groups: [2], handoff: 'cdev', memlockBytes: 2 << 20 });
+      (await t.broker.attach(second.token!.token, VMM, new LinkDouble())).kvm.closeSync();
+      const grouped = await t.create({ name: 'g1', groups: [3], memlockBytes: 4 << 20 });
+      (await t.broker.attach(grouped.token!.token, VMM, new LinkDouble())).kvm.closeSync();
+      assert.deepEqual(
+        t.hostDouble.memlock.map((m) => m.bytes),
+        [1 << 20, 3 << 20, 4 << 20],
+        'the second cdev VMM of the uid: both VMs\' figures; a group-handoff VMM: its own',
+      );
+    } finally {
+      await t.done();
+    }
+  });
+
   test('an attach whose VMM has exited is refused before prlimit; nothing is sent', async () => {
     const t = await setup();
     try {

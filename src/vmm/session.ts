@@ -77,6 +77,23 @@ function nextRecord(sock: SeqpacketSocket): Promise<{ msg: Message; fds: OwnedFd
   });
 }
 
+/**
+ * connect(2), non-blocking: EAGAIN means the daemon's accept queue is full
+ * for a moment (a flood it is refusing connection by connection); wait a
+ * little and try again, for up to 5 s, rather than fail the attach.
+ */
+async function connectWithRoom(path: string): Promise<SeqpacketSocket> {
+  const until = Date.now() + 5000;
+  for (let delay = 5; ; delay = Math.min(delay * 2, 100)) {
+    try {
+      return SeqpacketSocket.connect(path, true);
+    } catch (e) {
+      if (!(e instanceof SysError && e.code === 'EAGAIN') || Date.now() >= until) throw e;
+    }
+    await new Promise((r) => setTimeout(r, delay));
+  }
+}
+
 export class VmmSession {
   readonly sock: SeqpacketSocket;
   readonly attach: AttachResult;
@@ -102,7 +119,7 @@ export class VmmSession {
    * AttachError (the daemon's errno and reason) when refused.
    */
   static async connect(path: string, token: string, opts: { passive?: boolean } = {}): Promise<VmmSession> {
-    const sock = SeqpacketSocket.connect(path, true);
+    const sock = await connectWithRoom(path);
     try {
       sock.send(encode({ type: MsgType.ATTACH, seq: 1, status: 0, arg: opts.passive ? 1 : 0, manifest: [], text: token }));
       const { msg, fds } = await nextRecord(sock);

@@ -53,7 +53,9 @@ export class HandoffServer {
   }
 
   async listen(path: string): Promise<void> {
-    await this.#polled.listen(path, { mode: 0o666, prepare: (l) => l.passCredentials() });
+    // A deep backlog, as the API socket's: a flood of connections from one uid is refused at accept, and
+    // meanwhile a VMM's connect should find room in the queue.
+    await this.#polled.listen(path, { mode: 0o666, backlog: 4096, prepare: (l) => l.passCredentials() });
     this.#log.info({ event: 'handoff-listening', path }, 'handoff socket ready');
   }
 

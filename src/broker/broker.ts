@@ -425,13 +425,15 @@ export class Broker {
             throw e;
           }
           const added: string[] = [];
+          let next = 0;
           try {
-            for (const d of devices.splice(0)) {
-              await link.addDevice(d.address, d.fd);
-              added.push(d.address);
+            // addDevice owns the fd it is given (sent and closed, or closed); the ones not reached yet are ours.
+            for (; next < devices.length; next++) {
+              await link.addDevice(devices[next].address, devices[next].fd);
+              added.push(devices[next].address);
             }
           } catch (e) {
-            for (const d of devices) d.fd.closeSync();
+            for (const d of devices.slice(next + 1)) d.fd.closeSync();
             for (const a of added.reverse()) await link.removeDevice(a).catch(() => undefined);
             await this.pool.letGo(group, vm.id, true);
             throw e;

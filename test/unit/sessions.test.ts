@@ -11,7 +11,7 @@ import { GroupPool } from '../../src/broker/pool';
 import { TokenStore } from '../../src/broker/tokens';
 import type { VmmLink } from '../../src/broker/vmm';
 import { VmRegistry } from '../../src/broker/vms';
-import { type OwnedFd, SysError } from '../../src/kernel';
+import { type OwnedFd, SysError, openFdCount } from '../../src/kernel';
 import { makeFakeHost } from '../helpers/fakehost';
 import { HostDouble, KernelDouble, gate } from '../helpers/kerneldouble';
 import { until } from '../helpers/assert';
@@ -95,7 +95,11 @@ class LinkDouble implements VmmLink {
 }
 
 async function setup() {
-  const host = await makeFakeHost([1, 2, 3].map((n) => ({ number: n, devices: [{ address: `0000:0${n}:00.0`, vendor: '8086', device: '1521', class: '020000', driver: 'vfio-pci', cdev: `vfio${n}` }] })));
+  const host = await makeFakeHost([
+    ...[1, 2, 3].map((n) => ({ number: n, devices: [{ address: `0000:0${n}:00.0`, vendor: '8086', device: '1521', class: '020000', driver: 'vfio-pci', cdev: `vfio${n}` }] })),
+    // Two functions in one group (a GPU and its audio, say), each with a cdev.
+    { number: 4, devices: [0, 1].map((f) => ({ address: `0000:04:00.${f}`, vendor: '10de', device: '1eb8', class: '030000', driver: 'vfio-pci', cdev: `vfio${4 + f * 10}` })) },
+  ]);
   const k = new KernelDouble();
   const hostDouble = new HostDouble();
   let broker: Broker | undefined;
@@ -406,6 +410,27 @@ describe('Broker with attached VMMs', () => {
         [1 << 20, 3 << 20, 4 << 20],
         'the second cdev VMM of the uid: both VMs\' figures; a group-handoff VMM: its own',
       );
+    } finally {
+      await t.done();
+    }
+  });
+
+  test('the device-cdev handoff: a refused ADD_DEVICE of a group\'s first device closes the second\'s fd unsent and gives the group back', async () => {
+    const t = await setup();
+    try {
+      const { vm, token } = await t.create({ groups: [1], handoff: 'cdev' });
+      const link = new LinkDouble();
+      const grant = await t.broker.attach(token!.token, VMM, link);
+      grant.kvm.closeSync();
+      await t.broker.applyPlan(vm.id);
+      const before = await openFdCount();
+      link.fail.set('add-device', 22);
+      await assert.rejects(t.broker.addGroup(ROOT, vm.id, 4), (e: unknown) => e instanceof SysError && e.code === 'EINVAL');
+      assert.deepEqual(link.calls.slice(-1), ['add-device 0000:04:00.0'], 'the second device is not sent after the first failed');
+      assert.equal(await openFdCount(), before, 'no fd of the unsent device is left open');
+      assert.equal((await t.pool.get(4)).holding, 'free');
+      assert.deepEqual(t.broker.getVm(ROOT, vm.id).groups, [1]);
+      await grant.iommufd!.close();
     } finally {
       await t.done();
     }

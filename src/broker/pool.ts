@@ -177,10 +177,6 @@ export class GroupPool {
     return n;
   }
 
-  get strayCount(): number {
-    return this.#holds.size - this.claimedCount;
-  }
-
   get openCount(): number {
     return this.#open.size;
   }

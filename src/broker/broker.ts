@@ -383,6 +383,22 @@ export class Broker {
     }
   }
 
+  /**
+   * Takes back a VM whose creation could not be saved (the state store
+   * failed): its record, claims and tokens go, as if CreateVm had not been
+   * made. A VM a VMM attached to in the meantime is left alone.
+   */
+  async undoCreate(id: string): Promise<boolean> {
+    this.tokens.revokeVm(id);
+    return this.#locks.run(`vm:${id}`, async () => {
+      const vm = this.vms.get(id);
+      if (!vm || vm.state !== 'PENDING' || this.#links.has(id)) return false;
+      await this.#letGoAll(id, false);
+      this.vms.remove(vm);
+      return true;
+    });
+  }
+
   async createVfioDevice(caller: Caller, id: string): Promise<VmRecord> {
     this.#assertOpen();
     return this.#onVm(caller, id, async (vm) => {
@@ -672,6 +688,10 @@ export class Broker {
   /** Refuses new mutations from here on; the daemon then closes its fds. */
   beginShutdown(): void {
     this.#closing = true;
+  }
+
+  get closing(): boolean {
+    return this.#closing;
   }
 
   #assertPlanEditable(vm: VmRecord): void {

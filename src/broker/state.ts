@@ -1,37 +1,16 @@
 /**
- * The state: what the daemon knows that the kernel does not keep for it —
- * VM records, who holds which group, which VMM sessions are live — so a
- * restarted daemon (with its fds back from systemd's fd store) carries on.
+ * The state's shapes, and the reader of the files the daemon wrote before
+ * the store (store.ts): a version-1 state.json, or a version-2 snapshot
+ * (state.json) with its journals (state.journal.<G>, one JSON line per changed
+ * entry, {"key","value"}; the last line of each write carries "revision" and
+ * "commit":true). A start that finds them and no store migrates them into it.
  *
- * Two kinds of file in the state dir:
- *   state.json          a snapshot: {version: 2, journal: G, revision, vms, claims, sessions}
- *   state.journal.<G>   what changed since, one JSON line per changed entry:
- *                       {"key":"vm/<id>","value":<record or null>}; the last line of
- *                       each write also carries "revision" and "commit":true
- * Entries: vm/<id> (a VmRecord), claim/<group> (a ClaimState), session/<vmId>
- * (a SessionState); null is a deletion.
- *
- * Why a journal: rewriting every record after each change blocked the event
- * loop 15–40 ms per write at 10,000 records (bench/RESULTS.md, hot spot 3).
- * A change now costs a line for the entry it touched. Writes are batched: the
- * entries changed since the last write go out in one append, each with its
- * value at that moment, so a burst of changes to one VM is one line.
- *
- * Restore reads the snapshot, then each journal of generation ≥ G in order,
- * and applies only committed writes: a crash mid-write loses that write alone.
- *
- * Compaction, once the journal passes max(1 MiB, 2 × the snapshot):
- *   1. state.journal.<G+1> is created and takes the writes from then on;
- *   2. a snapshot of what the older journals hold (the last line written per
- *      entry, kept in memory), marked journal G+1, is written to
- *      state.json.tmp in slices, fsynced and renamed over state.json;
- *   3. the journals older than G+1 are deleted.
- * A crash before 2 leaves the old snapshot and both journals, which replay to
- * the same state; after 2 the older journals are skipped (deleted at the next
- * start). Generations only grow, so no file that may still count is reused.
+ * Reading costs what is damaged, not the state: a line cut short by a crash
+ * (at the end of a journal) and a line that is damaged elsewhere are left
+ * out, each with a warning, and the rest is applied.
  */
 import { constants } from 'node:fs';
-import { type FileHandle, mkdir, open, readFile, readdir, rename, unlink } from 'node:fs/promises';
+import { open, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { VmRecord } from './vms';
 
@@ -75,46 +54,24 @@ export interface DaemonState {
   sessions: SessionState[];
 }
 
-/** Where the state file reads the current value of an entry when it writes it; undefined: gone. */
-export interface StateSource {
-  revision(): number;
-  vm(id: string): VmRecord | undefined;
-  claim(group: number): ClaimState | undefined;
-  session(vmId: string): SessionState | undefined;
-  /** Every entry there is now, for a snapshot of everything. */
-  ids(): { vms: Iterable<string>; claims: Iterable<number>; sessions: Iterable<string> };
-}
-
-export interface StateEvents {
-  /** A write failed; a whole snapshot is written again a second later. */
-  onError(e: Error): void;
-  /** Something read was left out (a write cut short by a crash). */
-  onWarning(event: Record<string, unknown>, msg: string): void;
-}
-
-export interface StateFileOptions {
-  /** The shortest time between two journal writes: the changes in between share one write. */
-  minIntervalMs?: number;
-  /** The journal is compacted once it passes max(this, 2 × the snapshot). */
-  compactFloorBytes?: number;
-  /** Entries serialised, or written to the snapshot, per turn of the event loop. */
-  sliceEntries?: number;
-}
-
-/** A snapshot's entries as JSON texts, taken from what the journals hold. */
-interface SnapshotParts {
-  revision: number;
-  vms: string[];
-  claims: string[];
-  sessions: string[];
-}
-
 interface JournalEntry {
   key: string;
   value: unknown;
   revision?: number;
   commit?: boolean;
 }
+
+/** Reads a file of the state dir, refusing a symbolic link (O_NOFOLLOW). */
+async function readNoFollow(path: string): Promise<string> {
+  const fh = await open(path, constants.O_RDONLY | constants.O_NOFOLLOW);
+  try {
+    return await fh.readFile('utf8');
+  } finally {
+    await fh.close();
+  }
+}
+
+type Warn = (event: Record<string, unknown>, msg: string) => void;
 
 const journalName = (generation: number) => `${JOURNAL_PREFIX}${generation}`;
 
@@ -138,12 +95,6 @@ async function journalsIn(dir: string): Promise<number[]> {
   }
   return gens.sort((a, b) => a - b);
 }
-
-async function writeAll(fh: FileHandle, buf: Buffer): Promise<void> {
-  for (let off = 0; off < buf.length; ) off += (await fh.write(buf, off, buf.length - off)).bytesWritten;
-}
-
-const nextTurn = () => new Promise<void>((r) => setImmediate(r));
 
 /** The entries of a restore, by key, as the snapshot and the journals leave them. */
 class Replay {
@@ -176,12 +127,14 @@ class Replay {
   /**
    * Applies the committed writes of one journal. An unreadable last line, or
    * lines after the last commit, are a write a crash cut short: left out, with
-   * a warning. An unreadable line before the end is damage: it throws.
+   * a warning. An unreadable line before the end is damage: that entry is left
+   * out, with a warning, and the rest applies.
    */
-  journal(text: string, path: string, warn: StateEvents['onWarning']): void {
+  journal(text: string, path: string, warn: Warn): void {
     const lines = text.split('\n');
     let pending: JournalEntry[] = [];
     let torn = false;
+    const damaged: number[] = [];
     for (let i = 0; i < lines.length; i++) {
       const line = lines[i];
       if (!line) continue;
@@ -194,18 +147,31 @@ class Replay {
           torn = true;
           break;
         }
-        throw new Error(`${path}: line ${i + 1} is not JSON`);
+        damaged.push(i + 1);
+        continue;
       }
-      if (typeof e !== 'object' || e === null || typeof e.key !== 'string' || !('value' in e)) throw new Error(`${path}: line ${i + 1} is not a state entry`);
+      if (typeof e !== 'object' || e === null || typeof e.key !== 'string' || !('value' in e)) {
+        damaged.push(i + 1);
+        continue;
+      }
       pending.push(e);
       if (e.commit === true) {
-        for (const p of pending) this.apply(p, `${path}: line ${i + 1}`);
+        for (const p of pending) {
+          try {
+            this.apply(p, `${path}: line ${i + 1}`);
+          } catch {
+            damaged.push(i + 1);
+          }
+        }
         if (typeof e.revision === 'number') this.revision = Math.max(this.revision, e.revision);
         pending = [];
       }
     }
     if (torn || pending.length) {
       warn({ event: 'state-journal-torn', path, linesIgnored: pending.length + (torn ? 1 : 0) }, 'the last write to the state journal was cut short (a crash mid-write); leaving it out');
+    }
+    if (damaged.length) {
+      warn({ event: 'state-journal-damaged', path, lines: damaged.slice(0, 20), count: damaged.length }, 'damaged lines in the state journal; leaving those entries out');
     }
   }
 
@@ -222,15 +188,15 @@ class Replay {
 }
 
 /**
- * Reads the state a previous run left in `dir`: the snapshot, then its
- * journals. Undefined when there is none; throws on files it cannot
- * understand. Reads a version-1 state.json (a whole state, no journal) too.
+ * Reads the state a version-1 or version-2 daemon left in `dir`: the
+ * snapshot, then its journals. Undefined when there is none; throws when the
+ * snapshot itself cannot be understood.
  */
-export async function readState(dir: string, warn: StateEvents['onWarning'] = () => {}): Promise<DaemonState | undefined> {
+export async function readState(dir: string, warn: Warn = () => {}): Promise<DaemonState | undefined> {
   const path = join(dir, SNAPSHOT);
   let text: string;
   try {
-    text = await readFile(path, 'utf8');
+    text = await readNoFollow(path);
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
     throw e;
@@ -250,299 +216,8 @@ export async function readState(dir: string, warn: StateEvents['onWarning'] = ()
     for (const g of await journalsIn(dir)) {
       if (g < s.journal!) continue;
       const jpath = join(dir, journalName(g));
-      r.journal(await readFile(jpath, 'utf8'), jpath, warn);
+      r.journal(await readNoFollow(jpath), jpath, warn);
     }
   }
   return r.state(s.writtenAt);
-}
-
-export class StateFile {
-  readonly dir: string;
-  /** The snapshot (state.json). */
-  readonly path: string;
-  readonly #source: StateSource;
-  readonly #events: StateEvents;
-  readonly #minIntervalMs: number;
-  readonly #compactFloorBytes: number;
-  readonly #slice: number;
-  #dirty = new Set<string>();
-  /** Each entry's value as the journals hold it (its last line written): snapshots are made of these, without serialising a record again. */
-  readonly #written = new Map<string, string>();
-  #journal: FileHandle | undefined;
-  #generation = 0;
-  #journalBytes = 0;
-  #snapshotBytes = 0;
-  /** The journal cannot be trusted to continue the snapshot (not opened yet, or a write failed): write everything again. */
-  #needSnapshot = true;
-  #opened = false;
-  #closed = false;
-  #writing: Promise<void> | undefined;
-  #compacting: Promise<void> | undefined;
-  #lastWrite = 0;
-
-  constructor(dir: string, source: StateSource, events: StateEvents, opts: StateFileOptions = {}) {
-    this.dir = dir;
-    this.path = join(dir, SNAPSHOT);
-    this.#source = source;
-    this.#events = events;
-    this.#minIntervalMs = opts.minIntervalMs ?? 50;
-    this.#compactFloorBytes = opts.compactFloorBytes ?? 1 << 20;
-    this.#slice = opts.sliceEntries ?? 500;
-  }
-
-  /** The journal written now. */
-  get journalPath(): string {
-    return join(this.dir, journalName(this.#generation));
-  }
-
-  get journalBytes(): number {
-    return this.#journalBytes;
-  }
-
-  get snapshotBytes(): number {
-    return this.#snapshotBytes;
-  }
-
-  /** Reads the state a previous run left; undefined when there is none. Throws on files it cannot understand. */
-  read(): Promise<DaemonState | undefined> {
-    return readState(this.dir, (event, msg) => this.#events.onWarning(event, msg));
-  }
-
-  /**
-   * Moves the state of a previous run out of the way (state.json.prev,
-   * state.journal.<G>.prev), replacing what an earlier start set aside.
-   * Returns the files moved.
-   */
-  async setAside(): Promise<string[]> {
-    let names: string[];
-    try {
-      names = await readdir(this.dir);
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return [];
-      throw e;
-    }
-    for (const n of names) if (n.endsWith('.prev')) await unlink(join(this.dir, n)).catch(() => undefined);
-    const moved: string[] = [];
-    for (const n of names) {
-      if (n !== SNAPSHOT && journalGeneration(n) === undefined) continue;
-      await rename(join(this.dir, n), join(this.dir, `${n}.prev`));
-      moved.push(`${n}.prev`);
-    }
-    return moved;
-  }
-
-  /**
-   * Starts writing, once the previous state is restored (or set aside):
-   * writes a snapshot of everything and starts a new journal. Changes told
-   * before are in it.
-   */
-  async open(): Promise<void> {
-    await mkdir(this.dir, { recursive: true, mode: 0o700 });
-    // Generations only grow: a journal left by an earlier run is never reopened or truncated.
-    for (const g of await journalsIn(this.dir)) this.#generation = Math.max(this.#generation, g);
-    this.#opened = true;
-    this.#kick();
-    await this.flush();
-  }
-
-  vmChanged(id: string): void {
-    this.#changed(`vm/${id}`);
-  }
-
-  claimChanged(group: number): void {
-    this.#changed(`claim/${group}`);
-  }
-
-  sessionChanged(vmId: string): void {
-    this.#changed(`session/${vmId}`);
-  }
-
-  /** Resolves once everything asked so far is on disk (and a compaction under way is done). */
-  async flush(): Promise<void> {
-    while (this.#writing || this.#compacting) {
-      await this.#writing;
-      await this.#compacting;
-    }
-  }
-
-  /** Writes what is pending and closes the journal; later changes are not written (shutdown). */
-  async close(): Promise<void> {
-    await this.flush();
-    this.#closed = true;
-    await this.#journal?.close().catch(() => undefined);
-    this.#journal = undefined;
-  }
-
-  #changed(key: string): void {
-    if (this.#closed) return;
-    this.#dirty.add(key);
-    this.#kick();
-  }
-
-  #kick(): void {
-    if (this.#opened && !this.#closed) this.#writing ??= this.#drain();
-  }
-
-  async #drain(): Promise<void> {
-    try {
-      while (this.#needSnapshot || this.#dirty.size) {
-        if (this.#needSnapshot) {
-          await this.#snapshotEverything();
-          continue;
-        }
-        // Changes within the interval share one write (and a VM changed twice in it, one line).
-        const wait = this.#lastWrite + this.#minIntervalMs - Date.now();
-        await new Promise((r) => (wait > 0 ? setTimeout(r, wait) : setImmediate(r)));
-        await this.#append();
-        if (!this.#compacting && this.#journalBytes > Math.max(this.#compactFloorBytes, 2 * this.#snapshotBytes)) await this.#compact(false);
-      }
-    } catch (e) {
-      // The journal may end in a partial write now: nothing more is appended to it. Tried again
-      // in a second, not only at the next change, so a quiet daemon's state catches up too.
-      this.#needSnapshot = true;
-      this.#events.onError(e as Error);
-      setTimeout(() => this.#kick(), 1000).unref();
-    } finally {
-      this.#writing = undefined;
-    }
-  }
-
-  #valueOf(key: string): unknown {
-    const slash = key.indexOf('/');
-    const id = key.slice(slash + 1);
-    switch (key.slice(0, slash)) {
-      case 'vm':
-        return this.#source.vm(id);
-      case 'claim':
-        return this.#source.claim(Number(id));
-      case 'session':
-        return this.#source.session(id);
-      default:
-        throw new Error(`unknown state entry ${key}`);
-    }
-  }
-
-  /** One append: a line per entry changed since the last, with its value now. */
-  async #append(): Promise<void> {
-    const keys = this.#dirty;
-    this.#dirty = new Set();
-    const lines: string[] = [];
-    for (const key of keys) {
-      const value = this.#valueOf(key);
-      let json: string;
-      if (value === undefined) {
-        // Never written (created and gone within the interval), or already deleted: nothing to say.
-        if (!this.#written.delete(key)) continue;
-        json = 'null';
-      } else {
-        json = JSON.stringify(value);
-        if (this.#written.get(key) === json) continue;
-        this.#written.set(key, json);
-      }
-      lines.push(`{"key":${JSON.stringify(key)},"value":${json}`);
-    }
-    if (!lines.length) return;
-    const last = lines.length - 1;
-    lines[last] += `,"revision":${this.#source.revision()},"commit":true`;
-    const buf = Buffer.from(`${lines.join('}\n')}}\n`);
-    await writeAll(this.#journal!, buf);
-    this.#journalBytes += buf.length;
-    this.#lastWrite = Date.now();
-  }
-
-  /**
-   * Serialises every entry anew, a slice per loop turn, then writes the
-   * snapshot before anything more is appended. An entry that changes after
-   * its slice is told again and goes to the new journal.
-   */
-  async #snapshotEverything(): Promise<void> {
-    this.#needSnapshot = false;
-    this.#dirty.clear();
-    this.#written.clear();
-    const ids = this.#source.ids();
-    const keys: string[] = [];
-    for (const id of ids.vms) keys.push(`vm/${id}`);
-    for (const g of ids.claims) keys.push(`claim/${g}`);
-    for (const id of ids.sessions) keys.push(`session/${id}`);
-    for (let i = 0; i < keys.length; i++) {
-      if (i && i % this.#slice === 0) await nextTurn();
-      const value = this.#valueOf(keys[i]);
-      if (value !== undefined) this.#written.set(keys[i], JSON.stringify(value));
-    }
-    await this.#compact(true);
-  }
-
-  /**
-   * Starts the next journal and writes a snapshot of what the journals hold
-   * so far. Called between appends, so #written is exactly that. `wait`:
-   * appends wait for the snapshot (the journal before it cannot be trusted).
-   */
-  async #compact(wait: boolean): Promise<void> {
-    while (this.#compacting) await this.#compacting;
-    // Counted before the open: a generation whose open failed is not tried again.
-    const generation = ++this.#generation;
-    const next = await open(join(this.dir, journalName(generation)), constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_APPEND, 0o600);
-    const old = this.#journal;
-    this.#journal = next;
-    const carried = this.#journalBytes;
-    this.#journalBytes = 0;
-    const parts = this.#snapshotParts();
-    await old?.close().catch(() => undefined);
-    const written = this.#writeSnapshot(generation, parts).then(async (bytes) => {
-      this.#snapshotBytes = bytes;
-      for (const g of await journalsIn(this.dir)) if (g < generation) await unlink(join(this.dir, journalName(g))).catch(() => undefined);
-    });
-    if (wait) {
-      await written;
-      return;
-    }
-    this.#compacting = written
-      .catch((e: Error) => {
-        // The older journals stay and still count; the next append tries again.
-        this.#journalBytes += carried;
-        this.#events.onError(e);
-      })
-      .finally(() => (this.#compacting = undefined));
-  }
-
-  #snapshotParts(): SnapshotParts {
-    const parts: SnapshotParts = { revision: this.#source.revision(), vms: [], claims: [], sessions: [] };
-    for (const [key, json] of this.#written) {
-      if (key.startsWith('vm/')) parts.vms.push(json);
-      else if (key.startsWith('claim/')) parts.claims.push(json);
-      else parts.sessions.push(json);
-    }
-    return parts;
-  }
-
-  /** Writes a snapshot to state.json.tmp, a slice of entries per write, and renames it over state.json. Returns its size. */
-  async #writeSnapshot(generation: number, parts: SnapshotParts): Promise<number> {
-    const tmp = `${this.path}.tmp`;
-    const fh = await open(tmp, 'w', 0o600);
-    let bytes = 0;
-    const put = async (text: string) => {
-      const buf = Buffer.from(text);
-      await writeAll(fh, buf);
-      bytes += buf.length;
-    };
-    try {
-      await put(`{"version":${STATE_VERSION},"writtenAt":"${new Date().toISOString()}","journal":${generation},"revision":${parts.revision},`);
-      const lists = [
-        ['vms', parts.vms],
-        ['claims', parts.claims],
-        ['sessions', parts.sessions],
-      ] as const;
-      for (const [name, list] of lists) {
-        await put(`${name === 'vms' ? '' : ','}"${name}":[`);
-        for (let i = 0; i < list.length; i += this.#slice) await put(`${i ? ',' : ''}${list.slice(i, i + this.#slice).join(',')}`);
-        await put(']');
-      }
-      await put('}');
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
-    await rename(tmp, this.path);
-    return bytes;
-  }
 }

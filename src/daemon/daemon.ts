@@ -18,8 +18,10 @@ import { GroupPool } from '../broker/pool';
 import { VmRegistry } from '../broker/vms';
 import { TokenStore } from '../broker/tokens';
 import type { VmmHost } from '../broker/vmm';
-import { StateFile } from '../broker/state';
-import { Kvm, OwnedFd, SeqpacketSocket, SysError, Systemd, VfioGroup, watchProcessExit, fdLimits, listOpenFds, openFdCount, presizeFdTable, setMemlockLimit, takeListenFds } from '../kernel';
+import { type LoadedState, StateStore, StoreTooNewError, loadState, prepareStateDir, setAsideLegacy, setAsideStore } from '../broker/store';
+import { ROOT_NAME } from '../broker/policy';
+import type { VmRecord } from '../broker/vms';
+import { Kvm, OwnedFd, SeqpacketSocket, SysError, peerCredentials, Systemd, VfioGroup, watchProcessExit, fdLimits, listOpenFds, openFdCount, presizeFdTable, setMemlockLimit, takeListenFds } from '../kernel';
 import { FdStore, fdName } from './fdstore';
 import { HandoffServer } from '../server/session/handoff';
 import { PolicyAuthorizer } from '../server/auth';
@@ -48,7 +50,10 @@ export class Daemon {
   #stopping?: Promise<void>;
   #store?: FdStore;
   #authorizer?: PolicyAuthorizer;
-  #state?: StateFile;
+  #state?: StateStore;
+  /** What stop() could not save; stop() throws when it is set. */
+  #unsavedAtStop?: { unsaved: number; errno?: string };
+  #stateFailureLog?: NodeJS.Timeout;
   #watchdog?: NodeJS.Timeout;
   #statusTimer?: NodeJS.Timeout;
   host?: HostFacts;
@@ -149,8 +154,8 @@ export class Daemon {
     });
     const broker = this.#broker;
     const pool = this.#pool;
-    // The state file reads each entry it writes from here, when it writes it.
-    this.#state = new StateFile(
+    // The store reads each entry it writes from here, when it writes it.
+    this.#state = new StateStore(
       config.stateDir,
       {
         revision: () => broker.vms.revision,
@@ -169,7 +174,23 @@ export class Daemon {
         }),
       },
       {
-        onError: (e) => log.error({ event: 'state-write-failed', err: e.message }, 'could not write the state file'),
+        onWriteFailed: (e, first) => {
+          if (!first) return;
+          log.error({ event: 'state-write-failed', errno: e.errno, err: e.message, path: config.stateDir }, 'the state cannot be written; mutating calls are refused until it can');
+          this.#health?.setStatus(SERVICE_NAME, 'NOT_SERVING');
+          // One line a minute while it lasts, not one per retry.
+          clearInterval(this.#stateFailureLog);
+          this.#stateFailureLog = setInterval(() => {
+            const f = this.#state?.failure;
+            if (f) log.error({ event: 'state-write-still-failing', errno: f.errno, unsaved: this.#state?.unsaved }, 'the state still cannot be written');
+          }, 60_000);
+          this.#stateFailureLog.unref();
+        },
+        onRecovered: (info) => {
+          clearInterval(this.#stateFailureLog);
+          log.info({ event: 'state-write-recovered', failed_ms: info.failedForMs, attempts: info.attempts }, 'the state is written again; accepting changes');
+          if (!this.#broker?.closing) this.#health?.setStatus(SERVICE_NAME, 'SERVING');
+        },
         onWarning: (event, msg) => log.warn(event, msg),
       },
     );
@@ -191,6 +212,7 @@ export class Daemon {
       callTimeoutMs: config.callTimeoutMs,
       maxWatchesPerUid: config.maxWatchesPerUid,
       peers: (p) => this.#listener?.peers.lookup(p),
+      durability: this.#state,
       log,
     });
     this.#endWatches = service.endWatches;
@@ -227,15 +249,10 @@ export class Daemon {
       },
     });
 
-    await this.#restore(take, storedKvm !== undefined);
-    for (const [name, fds] of passed) {
-      if (name === 'api' || name === 'handoff') continue;
-      log.warn({ event: 'fdstore-unused', name, count: fds.length }, 'a stored fd nothing refers to; dropping it');
-      for (const fd of fds) fd.closeSync();
-      store.remove(name);
-    }
-    // From here on every change is written: a snapshot of what was restored first, then the journal.
-    await this.#state.open();
+    const legacyFiles = await this.#restore(take, storedKvm !== undefined);
+    this.#keepOrphans(passed, take);
+    // From here on every change is committed: first the whole state as restored, in one transaction.
+    await this.#state.open(legacyFiles);
 
     await mkdir(config.runtimeDir, { recursive: true, mode: 0o755 });
     this.#listener = new ApiListener(this.#grpc.createConnectionInjector(ServerCredentials.createInsecure()), log, {
@@ -249,37 +266,41 @@ export class Daemon {
     const handoff = take('handoff');
     if (handoff) this.#handoff.listenFd(handoff, handoffSocketPath(config));
     else await this.#handoff.listen(handoffSocketPath(config));
-    await this.#state.flush();
+    await this.#state.durable();
     this.#notifyReady();
   }
 
   /**
-   * Rebuilds the records of the previous process from the state file and
-   * the fds systemd kept. Without the kept fds (no systemd, or `systemctl
-   * stop` flushed the store) there is nothing to carry on: the old state is
-   * set aside and the daemon starts empty.
+   * Rebuilds the records of the previous process from the state store (or
+   * the files of version 2) and the fds systemd kept. Without the kept fds
+   * (no systemd, or `systemctl stop` flushed the store) there is nothing to
+   * carry on: the old state is set aside and the daemon starts empty.
+   * Returns the version-2 files to rename once the store holds their state.
    */
-  async #restore(take: (name: string) => OwnedFd | undefined, haveStore: boolean): Promise<void> {
-    const { log } = this;
+  async #restore(take: (name: string) => OwnedFd | undefined, haveStore: boolean): Promise<string[]> {
+    const { log, config } = this;
     const store = this.#store!;
-    const state = this.#state!;
-    let previous;
+    await prepareStateDir(config.stateDir);
+    let loaded: LoadedState;
     try {
-      previous = await state.read();
+      loaded = await loadState(config.stateDir, (event, msg) => log.warn(event, msg));
     } catch (e) {
-      // Kept aside rather than overwritten by the first write: someone may want to read it.
-      const files = await state.setAside().catch(() => []);
-      log.error({ event: 'state-unreadable', path: state.path, err: (e as Error).message, files }, 'state file unreadable; set aside, starting empty');
-      return;
+      if (e instanceof StoreTooNewError) throw e;
+      // A version-2 snapshot that cannot be understood: kept aside rather than overwritten.
+      const files = await setAsideLegacy(config.stateDir).catch(() => []);
+      log.error({ event: 'state-unreadable', path: config.stateDir, err: (e as Error).message, files }, 'state unreadable; set aside, starting empty');
+      return [];
     }
-    if (!previous) return;
+    if (loaded.from === 'version-2') log.info({ event: 'state-migrating', files: loaded.legacyFiles, vms: loaded.state?.vms.length }, 'a version-2 state: moving it into the store');
+    const previous = loaded.state;
+    if (!previous) return [];
     if (!haveStore) {
-      const files = await state.setAside().catch((e: Error) => [`(not set aside: ${e.message})`]);
+      const files = loaded.from === 'store' ? await setAsideStore(config.stateDir) : await setAsideLegacy(config.stateDir);
       log.warn(
-        { event: 'state-set-aside', path: `${state.path}.prev`, files, vms: previous.vms.length, sessions: previous.sessions.length },
+        { event: 'state-set-aside', files, vms: previous.vms.length, sessions: previous.sessions.length },
         'a previous state without its stored fds: its VMs and sessions cannot be carried on; starting empty',
       );
-      return;
+      return [];
     }
     const t0 = Date.now();
     const broker = this.broker;
@@ -329,6 +350,97 @@ export class Daemon {
     // Groups handed to VMMs that exited while no daemon ran: looked at now.
     await broker.reconcileHolds();
     log.info({ event: 'restored', vms: previous.vms.length, claims: previous.claims.length, sessions, ms: Date.now() - t0 }, 'state carried over a restart');
+    return loaded.legacyFiles;
+  }
+
+  /**
+   * Fds the fd store kept that the state does not name: the state was
+   * damaged, or the daemon died between a change and its commit. None is
+   * closed — a session is a VM living in its VMM, a group fd a claim — and
+   * each is reported. A session of a known VM is carried on (a VM still
+   * PENDING in its record is failed: its set-up was cut short); one of an
+   * unknown VM gets a record of its own, RUNNING, owned by root, named
+   * recovered-<id>, labelled kvmvfiod.io/recovered. A group fd goes to the
+   * PENDING VM whose plan lists it, or else to a FAILED record recovered-
+   * group-<N> that holds it until DeleteVm.
+   */
+  #keepOrphans(passed: Map<string, OwnedFd[]>, take: (name: string) => OwnedFd | undefined): void {
+    const { log } = this;
+    const broker = this.broker;
+    const pool = this.#pool!;
+    const recovered = (id: string, name: string, state: 'RUNNING' | 'FAILED', reason: string, extra: Partial<VmRecord>): VmRecord => {
+      const now = new Date().toISOString();
+      const rec: VmRecord = {
+        id,
+        seq: broker.vms.revision + 1,
+        name,
+        labels: { 'kvmvfiod.io/recovered': 'fd-store' },
+        ownerUid: 0,
+        vmmUid: 0,
+        state,
+        vfioDevice: false,
+        groups: [],
+        memlockBytes: 0,
+        requestId: '',
+        principal: ROOT_NAME,
+        requestFingerprint: '',
+        createTime: now,
+        updateTime: now,
+        failureReason: reason,
+        revision: broker.vms.revision + 1,
+        vmmPid: 0,
+        passive: false,
+        strayGroups: [],
+        handoff: 'group',
+        ...extra,
+      };
+      broker.vms.restore([rec], rec.revision);
+      return broker.vms.get(id)!;
+    };
+    for (const name of [...passed.keys()]) {
+      const m = /^session-(.+)$/.exec(name) ?? /^pidfd-(.+)$/.exec(name);
+      if (!m || this.#handoff!.sessionOf(m[1])) continue;
+      const vmId = m[1];
+      const sock = take(fdName.session(vmId));
+      const pidfd = take(fdName.pidfd(vmId));
+      let peer = { pid: 0, uid: 0, gid: 0 };
+      try {
+        if (sock) peer = peerCredentials(sock.fd);
+      } catch {
+        // A socket whose peer is gone still carries the VMM's pidfd, if there is one.
+      }
+      let vm = broker.vms.get(vmId);
+      if (!vm) vm = recovered(vmId, `recovered-${vmId.slice(0, 8)}`, 'RUNNING', '', { vmmUid: peer.uid, vmmPid: peer.pid });
+      let socket: SeqpacketSocket;
+      if (sock) socket = new SeqpacketSocket(sock, `session of vm ${vm.name}`);
+      else {
+        const [mine, other] = SeqpacketSocket.pair(`closed session of vm ${vm.name}`);
+        other.closeSync();
+        socket = mine;
+      }
+      const session = this.#handoff!.restore(socket, peer, { vmId: vm.id, vmName: vm.name, passive: vm.passive, pidfd });
+      broker.restoreLink(vm.id, session);
+      log.warn({ event: 'state-orphan-session', vm: vm.id, name: vm.name, vmm_pid: peer.pid, vmm_uid: peer.uid, socket: !!sock, pidfd: !!pidfd }, 'the fd store holds a session the state does not name; carrying it on');
+    }
+    for (const name of [...passed.keys()]) {
+      const m = /^group-(\d+)$/.exec(name);
+      if (!m) continue;
+      const group = Number(m[1]);
+      const fd = take(name);
+      if (!fd) continue;
+      let owner = [...broker.vms.all()].find((v) => v.state === 'PENDING' && v.groups.includes(group) && !pool.holdOf(group));
+      owner ??= recovered(broker.vms.newId(), `recovered-group-${group}`, 'FAILED', `the fd store held IOMMU group ${group} and the state had no claim on it; DeleteVm releases it`, { groups: [group] });
+      pool.adopt(group, new VfioGroup(fd, group, pool.groupPath(group)));
+      pool.restoreHold(group, { holding: 'claimed', owner: { vmId: owner.id, vmName: owner.name } });
+      log.warn({ event: 'state-orphan-group', group, vm: owner.id, name: owner.name }, 'the fd store holds a group the state does not name; keeping it claimed');
+    }
+    for (const [name, fds] of passed) {
+      if (name === 'api' || name === 'handoff') continue;
+      // Nothing of ours is named so: not a file the daemon stored.
+      log.warn({ event: 'fdstore-unknown', name, count: fds.length }, 'a stored fd of a name the daemon never uses; closing it');
+      for (const fd of fds) fd.closeSync();
+      this.#store!.remove(name);
+    }
   }
 
   /**
@@ -415,8 +527,10 @@ export class Daemon {
       }
     }
     this.#listener?.destroyConnections();
-    // What closes from here on (sessions, groups) stays in the fd store, and in the state file.
-    await this.#state?.close();
+    // What closes from here on (sessions, groups) stays in the fd store, and in the state store.
+    clearInterval(this.#stateFailureLog);
+    const saved = await this.#state?.close();
+    if (saved?.unsaved) this.#unsavedAtStop = { unsaved: saved.unsaved, errno: saved.error?.errno };
     // VMs live in their VMMs: closing the sessions ends no guest, but without
     // a daemon their VMMs take no more requests.
     this.#handoff?.closeSessions();
@@ -425,5 +539,10 @@ export class Daemon {
     // What is still open after cleanup is Node's own (epoll, eventfd, stdio);
     // logged so a leak of ours shows (and is tested).
     log.info({ event: 'stopped', ms: Date.now() - t0, fds: await listOpenFds() }, 'kvmvfiod stopped');
+    if (this.#unsavedAtStop) {
+      const { unsaved, errno } = this.#unsavedAtStop;
+      log.error({ event: 'state-not-saved', unsaved, errno }, `stopped with ${unsaved} changes to the state not saved (${errno ?? 'unknown error'})`);
+      throw new Error(`${unsaved} changes to the state were not saved (${errno ?? 'unknown error'})`);
+    }
   }
 }

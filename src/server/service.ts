@@ -39,6 +39,19 @@ export interface ServiceDeps {
   maxWatchesPerUid?: number;
   /** No unary call runs longer than this (DEADLINE_EXCEEDED), whatever deadline the client set. */
   callTimeoutMs?: number;
+  /**
+   * The state store, for acknowledged-means-durable: a mutating call is
+   * refused while the state cannot be written (check() throws), and answers
+   * only once what it changed is on disk (durable()). Absent: no store.
+   */
+  durability?: Durability;
+}
+
+export interface Durability {
+  /** Throws (UNAVAILABLE, naming the errno) while the state cannot be written. */
+  check(): void;
+  /** Resolves once every change made so far is on disk; rejects when it cannot be written. */
+  durable(): Promise<void>;
 }
 
 /** Runs `work`, failing with DEADLINE_EXCEEDED once `ms` have passed (the work itself is not cancelled). */
@@ -131,7 +144,11 @@ export function createService(deps: ServiceDeps): { handlers: KvmVfioHandlers; e
         try {
           caller = callerOf(call);
           caller = { ...caller, principal: authorizer.authorize(caller, method) };
+          // A change is refused before it is made while the state cannot be written: nothing changes.
+          if (mutating) deps.durability?.check();
           const res = await runWithin(method, deps.callTimeoutMs ?? 60_000, () => run(caller!, call.request));
+          // Acknowledged means durable: the answer waits for the commit that carries the change.
+          if (mutating) await deps.durability?.durable();
           report(method, caller, mutating, vmOf(call.request, res), started, { code: Status.OK });
           callback(null, res);
         } catch (e) {
@@ -180,6 +197,15 @@ export function createService(deps: ServiceDeps): { handlers: KvmVfioHandlers; e
       true,
       async (caller, req) => {
         const { vm, created, token } = await broker.createVm(caller, validate.createVm(req));
+        if (created && deps.durability) {
+          try {
+            await deps.durability.durable();
+          } catch (e) {
+            // Not saved, so not made: the record, its claims and its token go.
+            await broker.undoCreate(vm.id);
+            throw e;
+          }
+        }
         if (!created) log.info({ event: 'create-retry', vm: vm.id, request_id: vm.requestId }, 'CreateVm retry returned the existing VM');
         return { vm: vmMessage(vm), attach_token: token ? tokenMessage(token) : null };
       },

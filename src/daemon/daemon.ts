@@ -328,13 +328,10 @@ export class Daemon {
     let sessions = 0;
     for (const s of previous.sessions) {
       const vm = broker.vms.get(s.vmId);
+      // A session whose record was lost: its fds stay in `passed`, for #keepOrphans.
+      if (!vm) continue;
       const sock = take(fdName.session(s.vmId));
       const pidfd = take(fdName.pidfd(s.vmId));
-      if (!vm) {
-        sock?.closeSync();
-        pidfd?.closeSync();
-        continue;
-      }
       // A VMM whose socket was already closed still holds its groups: watch it through a closed pair.
       let socket: SeqpacketSocket;
       if (sock) socket = new SeqpacketSocket(sock, `session of vm ${vm.name}`);

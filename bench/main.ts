@@ -261,7 +261,7 @@ function report(r: Results, say: (l: string) => void): void {
         String(l.records),
         `${l.rssMb} MB (fill peak ${l.fillPeakRssMb})`,
         `${l.heapUsedMb} MB`,
-        `${l.stateFileKb} kB + journal ${l.journalKb} kB`,
+        `${l.storeKb} kB`,
         String(l.fdsPerVm),
         String(l.fillPerS),
         fmtUs(l.getVm.p50),

@@ -5,10 +5,10 @@
  */
 import { status } from '@grpc/grpc-js';
 import { execFileSync } from 'node:child_process';
-import { mkdtemp, readdir, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdtemp, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { readState } from '../src/broker/state';
+import { STORE_FILE, readStoreFile } from '../src/broker/store';
 import { isApiError, type KvmVfioApi } from '../src/client/client';
 import { RawLauncher } from './cprogs';
 import { SessionPinger } from './pinger';
@@ -382,9 +382,8 @@ export interface LevelResult {
   listAllLoopMaxMs: number;
   /** The daemon's loop while single pages (100 and 500) were answered. */
   listPageLoopMaxMs: number;
-  /** The daemon's state: its snapshot (state.json) and its journal of changes since. */
-  stateFileKb: number;
-  journalKb: number;
+  /** The daemon's state store (state.mdb). */
+  storeKb: number;
   /** The highest RSS sampled while filling up to this level. */
   fillPeakRssMb: number;
   /** The daemon's longest loop stall while filling up to this level. */
@@ -456,8 +455,7 @@ export async function scalePhase(ctx: Ctx): Promise<ScaleResult> {
       const fillPeakRssMb = takePeak();
       await sleep(ctx.quick ? 200 : 500);
       const sizes = await saveState(st, target, join(saved, `state-${target}.json`));
-      const stateFileKb = round(sizes.snapshot / 1024, 0);
-      const journalKb = round(sizes.journal / 1024, 0);
+      const storeKb = round(sizes.store / 1024, 0);
       states.set(target, join(saved, `state-${target}.json`));
       const stats = await st.daemon.loopStats();
       const rssMb = round(st.daemon.rssMb(), 1);
@@ -555,8 +553,7 @@ export async function scalePhase(ctx: Ctx): Promise<ScaleResult> {
         loop,
         listAllLoopMaxMs: allLoop.daemon.maxMs,
         listPageLoopMaxMs: pageLoop.daemon.maxMs,
-        stateFileKb,
-        journalKb,
+        storeKb,
         fillPeakRssMb,
         fillLoopMaxMs: fillLoop.daemon.maxMs,
       });
@@ -590,34 +587,28 @@ export async function scalePhase(ctx: Ctx): Promise<ScaleResult> {
 }
 
 /**
- * Saves the daemon's state (snapshot + journal, written a moment after each
- * change) once it holds `records` VMs, as one snapshot with no journal,
- * minus the probe's live session: a restart from the fd store would bring
- * that session's fds back, and this one passes only /dev/kvm. Returns the
- * sizes of the daemon's snapshot and journal then.
+ * Saves the daemon's state (its store, read while it runs) once it holds
+ * `records` VMs, as a version-2 state.json that a new daemon migrates into
+ * its store at start, minus the probe's live session: a restart from the fd
+ * store would bring that session's fds back, and this one passes only
+ * /dev/kvm. Returns the size of the daemon's store file then.
  */
-async function saveState(st: Stand, records: number, to: string): Promise<{ snapshot: number; journal: number }> {
+async function saveState(st: Stand, records: number, to: string): Promise<{ store: number }> {
   const deadline = Date.now() + 10_000;
-  const dir = st.daemon.stateDir;
+  const path = join(st.daemon.stateDir, STORE_FILE);
   for (;;) {
-    // Read while the daemon appends: a last write caught halfway is left out (and read again next time).
-    const state = await readState(dir).catch(() => undefined);
-    if (state) {
+    const { state, whole } = await readStoreFile(path);
+    if (whole) {
       const fill = state.vms.filter((v) => v.name.startsWith('s-'));
       if (fill.length >= records) {
         state.vms = fill;
         state.sessions = [];
         // "journal": the first journal generation that follows this snapshot; there is none.
-        await writeFile(to, JSON.stringify({ ...state, journal: 0 }));
-        const sizes = { snapshot: 0, journal: 0 };
-        for (const n of await readdir(dir)) {
-          if (n === 'state.json') sizes.snapshot = (await stat(join(dir, n))).size;
-          else if (/^state\.journal\.\d+$/.test(n)) sizes.journal += (await stat(join(dir, n))).size;
-        }
-        return sizes;
+        await writeFile(to, JSON.stringify({ ...state, version: 2, journal: 0 }));
+        return { store: (await stat(path)).size };
       }
     }
-    if (Date.now() > deadline) throw new Error(`the state file never held ${records} records`);
+    if (Date.now() > deadline) throw new Error(`the state store never held ${records} records`);
     await sleep(50);
   }
 }

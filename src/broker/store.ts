@@ -256,6 +256,17 @@ export async function loadState(dir: string, warn: StoreEvents['onWarning']): Pr
     return { state: legacy, from: 'version-2', legacyFiles: names.filter((n) => n === 'state.json' || /^state\.journal\.\d+$/.test(n)) };
   }
   const forward = await dump(path, false);
+  return afterDump(dir, path, forward, warn);
+}
+
+/** Reads a store that may be in use (LMDB readers see the last commit), without setting anything aside. */
+export async function readStoreFile(path: string): Promise<{ state: DaemonState; whole: boolean; bad: { key: string; why: string }[] }> {
+  const d = await dump(path, false);
+  const bad = [...d.bad];
+  return { state: stateOf(d.entries, bad), whole: d.whole, bad };
+}
+
+async function afterDump(dir: string, path: string, forward: Dump, warn: StoreEvents['onWarning']): Promise<LoadedState> {
   const meta = forward.entries.get(META) as { schema?: unknown } | undefined;
   if (forward.whole && typeof meta?.schema === 'number' && meta.schema > STORE_SCHEMA) {
     throw new StoreTooNewError(`${path} was written by a later kvmvfiod (store schema ${meta.schema}; this one knows ${STORE_SCHEMA}); refusing to start rather than lose it`);

@@ -1,6 +1,7 @@
 #!/usr/bin/env -S node --max-semi-space-size=2
 /** kvmvfiod: the entry point. Parses settings, starts the daemon, stops it on SIGTERM/SIGINT. */
 import { monitorEventLoopDelay } from 'node:perf_hooks';
+import { format } from 'node:util';
 import { DAEMON_VERSION } from '../version';
 import { ConfigError, USAGE, parseConfig } from './config';
 import { Daemon } from './daemon';
@@ -21,6 +22,10 @@ async function main(): Promise<number> {
   if (cfg === 'version') return process.stdout.write(`${DAEMON_VERSION}\n`), 0;
 
   const { log, throttle } = createLogger({ level: cfg.logLevel, burst: cfg.logBurst, intervalMs: cfg.logIntervalMs });
+  // A library that prints (lmdb, on a commit that failed) reaches the log as one structured line, not raw stderr.
+  for (const level of ['error', 'warn', 'log', 'info'] as const) {
+    console[level] = (...args: unknown[]) => log.warn({ event: 'library-output', text: format(...args).slice(0, 2000) }, 'output of a library');
+  }
   const daemon = new Daemon(cfg, log);
   try {
     await daemon.start();

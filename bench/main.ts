@@ -183,6 +183,7 @@ function report(r: Results, say: (l: string) => void): void {
         row('  plan: CREATE_VFIO_DEVICE (queued behind ATTACH) read + answered', (x) => x.stages.plan),
         row('  answer → RUNNING event at the orchestrator', (x) => x.stages.runningEvent),
         ['ratio broker / raw: of medians (median of pair ratios)', `${a.ratio.ofMedians}× (${a.ratio.medianOfPairs}×)`, `${b.ratio.ofMedians}× (${b.ratio.medianOfPairs}×)`],
+        row('one fdatasync of 4 KiB on the state filesystem (interleaved; a durable commit costs at least this)', (x) => x.fdatasync),
       ],
       say,
     );

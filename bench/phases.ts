@@ -5,7 +5,7 @@
  */
 import { status } from '@grpc/grpc-js';
 import { execFileSync } from 'node:child_process';
-import { mkdtemp, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdtemp, open, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { STORE_FILE, readStoreFile } from '../src/broker/store';
@@ -39,6 +39,12 @@ export interface LaunchSeries {
   /** Where the broker path's time goes (each stage's own percentiles). */
   stages: Record<string, Summary>;
   ratio: { ofMedians: number; medianOfPairs: number; deltaP50: number };
+  /**
+   * One fdatasync of a 4 KiB write on the state dir's filesystem, timed
+   * between the pairs: what a durable commit costs at least, against which
+   * the launch's share of the state store is judged.
+   */
+  fdatasync: Summary;
   /** Only with --profile: the latency phases run without loop watchers (they slow what is timed). */
   loop?: LoopWindow;
 }
@@ -77,9 +83,18 @@ export async function launchPhase(ctx: Ctx): Promise<LaunchResult> {
       let attrErrno = 0;
       const b = { net: [] as number[], gross: [] as number[] };
       const stages: Record<string, number[]> = { createVm: [], tokenHandoff: [], attach: [], kvmCreateVm: [], plan: [], runningEvent: [] };
+      const syncs: number[] = [];
+      const probe = await open(join(st.daemon.stateDir, 'bench-fdatasync'), 'w', 0o600);
+      const page = Buffer.alloc(4096, 1);
       await st.beginLoopWindow();
       for (let i = -warm; i < n; i++) {
         if ((i + warm) % 25 === 24) await flush();
+        {
+          const t = process.hrtime.bigint();
+          await probe.write(page, 0, page.length, 0);
+          await probe.datasync();
+          if (i >= 0) syncs.push(Number(process.hrtime.bigint() - t) / 1000);
+        }
         // ABBA: neither path always goes first.
         for (const which of i % 2 ? (['raw', 'broker'] as const) : (['broker', 'raw'] as const)) {
           if (mode === 'idle') await sleep(20);
@@ -108,6 +123,7 @@ export async function launchPhase(ctx: Ctx): Promise<LaunchResult> {
         }
       }
       const loop = await st.endLoopWindow(`launch-${mode}`);
+      await probe.close();
       await flush();
       series.push({
         mode,
@@ -117,6 +133,7 @@ export async function launchPhase(ctx: Ctx): Promise<LaunchResult> {
         brokerGross: rs(b.gross),
         stages: Object.fromEntries(Object.entries(stages).map(([k, v]) => [k, rs(v)])),
         ratio: mapRatio(pairedRatio(b.net, r.total)),
+        fdatasync: rs(syncs),
         loop,
       });
     }

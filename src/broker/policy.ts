@@ -31,6 +31,7 @@ export const CALLS = [
   'GetHostInfo',
   'ListIommuGroups',
   'GetIommuGroup',
+  'GetMetrics',
   'CreateVm',
   'GetVm',
   'CreateAttachToken',

@@ -68,6 +68,8 @@ export interface StoreEvents {
   /** A commit succeeded after failures. */
   onRecovered(info: { failedForMs: number; attempts: number }): void;
   onWarning(event: Record<string, unknown>, msg: string): void;
+  /** Every commit's time (the transaction written and fdatasync'd), and its errno when it failed. */
+  onCommit?(seconds: number, errno?: string): void;
 }
 
 export interface StoreOptions {
@@ -470,6 +472,8 @@ export class StateStore {
     }
     for (const key of removeAlso) puts.push([key, undefined]);
     const meta = encodeEntry(JSON.stringify({ schema: STORE_SCHEMA, revision: this.#source.revision(), writtenAt: new Date().toISOString() }));
+    const started = process.hrtime.bigint();
+    const elapsed = () => Number(process.hrtime.bigint() - started) / 1e9;
     try {
       await db.transaction(() => {
         for (const [key, value] of puts) {
@@ -479,6 +483,7 @@ export class StateStore {
         db.putSync(META, meta);
       });
       this.commits++;
+      this.#events.onCommit?.(elapsed());
       if (this.#failure) {
         this.#events.onRecovered({ failedForMs: Date.now() - this.#failedSince, attempts: this.#attempts });
         this.#failure = undefined;
@@ -490,6 +495,7 @@ export class StateStore {
       for (const key of keys) this.#dirty.add(key);
       const { errno, detail } = await errnoOf(e, this.dir);
       const err = new StateWriteError(errno, detail);
+      this.#events.onCommit?.(elapsed(), errno);
       const first = !this.#failure;
       if (first) this.#failedSince = Date.now();
       this.#failure = err;

@@ -163,6 +163,15 @@ const COMMANDS: Record<string, Command> = {
     },
   },
 
+  metrics: {
+    options: [],
+    async run(ctx) {
+      positionals(ctx.args, []);
+      const m = await ctx.api().getMetrics();
+      ctx.out(ctx.json ? js.pretty({ content_type: m.content_type, text: m.text }) : m.text);
+    },
+  },
+
   health: {
     options: [],
     async run(ctx) {

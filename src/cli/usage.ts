@@ -28,6 +28,7 @@ Command-line client of kvmvfiod, the broker of /dev/kvm and VFIO groups.
 
 Commands:
   info                        what the host and its kernel can do, and what the daemon holds
+  metrics                     the daemon's Prometheus metrics (text format), over the API socket
   health [SERVICE]            grpc.health.v1 Check of the daemon (or of SERVICE, e.g. kvmvfio.v1.KvmVfio):
                               prints SERVING, NOT_SERVING...; exit 0 only when SERVING (a container
                               HEALTHCHECK or liveness probe)

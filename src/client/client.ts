@@ -12,6 +12,7 @@ import type { CreateVmResponse__Output } from '../generated/kvmvfio/v1/CreateVmR
 import type { DeleteVmRequest } from '../generated/kvmvfio/v1/DeleteVmRequest';
 import type { DeleteVmResponse__Output } from '../generated/kvmvfio/v1/DeleteVmResponse';
 import type { HostInfo__Output } from '../generated/kvmvfio/v1/HostInfo';
+import type { GetMetricsResponse__Output } from '../generated/kvmvfio/v1/GetMetricsResponse';
 import type { IommuGroup__Output } from '../generated/kvmvfio/v1/IommuGroup';
 import type { KvmVfioClient } from '../generated/kvmvfio/v1/KvmVfio';
 import type { ListIommuGroupsResponse__Output } from '../generated/kvmvfio/v1/ListIommuGroupsResponse';
@@ -70,6 +71,11 @@ export class KvmVfioApi {
 
   getHostInfo(): Promise<HostInfo__Output> {
     return this.#call(this.#client.GetHostInfo, {});
+  }
+
+  /** The daemon's metrics in the Prometheus text format. */
+  getMetrics(): Promise<GetMetricsResponse__Output> {
+    return this.#call(this.#client.GetMetrics, {});
   }
 
   listIommuGroups(): Promise<ListIommuGroupsResponse__Output> {

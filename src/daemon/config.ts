@@ -5,6 +5,7 @@
  */
 import { parseArgs } from 'node:util';
 import { join } from 'node:path';
+import { parseMetricsAddress } from '../server/metrics';
 
 export interface DaemonConfig {
   runtimeDir: string;
@@ -46,6 +47,8 @@ export interface DaemonConfig {
   fdMargin: number;
   /** The longest any unary call may run. */
   callTimeoutMs: number;
+  /** Where Prometheus scrapes GET /metrics over HTTP; unset: no TCP listener (GetMetrics still answers). */
+  metrics?: { host: string; port: number };
 }
 
 export const DEFAULTS: DaemonConfig = {
@@ -109,6 +112,9 @@ Options (environment variable in brackets):
                       [KVMVFIOD_MAX_WATCHES_PER_UID] (${DEFAULTS.maxWatchesPerUid})
   --fd-margin N       fds kept free under RLIMIT_NOFILE (${DEFAULTS.fdMargin})
   --call-timeout-ms N the longest a call may run (${DEFAULTS.callTimeoutMs})
+  --metrics-address [HOST:]PORT  serve Prometheus metrics at http://HOST:PORT/metrics;
+                      HOST defaults to 127.0.0.1; off unless given (the GetMetrics call
+                      serves the same text on the API socket) [KVMVFIOD_METRICS_ADDRESS]
   --version, --help
 `;
 
@@ -147,6 +153,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): DaemonConfi
         'max-watches-per-uid': { type: 'string' },
         'fd-margin': { type: 'string' },
         'call-timeout-ms': { type: 'string' },
+        'metrics-address': { type: 'string' },
         help: { type: 'boolean' },
         version: { type: 'boolean' },
       },
@@ -184,6 +191,14 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): DaemonConfi
     fdMargin: ms(values['fd-margin'], DEFAULTS.fdMargin),
     callTimeoutMs: ms(values['call-timeout-ms'], DEFAULTS.callTimeoutMs),
   };
+  const metricsAddress = values['metrics-address'] ?? env.KVMVFIOD_METRICS_ADDRESS;
+  if (metricsAddress) {
+    try {
+      cfg.metrics = parseMetricsAddress(metricsAddress);
+    } catch (e) {
+      throw new ConfigError((e as Error).message);
+    }
+  }
   if (!LEVELS.includes(cfg.logLevel)) throw new ConfigError(`--log-level: "${cfg.logLevel}" is not one of ${LEVELS.join(', ')}`);
   const bounds: [keyof DaemonConfig, string, number, number][] = [
     ['shutdownGraceMs', '--shutdown-grace-ms', 0, 600_000],

@@ -30,6 +30,7 @@ import { ResourceExhaustedError } from '../broker/errors';
 import { Policy, PolicyError } from '../broker/policy';
 import { type Admission, ApiListener } from '../server/listener';
 import { createService } from '../server/service';
+import { Metrics, serveMetrics } from '../server/metrics';
 import { type DaemonConfig, apiSocketPath, handoffSocketPath } from './config';
 
 export const SERVICE_NAME = 'kvmvfio.v1.KvmVfio';
@@ -57,6 +58,9 @@ export class Daemon {
   #watchdog?: NodeJS.Timeout;
   #statusTimer?: NodeJS.Timeout;
   host?: HostFacts;
+  /** Set at start(); read by GetMetrics and --metrics-address. */
+  metrics!: Metrics;
+  #metricsServer?: import('node:http').Server;
 
   constructor(config: DaemonConfig, log: Logger) {
     this.config = config;
@@ -154,6 +158,21 @@ export class Daemon {
     });
     const broker = this.#broker;
     const pool = this.#pool;
+    this.metrics = new Metrics({
+      vmsByState: () => {
+        const by: Record<string, number> = {};
+        for (const vm of broker.vms.all()) by[vm.state] = (by[vm.state] ?? 0) + 1;
+        return by;
+      },
+      groupsByHolding: async () => {
+        const by: Record<string, number> = {};
+        for (const g of await broker.listGroups()) by[g.holding] = (by[g.holding] ?? 0) + 1;
+        return by;
+      },
+      sessions: () => broker.sessionCount,
+      pendingTokens: () => broker.tokens.pending,
+      stateWritable: () => !this.#state?.failure,
+    });
     // The store reads each entry it writes from here, when it writes it.
     this.#state = new StateStore(
       config.stateDir,
@@ -192,6 +211,10 @@ export class Daemon {
           if (!this.#broker?.closing) this.#health?.setStatus(SERVICE_NAME, 'SERVING');
         },
         onWarning: (event, msg) => log.warn(event, msg),
+        onCommit: (seconds, errno) => {
+          if (errno) this.metrics.stateCommitFailures.inc({ errno });
+          else this.metrics.stateCommitSeconds.observe(seconds);
+        },
       },
     );
     broker.vms.subscribe((change) => this.#state?.vmChanged(change.vm.id));
@@ -213,6 +236,7 @@ export class Daemon {
       maxWatchesPerUid: config.maxWatchesPerUid,
       peers: (p) => this.#listener?.peers.lookup(p),
       durability: this.#state,
+      metrics: this.metrics,
       log,
     });
     this.#endWatches = service.endWatches;
@@ -228,6 +252,8 @@ export class Daemon {
       maxConnectionsPerUid: config.maxHandoffConnectionsPerUid,
       privileged: (cred) => this.#admit(cred) === 'privileged',
       maxSessions: config.maxSessions,
+      onRefused: (reason) => this.metrics.refusals.inc({ socket: 'handoff', reason }),
+      observeRequest: (kind, seconds, outcome) => this.metrics.sessionRequestSeconds.observe({ kind, outcome }, seconds),
       onAttached: (s) => {
         const fds = s.storableFds;
         if (fds) {
@@ -259,6 +285,7 @@ export class Daemon {
       maxConnections: config.maxApiConnections,
       maxConnectionsPerUid: config.maxApiConnectionsPerUid,
       admit: (cred) => this.#admit(cred),
+      onRefused: (reason) => this.metrics.refusals.inc({ socket: 'api', reason }),
     });
     const api = take('api');
     if (api) await this.#listener.listenFd(api);
@@ -267,6 +294,10 @@ export class Daemon {
     if (handoff) this.#handoff.listenFd(handoff, handoffSocketPath(config));
     else await this.#handoff.listen(handoffSocketPath(config));
     await this.#state.durable();
+    if (config.metrics) {
+      this.#metricsServer = await serveMetrics(this.metrics, config.metrics.host, config.metrics.port);
+      log.info({ event: 'metrics-listening', host: config.metrics.host, port: config.metrics.port }, `metrics at http://${config.metrics.host.includes(':') ? `[${config.metrics.host}]` : config.metrics.host}:${config.metrics.port}/metrics`);
+    }
     this.#notifyReady();
   }
 
@@ -524,6 +555,13 @@ export class Daemon {
       }
     }
     this.#listener?.destroyConnections();
+    if (this.#metricsServer) {
+      const server = this.#metricsServer;
+      await new Promise<void>((r) => {
+        server.close(() => r());
+        server.closeAllConnections();
+      });
+    }
     // What closes from here on (sessions, groups) stays in the fd store, and in the state store.
     clearInterval(this.#stateFailureLog);
     const saved = await this.#state?.close();

@@ -68,6 +68,8 @@ export interface ApiListenerOptions {
   sweepMs?: number;
   /** A connection whose HTTP/2 session has ended its side but is still open this long is destroyed. Default 2 s. */
   closeGraceMs?: number;
+  /** Told of each connection closed at accept (metrics). */
+  onRefused?(reason: Refusal): void;
 }
 
 interface Connection {
@@ -81,7 +83,7 @@ interface Connection {
 }
 
 /** Why a connection was refused, in the log line's `reason`. */
-type Refusal = 'per-uid-limit' | 'limit' | 'no-principal';
+export type Refusal = 'per-uid-limit' | 'limit' | 'no-principal';
 
 export class ApiListener {
   readonly peers = new PeerDirectory();
@@ -98,7 +100,7 @@ export class ApiListener {
   constructor(injector: ConnectionInjector, log: Logger, opts: ApiListenerOptions) {
     this.#log = log;
     this.#injector = injector;
-    this.#opts = { sweepMs: 200, closeGraceMs: 2000, ...opts };
+    this.#opts = { sweepMs: 200, closeGraceMs: 2000, onRefused: () => {}, ...opts };
   }
 
   #acceptSome(): void {
@@ -162,6 +164,7 @@ export class ApiListener {
   }
 
   #refused(cred: Caller, reason: Refusal): void {
+    this.#opts.onRefused?.(reason);
     const limit = reason === 'per-uid-limit' ? this.#opts.maxConnectionsPerUid : reason === 'limit' ? this.#opts.maxConnections : undefined;
     const why =
       reason === 'no-principal'

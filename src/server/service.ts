@@ -16,6 +16,7 @@ import type { VmEvent } from '../generated/kvmvfio/v1/VmEvent';
 import { DAEMON_VERSION } from '../version';
 import type { Authorizer } from './auth';
 import { groupMessage, tokenMessage, vmMessage } from './convert';
+import type { Metrics } from './metrics';
 import { encodePageToken } from './pagetoken';
 import { type MappedStatus, toServiceError, toStatus } from './status';
 import * as validate from './validate';
@@ -45,6 +46,8 @@ export interface ServiceDeps {
    * only once what it changed is on disk (durable()). Absent: no store.
    */
   durability?: Durability;
+  /** Where calls are counted and timed, and GetMetrics reads from. Absent: GetMetrics answers UNAVAILABLE. */
+  metrics?: Metrics;
 }
 
 export interface Durability {
@@ -109,6 +112,9 @@ export function createService(deps: ServiceDeps): { handlers: KvmVfioHandlers; e
   }
 
   function report(method: string, caller: Caller | undefined, mutating: boolean, vm: string | undefined, started: bigint, out: Outcome, err?: unknown): void {
+    const seconds = Number(process.hrtime.bigint() - started) / 1e9;
+    deps.metrics?.calls.inc({ method, code: statusName(out.code) });
+    deps.metrics?.callSeconds.observe({ method }, seconds);
     const entry = {
       event: 'call',
       method,
@@ -118,7 +124,7 @@ export function createService(deps: ServiceDeps): { handlers: KvmVfioHandlers; e
       principal: caller?.principal?.name,
       vm,
       outcome: statusName(out.code),
-      ms: Number(process.hrtime.bigint() - started) / 1e6,
+      ms: seconds * 1000,
       ...(out.code !== Status.OK ? { details: out.details } : {}),
       ...(out.ref ? { ref: out.ref, err } : {}),
     };
@@ -191,6 +197,11 @@ export function createService(deps: ServiceDeps): { handlers: KvmVfioHandlers; e
     ListIommuGroups: unary('ListIommuGroups', false, async () => ({ groups: (await broker.listGroups()).map(groupMessage) })),
 
     GetIommuGroup: unary('GetIommuGroup', false, async (_c, req: { number: number }) => groupMessage(await broker.getGroup(req.number))),
+
+    GetMetrics: unary('GetMetrics', false, async () => {
+      if (!deps.metrics) throw new UnavailableError('this daemon keeps no metrics');
+      return { text: await deps.metrics.text(), content_type: deps.metrics.contentType };
+    }),
 
     CreateVm: unary(
       'CreateVm',

@@ -26,6 +26,10 @@ export interface HandoffOptions {
   onSocketClosed?(session: Session): void;
   /** A session is done (and, with a VM, its VMM is gone). */
   onDone?(session: Session): void;
+  /** Told of each connection closed at accept (metrics). */
+  onRefused?(reason: 'per-uid-limit' | 'limit'): void;
+  /** Told of each request to a VMM once it settles (metrics). */
+  observeRequest?(kind: string, seconds: number, outcome: string): void;
 }
 
 export class HandoffServer {
@@ -96,6 +100,7 @@ export class HandoffServer {
       },
       onSocketClosed: (s) => this.#opts.onSocketClosed?.(s),
       schedule: (job) => this.#exits.push(job),
+      observeRequest: this.#opts.observeRequest,
     };
   }
 
@@ -131,6 +136,7 @@ export class HandoffServer {
         const reason = mine >= perUid ? 'per-uid-limit' : this.#unattachedOthers >= all ? 'limit' : undefined;
         if (reason) {
           sock.closeSync();
+          this.#opts.onRefused?.(reason);
           const limit = reason === 'per-uid-limit' ? perUid : all;
           const flag = reason === 'per-uid-limit' ? '--max-handoff-connections-per-uid' : '--max-handoff-connections';
           this.#log.warn(

@@ -43,6 +43,8 @@ export interface SessionOptions {
   onSocketClosed?(session: Session): void;
   /** Runs the handling of a VMM's exit; the handoff server spreads a burst of exits over loop turns. Default: at once. */
   schedule?(job: () => void): void;
+  /** Told of each request to the VMM once it settles: its kind, its time and its outcome (ok, the errno name, deadline, closed). */
+  observeRequest?(kind: string, seconds: number, outcome: string): void;
 }
 
 export interface RestoredSession {
@@ -383,7 +385,7 @@ export class Session implements VmmLink {
       return Promise.reject(new UnavailableError('a passive VMM takes no requests'));
     }
     const seq = (this.#seq = (this.#seq + 1) >>> 0);
-    return new Promise<Message>((resolve, reject) => {
+    return this.#observed(type, process.hrtime.bigint(), new Promise<Message>((resolve, reject) => {
       // Sent before VM_CREATED (the plan, pipelined behind the ATTACH result), a request waits
       // for the VMM to make its VM first: its deadline starts at VM_CREATED.
       const p: Pending = { type, resolve, reject, timer: undefined };
@@ -400,7 +402,24 @@ export class Session implements VmmLink {
       // The VMM's kernel verdict, named as the call it made in its own process.
       if (res.status !== 0) throw new SysError(call, `${object ? `${object}, ` : ''}vm ${this.#vmName} (VMM pid ${this.pid})`, res.status);
       return res;
-    });
+    }));
+  }
+
+  /** Times a request for the metrics, from its sending to its result (or its end). */
+  #observed(type: number, started: bigint, p: Promise<Message>): Promise<Message> {
+    const observe = this.#opts.observeRequest;
+    if (!observe) return p;
+    const done = (outcome: string) => observe(typeName(type), Number(process.hrtime.bigint() - started) / 1e9, outcome);
+    return p.then(
+      (m) => {
+        done('ok');
+        return m;
+      },
+      (e: unknown) => {
+        done(e instanceof SysError ? e.code : e instanceof DeadlineExceededError ? 'deadline' : e instanceof UnavailableError ? 'closed' : 'error');
+        throw e;
+      },
+    );
   }
 
   #deadline(seq: number, type: number): NodeJS.Timeout {

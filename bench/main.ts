@@ -184,12 +184,16 @@ function report(r: Results, say: (l: string) => void): void {
         row('  answer → RUNNING event at the orchestrator', (x) => x.stages.runningEvent),
         ['ratio broker / raw: of medians (median of pair ratios)', `${a.ratio.ofMedians}× (${a.ratio.medianOfPairs}×)`, `${b.ratio.ofMedians}× (${b.ratio.medianOfPairs}×)`],
         row('one fdatasync of 4 KiB on the state filesystem (interleaved; a durable commit costs at least this)', (x) => x.fdatasync),
+        row('floor: gRPC floor call (ListVms matching nothing)', (x) => x.floor.grpc),
+        row('floor: one session exchange (PING)', (x) => x.floor.session),
+        row('floor: one durable LMDB commit on the state filesystem', (x) => x.floor.commit),
+        ['floor = gRPC + session + raw + commit (p50s); launch p50 ÷ floor', `${fmtUs(a.floor.total)}; ${a.floor.ratio}×`, `${fmtUs(b.floor.total)}; ${b.floor.ratio}×`],
       ],
       say,
     );
+    goals.push(['launch p50 ≤ 1.5× its floor, back to back', `${a.floor.ratio}× (${fmtUs(a.broker.p50)} vs ${fmtUs(a.floor.total)})`, verdict(a.floor.ratio <= 1.5)]);
     say(`   teardown (not in any launch), batches closed in parallel: raw ${r.launch.teardownMsPerVm.raw} ms/VM, VMM ${r.launch.teardownMsPerVm.vmm} ms/VM`);
-    goals.push(['launch p50 ≤ 3× raw (aim 2×), back to back', `${a.ratio.ofMedians}×`, verdict(a.ratio.ofMedians <= 3)]);
-    goals.push(['  the same, after 20 ms idle', `${b.ratio.ofMedians}×`, verdict(b.ratio.ofMedians <= 3)]);
+    goals.push(['  the same, after 20 ms idle', `${b.floor.ratio}×`, verdict(b.floor.ratio <= 1.5)]);
   }
 
   if (r.request) {
@@ -206,7 +210,8 @@ function report(r: Results, say: (l: string) => void): void {
       say,
     );
     say(`   AddGroup answered: ${q.addGroupAnswer}`);
-    goals.push(['AddGroup p50 ≤ floor + 100 µs', `floor + ${fmtUs(q.overFloorP50)}`, verdict(q.overFloorP50 <= 100)]);
+    const overExchange = round(q.overFloorP50 - q.sessionPing.p50);
+    goals.push(['AddGroup p50 ≤ floor + one session exchange + 50 µs', `floor + exchange + ${fmtUs(overExchange)}`, verdict(overExchange <= 50)]);
   }
 
   if (r.throughput) {
@@ -316,11 +321,11 @@ function report(r: Results, say: (l: string) => void): void {
   say('\n5. Event loop, longest stall per phase: daemon = monitorEventLoopDelay preloaded into it (1 ms timer, period removed);');
   say('   idle control = the same in an idle node process beside it (the host noise); probe = PING round trip from loop_probe.c');
   const rows = [['phase', 'daemon max', 'daemon p99', 'idle control max', 'probe max', 'probe p99', 'client max', 'vmm max']];
-  const stalls: { where: string; ms: number }[] = [];
+  const stalls: { where: string; ms: number; control: number }[] = [];
   const add = (where: string, l?: LoopWindow, underLoad = true) => {
     if (!l) return;
     rows.push([where, `${l.daemon.maxMs} ms`, `${l.daemon.p99Ms} ms`, `${l.control.maxMs} ms`, l.probe ? `${l.probe.maxMs} ms` : 'n/a', l.probe ? `${l.probe.p99Ms} ms` : 'n/a', `${l.client.maxMs} ms`, l.vmm ? `${l.vmm.maxMs} ms` : 'n/a']);
-    if (underLoad) stalls.push({ where, ms: l.daemon.maxMs });
+    if (underLoad) stalls.push({ where, ms: l.daemon.maxMs, control: l.control.maxMs });
   };
   add('request (AddGroup/floor; --profile only)', r.request?.loop);
   for (const x of r.launch?.series ?? []) add(`launch A/B, ${x.mode}`, x.loop);
@@ -341,8 +346,9 @@ function report(r: Results, say: (l: string) => void): void {
     say(`   with the table sized once at start (${r.fdtable.pregrown.pregrowMs} ms, one time): worst fd ${r.fdtable.pregrown.worstMs} ms`);
   }
   if (stalls.length) {
-    const worst = stalls.reduce((a, b) => (b.ms > a.ms ? b : a));
-    goals.push(['no event-loop stall > 5 ms under load', `${worst.ms} ms (${worst.where})`, verdict(worst.ms <= 5)]);
+    // The host's own scheduling stalls an idle process too: each phase is judged against its idle control.
+    const worst = stalls.reduce((a, b) => (b.ms - b.control > a.ms - a.control ? b : a));
+    goals.push(['daemon loop stall ≤ idle control\'s + 5 ms, every phase', `${worst.ms} ms vs control ${worst.control} ms (${worst.where})`, verdict(worst.ms <= worst.control + 5)]);
   }
 
   say('\nGoals (reported, never asserted)');

@@ -8,6 +8,7 @@ import { execFileSync } from 'node:child_process';
 import { mkdtemp, open, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { open as openLmdb } from 'lmdb';
 import { STORE_FILE, readStoreFile } from '../src/broker/store';
 import { isApiError, type KvmVfioApi } from '../src/client/client';
 import { RawLauncher } from './cprogs';
@@ -45,6 +46,13 @@ export interface LaunchSeries {
    * the launch's share of the state store is judged.
    */
   fdatasync: Summary;
+  /**
+   * The launch's floor, its parts timed interleaved with the launches: the
+   * gRPC floor call (ListVms matching nothing), one session exchange (PING),
+   * the raw C path, one durable commit of an LMDB store on the state
+   * filesystem. floor = the sum of their medians; ratio = launch p50 ÷ floor.
+   */
+  floor: { grpc: Summary; session: Summary; commit: Summary; total: number; ratio: number };
   /** Only with --profile: the latency phases run without loop watchers (they slow what is timed). */
   loop?: LoopWindow;
 }
@@ -62,9 +70,18 @@ export interface LaunchResult {
  * 20 ms of idle before each timed launch (a sporadic launch: on this VM an
  * idle vCPU is slow to wake, and the broker path wakes ~10 times).
  */
+function floorOf(launch: Summary, raw: Summary, grpc: Summary, session: Summary, commit: Summary): LaunchSeries['floor'] {
+  const total = round(grpc.p50 + session.p50 + raw.p50 + commit.p50);
+  return { grpc, session, commit, total, ratio: round(launch.p50 / total, 2) };
+}
+
 export async function launchPhase(ctx: Ctx): Promise<LaunchResult> {
   const st = await Stand.open(ctx, 'launch', { vmm: true, watch: true });
   const raw = await RawLauncher.start(ctx.bins.rawLaunch);
+  // The floor's session exchange and durable commit (see LaunchSeries.floor).
+  const pingVm = await st.api.createVm({ name: 'pinger', vmm_uid: process.getuid!() });
+  const pinger = await SessionPinger.attach(st.daemon.handoffSocket, pingVm.attach_token!.token);
+  const commitDb = openLmdb<Buffer, string>({ path: join(st.daemon.stateDir, 'bench-commit.mdb'), noSubdir: true, encoding: 'binary', overlappingSync: false, eventTurnBatching: false });
   const teardown = { raw: { n: 0, ms: 0 }, vmm: { n: 0, ms: 0 } };
   const flush = async () => {
     const r = await raw.flush();
@@ -86,15 +103,22 @@ export async function launchPhase(ctx: Ctx): Promise<LaunchResult> {
       const syncs: number[] = [];
       const probe = await open(join(st.daemon.stateDir, 'bench-fdatasync'), 'w', 0o600);
       const page = Buffer.alloc(4096, 1);
+      const parts = { grpc: [] as number[], session: [] as number[], commit: [] as number[] };
+      const timed = async (into: number[], i: number, work: () => Promise<unknown>) => {
+        const t = process.hrtime.bigint();
+        await work();
+        if (i >= 0) into.push(Number(process.hrtime.bigint() - t) / 1000);
+      };
       await st.beginLoopWindow();
       for (let i = -warm; i < n; i++) {
         if ((i + warm) % 25 === 24) await flush();
-        {
-          const t = process.hrtime.bigint();
+        await timed(syncs, i, async () => {
           await probe.write(page, 0, page.length, 0);
           await probe.datasync();
-          if (i >= 0) syncs.push(Number(process.hrtime.bigint() - t) / 1000);
-        }
+        });
+        await timed(parts.grpc, i, () => st.api.listVms({ labels: { bench: 'none' } }));
+        await timed(parts.session, i, () => pinger.ping());
+        await timed(parts.commit, i, () => commitDb.transaction(() => commitDb.putSync('k', Buffer.from(String(i)))));
         // ABBA: neither path always goes first.
         for (const which of i % 2 ? (['raw', 'broker'] as const) : (['broker', 'raw'] as const)) {
           if (mode === 'idle') await sleep(20);
@@ -134,6 +158,7 @@ export async function launchPhase(ctx: Ctx): Promise<LaunchResult> {
         stages: Object.fromEntries(Object.entries(stages).map(([k, v]) => [k, rs(v)])),
         ratio: mapRatio(pairedRatio(b.net, r.total)),
         fdatasync: rs(syncs),
+        floor: floorOf(rs(b.net), rs(r.total), rs(parts.grpc), rs(parts.session), rs(parts.commit)),
         loop,
       });
     }
@@ -142,6 +167,8 @@ export async function launchPhase(ctx: Ctx): Promise<LaunchResult> {
       teardownMsPerVm: { raw: round(teardown.raw.ms / Math.max(1, teardown.raw.n), 2), vmm: round(teardown.vmm.ms / Math.max(1, teardown.vmm.n), 2) },
     };
   } finally {
+    pinger.close();
+    await commitDb.close();
     await raw.end();
     await st.close();
   }

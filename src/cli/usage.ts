@@ -3,6 +3,7 @@ import { DEFAULT_HANDOFF } from './attach';
 
 export const SYNOPSIS: Record<string, string> = {
   info: 'kvmvfioctl info',
+  metrics: 'kvmvfioctl metrics',
   health: 'kvmvfioctl health [SERVICE]',
   groups: 'kvmvfioctl groups [GROUP]',
   'vm create': 'kvmvfioctl vm create NAME --vmm-uid UID [--vfio-device] [--group N]... [--cdev] [--label KEY=VALUE]... [--memlock SIZE] [--request-id ID]',

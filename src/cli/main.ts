@@ -119,7 +119,17 @@ function onVmGroup(call: (api: KvmVfioApi, id: string, group: number) => Promise
   };
 }
 
-const COMMANDS: Record<string, Command> = {
+/** Every command, by its command words; SYNOPSIS in usage.ts has each one's synopsis (test/unit/docs.test.ts holds them together). */
+export const COMMANDS: Record<string, Command> = {
+  completion: {
+    options: [],
+    async run(ctx) {
+      const [shell] = positionals(ctx.args, ['SHELL']);
+      if (shell !== 'bash') throw new UsageError(`completion: only bash is supported, not ${JSON.stringify(shell)}`);
+      ctx.out((require('./completion') as typeof import('./completion')).bashCompletion());
+    },
+  },
+
   'policy check': {
     options: [],
     async run(ctx) {

@@ -1,6 +1,12 @@
-/** kvmvfioctl's help: the full text for --help, one synopsis per command for usage errors. */
+/**
+ * kvmvfioctl's help: the full text for --help, one synopsis per command for
+ * usage errors. The same text renders the manual page kvmvfioctl(1)
+ * (src/man/) and the shell completion (completion.ts), so keep its shape:
+ * the rules are in src/man/help.ts, and the build fails on a line that breaks them.
+ */
 import { DEFAULT_HANDOFF } from './attach';
 
+/** Every command, by its command words. The completion and the manual page are built from this table. */
 export const SYNOPSIS: Record<string, string> = {
   info: 'kvmvfioctl info',
   metrics: 'kvmvfioctl metrics',
@@ -18,14 +24,21 @@ export const SYNOPSIS: Record<string, string> = {
   'vm remove-group': 'kvmvfioctl vm remove-group VM GROUP',
   attach: 'kvmvfioctl attach [--token TOKEN] [--handoff PATH] -- CMD [ARG]...',
   'policy check': 'kvmvfioctl policy check FILE',
+  completion: 'kvmvfioctl completion bash',
 };
+
+/** The global flags, as a synopsis: they go anywhere on the line. */
+export const GLOBAL_SYNOPSIS = '[--socket PATH] [--json] [--timeout MS]';
 
 const VM_COMMANDS = Object.keys(SYNOPSIS).filter((k) => k.startsWith('vm '));
 
 /** The full help. A function: it loads the client for its default socket, which attach must not load (see main.ts). */
-export const help = (): string => `Usage: kvmvfioctl [global flags] COMMAND [ARGS]
+export const help = (): string => `Usage: kvmvfioctl ${GLOBAL_SYNOPSIS} COMMAND [ARGS]
 
 Command-line client of kvmvfiod, the broker of /dev/kvm and VFIO groups.
+
+Commands call the kvmvfio.v1 API on the daemon's socket (health: grpc.health.v1);
+attach speaks the handoff session for a VMM; policy check and completion work offline.
 
 Commands:
   info                        what the host and its kernel can do, and what the daemon holds
@@ -35,12 +48,12 @@ Commands:
                               HEALTHCHECK or liveness probe)
   groups [GROUP]              the host's IOMMU groups (devices, drivers, viability, holder), or one
   policy check FILE           validate a policy file offline (exit 0 valid, 1 not, with where and what)
+                              and print each principal's limits with the defaults applied
   vm create NAME --vmm-uid UID [--vfio-device] [--group N]... [--cdev] [--label KEY=VALUE]...
             [--memlock SIZE] [--request-id ID]
-                              record a VM (PENDING) and claim its groups; --group needs --vfio-device;
-                              --cdev hands its VMM each device's cdev and an iommufd instead of the
-                              group files (what QEMU takes);
-                              SIZE is bytes or K/M/G/T (powers of 1024), e.g. 2G
+                              record a VM (PENDING) and claim its groups, and print its attach token;
+                              --group needs --vfio-device; --cdev hands its VMM each device's cdev and
+                              an iommufd instead of the group files (what QEMU takes)
   vm get VM                   one VM
   vm token VM                 a new attach token for a PENDING VM (earlier ones stop working)
   vm args VM --vmm qemu       the VMM arguments that use the fds kvmvfioctl attach hands over, with
@@ -73,10 +86,18 @@ Commands:
                               a command line is visible to every user in ps. The handoff socket: --handoff,
                               else $KVMVFIO_HANDOFF, else ${DEFAULT_HANDOFF}.
                               The daemon's VM operations on such a VM fail with FAILED_PRECONDITION.
+  completion bash             print a bash completion script for kvmvfioctl, e.g. in ~/.bashrc:
+                              source <(kvmvfioctl completion bash)
 
-VM is a VM id or name: an argument shaped like an id (a UUID, in any case) is only ever an id,
-anything else only a name; a name more than one VM you can see has (root and admins see every
-owner's) is an error that lists their ids and owners. STATE is pending, running, exited or failed.
+Arguments:
+  VM          a VM id or name: an argument shaped like an id (a UUID, in any case) is only ever an
+              id, anything else only a name; a name that more than one VM you can see has (root and
+              admins see every owner's) is an error that lists their ids and owners
+  GROUP, N    an IOMMU group number, as in /dev/vfio/N
+  STATE       pending, running, exited or failed
+  SIZE        bytes, or K, M, G, T (powers of 1024), e.g. 2G
+  KEY=VALUE   a label: keys [A-Za-z0-9._/-], 1-63 characters; values at most 253 characters;
+              at most 32 labels
 
 Global flags (anywhere on the line):
   --socket PATH   the daemon's API socket (else $KVMVFIO_SOCKET, else ${(require('../client/client') as typeof import('../client/client')).DEFAULT_SOCKET})
@@ -87,15 +108,30 @@ Global flags (anywhere on the line):
   -h, --help      this help
   --version       kvmvfioctl's version
 
-Exit status: 0 success, 1 the call failed (the gRPC status is printed) or health is not SERVING,
-2 usage error.
-attach returns only when CMD could not be run: 1 the daemon refused (PERMISSION_DENIED for a bad,
-expired or used token), 127 CMD not found, 126 CMD found but not runnable (the errno is printed).
+Environment:
+  KVMVFIO_SOCKET   the API socket, when --socket is not given
+  KVMVFIO_TOKEN    attach: the attach token, when --token is not given
+  KVMVFIO_HANDOFF  attach: the handoff socket, when --handoff is not given
+
+Exit status:
+  0    success
+  1    the call failed (the gRPC status and message are printed on stderr), health is not
+       SERVING, or policy check found the file not valid
+  2    usage error (the command's synopsis is printed)
+  126  attach: CMD was found but could not be run (the errno is printed)
+  127  attach: CMD was not found
+attach returns only when CMD could not be run, or the daemon refused (1: PERMISSION_DENIED
+for a bad, expired or used token); once CMD runs, the exit status is CMD's.
 `;
 
 /** The synopsis shown under a usage error: the command's own, or all of vm's, or the top level. */
 export function synopsisFor(command: string | undefined): string {
   if (command && Object.hasOwn(SYNOPSIS, command)) return `Usage: ${SYNOPSIS[command]}`;
   if (command === 'vm' || command?.startsWith('vm ')) return `Usage:\n${VM_COMMANDS.map((k) => `  ${SYNOPSIS[k]}`).join('\n')}`;
-  return 'Usage: kvmvfioctl [--socket PATH] [--json] [--timeout MS] info | health [SERVICE] | groups [GROUP] | vm SUBCOMMAND ... | attach ... -- CMD [ARG]...';
+  return `Usage: kvmvfioctl ${GLOBAL_SYNOPSIS} COMMAND ...\nCommands: ${topLevelWords().join(', ')}`;
+}
+
+/** The first words of the commands, in table order: info, metrics, ..., vm, attach, policy, completion. */
+export function topLevelWords(): string[] {
+  return [...new Set(Object.keys(SYNOPSIS).map((k) => k.split(' ')[0]))];
 }

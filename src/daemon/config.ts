@@ -77,11 +77,15 @@ export const DEFAULTS: DaemonConfig = {
   callTimeoutMs: 60_000,
 };
 
-export const USAGE = `Usage: kvmvfiod [options]
+export const USAGE = `Usage: kvmvfiod [OPTION]...
 
 Root broker of /dev/kvm and VFIO groups for sandboxed VMMs.
 
-Options (environment variable in brackets):
+It holds /dev/kvm and the VFIO groups, records VMs and serves the kvmvfio.v1 gRPC API on
+api.sock; an unprivileged VMM presents a VM's attach token on handoff.sock and receives the
+fds it needs. A flag wins over its environment variable, which wins over the default.
+
+Options (environment variable in brackets, default in parentheses):
   --runtime-dir DIR   sockets api.sock and handoff.sock [KVMVFIOD_RUNTIME_DIR] (${DEFAULTS.runtimeDir})
   --state-dir DIR     state [KVMVFIOD_STATE_DIR] (${DEFAULTS.stateDir})
   --policy FILE       policy file [KVMVFIOD_POLICY] (${DEFAULTS.policy})
@@ -107,15 +111,39 @@ Options (environment variable in brackets):
                       [KVMVFIOD_API_IDLE_TIMEOUT_MS] (${DEFAULTS.apiIdleTimeoutMs})
   --log-burst N       lines of one event and uid a peer can cause, per interval; the rest
                       are counted in one summary line [KVMVFIOD_LOG_BURST] (${DEFAULTS.logBurst})
-  --log-interval-ms N the interval of --log-burst [KVMVFIOD_LOG_INTERVAL_MS] (${DEFAULTS.logIntervalMs})
+  --log-interval-ms N  the interval of --log-burst [KVMVFIOD_LOG_INTERVAL_MS] (${DEFAULTS.logIntervalMs})
   --max-watches-per-uid N  WatchVms streams open at once per uid; uid 0 is not limited
                       [KVMVFIOD_MAX_WATCHES_PER_UID] (${DEFAULTS.maxWatchesPerUid})
   --fd-margin N       fds kept free under RLIMIT_NOFILE (${DEFAULTS.fdMargin})
-  --call-timeout-ms N the longest a call may run (${DEFAULTS.callTimeoutMs})
+  --call-timeout-ms N  the longest a call may run (${DEFAULTS.callTimeoutMs})
   --metrics-address [HOST:]PORT  serve Prometheus metrics at http://HOST:PORT/metrics;
                       HOST defaults to 127.0.0.1; off unless given (the GetMetrics call
                       serves the same text on the API socket) [KVMVFIOD_METRICS_ADDRESS]
-  --version, --help
+  --help              this help
+  --version           the daemon's version
+
+Environment (besides the options' variables):
+  KVMVFIOD_LOOP_STATS  1: log the event loop's delay histogram every 10 s (event loop-delay)
+  STATE_DIRECTORY      the state directory when neither --state-dir nor KVMVFIOD_STATE_DIR
+                       is given (systemd sets it from StateDirectory=)
+  NOTIFY_SOCKET        set by systemd: readiness (READY=1, STATUS=), the watchdog and the fd
+                       store, which keeps /dev/kvm, group fds and VMM sessions across a restart
+  LISTEN_FDS, LISTEN_FDNAMES  set by systemd: the listening sockets, found by their names
+                       api and handoff; the daemon then creates no socket of its own
+
+Files:
+  /run/kvmvfiod/api.sock       the gRPC API, mode 0666: SO_PEERCRED and the policy are the gate
+  /run/kvmvfiod/handoff.sock   VMM sessions (SOCK_SEQPACKET), mode 0666: attach tokens are the gate
+  /var/lib/kvmvfiod/state.mdb  the state store (LMDB), mode 0600 in a 0700 directory; a change
+                               is acknowledged once it is written there and fdatasync'd
+  /etc/kvmvfiod/policy.json    who may call what; absent, only uid 0 may call
+
+Signals:
+  SIGTERM, SIGINT     stop accepting, let calls in flight finish (--shutdown-grace-ms), end
+                      every session and close every fd, exit 0 (1 when changes could not be
+                      saved); VMs are not stopped: they live in their VMMs
+  SIGHUP              read the policy file again; one that does not validate keeps the old
+                      policy and is logged (policy-reload-failed)
 `;
 
 const LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'];

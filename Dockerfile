@@ -1,7 +1,7 @@
 # kvmvfiod as a container image: the daemon runs as root and needs the host's
 # /dev/kvm (and /dev/vfio/*) and a host folder for its sockets. How to run it
 # (podman, docker, a Kubernetes DaemonSet) and what it gives up compared with
-# the systemd service: README.md, "Running kvmvfiod in a container".
+# the systemd service: docs/operations.md, "In a container, and on Kubernetes".
 #
 #   docker build -t kvmvfiod .
 #   podman build --format docker -t kvmvfiod .

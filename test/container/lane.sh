@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The container lane: builds the top-level Dockerfile with podman and runs the
-# image the way the README documents, then drives it from the host. Run by
+# image the way docs/operations.md documents, then drives it from the host. Run by
 # `npm run test:container` (which builds dist/ first: the host side uses the
 # built CLI and reference VMM) and by .ci/run. Root on Debian 12 with /dev/kvm.
 #
@@ -260,7 +260,7 @@ run_container() {
   podman ps -a -q --filter "label=$LABEL" | xargs -r podman rm -f -v -t 0 >/dev/null 2>&1
   SOCK=$(mktemp -d /tmp/kvmvfio-container-sock.XXXXXX) || return 1
   chmod 0755 "$SOCK"   # the VMM, uid 65534, must reach handoff.sock in it
-  # As the README says: the host's pid namespace (the VMM's pid for its record and for
+  # As docs/operations.md says: the host's pid namespace (the VMM's pid for its record and for
   # prlimit), no network (the API is a Unix socket), the capabilities of the systemd unit
   # (KILL; SYS_PTRACE and DAC_READ_SEARCH, to read a VMM's /proc/PID/fd; SYS_RESOURCE, which this machine's bounding set lacks: podman leaves it out, so
   # memlock is not exercised here), a read-only root, /dev/kvm, the socket folder bind-mounted.

@@ -55,6 +55,8 @@ test('completion: commands, subcommands, flags per command, and flag values', ()
   assert.deepEqual(complete('vm', 'list', '--state', '=', 'e'), ['exited']);
   // --label KEY=VALUE reaches the function as KEY, "=", VALUE: none of them is a command word.
   assert.deepEqual(complete('vm', 'list', '--label', 'app', '=', 'web', '--p'), ['--page-size']);
+  assert.deepEqual(complete('--label', 'app', '=', 'web', 'comp'), ['completion']);
+  assert.deepEqual(complete('vm', 'create', 'web-1', '--label', 'app', '=', 'web', '--memlock', '2G', '--vfio'), ['--vfio-device']);
   // A flag that takes a number offers nothing rather than commands.
   assert.deepEqual(complete('vm', 'create', 'web-1', '--vmm-uid', ''), []);
 });

@@ -17,6 +17,9 @@ import { GLOBAL_SYNOPSIS, SYNOPSIS, help } from '../../src/cli/usage';
 import { USAGE } from '../../src/daemon/config';
 import { parseHelp, type Entry } from '../../src/man/help';
 import { DOCS_NAMED, MAN_PAGES } from '../../src/man/pages';
+import { status as Status } from '@grpc/grpc-js';
+import { Errno, SysError } from '../../src/kernel';
+import { statusForSysError } from '../../src/server/status';
 
 // ---- Markdown: links and headings
 
@@ -194,6 +197,36 @@ test('man: kvmvfiod --help, its man page and its parser name the same flags and 
 
 test('man: the documents the pages name exist', () => {
   for (const d of DOCS_NAMED) assert.ok(existsSync(join(REPO, d)), `${d} is named in the manual pages but does not exist`);
+});
+
+// ---- docs/api.md: the error table
+
+test('api.md: its error table is the one src/server/status.ts applies, errno for errno', () => {
+  const doc = readFileSync(join(REPO, 'docs', 'api.md'), 'utf8');
+  const section = /\n## Errors\n([\s\S]*?)\n## /.exec(doc)?.[1];
+  assert.ok(section, 'docs/api.md has no Errors section');
+  const rows = section.split('\n').filter((l) => /^\| .* \| `[A-Z_]+`/.test(l));
+  const documented = new Map<string, string>();
+  const code = (name: string) => (Errno as Record<string, number>)[name];
+  for (const row of rows) {
+    const [cause, status] = row.split(' | ');
+    const expected = /`([A-Z_]+)`/.exec(status)![1];
+    const call = cause.includes('KVM_CREATE_DEVICE') ? 'KVM_CREATE_DEVICE' : 'open';
+    for (const [, errno] of cause.matchAll(/`(E[A-Z0-9]+)`/g)) {
+      assert.ok(code(errno) !== undefined, `${errno} is no errno`);
+      // Node names one number once: EOPNOTSUPP arrives as ENOTSUP, EWOULDBLOCK as EAGAIN.
+      assert.equal(new SysError(call, 'x', code(errno)).code, errno, `the daemon names errno ${code(errno)} ${new SysError(call, 'x', code(errno)).code}, not ${errno}`);
+      assert.equal(Status[statusForSysError(new SysError(call, 'x', code(errno)))], expected, `docs/api.md maps ${errno} from ${call} to ${expected}`);
+      documented.set(`${call} ${errno}`, expected);
+    }
+  }
+  // Every errno the table in the code maps (not to UNKNOWN) is documented.
+  for (const [name, n] of Object.entries(Errno)) {
+    const mapped = Status[statusForSysError(new SysError('open', 'x', n))];
+    if (mapped !== 'UNKNOWN' && name === new SysError('open', 'x', n).code) assert.ok(documented.has(`open ${name}`), `${name} → ${mapped} is not in docs/api.md's error table`);
+  }
+  assert.ok(rows.some((r) => r.includes('`UNKNOWN`')), 'the table does not say what an unmapped errno becomes');
+  assert.equal(Status[statusForSysError(new SysError('open', 'x', 0x7fff))], 'UNKNOWN');
 });
 
 // ---- docs/security.md: the tests it cites

@@ -27,6 +27,7 @@ const SOL_SOCKET = 1;
 const SO_PEERPIDFD = 77; // Linux 6.5
 const RLIMIT_MEMLOCK = 8;
 const ESRCH = 3;
+const EINTR = 4;
 const ENOENT = 2;
 const EINVAL = 22;
 const ENOPROTOOPT = 92;
@@ -204,7 +205,11 @@ export function pidfdExited(pidfd: number): boolean {
   const pfd = Buffer.alloc(8);
   pfd.writeInt32LE(pidfd, 0);
   pfd.writeInt16LE(POLLIN, 4);
-  const n = sys.poll(pfd, 1, 0) as number;
+  let n: number;
+  // poll is never restarted after a signal handler (signal(7)): a profiler's SIGPROF or a SIGCHLD would
+  // otherwise fail an ATTACH with EINTR (seen under the bench's --profile).
+  do n = sys.poll(pfd, 1, 0) as number;
+  while (n < 0 && lastErrno() === EINTR);
   if (n < 0) throw new SysError('poll', `pidfd ${pidfd}`, lastErrno());
   return n > 0 && (pfd.readInt16LE(6) & (POLLIN | POLLHUP | POLLERR)) !== 0;
 }

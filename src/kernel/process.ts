@@ -236,9 +236,14 @@ export function unixPeerInode(socketFd: number): number {
     req.writeUInt32LE(UDIAG_SHOW_PEER, 28);
     req.writeUInt32LE(0xffffffff, 32); // udiag_cookie: INET_DIAG_NOCOOKIE
     req.writeUInt32LE(0xffffffff, 36);
-    if ((sys.send(nl, req, req.length, 0) as number) < 0) throw new SysError('send(SOCK_DIAG_BY_FAMILY)', `socket inode ${ino}`, lastErrno());
+    let sent: number;
+    do sent = sys.send(nl, req, req.length, 0) as number;
+    while (sent < 0 && lastErrno() === EINTR);
+    if (sent < 0) throw new SysError('send(SOCK_DIAG_BY_FAMILY)', `socket inode ${ino}`, lastErrno());
     const res = Buffer.alloc(8192);
-    const n = sys.recv(nl, res, res.length, 0) as number;
+    let n: number;
+    do n = sys.recv(nl, res, res.length, 0) as number;
+    while (n < 0 && lastErrno() === EINTR);
     if (n < 0) throw new SysError('recv(SOCK_DIAG_BY_FAMILY)', `socket inode ${ino}`, lastErrno());
     for (let off = 0; off + 16 <= n; ) {
       const msgLen = res.readUInt32LE(off);

@@ -285,21 +285,36 @@ describe('VMM sessions', () => {
     assert.equal(await settledFdCount(d, base), base);
   });
 
-  test("memlock_bytes becomes the VMM's RLIMIT_MEMLOCK (prlimit); where the daemon may not, the VM fails with EPERM named", async () => {
-    const { vm, attach_token } = await c.createVm({ name: 'memlock-root', vmm_uid: 0, memlock_bytes: String(4 << 20) });
-    const v = refVmm(attach_token!.token, false);
-    assert.equal((await v.waitFor('attached')).memlock, 4 << 20);
-    const limits = readFileSync(`/proc/${v.pid}/limits`, 'utf8');
-    assert.match(limits, /Max locked memory\s+4194304\s/);
-    await c.deleteVm({ vm_id: vm!.id });
-
-    // Another uid's limit needs CAP_SYS_RESOURCE (bit 24), which some sandboxes lack.
+  test("S17: memlock_bytes raises the VMM's RLIMIT_MEMLOCK (prlimit) and never lowers it; where the daemon may not, the VM fails with EPERM named", async () => {
+    const limitsOf = (pid: number) => {
+      const m = /Max locked memory\s+(\d+|unlimited)\s+(\d+|unlimited)\s/.exec(readFileSync(`/proc/${pid}/limits`, 'utf8'));
+      assert.ok(m, 'a Max locked memory line');
+      return [m[1], m[2]];
+    };
+    // Another uid's limit, and any hard limit, needs CAP_SYS_RESOURCE (bit 24) to raise, which some sandboxes lack.
     const capEff = BigInt('0x' + /CapEff:\s+([0-9a-f]+)/.exec(readFileSync('/proc/self/status', 'utf8'))![1]);
     const mayRaise = (capEff & (1n << 24n)) !== 0n;
-    const other = await c.createVm({ name: 'memlock-nobody', vmm_uid: 65534, memlock_bytes: String(4 << 20) });
+    // [the VMM's soft:hard limit before, memlock_bytes, soft and hard after]
+    const cases: [string, number, string[]][] = [
+      ['1048576:8388608', 4 << 20, ['4194304', '8388608']], // soft raised, hard kept
+      ['8388608:8388608', 4 << 20, ['8388608', '8388608']], // larger already: untouched (it was lowered to 4 MiB)
+      ['2097152:2097152', 2 << 20, ['2097152', '2097152']], // equal: untouched
+    ];
+    if (mayRaise) cases.push(['8388608:8388608', 16 << 20, ['16777216', '16777216']]); // both raised
+    for (const [before, bytes, after] of cases) {
+      const { vm, attach_token } = await c.createVm({ name: `memlock-${before.replace(':', '-')}-${bytes}`, vmm_uid: 0, memlock_bytes: String(bytes) });
+      const v = runVmm(['prlimit', `--memlock=${before}`, process.execPath, REFERENCE_VMM, '--socket', handoff], attach_token!.token, false);
+      vmms.push(v);
+      assert.equal((await v.waitFor('attached')).memlock, bytes, 'the ATTACH result says what the VM asked');
+      assert.deepEqual(limitsOf(v.pid), after, `limit ${before}, memlock_bytes ${bytes}`);
+      await c.deleteVm({ vm_id: vm!.id });
+    }
+
+    // More than the 8 MiB the VMM starts with: the daemon must call prlimit.
+    const other = await c.createVm({ name: 'memlock-nobody', vmm_uid: 65534, memlock_bytes: String(16 << 20) });
     const w = refVmm(other.attach_token!.token);
     if (mayRaise) {
-      assert.equal((await w.waitFor('attached')).memlock, 4 << 20);
+      assert.equal((await w.waitFor('attached')).memlock, 16 << 20);
     } else {
       assert.match(String((await w.waitFor('attach-refused')).reason), /prlimit\(RLIMIT_MEMLOCK\) on pid \d+: EPERM/);
       const failed = await c.getVm(other.vm!.id);

@@ -553,7 +553,7 @@ export class Broker {
    * the VMM has said VM_CREATED and every step succeeded. A failed step
    * undoes the ones before it (DEL of the groups added), fails the VM with
    * the reason, and ends its VMM. A VMM gone before VM_CREATED leaves the
-   * VM to vmmExited (EXITED), as it would with no plan.
+   * VM to vmmExited (FAILED, saying so), as it would with no plan.
    */
   async applyPlan(vmId: string): Promise<void> {
     const sent = await this.#locks.run(`vm:${vmId}`, async () => {
@@ -601,15 +601,24 @@ export class Broker {
    * back to the pool if the daemon's fresh open succeeds (the kernel then
    * leaves no container set on it); one that a process still holds — a
    * child the VMM forked, say — is stray, named in the VM's record, and
-   * comes back when that process lets go. The VM is EXITED (a FAILED VM
-   * stays FAILED).
+   * comes back when that process lets go. A RUNNING VM is EXITED; one still
+   * PENDING (its VMM gone before VM_CREATED or during the plan) is FAILED
+   * with the reason; a FAILED VM stays FAILED.
    */
   async vmmExited(vmId: string): Promise<void> {
     await this.#locks.run(`vm:${vmId}`, async () => {
+      const link = this.#links.get(vmId);
       this.#links.delete(vmId);
       const { back, stray } = await this.#letGoAll(vmId, false);
       const vm = this.vms.get(vmId);
-      if (vm && (vm.state === 'PENDING' || vm.state === 'RUNNING')) this.vms.transition(vm, 'EXITED');
+      if (vm?.state === 'RUNNING') this.vms.transition(vm, 'EXITED');
+      else if (vm?.state === 'PENDING') {
+        // Attached but never RUNNING: its setup failed, and the record says how.
+        const when = link?.madeVm ? 'while its plan was applied' : 'before it made its VM (no VM_CREATED)';
+        const reason = `its VMM (pid ${vm.vmmPid}) exited ${when}`;
+        this.vms.transition(vm, 'FAILED', reason);
+        this.#opts.log?.({ event: 'vm-failed', vm: vmId, reason }, 'VM setup failed');
+      }
       // The exit itself is the session's log line; this one only when groups went back.
       if (back.length) this.#opts.log?.({ event: 'groups-returned', vm: vmId, groups: back }, "the exited VMM's groups are back in the pool");
       if (stray.length) this.#opts.log?.({ event: 'groups-stray', vm: vmId, groups: stray }, "some of the exited VMM's groups are still held by another process");

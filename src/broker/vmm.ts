@@ -36,6 +36,8 @@ export interface VmmLink {
    * passive or restored VMM); rejects when the session ends first.
    */
   readonly vmMade: Promise<void>;
+  /** Whether vmMade has resolved (VM_CREATED came); for the reason of a VM whose VMM exited during setup. */
+  readonly madeVm?: boolean;
   /** Resolves once the VMM process has exited (its pidfd became readable). */
   readonly exited: Promise<void>;
 }

@@ -149,15 +149,15 @@ describe('VMM sessions', () => {
     assert.equal((await v.exit).code, 0);
   });
 
-  test('a VMM gone before it made its VM: EXITED, not FAILED, its groups back', async () => {
+  test('S29: a VMM gone before it made its VM: FAILED, saying so, its groups back', async () => {
     const { vm, attach_token } = await c.createVm({ name: 'gone-early', vmm_uid: 65534, vfio_device: true, groups: [8] });
     const v = runVmm([process.execPath, SILENT_VMM, handoff, 'slow:60000'], attach_token!.token);
     vmms.push(v);
     await v.waitFor('attached');
     v.kill();
-    await until('EXITED', async () => (await c.getVm(vm!.id)).state === 'VM_STATE_EXITED');
+    await until('FAILED', async () => (await c.getVm(vm!.id)).state === 'VM_STATE_FAILED');
     await until('group 8 free', async () => (await c.getIommuGroup(8)).vm_id === '');
-    assert.equal((await c.getVm(vm!.id)).failure_reason, '');
+    assert.match((await c.getVm(vm!.id)).failure_reason, new RegExp(`its VMM \\(pid ${v.pid}\\) exited before it made its VM \\(no VM_CREATED\\)`));
     await c.deleteVm({ vm_id: vm!.id });
   });
 
@@ -285,7 +285,7 @@ describe('VMM sessions', () => {
     assert.equal(await settledFdCount(d, base), base);
   });
 
-  test("S17: memlock_bytes raises the VMM's RLIMIT_MEMLOCK (prlimit) and never lowers it; where the daemon may not, the VM fails with EPERM named", async () => {
+  test("S15: memlock_bytes raises the VMM's RLIMIT_MEMLOCK (prlimit) and never lowers it; where the daemon may not, the VM fails with EPERM named", async () => {
     const limitsOf = (pid: number) => {
       const m = /Max locked memory\s+(\d+|unlimited)\s+(\d+|unlimited)\s/.exec(readFileSync(`/proc/${pid}/limits`, 'utf8'));
       assert.ok(m, 'a Max locked memory line');

@@ -178,7 +178,9 @@ describe('Broker with attached VMMs', () => {
       assert.deepEqual(gone.shutdowns, []);
       gone.exit();
       await t.broker.vmmExited(second.vm.id);
-      assert.equal(t.broker.getVm(ROOT, second.vm.id).state, 'EXITED');
+      const failed = t.broker.getVm(ROOT, second.vm.id);
+      assert.equal(failed.state, 'FAILED', 'S29: never RUNNING, so not EXITED');
+      assert.match(failed.failureReason, /its VMM \(pid 4242\) exited before it made its VM/);
     } finally {
       await t.done();
     }

@@ -90,6 +90,7 @@ export class Session implements VmmLink {
   #exited!: () => void;
   readonly exited: Promise<void>;
   #made!: { resolve(): void; reject(e: Error): void };
+  #madeVm = false;
   readonly vmMade: Promise<void>;
 
   constructor(id: number, sock: SeqpacketSocket, peer: Caller, broker: Broker, log: Logger, opts: SessionOptions, restored?: RestoredSession) {
@@ -100,7 +101,7 @@ export class Session implements VmmLink {
     this.#opts = opts;
     this.#log = log.child({ session: id, vmm_pid: peer.pid, vmm_uid: peer.uid, vmm_gid: peer.gid });
     this.exited = new Promise((r) => (this.#exited = r));
-    this.vmMade = new Promise<void>((resolve, reject) => (this.#made = { resolve, reject }));
+    this.vmMade = new Promise<void>((resolve, reject) => (this.#made = { resolve: () => ((this.#madeVm = true), resolve()), reject }));
     this.vmMade.catch(() => undefined); // a session may end before anyone asks
     if (restored) {
       this.#restored = true;
@@ -139,6 +140,10 @@ export class Session implements VmmLink {
 
   get vmId(): string {
     return this.#vmId;
+  }
+
+  get madeVm(): boolean {
+    return this.#madeVm;
   }
 
   get isOpen(): boolean {

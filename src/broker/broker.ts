@@ -3,7 +3,7 @@
  * state, and the claims on IOMMU groups that go with it. No gRPC here: the
  * server turns requests into these calls and errors into statuses.
  */
-import { AlreadyExistsError, DeadlineExceededError, FailedPreconditionError, NotFoundError, PermissionDeniedError, ResourceExhaustedError, UnavailableError } from './errors';
+import { AlreadyExistsError, DeadlineExceededError, DomainError, FailedPreconditionError, NotFoundError, PermissionDeniedError, ResourceExhaustedError, UnavailableError } from './errors';
 import { type Principal, ROOT_NAME, UNLIMITED } from './policy';
 import { KeyedMutex } from './mutex';
 import type { GroupHold, GroupPool, GroupView } from './pool';
@@ -387,8 +387,10 @@ export class Broker {
     this.#assertOpen();
     return this.#onVm(caller, id, async (vm) => {
       if (vm.state === 'RUNNING') {
-        await this.#activeLink(vm).createVfioDevice();
-        return this.vms.update(vm, (v) => (v.vfioDevice = true));
+        const link = this.#activeLink(vm);
+        const made = (v: VmRecord) => this.vms.update(v, (x) => (x.vfioDevice = true));
+        await link.createVfioDevice().catch((e: unknown) => this.#lateAnswer(vm, link, e, { ok: made }));
+        return made(vm);
       }
       this.#assertPlanEditable(vm);
       if (vm.vfioDevice) throw new AlreadyExistsError(`vm ${vm.name} already has its KVM-VFIO device (one per VM)`);
@@ -434,8 +436,14 @@ export class Broker {
             }
           } catch (e) {
             for (const d of devices.slice(next + 1)) d.fd.closeSync();
-            for (const a of added.reverse()) await link.removeDevice(a).catch(() => undefined);
-            await this.pool.letGo(group, vm.id, true);
+            const undo = async (andLast: boolean) => {
+              for (const a of (andLast ? [...added, devices[next].address] : added).reverse()) await link.removeDevice(a).catch(() => undefined);
+              await this.pool.letGo(group, vm.id, true);
+            };
+            // Past its deadline: the undo waits for the late result (nothing is sent to an overdue VMM).
+            if (!this.#isLate(e)) await undo(false);
+            const last = next === devices.length - 1;
+            this.#lateAnswer(vm, link, e, { ok: (v) => (last ? void this.vms.update(v, (x) => !x.groups.includes(group) && x.groups.push(group)) : undo(true)), refused: () => undo(false) }, false);
             throw e;
           }
           return this.vms.update(vm, (v) => v.groups.push(group));
@@ -453,6 +461,7 @@ export class Broker {
         } catch (e) {
           // The VMM may have closed the file (a refused ADD), or may still hold it (no answer in time): the witness tells.
           await this.pool.letGo(group, vm.id, true);
+          this.#lateAnswer(vm, link, e, { ok: (v) => void this.vms.update(v, (x) => !x.groups.includes(group) && x.groups.push(group)), refused: (v) => this.pool.letGo(group, v.id, true) }, false);
           throw e;
         }
         return this.vms.update(vm, (v) => v.groups.push(group));
@@ -473,13 +482,34 @@ export class Broker {
       if (vm.state === 'RUNNING') {
         const link = this.#activeLink(vm);
         if (!vm.groups.includes(group)) throw new NotFoundError(`IOMMU group ${group} is not in vm ${vm.name}`);
-        if (vm.handoff === 'cdev') {
-          for (const d of (await this.pool.get(group)).devices) await link.removeDevice(d.address);
-        } else await link.removeGroup(group);
-        const updated = this.vms.update(vm, (v) => (v.groups = v.groups.filter((g) => g !== group)));
-        // Back in the pool at once if the VMM closed its file (the protocol asks it to); else held until it does, or exits.
-        await this.pool.letGo(group, vm.id, true);
-        return updated;
+        const removed = async (v: VmRecord) => {
+          const updated = this.vms.update(v, (x) => (x.groups = x.groups.filter((g) => g !== group)));
+          // Back in the pool at once if the VMM closed its file (the protocol asks it to); else held until it does, or exits.
+          await this.pool.letGo(group, v.id, true);
+          return updated;
+        };
+        if (vm.handoff !== 'cdev') {
+          await link.removeGroup(group).catch((e: unknown) => this.#lateAnswer(vm, link, e, { ok: removed }));
+          return removed(vm);
+        }
+        // One REMOVE_DEVICE per device: once one is out, the group is out of the record or the VM fails,
+        // for the record cannot say "part of group 4".
+        const addresses = (await this.pool.get(group)).devices.map((d) => d.address);
+        const removeFrom = async (v: VmRecord, from: number): Promise<VmRecord> => {
+          for (let i = from; i < addresses.length; i++) {
+            try {
+              await link.removeDevice(addresses[i]);
+            } catch (e) {
+              const partly = (done: number) => `removing IOMMU group ${group}: ${done} of its ${addresses.length} devices are out of the VM's KVM-VFIO device, then ${describeError(e)}`;
+              if (!this.#isLate(e)) {
+                if (i > 0) this.#fail(v, link, partly(i));
+              } else this.#lateAnswer(v, link, e, { ok: (now) => (i + 1 < addresses.length ? removeFrom(now, i + 1).then(() => undefined) : removed(now).then(() => undefined)), refused: (now) => (i > 0 ? this.#fail(now, link, partly(i)) : undefined) }, false);
+              throw e;
+            }
+          }
+          return removed(v);
+        };
+        return removeFrom(vm, 0);
       }
       this.#assertPlanEditable(vm);
       if (!vm.groups.includes(group)) throw new NotFoundError(`IOMMU group ${group} is not in vm ${vm.name}`);
@@ -580,7 +610,8 @@ export class Broker {
     const { link, steps } = sent;
     // Outside the VM's lock: the VMM may take its time making its VM, and meanwhile calls on this VM
     // get a prompt "being set up" (FAILED_PRECONDITION) instead of queueing behind it.
-    const [made, ...outcomes] = await Promise.allSettled([link.vmMade, ...steps.map((s) => s.done)]);
+    // A step past its deadline stays outstanding: the plan waits for its late result, up to the answer bound (S24, S25).
+    const [made, ...outcomes] = await Promise.allSettled([link.vmMade, ...steps.map((s) => s.done.catch((e: unknown) => (this.#isLate(e) ? e.answer : Promise.reject(e))))]);
     await this.#locks.run(`vm:${vmId}`, async () => {
       const vm = this.vms.get(vmId);
       if (!vm || vm.state !== 'PENDING' || this.#links.get(vmId) !== link || made.status === 'rejected') return;
@@ -692,6 +723,8 @@ export class Broker {
     const link = this.#links.get(vm.id);
     if (!link) throw new UnavailableError(`vm ${vm.name}: its VMM is gone`);
     if (link.passive) throw new FailedPreconditionError(`vm ${vm.name} runs a passive VMM (kvmvfioctl attach), which takes no requests`);
+    const overdue = link.overdue;
+    if (overdue) throw new UnavailableError(`vm ${vm.name}: its VMM (pid ${link.pid}) has not answered ${overdue} yet; retry once it has (its result updates the VM), or the VM fails if it never does`);
     return link;
   }
 
@@ -718,6 +751,53 @@ export class Broker {
     const groups = this.pool.heldBy(vmId);
     const now = await Promise.all(groups.map((g) => this.pool.letGo(g, vmId, vmmAlive)));
     return { back: groups.filter((_, i) => now[i] === 'free'), stray: groups.filter((_, i) => now[i] === 'stray') };
+  }
+
+  #isLate(e: unknown): e is DeadlineExceededError & { answer: Promise<void> } {
+    return e instanceof DeadlineExceededError && e.answer !== undefined;
+  }
+
+  /**
+   * A request to a RUNNING VM's VMM failed with `e`. When `e` is its deadline
+   * (the caller gets DEADLINE_EXCEEDED), the request stays outstanding and
+   * its late result is applied when it comes, under the VM's lock: `ok` on
+   * success, `refused` on the VMM's errno — so the record follows the VMM's
+   * kernel (S24). No result at all within the answer bound fails the VM
+   * (vmmUnanswered). Rethrows `e` unless `rethrow` is false.
+   */
+  #lateAnswer(vm: VmRecord, link: VmmLink, e: unknown, then: { ok(vm: VmRecord): unknown; refused?(vm: VmRecord): unknown }, rethrow = true): never | void {
+    if (this.#isLate(e)) {
+      const id = vm.id;
+      const settle = (ok: boolean) =>
+        this.#locks.run(`vm:${id}`, async () => {
+          const now = this.vms.get(id);
+          if (!now || this.#links.get(id) !== link || now.state !== 'RUNNING') return;
+          await (ok ? then.ok(now) : then.refused?.(now));
+          this.#opts.log?.({ event: 'late-result-applied', vm: id, ok }, ok ? "a late result of the VMM is in the VM's record" : 'a late refusal of the VMM is in the VM\'s record');
+        });
+      // An UnavailableError (the session ended) or DeadlineExceededError (the bound passed) is handled where it happens.
+      e.answer
+        .then(
+          () => settle(true),
+          (err: unknown) => (err instanceof DomainError ? undefined : settle(false)),
+        )
+        .catch((err: unknown) => this.#opts.log?.({ event: 'late-result-failed', vm: id, err: describeError(err) }, 'applying a late result failed'));
+    }
+    if (rethrow) throw e;
+  }
+
+  /**
+   * The VMM of `vmId` did not answer a request within the answer bound: its
+   * kernel may hold what the record does not say, or the reverse. The VM
+   * fails and its VMM is told to stop (SHUTDOWN, then SIGKILL after the exit
+   * grace), so the two cannot disagree for good (S25).
+   */
+  async vmmUnanswered(vmId: string, link: VmmLink, what: string): Promise<void> {
+    await this.#locks.run(`vm:${vmId}`, async () => {
+      const vm = this.vms.get(vmId);
+      if (!vm || this.#links.get(vmId) !== link || (vm.state !== 'PENDING' && vm.state !== 'RUNNING')) return;
+      this.#fail(vm, link, `its VMM (pid ${link.pid}) did not answer ${what}`);
+    });
   }
 
   #fail(vm: VmRecord, link: VmmLink, reason: string): void {

@@ -31,6 +31,10 @@
  * it is killed. KVMVFIO_SEND_AND_EXIT=1 plays a VMM that connects, waits for
  * its control fd to end, sends its ATTACH and exits at once, leaving its pid
  * free before the daemon reads the ATTACH (a pid-reuse attack's first half).
+ * KVMVFIO_SLOW_ANSWER=TYPE:MS (CREATE_VFIO_DEVICE:1500, say) plays a VMM
+ * that is late: it makes the first request of that type's call at once, then
+ * sleeps MS ms before it sends the result (the daemon's deadline passes
+ * while its kernel already holds the result).
  *
  * Build: gcc -O2 -Wall -Wextra -Werror -std=c11 -D_GNU_SOURCE refvmm.c
  */
@@ -48,6 +52,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #define KVF_MAGIC 0x3146564bu /* the bytes "KVF1" */
@@ -492,6 +497,12 @@ int main(int argc, char **argv) {
 	int fork_after_add = forking && !strcmp(forking, "after-add");
 	if (forking && *forking && !fork_after_add) hold_after_end = fork_after_connect(forking, control);
 
+	/* KVMVFIO_SLOW_ANSWER=TYPE:MS: the first request of that type is answered MS ms after its call. */
+	const char *slow = getenv("KVMVFIO_SLOW_ANSWER"), *slow_ms = slow ? strchr(slow, ':') : NULL;
+	size_t slow_len = slow_ms ? (size_t)(slow_ms - slow) : 0;
+	long slow_delay = slow_ms ? strtol(slow_ms + 1, NULL, 10) : 0;
+	if (slow && (!slow_ms || slow_delay <= 0)) fail(2, "KVMVFIO_SLOW_ANSWER (TYPE:MS)", EINVAL);
+
 	const char *send_and_exit = getenv("KVMVFIO_SEND_AND_EXIT");
 	if (send_and_exit && !strcmp(send_and_exit, "1")) {
 		/* A child keeps the connection open (and sends nothing) once this process is gone. */
@@ -646,6 +657,13 @@ int main(int argc, char **argv) {
 			snprintf(text, sizeof text, "%s, group %llu: %s", call, (unsigned long long)r.arg, strerror(err));
 		else if (err) snprintf(text, sizeof text, "%s: %s", call, strerror(err));
 		else snprintf(text, sizeof text, "%s", r.type == PING ? "pong" : r.type == SHUTDOWN ? "stopping" : "ok");
+		if (slow_len && strlen(type_name(r.type)) == slow_len && !strncmp(type_name(r.type), slow, slow_len)) {
+			struct timespec ts = { .tv_sec = slow_delay / 1000, .tv_nsec = slow_delay % 1000 * 1000000 };
+			slow_len = 0; /* the first such request only */
+			printf("{\"event\":\"slow-answer\",\"type\":\"%s\",\"ms\":%ld", type_name(r.type), slow_delay);
+			end_event();
+			while (nanosleep(&ts, &ts) < 0 && errno == EINTR);
+		}
 		send_rec(sock, r.type | RESULT, r.seq, err, text);
 		printf("{\"event\":\"request\",\"type\":\"%s\",\"arg\":%llu,\"errno\":%d", type_name(r.type), (unsigned long long)r.arg, err);
 		end_event();

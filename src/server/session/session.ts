@@ -29,8 +29,14 @@ const refusalErrno: Partial<Record<DomainError['kind'], number>> = {
 };
 
 export interface SessionOptions {
-  /** How long a request waits for the VMM's result. */
+  /** How long a request waits for the VMM's result before its caller gets DEADLINE_EXCEEDED. */
   requestTimeoutMs: number;
+  /**
+   * How long an overdue request stays outstanding, counted like its deadline:
+   * past it the VMM is taken as not answering, and its VM fails (see
+   * Broker.vmmUnanswered). Default: 6 × requestTimeoutMs.
+   */
+  answerBoundMs?: number;
   /** How long a new connection has to send ATTACH. */
   attachTimeoutMs: number;
   /** Attached sessions at most, daemon-wide. */
@@ -55,10 +61,16 @@ export interface RestoredSession {
 
 interface Pending {
   type: number;
+  /** What the request asked, for messages ("ADD_GROUP of group 5"). */
+  what: string;
   resolve(m: Message): void;
   reject(e: Error): void;
   /** Unset while the VMM has not made its VM: a deadline counts from VM_CREATED (see #request). */
   timer: NodeJS.Timeout | undefined;
+  /** Called once at the deadline: the caller gets DEADLINE_EXCEEDED and the request stays outstanding. */
+  onDeadline(): void;
+  /** Past its deadline, waiting for a late result until the answer bound. */
+  overdue: boolean;
 }
 
 type Phase = 'new' | 'attaching' | 'attached' | 'ready' | 'closed';
@@ -71,6 +83,7 @@ export class Session implements VmmLink {
   readonly #log: Logger;
   readonly #opts: SessionOptions;
   readonly #pending = new Map<number, Pending>();
+  /** Requests given up at the answer bound: a result for one after that is logged and ignored. */
   readonly #abandoned = new Set<number>();
   #attachTimer: NodeJS.Timeout | undefined;
   #watch: FdWatch | undefined;
@@ -140,6 +153,12 @@ export class Session implements VmmLink {
 
   get vmId(): string {
     return this.#vmId;
+  }
+
+  /** The oldest request past its deadline that the VMM has not answered yet, if any ("CREATE_VFIO_DEVICE (seq 3)"). */
+  get overdue(): string | undefined {
+    for (const [seq, p] of this.#pending) if (p.overdue) return `${p.what} (seq ${seq})`;
+    return undefined;
   }
 
   get madeVm(): boolean {
@@ -249,13 +268,15 @@ export class Session implements VmmLink {
     if (fds.length) throw new ProtocolError(`${typeName(msg.type)} carries ${fds.length} fds; none are expected from a VMM`);
     if (isResult(msg.type)) {
       if (this.#abandoned.delete(msg.seq) || (this.#restored && !this.#pending.has(msg.seq))) {
-        this.#log.warn({ event: 'late-result', type: typeName(msg.type), seq: msg.seq, errno: msg.status }, 'result after its deadline; ignored');
+        this.#log.warn({ event: 'late-result', type: typeName(msg.type), seq: msg.seq, errno: msg.status }, 'result after its answer bound (or of the previous daemon process); ignored');
         return;
       }
       const p = this.#pending.get(msg.seq);
       if (!p || p.type !== (msg.type & ~RESULT_BIT)) throw new ProtocolError(`${typeName(msg.type)} answers no request (seq ${msg.seq})`);
       this.#pending.delete(msg.seq);
       clearTimeout(p.timer);
+      if (p.overdue) this.#log.info({ event: 'late-result', vm: this.#vmId, type: typeName(msg.type), seq: msg.seq, errno: msg.status }, 'result after its deadline; applied');
+      else this.#log.debug({ event: 'result', vm: this.#vmId, type: typeName(msg.type), seq: msg.seq, errno: msg.status, text: msg.text }, 'result');
       p.resolve(msg);
       return;
     }
@@ -277,7 +298,7 @@ export class Session implements VmmLink {
         this.#phase = 'ready';
         this.#reply(msg, 0, 'ok');
         // The plan's requests went out with the ATTACH result; their deadlines start now.
-        for (const [seq, p] of this.#pending) if (!p.timer) p.timer = this.#deadline(seq, p.type);
+        for (const [seq, p] of this.#pending) if (!p.timer) p.timer = this.#deadline(seq);
         this.#log.info({ event: 'vm-created', vm: this.#vmId }, 'VMM made its VM');
         this.#made.resolve();
         return;
@@ -378,6 +399,14 @@ export class Session implements VmmLink {
     }
   }
 
+  /**
+   * Sends a request and resolves with its result (rejects with a SysError
+   * carrying the VMM's errno). At the deadline the promise rejects with
+   * DeadlineExceededError, whose `answer` is the request's outcome still to
+   * come: the request stays outstanding until the answer bound (the contract's
+   * S24, S25). While one is overdue no other request is sent but SHUTDOWN and
+   * PING: they would only queue behind it.
+   */
   #request(type: number, arg: number, fds: { kind: number; id: number; fd: SendableFd }[], call: string, object = '', text = ''): Promise<Message> {
     if (this.#phase === 'closed') {
       for (const f of fds) f.fd.closeSync();
@@ -387,37 +416,79 @@ export class Session implements VmmLink {
       for (const f of fds) f.fd.closeSync();
       return Promise.reject(new UnavailableError('a passive VMM takes no requests'));
     }
+    const overdue = type === MsgType.SHUTDOWN || type === MsgType.PING ? undefined : this.overdue;
+    if (overdue) {
+      for (const f of fds) f.fd.closeSync();
+      return Promise.reject(new UnavailableError(`VMM pid ${this.pid} has not answered ${overdue} yet; nothing more is sent to it until it does`));
+    }
     const seq = (this.#seq = (this.#seq + 1) >>> 0);
-    return new Promise<Message>((resolve, reject) => {
-      // Sent before VM_CREATED (the plan, pipelined behind the ATTACH result), a request waits
-      // for the VMM to make its VM first: its deadline starts at VM_CREATED.
-      const p: Pending = { type, resolve, reject, timer: undefined };
-      this.#pending.set(seq, p);
-      if (this.#phase === 'ready') p.timer = this.#deadline(seq, type);
-      try {
-        this.#send({ type, seq, status: 0, arg, manifest: fds.map(({ kind, id }) => ({ kind, id })), text }, fds);
-      } catch (e) {
-        clearTimeout(p.timer);
-        this.#pending.delete(seq);
-        reject(e instanceof SysError ? new UnavailableError(`VMM pid ${this.pid}: ${e.message}`) : e);
-      }
+    const what = `${typeName(type)}${object ? ` of ${object}` : ''}`;
+    let p!: Pending;
+    // The result, whenever it comes: the kernel's verdict, named as the call the VMM made in its own process.
+    const answer = new Promise<Message>((resolve, reject) => {
+      p = { type, what, resolve, reject, timer: undefined, onDeadline: () => undefined, overdue: false };
     }).then((res) => {
-      // The VMM's kernel verdict, named as the call it made in its own process.
       if (res.status !== 0) throw new SysError(call, `${object ? `${object}, ` : ''}vm ${this.#vmName} (VMM pid ${this.pid})`, res.status);
       return res;
     });
+    answer.catch(() => undefined); // a caller past its deadline may not look at it
+    const inTime = new Promise<Message>((resolve, reject) => {
+      answer.then(resolve, reject);
+      p.onDeadline = () => {
+        const bound = this.#answerBoundMs;
+        reject(
+          new DeadlineExceededError(
+            `VMM pid ${this.pid} did not answer ${what} within ${this.#opts.requestTimeoutMs} ms; the request stays outstanding: ` +
+              `its result, if it comes within ${bound} ms of the send, updates vm ${this.#vmName}, else the VM is failed and its VMM stopped`,
+            answer.then(() => undefined),
+          ),
+        );
+      };
+    });
+    // Sent before VM_CREATED (the plan, pipelined behind the ATTACH result), a request waits
+    // for the VMM to make its VM first: its deadline starts at VM_CREATED.
+    this.#pending.set(seq, p);
+    if (this.#phase === 'ready') p.timer = this.#deadline(seq);
+    try {
+      this.#send({ type, seq, status: 0, arg, manifest: fds.map(({ kind, id }) => ({ kind, id })), text }, fds);
+    } catch (e) {
+      clearTimeout(p.timer);
+      this.#pending.delete(seq);
+      p.reject(e instanceof SysError ? new UnavailableError(`VMM pid ${this.pid}: ${e.message}`) : (e as Error));
+    }
+    return inTime;
   }
 
-  #deadline(seq: number, type: number): NodeJS.Timeout {
-    return setTimeout(() => {
+  get #answerBoundMs(): number {
+    return Math.max(this.#opts.answerBoundMs ?? 6 * this.#opts.requestTimeoutMs, this.#opts.requestTimeoutMs);
+  }
+
+  /** The deadline of request `seq`, then its answer bound. */
+  #deadline(seq: number): NodeJS.Timeout {
+    const timer = setTimeout(() => {
       const p = this.#pending.get(seq);
       if (!p) return;
-      this.#pending.delete(seq);
-      // Its result may still come: remember the seq (a few) so a late answer is not a protocol error.
-      this.#abandoned.add(seq);
-      if (this.#abandoned.size > 64) this.#abandoned.delete(this.#abandoned.values().next().value as number);
-      p.reject(new DeadlineExceededError(`VMM pid ${this.pid} did not answer ${typeName(type)} within ${this.#opts.requestTimeoutMs} ms`));
+      p.overdue = true;
+      this.#log.warn({ event: 'request-overdue', vm: this.#vmId, type: typeName(p.type), seq, ms: this.#opts.requestTimeoutMs }, 'VMM past the deadline of a request; it stays outstanding');
+      p.onDeadline();
+      p.timer = setTimeout(() => this.#unanswered(seq), this.#answerBoundMs - this.#opts.requestTimeoutMs);
+      p.timer.unref();
     }, this.#opts.requestTimeoutMs);
+    timer.unref();
+    return timer;
+  }
+
+  /** The answer bound passed: the request is given up, and the broker fails the VM (its record can no longer follow the kernel). */
+  #unanswered(seq: number): void {
+    const p = this.#pending.get(seq);
+    if (!p) return;
+    this.#pending.delete(seq);
+    this.#abandoned.add(seq);
+    if (this.#abandoned.size > 64) this.#abandoned.delete(this.#abandoned.values().next().value as number);
+    const what = `${p.what} (seq ${seq}) within ${this.#answerBoundMs} ms`;
+    p.reject(new DeadlineExceededError(`VMM pid ${this.pid} did not answer ${what}`));
+    this.#log.warn({ event: 'request-unanswered', vm: this.#vmId, type: typeName(p.type), seq, ms: this.#answerBoundMs }, 'VMM never answered a request; failing its VM');
+    void this.#broker.vmmUnanswered(this.#vmId, this, what);
   }
 
   // --- ending ----------------------------------------------------------------

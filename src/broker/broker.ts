@@ -350,11 +350,14 @@ export class Broker {
   }
 
   /**
-   * Removes the VM. With a VMM attached it first asks it to exit (SHUTDOWN),
-   * or with `force` kills it, and waits for the process to be gone, so the
-   * VM's groups come back clean before the record goes.
+   * Removes the VM. With a VMM attached it first asks it to exit (SHUTDOWN;
+   * SIGTERM through the pidfd for a passive VMM, which reads no session), or
+   * with `force` kills it, and waits for the process to be gone, so the VM's
+   * groups come back clean before the record goes. It waits the exit grace,
+   * or `waitMs` when that is shorter (the caller's deadline), then answers
+   * DEADLINE_EXCEEDED naming the fix.
    */
-  async deleteVm(caller: Caller, id: string, force = false): Promise<VmRecord> {
+  async deleteVm(caller: Caller, id: string, force = false, waitMs = Infinity): Promise<VmRecord> {
     this.#assertOpen();
     this.getVm(caller, id);
     // No new VMM from here on; one that spent its token before this (its attach waiting on the VM's
@@ -365,10 +368,12 @@ export class Broker {
       if (link) {
         if (force) link.kill();
         else link.shutdown('DeleteVm');
-        if (!(await within(link.exited, this.#opts.exitGraceMs))) {
-          throw new DeadlineExceededError(
-            `the VMM of vm ${id} (pid ${link.pid}) did not exit within ${this.#opts.exitGraceMs} ms${force ? '' : '; DeleteVm with force kills it'}`,
-          );
+        const grace = this.#opts.exitGraceMs;
+        const wait = Math.max(0, Math.min(grace, waitMs));
+        if (!(await within(link.exited, wait))) {
+          const how = link.passive ? 'SIGTERM' : 'SHUTDOWN';
+          const waited = wait < grace ? `${Math.round(wait)} ms (the call's deadline; kvmvfiod waits up to ${grace} ms, --vmm-exit-grace-ms)` : `${grace} ms`;
+          throw new DeadlineExceededError(`the VMM of vm ${id} (pid ${link.pid}) did not exit within ${waited}${force ? ' of SIGKILL' : ` of ${how}; DeleteVm with force kills it`}`);
         }
         // vmmExited() runs under the VM's lock; wait for it before removing.
       }

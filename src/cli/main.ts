@@ -90,6 +90,9 @@ interface Command {
 
 const FILTER_OPTIONS: readonly OptionName[] = ['label', 'state'];
 
+/** vm delete's deadline without --timeout: well past the daemon's default wait for a VMM to exit (10 s). */
+export const DELETE_TIMEOUT_MS = 30_000;
+
 const filterOf = (cl: CommandLine) => ({ labels: parseLabels(cl.values.label), states: parseStates(cl.values.state) });
 
 /** VM commands that take only a VM: resolve the name, make the call, show the VM. */
@@ -382,6 +385,9 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
     }
     const cmd = COMMANDS[command];
     allowOnly(cl, command, cmd.options);
+    // DeleteVm waits for the VMM to exit (kvmvfiod's --vmm-exit-grace-ms, 10 s by default): a longer
+    // deadline lets the daemon's own answer arrive, which says what to do ("force kills it").
+    if (command === 'vm delete') timeoutMs ??= DELETE_TIMEOUT_MS;
     const sock = socket;
     const status = await cmd.run({
       cl,

@@ -80,8 +80,9 @@ Global flags (anywhere on the line):
   --socket PATH   the daemon's API socket (else $KVMVFIO_SOCKET, else ${(require('../client/client') as typeof import('../client/client')).DEFAULT_SOCKET})
   --json          print the response message as JSON (proto field names); errors as
                   {"error":{"code":...,"message":...}} on stderr
-  --timeout MS    deadline of each call (default 10000; vm watch runs until interrupted;
-                  for attach, of the daemon's answer)
+  --timeout MS    deadline of each call (default 10000; vm delete 30000, past the daemon's
+                  wait for a VMM to exit; vm watch runs until interrupted; for attach, of
+                  the daemon's answer)
   -h, --help      this help
   --version       kvmvfioctl's version
 

@@ -14,10 +14,26 @@ import type { Broker, Caller } from '../../broker/broker';
 import { DeadlineExceededError, DomainError, FailedPreconditionError, PermissionDeniedError, ResourceExhaustedError, UnavailableError } from '../../broker/errors';
 import type { AttachGrant, VmmLink } from '../../broker/vmm';
 import { type FdWatch, type OwnedFd, type SendableFd, SIGKILL, SIGTERM, type SeqpacketSocket, SysError, boottimeNs, peerPidfd, pidfdExited, pidfdSendSignal, watchReadable } from '../../kernel';
-import { FdKind, type Message, MsgType, ProtocolError, RESULT_BIT, decode, encode, isResult, pciAddressToId, typeName } from '../../protocol/session';
+import {
+  ATTACH_KNOWN_FLAGS,
+  AttachFlag,
+  FdKind,
+  type Message,
+  MsgType,
+  ProtocolError,
+  REFUSAL_TOKEN_KEPT,
+  RESULT_BIT,
+  decode,
+  encode,
+  fieldViolation,
+  isResult,
+  pciAddressToId,
+  typeName,
+} from '../../protocol/session';
 
 const EACCES = 13;
 const EPROTO = 71;
+const EOPNOTSUPP = 95;
 
 /** The errno an ATTACH refusal carries, by the broker's error kind (documented in docs/session-protocol.md). */
 const refusalErrno: Partial<Record<DomainError['kind'], number>> = {
@@ -98,6 +114,10 @@ export class Session implements VmmLink {
   #vmId = '';
   #vmName = '';
   #passive = false;
+  /** The VMM set AttachFlag.EDITION2: the rules marked ② apply to it (S5's checks end its session). */
+  #edition2 = false;
+  /** What an edition-1 VMM broke of S5 and was let through (logged once each). */
+  readonly #tolerated = new Set<string>();
   /** Carried over a daemon restart: results of requests the old process sent are ignored, not errors. */
   #restored = false;
   #exited!: () => void;
@@ -266,6 +286,7 @@ export class Session implements VmmLink {
   #handle(msg: Message, fds: OwnedFd[], senderPid?: number): void {
     // No message from a VMM carries fds in protocol v1.
     if (fds.length) throw new ProtocolError(`${typeName(msg.type)} carries ${fds.length} fds; none are expected from a VMM`);
+    this.#checkFields(msg);
     if (isResult(msg.type)) {
       if (this.#abandoned.delete(msg.seq) || (this.#restored && !this.#pending.has(msg.seq))) {
         this.#log.warn({ event: 'late-result', type: typeName(msg.type), seq: msg.seq, errno: msg.status }, 'result after its answer bound (or of the previous daemon process); ignored');
@@ -287,14 +308,29 @@ export class Session implements VmmLink {
       throw new ProtocolError(reason);
     }
     switch (msg.type) {
-      case MsgType.ATTACH:
-        if (msg.arg !== 0 && msg.arg !== 1) throw new ProtocolError(`ATTACH arg 0x${msg.arg.toString(16)} has unknown bits`);
+      case MsgType.ATTACH: {
+        // In BigInt: arg has up to 53 bits, and JS bitwise operators keep 32.
+        const unknown = BigInt(msg.arg) & ~BigInt(ATTACH_KNOWN_FLAGS);
+        if (unknown) {
+          // Negotiation (S12): the VMM learns which bits this daemon knows, and may attach again without the others.
+          const reason = `ATTACH arg 0x${msg.arg.toString(16)} has bits this kvmvfiod does not know (0x${unknown.toString(16)}); it knows 0x${ATTACH_KNOWN_FLAGS.toString(16)}`;
+          this.#reply(msg, EOPNOTSUPP, reason, ATTACH_KNOWN_FLAGS);
+          this.#log.warn({ event: 'attach-refused', reason }, 'attach refused');
+          this.#end(`attach refused: ${reason}`);
+          return;
+        }
         this.#phase = 'attaching';
         clearTimeout(this.#attachTimer);
         void this.#attach(msg, senderPid);
         return;
+      }
       case MsgType.VM_CREATED:
-        if (this.#phase !== 'attached' || this.#passive) throw new ProtocolError(`VM_CREATED in phase ${this.#phase}`);
+        if (this.#phase !== 'attached' || this.#passive) {
+          // Well formed, so answered (S8), then the session ends (S17).
+          const reason = this.#passive ? 'VM_CREATED from a passive VMM' : this.#phase === 'ready' ? 'VM_CREATED sent twice' : `VM_CREATED before the ATTACH result`;
+          this.#reply(msg, EPROTO, reason);
+          throw new ProtocolError(reason);
+        }
         this.#phase = 'ready';
         this.#reply(msg, 0, 'ok');
         // The plan's requests went out with the ATTACH result; their deadlines start now.
@@ -305,13 +341,34 @@ export class Session implements VmmLink {
       case MsgType.PING:
         this.#reply(msg, 0, 'pong');
         return;
-      default:
-        throw new ProtocolError(`${typeName(msg.type)} may not be sent by a VMM`);
+      default: {
+        const reason = `${typeName(msg.type)} may not be sent by a VMM`;
+        this.#reply(msg, EPROTO, reason);
+        throw new ProtocolError(reason);
+      }
     }
   }
 
+  /**
+   * S5: a NUL in a text, a nonzero status on a request, an arg the table fixes
+   * at 0. Garbled for an edition-2 VMM (known from its ATTACH); an edition-1
+   * VMM, written when the daemon let them through, still is let through, and
+   * each kind is logged once per session so that its operator can see it.
+   */
+  #checkFields(msg: Message): void {
+    const violation = fieldViolation(msg);
+    if (!violation) return;
+    const edition2 = this.#phase === 'new' ? msg.type === MsgType.ATTACH && (msg.arg & AttachFlag.EDITION2) !== 0 : this.#edition2;
+    if (edition2) throw new ProtocolError(violation);
+    const kind = violation.replace(/\d+/g, 'N');
+    if (this.#tolerated.has(kind)) return;
+    this.#tolerated.add(kind);
+    this.#log.warn({ event: 'session-tolerated', vm: this.#vmId || undefined, reason: violation }, 'an edition-1 VMM broke a rule of the session protocol (S5); let through, as edition 1 does');
+  }
+
   async #attach(msg: Message, senderPid?: number): Promise<void> {
-    this.#passive = msg.arg === 1;
+    this.#passive = (msg.arg & AttachFlag.PASSIVE) !== 0;
+    this.#edition2 = (msg.arg & AttachFlag.EDITION2) !== 0;
     let grant: AttachGrant;
     try {
       if (!msg.text) throw new PermissionDeniedError('attach token missing');
@@ -337,7 +394,17 @@ export class Session implements VmmLink {
       const reason = e instanceof DomainError || e instanceof SysError ? e.message : 'internal error';
       this.#log.warn({ event: 'attach-refused', reason }, 'attach refused');
       const errno = e instanceof SysError ? e.errno : e instanceof DomainError ? (refusalErrno[e.kind] ?? EPROTO) : EPROTO;
-      this.#reply(msg, errno, reason);
+      // Edition 2 (S13): whether the token is still good, i.e. this refusal neither spent it nor touched the VM.
+      let arg = 0;
+      if (this.#edition2) {
+        try {
+          this.#broker.tokens.check(msg.text, this.peer.uid);
+          arg = REFUSAL_TOKEN_KEPT;
+        } catch {
+          // spent, expired, never known, or another uid's: not worth presenting again from here
+        }
+      }
+      this.#reply(msg, errno, reason, arg);
       this.#end(`attach refused: ${reason}`);
       return;
     }
@@ -377,9 +444,9 @@ export class Session implements VmmLink {
 
   // --- writing ---------------------------------------------------------------
 
-  #reply(req: Message, status: number, text: string): void {
+  #reply(req: Message, status: number, text: string, arg = 0): void {
     try {
-      this.#send({ type: req.type | RESULT_BIT, seq: req.seq, status, arg: 0, manifest: [], text }, []);
+      this.#send({ type: req.type | RESULT_BIT, seq: req.seq, status, arg, manifest: [], text }, []);
     } catch (e) {
       this.#end(`reply failed: ${(e as Error).message}`);
     }

@@ -295,6 +295,23 @@ const COMMANDS: Record<string, Command> = {
   'vm add-group': onVmGroup((api, id, group) => api.addGroup({ vm_id: id, group }), 'added'),
   'vm remove-group': onVmGroup((api, id, group) => api.removeGroup({ vm_id: id, group }), 'removed'),
 
+  conformance: {
+    options: ['only'],
+    async run(ctx) {
+      const { cl } = ctx;
+      const at = cl.terminatorAt;
+      if (at === 0) throw new UsageError('conformance must come before --');
+      const extra = cl.positionals.slice(1, at ?? cl.positionals.length);
+      if (extra.length) throw new UsageError(`unexpected argument ${JSON.stringify(extra[0])}: the VMM command and its arguments go after --`);
+      const argv = at === undefined ? [] : cl.positionals.slice(at);
+      if (!argv.length || argv[0] === '') throw new UsageError('missing -- VMM [ARG]...: the VMM to check');
+      const { runConformance, formatReport } = require('../conformance/runner') as typeof import('../conformance/runner');
+      const reports = await runConformance({ argv, waitMs: ctx.timeoutMs, only: cl.values.only, log: ctx.json ? undefined : (line) => process.stderr.write(`kvmvfioctl conformance: ${line}\n`) });
+      ctx.out(ctx.json ? js.pretty({ rules: reports }) : formatReport(reports));
+      return reports.some((r) => r.outcome === 'fail') ? 1 : 0;
+    },
+  },
+
   attach: {
     options: ['token', 'handoff'],
     async run(ctx) {

@@ -106,7 +106,7 @@ describe('VMM sessions', () => {
     await expectStatus(c.getVm(vm.id), status.NOT_FOUND);
   });
 
-  test('the plan is applied at attach; a failing step fails the VM with the reason, ends its VMM and returns the groups', async () => {
+  test('S19: the plan is applied at attach; a failing step fails the VM with the reason, ends its VMM and returns the groups', async () => {
     const { vm, attach_token } = await c.createVm({ name: 'plan-fails', vmm_uid: 65534, vfio_device: true, groups: [6] });
     const events: VmEvent[] = [];
     const watch = (async () => {
@@ -130,7 +130,7 @@ describe('VMM sessions', () => {
     await c.deleteVm({ vm_id: vm!.id });
   });
 
-  test('the plan waits for the VMM to make its VM: deadlines count from VM_CREATED; meanwhile the VM is PENDING and refuses changes at once', async () => {
+  test('S18, S24: the plan waits for the VMM to make its VM: deadlines count from VM_CREATED; meanwhile the VM is PENDING and refuses changes at once', async () => {
     const { vm, attach_token } = await c.createVm({ name: 'slow-maker', vmm_uid: 65534, vfio_device: true });
     // The daemon's deadline is 500 ms; this VMM makes its VM 1,200 ms after the ATTACH result.
     const v = runVmm([process.execPath, SILENT_VMM, handoff, 'slow:1200'], attach_token!.token);
@@ -161,7 +161,7 @@ describe('VMM sessions', () => {
     await c.deleteVm({ vm_id: vm!.id });
   });
 
-  test('a VMM killed with SIGKILL: EXITED within 1 s, its groups back', async () => {
+  test('S29: a VMM killed with SIGKILL: EXITED within 1 s, its groups back', async () => {
     const { vm, attach_token } = await c.createVm({ name: 'killed', vmm_uid: 65534, vfio_device: true });
     const v = refVmm(attach_token!.token);
     await until('RUNNING', async () => (await c.getVm(vm!.id)).state === 'VM_STATE_RUNNING');
@@ -180,7 +180,7 @@ describe('VMM sessions', () => {
     await c.deleteVm({ vm_id: vm!.id });
   });
 
-  test('tokens: single use, bound to vmm_uid; a refused attach gets EACCES and no fds', async () => {
+  test('S13: tokens: single use, bound to vmm_uid; a refused attach gets EACCES and no fds', async () => {
     const { vm, attach_token } = await c.createVm({ name: 'tok', vmm_uid: 65534 });
     // Presented by root, not 65534: refused, and the token stays good for 65534.
     const wrongUid = refVmm(attach_token!.token, false);
@@ -223,7 +223,7 @@ describe('VMM sessions', () => {
     assert.equal((await v.exit).signal, 'SIGKILL', 'force kills through the pidfd');
   });
 
-  test('a VMM that never answers: DEADLINE_EXCEEDED, and the daemon keeps serving', async () => {
+  test('S24: a VMM that never answers: DEADLINE_EXCEEDED, and the daemon keeps serving', async () => {
     const { vm, attach_token } = await c.createVm({ name: 'silent', vmm_uid: 65534 });
     const v = runVmm([process.execPath, SILENT_VMM, handoff], attach_token!.token);
     vmms.push(v);
@@ -235,7 +235,7 @@ describe('VMM sessions', () => {
     await c.deleteVm({ vm_id: vm!.id, force: true });
   });
 
-  test('garbage on the handoff socket ends that session only; fds come back', async () => {
+  test('S2, S4: garbage on the handoff socket ends that session only, without a reply; fds come back', async () => {
     await c.getHostInfo();
     const base = await d.fdCount();
     const records: Buffer[] = [
@@ -342,7 +342,7 @@ describe('VMM sessions', () => {
 });
 
 describe('token expiry and idle connections', () => {
-  test('an expired token is refused; an idle connection is closed after the attach timeout', async () => {
+  test('S10, S13: an expired token is refused; an idle connection is closed after the attach timeout', async () => {
     const d = await startDaemon({ args: ['--token-ttl-ms', '1000', '--attach-timeout-ms', '300'] });
     try {
       const c = d.client();

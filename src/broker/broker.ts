@@ -768,7 +768,7 @@ export class Broker {
    * its late result is applied when it comes, under the VM's lock: `ok` on
    * success, `refused` on the VMM's errno — so the record follows the VMM's
    * kernel (S24). No result at all within the answer bound fails the VM
-   * (vmmUnanswered). Rethrows `e` unless `rethrow` is false.
+   * (vmmOutOfStep). Rethrows `e` unless `rethrow` is false.
    */
   #lateAnswer(vm: VmRecord, link: VmmLink, e: unknown, then: { ok(vm: VmRecord): unknown; refused?(vm: VmRecord): unknown }, rethrow = true): never | void {
     if (this.#isLate(e)) {
@@ -792,16 +792,18 @@ export class Broker {
   }
 
   /**
-   * The VMM of `vmId` did not answer a request within the answer bound: its
-   * kernel may hold what the record does not say, or the reverse. The VM
-   * fails and its VMM is told to stop (SHUTDOWN, then SIGKILL after the exit
-   * grace), so the two cannot disagree for good (S25).
+   * The record of `vmId` can no longer follow its VMM's kernel: a request
+   * went unanswered past the answer bound (S25), or a result came that no
+   * request of this daemon process can place (one sent before a restart).
+   * The kernel may hold what the record does not say, or the reverse, so the
+   * VM fails with `reason` and its VMM is told to stop (SHUTDOWN, then
+   * SIGKILL after the exit grace): the two cannot disagree for good.
    */
-  async vmmUnanswered(vmId: string, link: VmmLink, what: string): Promise<void> {
+  async vmmOutOfStep(vmId: string, link: VmmLink, reason: string): Promise<void> {
     await this.#locks.run(`vm:${vmId}`, async () => {
       const vm = this.vms.get(vmId);
       if (!vm || this.#links.get(vmId) !== link || (vm.state !== 'PENDING' && vm.state !== 'RUNNING')) return;
-      this.#fail(vm, link, `its VMM (pid ${link.pid}) did not answer ${what}`);
+      this.#fail(vm, link, reason);
     });
   }
 

@@ -305,7 +305,7 @@ describe('Broker with attached VMMs', () => {
       assert.deepEqual(t.broker.getVm(ROOT, vm.id).groups, [2]);
       assert.equal(t.broker.getVm(ROOT, vm.id).state, 'RUNNING');
 
-      await t.broker.vmmUnanswered(vm.id, link, 'ADD_GROUP of group 1 (seq 9) within 30000 ms');
+      await t.broker.vmmOutOfStep(vm.id, link, 'its VMM (pid 4242) did not answer ADD_GROUP of group 1 (seq 9) within 30000 ms');
       const failed = t.broker.getVm(ROOT, vm.id);
       assert.equal(failed.state, 'FAILED');
       assert.match(failed.failureReason, /its VMM \(pid 4242\) did not answer ADD_GROUP of group 1/);

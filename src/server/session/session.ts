@@ -31,6 +31,9 @@ import {
   typeName,
 } from '../../protocol/session';
 
+/** Requests whose success changes the VM in its VMM's kernel (S25: a result the record cannot follow fails the VM). */
+const CHANGES_THE_VM = new Set<number>([MsgType.CREATE_VFIO_DEVICE, MsgType.ADD_GROUP, MsgType.REMOVE_GROUP, MsgType.ADD_DEVICE, MsgType.REMOVE_DEVICE]);
+
 const EACCES = 13;
 const EPROTO = 71;
 const EOPNOTSUPP = 95;
@@ -50,7 +53,7 @@ export interface SessionOptions {
   /**
    * How long an overdue request stays outstanding, counted like its deadline:
    * past it the VMM is taken as not answering, and its VM fails (see
-   * Broker.vmmUnanswered). Default: 6 × requestTimeoutMs.
+   * Broker.vmmOutOfStep). Default: 6 × requestTimeoutMs.
    */
   answerBoundMs?: number;
   /** How long a new connection has to send ATTACH. */
@@ -288,8 +291,19 @@ export class Session implements VmmLink {
     if (fds.length) throw new ProtocolError(`${typeName(msg.type)} carries ${fds.length} fds; none are expected from a VMM`);
     this.#checkFields(msg);
     if (isResult(msg.type)) {
-      if (this.#abandoned.delete(msg.seq) || (this.#restored && !this.#pending.has(msg.seq))) {
-        this.#log.warn({ event: 'late-result', type: typeName(msg.type), seq: msg.seq, errno: msg.status }, 'result after its answer bound (or of the previous daemon process); ignored');
+      if (this.#abandoned.delete(msg.seq)) {
+        this.#log.warn({ event: 'late-result', type: typeName(msg.type), seq: msg.seq, errno: msg.status }, 'result after its answer bound; ignored');
+        return;
+      }
+      if (this.#restored && !this.#pending.has(msg.seq)) {
+        // Sent by the daemon process before the restart: this one cannot tell what it changed (which
+        // group, say). A refusal changed nothing; a success changed the VMM's kernel behind the record.
+        const changed = msg.status === 0 && CHANGES_THE_VM.has(msg.type & ~RESULT_BIT);
+        this.#log.warn({ event: 'late-result', vm: this.#vmId, type: typeName(msg.type), seq: msg.seq, errno: msg.status }, `result of a request of the previous daemon process; ${changed ? 'failing the VM' : 'ignored'}`);
+        if (changed) {
+          const reason = `its VMM (pid ${this.pid}) reported ${typeName(msg.type & ~RESULT_BIT)} (seq ${msg.seq}) done, a request of the daemon before it restarted: the record cannot say what it changed`;
+          void this.#broker.vmmOutOfStep(this.#vmId, this, reason);
+        }
         return;
       }
       const p = this.#pending.get(msg.seq);
@@ -555,7 +569,7 @@ export class Session implements VmmLink {
     const what = `${p.what} (seq ${seq}) within ${this.#answerBoundMs} ms`;
     p.reject(new DeadlineExceededError(`VMM pid ${this.pid} did not answer ${what}`));
     this.#log.warn({ event: 'request-unanswered', vm: this.#vmId, type: typeName(p.type), seq, ms: this.#answerBoundMs }, 'VMM never answered a request; failing its VM');
-    void this.#broker.vmmUnanswered(this.#vmId, this, what);
+    void this.#broker.vmmOutOfStep(this.#vmId, this, `its VMM (pid ${this.pid}) did not answer ${what}`);
   }
 
   // --- ending ----------------------------------------------------------------

@@ -18,6 +18,7 @@ export const SYNOPSIS: Record<string, string> = {
   'vm remove-group': 'kvmvfioctl vm remove-group VM GROUP',
   attach: 'kvmvfioctl attach [--token TOKEN] [--handoff PATH] -- CMD [ARG]...',
   'policy check': 'kvmvfioctl policy check FILE',
+  conformance: 'kvmvfioctl conformance [--only SCENARIO]... -- VMM [ARG]...',
 };
 
 const VM_COMMANDS = Object.keys(SYNOPSIS).filter((k) => k.startsWith('vm '));
@@ -73,6 +74,13 @@ Commands:
                               a command line is visible to every user in ps. The handoff socket: --handoff,
                               else $KVMVFIO_HANDOFF, else ${DEFAULT_HANDOFF}.
                               The daemon's VM operations on such a VM fail with FAILED_PRECONDITION.
+  conformance [--only SCENARIO]... -- VMM [ARG]...
+                              check a VMM against the session protocol (docs/session-protocol.md):
+                              play the daemon's side on a socket of its own, run VMM once per
+                              scenario ({handoff} in ARGs and $KVMVFIO_HANDOFF name the socket,
+                              $KVMVFIO_TOKEN holds a token) and print each rule it checks as PASS,
+                              FAIL or SKIP; exit 0 when none failed. Needs /dev/kvm. --timeout MS:
+                              how long to wait for each thing the VMM should do (default 5000)
 
 VM is a VM id or name: an argument shaped like an id (a UUID, in any case) is only ever an id,
 anything else only a name; a name more than one VM you can see has (root and admins see every
@@ -82,8 +90,9 @@ Global flags (anywhere on the line):
   --socket PATH   the daemon's API socket (else $KVMVFIO_SOCKET, else ${(require('../client/client') as typeof import('../client/client')).DEFAULT_SOCKET})
   --json          print the response message as JSON (proto field names); errors as
                   {"error":{"code":...,"message":...}} on stderr
-  --timeout MS    deadline of each call (default 10000; vm watch runs until interrupted;
-                  for attach, of the daemon's answer)
+  --timeout MS    deadline of each call (default 10000; vm delete 30000, past the daemon's
+                  wait for a VMM to exit; vm watch runs until interrupted; for attach, of
+                  the daemon's answer)
   -h, --help      this help
   --version       kvmvfioctl's version
 

@@ -315,12 +315,16 @@ export interface Rlimit {
 }
 
 /**
- * prlimit(2) on RLIMIT_MEMLOCK of another process: the soft limit becomes
- * `bytes`; the hard limit is raised to match only when it is lower (raising a
- * hard limit needs CAP_SYS_RESOURCE: EPERM without it). Returns the old limits.
+ * prlimit(2) on RLIMIT_MEMLOCK of another process, raising only: the soft
+ * limit becomes at least `bytes`, the hard limit at least the new soft one
+ * (raising a hard limit needs CAP_SYS_RESOURCE: EPERM without it). A limit
+ * already at or above `bytes` is left as it is — the process may have been
+ * given more on purpose — and then nothing is written. Returns the limits
+ * before.
  */
 export function setMemlockLimit(pid: number, bytes: bigint): Rlimit {
   const current = getMemlockLimit(pid);
+  if (current.soft >= bytes) return current;
   const next = Buffer.alloc(16);
   next.writeBigUInt64LE(bytes, 0);
   next.writeBigUInt64LE(bytes > current.hard ? bytes : current.hard, 8);

@@ -212,7 +212,9 @@ describe('kvmvfioctl attach with a VFIO container', () => {
     const r = await ctl(['--timeout', '2000', 'vm', 'delete', 'stubborn']);
     assert.equal(r.code, 1);
     assert.match(r.stderr, /DEADLINE_EXCEEDED: the VMM of vm \S+ \(pid \d+\) did not exit within \d+ ms \(the call's deadline; kvmvfiod waits up to 10000 ms, --vmm-exit-grace-ms\) of SIGTERM; DeleteVm with force kills it/);
-    assert.ok(r.ms < 2000 + 500, `answered after ${r.ms} ms`);
+    // The daemon's own message (not grpc-js's "Deadline exceeded") proves it answered before the deadline; the
+    // wall time includes the CLI's start, so it only has to show the daemon did not wait out its 10 s grace.
+    assert.ok(r.ms < 9000, `answered after ${r.ms} ms`);
     assert.ok(d.logs.some((l) => l.event === 'vmm-terminated' && l.vm === vm!.id), 'SIGTERM went through the pidfd');
     assert.equal((await c.getVm(vm!.id)).state, 'VM_STATE_RUNNING', 'it ignored SIGTERM');
     const forced = await ctl(['vm', 'delete', '--force', 'stubborn']);

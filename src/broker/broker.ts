@@ -3,7 +3,7 @@
  * state, and the claims on IOMMU groups that go with it. No gRPC here: the
  * server turns requests into these calls and errors into statuses.
  */
-import { AlreadyExistsError, DeadlineExceededError, FailedPreconditionError, NotFoundError, PermissionDeniedError, ResourceExhaustedError, UnavailableError } from './errors';
+import { AlreadyExistsError, DeadlineExceededError, DomainError, FailedPreconditionError, NotFoundError, PermissionDeniedError, ResourceExhaustedError, UnavailableError } from './errors';
 import { type Principal, ROOT_NAME, UNLIMITED } from './policy';
 import { KeyedMutex } from './mutex';
 import type { GroupHold, GroupPool, GroupView } from './pool';
@@ -350,11 +350,14 @@ export class Broker {
   }
 
   /**
-   * Removes the VM. With a VMM attached it first asks it to exit (SHUTDOWN),
-   * or with `force` kills it, and waits for the process to be gone, so the
-   * VM's groups come back clean before the record goes.
+   * Removes the VM. With a VMM attached it first asks it to exit (SHUTDOWN;
+   * SIGTERM through the pidfd for a passive VMM, which reads no session), or
+   * with `force` kills it, and waits for the process to be gone, so the VM's
+   * groups come back clean before the record goes. It waits the exit grace,
+   * or `waitMs` when that is shorter (the caller's deadline), then answers
+   * DEADLINE_EXCEEDED naming the fix.
    */
-  async deleteVm(caller: Caller, id: string, force = false): Promise<VmRecord> {
+  async deleteVm(caller: Caller, id: string, force = false, waitMs = Infinity): Promise<VmRecord> {
     this.#assertOpen();
     this.getVm(caller, id);
     // No new VMM from here on; one that spent its token before this (its attach waiting on the VM's
@@ -365,10 +368,12 @@ export class Broker {
       if (link) {
         if (force) link.kill();
         else link.shutdown('DeleteVm');
-        if (!(await within(link.exited, this.#opts.exitGraceMs))) {
-          throw new DeadlineExceededError(
-            `the VMM of vm ${id} (pid ${link.pid}) did not exit within ${this.#opts.exitGraceMs} ms${force ? '' : '; DeleteVm with force kills it'}`,
-          );
+        const grace = this.#opts.exitGraceMs;
+        const wait = Math.max(0, Math.min(grace, waitMs));
+        if (!(await within(link.exited, wait))) {
+          const how = link.passive ? 'SIGTERM' : 'SHUTDOWN';
+          const waited = wait < grace ? `${Math.round(wait)} ms (the call's deadline; kvmvfiod waits up to ${grace} ms, --vmm-exit-grace-ms)` : `${grace} ms`;
+          throw new DeadlineExceededError(`the VMM of vm ${id} (pid ${link.pid}) did not exit within ${waited}${force ? ' of SIGKILL' : ` of ${how}; DeleteVm with force kills it`}`);
         }
         // vmmExited() runs under the VM's lock; wait for it before removing.
       }
@@ -403,8 +408,10 @@ export class Broker {
     this.#assertOpen();
     return this.#onVm(caller, id, async (vm) => {
       if (vm.state === 'RUNNING') {
-        await this.#activeLink(vm).createVfioDevice();
-        return this.vms.update(vm, (v) => (v.vfioDevice = true));
+        const link = this.#activeLink(vm);
+        const made = (v: VmRecord) => this.vms.update(v, (x) => (x.vfioDevice = true));
+        await link.createVfioDevice().catch((e: unknown) => this.#lateAnswer(vm, link, e, { ok: made }));
+        return made(vm);
       }
       this.#assertPlanEditable(vm);
       if (vm.vfioDevice) throw new AlreadyExistsError(`vm ${vm.name} already has its KVM-VFIO device (one per VM)`);
@@ -450,8 +457,14 @@ export class Broker {
             }
           } catch (e) {
             for (const d of devices.slice(next + 1)) d.fd.closeSync();
-            for (const a of added.reverse()) await link.removeDevice(a).catch(() => undefined);
-            await this.pool.letGo(group, vm.id, true);
+            const undo = async (andLast: boolean) => {
+              for (const a of (andLast ? [...added, devices[next].address] : added).reverse()) await link.removeDevice(a).catch(() => undefined);
+              await this.pool.letGo(group, vm.id, true);
+            };
+            // Past its deadline: the undo waits for the late result (nothing is sent to an overdue VMM).
+            if (!this.#isLate(e)) await undo(false);
+            const last = next === devices.length - 1;
+            this.#lateAnswer(vm, link, e, { ok: (v) => (last ? void this.vms.update(v, (x) => !x.groups.includes(group) && x.groups.push(group)) : undo(true)), refused: () => undo(false) }, false);
             throw e;
           }
           return this.vms.update(vm, (v) => v.groups.push(group));
@@ -469,6 +482,7 @@ export class Broker {
         } catch (e) {
           // The VMM may have closed the file (a refused ADD), or may still hold it (no answer in time): the witness tells.
           await this.pool.letGo(group, vm.id, true);
+          this.#lateAnswer(vm, link, e, { ok: (v) => void this.vms.update(v, (x) => !x.groups.includes(group) && x.groups.push(group)), refused: (v) => this.pool.letGo(group, v.id, true) }, false);
           throw e;
         }
         return this.vms.update(vm, (v) => v.groups.push(group));
@@ -489,13 +503,34 @@ export class Broker {
       if (vm.state === 'RUNNING') {
         const link = this.#activeLink(vm);
         if (!vm.groups.includes(group)) throw new NotFoundError(`IOMMU group ${group} is not in vm ${vm.name}`);
-        if (vm.handoff === 'cdev') {
-          for (const d of (await this.pool.get(group)).devices) await link.removeDevice(d.address);
-        } else await link.removeGroup(group);
-        const updated = this.vms.update(vm, (v) => (v.groups = v.groups.filter((g) => g !== group)));
-        // Back in the pool at once if the VMM closed its file (the protocol asks it to); else held until it does, or exits.
-        await this.pool.letGo(group, vm.id, true);
-        return updated;
+        const removed = async (v: VmRecord) => {
+          const updated = this.vms.update(v, (x) => (x.groups = x.groups.filter((g) => g !== group)));
+          // Back in the pool at once if the VMM closed its file (the protocol asks it to); else held until it does, or exits.
+          await this.pool.letGo(group, v.id, true);
+          return updated;
+        };
+        if (vm.handoff !== 'cdev') {
+          await link.removeGroup(group).catch((e: unknown) => this.#lateAnswer(vm, link, e, { ok: removed }));
+          return removed(vm);
+        }
+        // One REMOVE_DEVICE per device: once one is out, the group is out of the record or the VM fails,
+        // for the record cannot say "part of group 4".
+        const addresses = (await this.pool.get(group)).devices.map((d) => d.address);
+        const removeFrom = async (v: VmRecord, from: number): Promise<VmRecord> => {
+          for (let i = from; i < addresses.length; i++) {
+            try {
+              await link.removeDevice(addresses[i]);
+            } catch (e) {
+              const partly = (done: number) => `removing IOMMU group ${group}: ${done} of its ${addresses.length} devices are out of the VM's KVM-VFIO device, then ${describeError(e)}`;
+              if (!this.#isLate(e)) {
+                if (i > 0) this.#fail(v, link, partly(i));
+              } else this.#lateAnswer(v, link, e, { ok: (now) => (i + 1 < addresses.length ? removeFrom(now, i + 1).then(() => undefined) : removed(now).then(() => undefined)), refused: (now) => (i > 0 ? this.#fail(now, link, partly(i)) : undefined) }, false);
+              throw e;
+            }
+          }
+          return removed(v);
+        };
+        return removeFrom(vm, 0);
       }
       this.#assertPlanEditable(vm);
       if (!vm.groups.includes(group)) throw new NotFoundError(`IOMMU group ${group} is not in vm ${vm.name}`);
@@ -569,7 +604,7 @@ export class Broker {
    * the VMM has said VM_CREATED and every step succeeded. A failed step
    * undoes the ones before it (DEL of the groups added), fails the VM with
    * the reason, and ends its VMM. A VMM gone before VM_CREATED leaves the
-   * VM to vmmExited (EXITED), as it would with no plan.
+   * VM to vmmExited (FAILED, saying so), as it would with no plan.
    */
   async applyPlan(vmId: string): Promise<void> {
     const sent = await this.#locks.run(`vm:${vmId}`, async () => {
@@ -596,7 +631,8 @@ export class Broker {
     const { link, steps } = sent;
     // Outside the VM's lock: the VMM may take its time making its VM, and meanwhile calls on this VM
     // get a prompt "being set up" (FAILED_PRECONDITION) instead of queueing behind it.
-    const [made, ...outcomes] = await Promise.allSettled([link.vmMade, ...steps.map((s) => s.done)]);
+    // A step past its deadline stays outstanding: the plan waits for its late result, up to the answer bound (S24, S25).
+    const [made, ...outcomes] = await Promise.allSettled([link.vmMade, ...steps.map((s) => s.done.catch((e: unknown) => (this.#isLate(e) ? e.answer : Promise.reject(e))))]);
     await this.#locks.run(`vm:${vmId}`, async () => {
       const vm = this.vms.get(vmId);
       if (!vm || vm.state !== 'PENDING' || this.#links.get(vmId) !== link || made.status === 'rejected') return;
@@ -617,15 +653,24 @@ export class Broker {
    * back to the pool if the daemon's fresh open succeeds (the kernel then
    * leaves no container set on it); one that a process still holds — a
    * child the VMM forked, say — is stray, named in the VM's record, and
-   * comes back when that process lets go. The VM is EXITED (a FAILED VM
-   * stays FAILED).
+   * comes back when that process lets go. A RUNNING VM is EXITED; one still
+   * PENDING (its VMM gone before VM_CREATED or during the plan) is FAILED
+   * with the reason; a FAILED VM stays FAILED.
    */
   async vmmExited(vmId: string): Promise<void> {
     await this.#locks.run(`vm:${vmId}`, async () => {
+      const link = this.#links.get(vmId);
       this.#links.delete(vmId);
       const { back, stray } = await this.#letGoAll(vmId, false);
       const vm = this.vms.get(vmId);
-      if (vm && (vm.state === 'PENDING' || vm.state === 'RUNNING')) this.vms.transition(vm, 'EXITED');
+      if (vm?.state === 'RUNNING') this.vms.transition(vm, 'EXITED');
+      else if (vm?.state === 'PENDING') {
+        // Attached but never RUNNING: its setup failed, and the record says how.
+        const when = link?.madeVm ? 'while its plan was applied' : 'before it made its VM (no VM_CREATED)';
+        const reason = `its VMM (pid ${vm.vmmPid}) exited ${when}`;
+        this.vms.transition(vm, 'FAILED', reason);
+        this.#opts.log?.({ event: 'vm-failed', vm: vmId, reason }, 'VM setup failed');
+      }
       // The exit itself is the session's log line; this one only when groups went back.
       if (back.length) this.#opts.log?.({ event: 'groups-returned', vm: vmId, groups: back }, "the exited VMM's groups are back in the pool");
       if (stray.length) this.#opts.log?.({ event: 'groups-stray', vm: vmId, groups: stray }, "some of the exited VMM's groups are still held by another process");
@@ -703,6 +748,8 @@ export class Broker {
     const link = this.#links.get(vm.id);
     if (!link) throw new UnavailableError(`vm ${vm.name}: its VMM is gone`);
     if (link.passive) throw new FailedPreconditionError(`vm ${vm.name} runs a passive VMM (kvmvfioctl attach), which takes no requests`);
+    const overdue = link.overdue;
+    if (overdue) throw new UnavailableError(`vm ${vm.name}: its VMM (pid ${link.pid}) has not answered ${overdue} yet; retry once it has (its result updates the VM), or the VM fails if it never does`);
     return link;
   }
 
@@ -729,6 +776,55 @@ export class Broker {
     const groups = this.pool.heldBy(vmId);
     const now = await Promise.all(groups.map((g) => this.pool.letGo(g, vmId, vmmAlive)));
     return { back: groups.filter((_, i) => now[i] === 'free'), stray: groups.filter((_, i) => now[i] === 'stray') };
+  }
+
+  #isLate(e: unknown): e is DeadlineExceededError & { answer: Promise<void> } {
+    return e instanceof DeadlineExceededError && e.answer !== undefined;
+  }
+
+  /**
+   * A request to a RUNNING VM's VMM failed with `e`. When `e` is its deadline
+   * (the caller gets DEADLINE_EXCEEDED), the request stays outstanding and
+   * its late result is applied when it comes, under the VM's lock: `ok` on
+   * success, `refused` on the VMM's errno — so the record follows the VMM's
+   * kernel (S24). No result at all within the answer bound fails the VM
+   * (vmmOutOfStep). Rethrows `e` unless `rethrow` is false.
+   */
+  #lateAnswer(vm: VmRecord, link: VmmLink, e: unknown, then: { ok(vm: VmRecord): unknown; refused?(vm: VmRecord): unknown }, rethrow = true): never | void {
+    if (this.#isLate(e)) {
+      const id = vm.id;
+      const settle = (ok: boolean) =>
+        this.#locks.run(`vm:${id}`, async () => {
+          const now = this.vms.get(id);
+          if (!now || this.#links.get(id) !== link || now.state !== 'RUNNING') return;
+          await (ok ? then.ok(now) : then.refused?.(now));
+          this.#opts.log?.({ event: 'late-result-applied', vm: id, ok }, ok ? "a late result of the VMM is in the VM's record" : 'a late refusal of the VMM is in the VM\'s record');
+        });
+      // An UnavailableError (the session ended) or DeadlineExceededError (the bound passed) is handled where it happens.
+      e.answer
+        .then(
+          () => settle(true),
+          (err: unknown) => (err instanceof DomainError ? undefined : settle(false)),
+        )
+        .catch((err: unknown) => this.#opts.log?.({ event: 'late-result-failed', vm: id, err: describeError(err) }, 'applying a late result failed'));
+    }
+    if (rethrow) throw e;
+  }
+
+  /**
+   * The record of `vmId` can no longer follow its VMM's kernel: a request
+   * went unanswered past the answer bound (S25), or a result came that no
+   * request of this daemon process can place (one sent before a restart).
+   * The kernel may hold what the record does not say, or the reverse, so the
+   * VM fails with `reason` and its VMM is told to stop (SHUTDOWN, then
+   * SIGKILL after the exit grace): the two cannot disagree for good.
+   */
+  async vmmOutOfStep(vmId: string, link: VmmLink, reason: string): Promise<void> {
+    await this.#locks.run(`vm:${vmId}`, async () => {
+      const vm = this.vms.get(vmId);
+      if (!vm || this.#links.get(vmId) !== link || (vm.state !== 'PENDING' && vm.state !== 'RUNNING')) return;
+      this.#fail(vm, link, reason);
+    });
   }
 
   #fail(vm: VmRecord, link: VmmLink, reason: string): void {

@@ -51,4 +51,16 @@ export class UnavailableError extends DomainError {
 /** A VMM did not answer in time, or did not exit when asked. */
 export class DeadlineExceededError extends DomainError {
   readonly kind = 'deadline-exceeded';
+  /**
+   * For a request to a VMM past its deadline: the request's outcome still to
+   * come (resolves when the VMM reports success; rejects with its SysError,
+   * or with an UnavailableError or DeadlineExceededError when no result will
+   * come). The request stays outstanding meanwhile.
+   */
+  readonly answer?: Promise<void>;
+  constructor(message: string, answer?: Promise<void>) {
+    super(message);
+    this.answer = answer;
+    answer?.catch(() => undefined);
+  }
 }

@@ -11,7 +11,8 @@ export interface VmmLink {
   /**
    * Each runs one request in the VMM and resolves when it succeeded. A
    * kernel failure in the VMM rejects with a SysError carrying its errno; no
-   * answer in time with DeadlineExceededError; a gone session with
+   * answer in time with DeadlineExceededError, whose `answer` is the outcome
+   * still to come (the request stays outstanding); a gone session with
    * UnavailableError.
    */
   createVfioDevice(): Promise<void>;
@@ -36,6 +37,10 @@ export interface VmmLink {
    * passive or restored VMM); rejects when the session ends first.
    */
   readonly vmMade: Promise<void>;
+  /** A request past its deadline that the VMM has not answered yet ("ADD_GROUP of group 5 (seq 3)"); none is sent meanwhile. */
+  readonly overdue?: string;
+  /** Whether vmMade has resolved (VM_CREATED came); for the reason of a VM whose VMM exited during setup. */
+  readonly madeVm?: boolean;
   /** Resolves once the VMM process has exited (its pidfd became readable). */
   readonly exited: Promise<void>;
 }

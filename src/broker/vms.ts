@@ -3,8 +3,9 @@
  * announces; the rules that involve groups and callers live in broker.ts.
  *
  *   PENDING ──VMM attached, VM made, plan applied──▶ RUNNING ──VMM exits──▶ EXITED
- *      │ └──VMM exits before its VM is up──────────────────────────────▶ EXITED
- *      └──setup fails (token spent, prlimit, a plan step)──▶ FAILED
+ *      └──setup fails (token spent, prlimit, a plan step, the VMM exits or
+ *         stops answering before the VM is RUNNING)──▶ FAILED ◀──a request
+ *         to a RUNNING VM's VMM goes unanswered past its bound── RUNNING
  */
 import { EventEmitter } from 'node:events';
 import { randomUUID } from 'node:crypto';
@@ -77,8 +78,8 @@ export interface VmChange {
 }
 
 const allowed: Record<VmState, VmState[]> = {
-  // EXITED from PENDING: the VMM attached and exited before its VM was up.
-  PENDING: ['RUNNING', 'FAILED', 'EXITED'],
+  // A VMM that exits before its VM is RUNNING fails it (no PENDING -> EXITED).
+  PENDING: ['RUNNING', 'FAILED'],
   RUNNING: ['EXITED', 'FAILED'],
   EXITED: [],
   FAILED: [],

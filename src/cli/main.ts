@@ -90,6 +90,9 @@ interface Command {
 
 const FILTER_OPTIONS: readonly OptionName[] = ['label', 'state'];
 
+/** vm delete's deadline without --timeout: well past the daemon's default wait for a VMM to exit (10 s). */
+export const DELETE_TIMEOUT_MS = 30_000;
+
 const filterOf = (cl: CommandLine) => ({ labels: parseLabels(cl.values.label), states: parseStates(cl.values.state) });
 
 /** VM commands that take only a VM: resolve the name, make the call, show the VM. */
@@ -311,6 +314,23 @@ export const COMMANDS: Record<string, Command> = {
   'vm add-group': onVmGroup((api, id, group) => api.addGroup({ vm_id: id, group }), 'added'),
   'vm remove-group': onVmGroup((api, id, group) => api.removeGroup({ vm_id: id, group }), 'removed'),
 
+  conformance: {
+    options: ['only'],
+    async run(ctx) {
+      const { cl } = ctx;
+      const at = cl.terminatorAt;
+      if (at === 0) throw new UsageError('conformance must come before --');
+      const extra = cl.positionals.slice(1, at ?? cl.positionals.length);
+      if (extra.length) throw new UsageError(`unexpected argument ${JSON.stringify(extra[0])}: the VMM command and its arguments go after --`);
+      const argv = at === undefined ? [] : cl.positionals.slice(at);
+      if (!argv.length || argv[0] === '') throw new UsageError('missing -- VMM [ARG]...: the VMM to check');
+      const { runConformance, formatReport } = require('../conformance/runner') as typeof import('../conformance/runner');
+      const reports = await runConformance({ argv, waitMs: ctx.timeoutMs, only: cl.values.only, log: ctx.json ? undefined : (line) => process.stderr.write(`kvmvfioctl conformance: ${line}\n`) });
+      ctx.out(ctx.json ? js.pretty({ rules: reports }) : formatReport(reports));
+      return reports.some((r) => r.outcome === 'fail') ? 1 : 0;
+    },
+  },
+
   attach: {
     options: ['token', 'handoff'],
     async run(ctx) {
@@ -401,6 +421,9 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
     }
     const cmd = COMMANDS[command];
     allowOnly(cl, command, cmd.options);
+    // DeleteVm waits for the VMM to exit (kvmvfiod's --vmm-exit-grace-ms, 10 s by default): a longer
+    // deadline lets the daemon's own answer arrive, which says what to do ("force kills it").
+    if (command === 'vm delete') timeoutMs ??= DELETE_TIMEOUT_MS;
     const sock = socket;
     const status = await cmd.run({
       cl,

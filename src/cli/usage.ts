@@ -24,6 +24,7 @@ export const SYNOPSIS: Record<string, string> = {
   'vm remove-group': 'kvmvfioctl vm remove-group VM GROUP',
   attach: 'kvmvfioctl attach [--token TOKEN] [--handoff PATH] -- CMD [ARG]...',
   'policy check': 'kvmvfioctl policy check FILE',
+  conformance: 'kvmvfioctl conformance [--only SCENARIO]... -- VMM [ARG]...',
   completion: 'kvmvfioctl completion bash',
 };
 
@@ -38,7 +39,8 @@ export const help = (): string => `Usage: kvmvfioctl ${GLOBAL_SYNOPSIS} COMMAND 
 Command-line client of kvmvfiod, the broker of /dev/kvm and VFIO groups.
 
 Commands call the kvmvfio.v1 API on the daemon's socket (health: grpc.health.v1);
-attach speaks the handoff session for a VMM; policy check and completion work offline.
+attach speaks the handoff session as a VMM's side, conformance as the daemon's;
+policy check and completion work offline.
 
 Commands:
   info                        what the host and its kernel can do, and what the daemon holds
@@ -86,6 +88,13 @@ Commands:
                               a command line is visible to every user in ps. The handoff socket: --handoff,
                               else $KVMVFIO_HANDOFF, else ${DEFAULT_HANDOFF}.
                               The daemon's VM operations on such a VM fail with FAILED_PRECONDITION.
+  conformance [--only SCENARIO]... -- VMM [ARG]...
+                              check a VMM against the session protocol (docs/session-protocol.md):
+                              play the daemon's side on a socket of its own, run VMM once per
+                              scenario ({handoff} in ARGs and $KVMVFIO_HANDOFF name the socket,
+                              $KVMVFIO_TOKEN holds a token) and print each rule it checks as PASS,
+                              FAIL or SKIP; exit 0 when none failed. Needs /dev/kvm. --timeout MS:
+                              how long to wait for each thing the VMM should do (default 5000)
   completion bash             print a bash completion script for kvmvfioctl, e.g. in ~/.bashrc:
                               source <(kvmvfioctl completion bash)
 
@@ -103,8 +112,9 @@ Global flags (anywhere on the line):
   --socket PATH   the daemon's API socket (else $KVMVFIO_SOCKET, else ${(require('../client/client') as typeof import('../client/client')).DEFAULT_SOCKET})
   --json          print the response message as JSON (proto field names); errors as
                   {"error":{"code":...,"message":...}} on stderr
-  --timeout MS    deadline of each call (default 10000; vm watch runs until interrupted;
-                  for attach, of the daemon's answer)
+  --timeout MS    deadline of each call (default 10000; vm delete 30000, past the daemon's
+                  wait for a VMM to exit; vm watch runs until interrupted; for attach, of
+                  the daemon's answer)
   -h, --help      this help
   --version       kvmvfioctl's version
 
@@ -116,7 +126,7 @@ Environment:
 Exit status:
   0    success
   1    the call failed (the gRPC status and message are printed on stderr), health is not
-       SERVING, or policy check found the file not valid
+       SERVING, policy check found the file not valid, or conformance found a rule broken
   2    usage error (the command's synopsis is printed)
   126  attach: CMD was found but could not be run (the errno is printed)
   127  attach: CMD was not found

@@ -24,6 +24,8 @@ export const THROTTLED_EVENTS: ReadonlySet<string> = new Set([
   'session-protocol-error',
   'attach-refused',
   'late-result',
+  'session-tolerated',
+  'request-overdue',
   'call:PERMISSION_DENIED',
 ]);
 

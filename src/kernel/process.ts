@@ -27,6 +27,7 @@ const SOL_SOCKET = 1;
 const SO_PEERPIDFD = 77; // Linux 6.5
 const RLIMIT_MEMLOCK = 8;
 const ESRCH = 3;
+const EINTR = 4;
 const ENOENT = 2;
 const EINVAL = 22;
 const ENOPROTOOPT = 92;
@@ -204,7 +205,11 @@ export function pidfdExited(pidfd: number): boolean {
   const pfd = Buffer.alloc(8);
   pfd.writeInt32LE(pidfd, 0);
   pfd.writeInt16LE(POLLIN, 4);
-  const n = sys.poll(pfd, 1, 0) as number;
+  let n: number;
+  // poll is never restarted after a signal handler (signal(7)): a profiler's SIGPROF or a SIGCHLD would
+  // otherwise fail an ATTACH with EINTR (seen under the bench's --profile).
+  do n = sys.poll(pfd, 1, 0) as number;
+  while (n < 0 && lastErrno() === EINTR);
   if (n < 0) throw new SysError('poll', `pidfd ${pidfd}`, lastErrno());
   return n > 0 && (pfd.readInt16LE(6) & (POLLIN | POLLHUP | POLLERR)) !== 0;
 }
@@ -231,9 +236,14 @@ export function unixPeerInode(socketFd: number): number {
     req.writeUInt32LE(UDIAG_SHOW_PEER, 28);
     req.writeUInt32LE(0xffffffff, 32); // udiag_cookie: INET_DIAG_NOCOOKIE
     req.writeUInt32LE(0xffffffff, 36);
-    if ((sys.send(nl, req, req.length, 0) as number) < 0) throw new SysError('send(SOCK_DIAG_BY_FAMILY)', `socket inode ${ino}`, lastErrno());
+    let sent: number;
+    do sent = sys.send(nl, req, req.length, 0) as number;
+    while (sent < 0 && lastErrno() === EINTR);
+    if (sent < 0) throw new SysError('send(SOCK_DIAG_BY_FAMILY)', `socket inode ${ino}`, lastErrno());
     const res = Buffer.alloc(8192);
-    const n = sys.recv(nl, res, res.length, 0) as number;
+    let n: number;
+    do n = sys.recv(nl, res, res.length, 0) as number;
+    while (n < 0 && lastErrno() === EINTR);
     if (n < 0) throw new SysError('recv(SOCK_DIAG_BY_FAMILY)', `socket inode ${ino}`, lastErrno());
     for (let off = 0; off + 16 <= n; ) {
       const msgLen = res.readUInt32LE(off);
@@ -305,12 +315,16 @@ export interface Rlimit {
 }
 
 /**
- * prlimit(2) on RLIMIT_MEMLOCK of another process: the soft limit becomes
- * `bytes`; the hard limit is raised to match only when it is lower (raising a
- * hard limit needs CAP_SYS_RESOURCE: EPERM without it). Returns the old limits.
+ * prlimit(2) on RLIMIT_MEMLOCK of another process, raising only: the soft
+ * limit becomes at least `bytes`, the hard limit at least the new soft one
+ * (raising a hard limit needs CAP_SYS_RESOURCE: EPERM without it). A limit
+ * already at or above `bytes` is left as it is — the process may have been
+ * given more on purpose — and then nothing is written. Returns the limits
+ * before.
  */
 export function setMemlockLimit(pid: number, bytes: bigint): Rlimit {
   const current = getMemlockLimit(pid);
+  if (current.soft >= bytes) return current;
   const next = Buffer.alloc(16);
   next.writeBigUInt64LE(bytes, 0);
   next.writeBigUInt64LE(bytes > current.hard ? bytes : current.hard, 8);

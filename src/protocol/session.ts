@@ -28,6 +28,54 @@ export const MsgType = {
 } as const;
 export type MsgTypeName = keyof typeof MsgType;
 
+/** ATTACH arg bits (S12). */
+export const AttachFlag = {
+  /** The VMM does not speak the session after ATTACH (kvmvfioctl attach): its result carries every fd at once. */
+  PASSIVE: 1,
+  /** The VMM follows the rules of edition 2 of the document, marked ②; the daemon then applies them to it too. */
+  EDITION2: 2,
+} as const;
+export const ATTACH_KNOWN_FLAGS = AttachFlag.PASSIVE | AttachFlag.EDITION2;
+
+/** Edition 2, in a refused ATTACH result's arg (S13): the refusal neither spent the token nor changed the VM. */
+export const REFUSAL_TOKEN_KEPT = 1;
+
+/** Request types whose arg is 0 (S5). */
+const argZero = new Set<number>([MsgType.VM_CREATED, MsgType.PING, MsgType.CREATE_VFIO_DEVICE, MsgType.SHUTDOWN]);
+
+/**
+ * What a record that decodes breaks of S5 (edition 2 makes these garbled):
+ * a NUL in its text, a request with a nonzero status, a request whose arg
+ * the table fixes at 0 with another, an ATTACH arg with unknown bits is left
+ * to the daemon (it answers EOPNOTSUPP), a result other than ATTACH's with a
+ * nonzero arg. Undefined when it breaks none.
+ */
+export function fieldViolation(m: Message): string | undefined {
+  if (m.text.includes('\0')) return `${typeName(m.type)} text holds a NUL byte`;
+  if (isResult(m.type)) {
+    if (m.type !== (MsgType.ATTACH | RESULT_BIT) && m.arg !== 0) return `${typeName(m.type)} has arg ${m.arg}; a result other than ATTACH's carries 0`;
+    return undefined;
+  }
+  if (m.status !== 0) return `${typeName(m.type)} has status ${m.status}; a request carries 0`;
+  if (argZero.has(m.type) && m.arg !== 0) return `${typeName(m.type)} has arg ${m.arg}; it carries 0`;
+  return undefined;
+}
+
+/**
+ * Whether a request's manifest is the one its type has (S21): ADD_GROUP one
+ * VFIO_GROUP, ADD_DEVICE one VFIO_DEVICE, each with the id of the arg; the
+ * ATTACH result the kinds it lists; everything else none. Undefined when it
+ * is; otherwise what is wrong.
+ */
+export function manifestViolation(m: Message): string | undefined {
+  const one = (kind: number, what: string) =>
+    m.manifest.length === 1 && m.manifest[0].kind === kind && m.manifest[0].id === m.arg ? undefined : `${typeName(m.type)} must carry exactly one ${what} fd whose id is its arg (${m.arg})`;
+  if (m.type === MsgType.ADD_GROUP) return one(FdKind.VFIO_GROUP, 'VFIO_GROUP');
+  if (m.type === MsgType.ADD_DEVICE) return one(FdKind.VFIO_DEVICE, 'VFIO_DEVICE');
+  if (m.type === (MsgType.ATTACH | RESULT_BIT)) return undefined;
+  return m.manifest.length ? `${typeName(m.type)} carries ${m.manifest.length} fds; it carries none` : undefined;
+}
+
 const typeNames = new Map<number, MsgTypeName>(Object.entries(MsgType).map(([k, v]) => [v, k as MsgTypeName]));
 
 export const FdKind = {

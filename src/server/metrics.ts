@@ -87,7 +87,7 @@ export class Metrics {
     this.callSeconds = new Histogram({ name: 'kvmvfiod_grpc_call_duration_seconds', help: 'gRPC call latency in the daemon, from the request to the answer, by method.', labelNames: ['method'], buckets: BUCKETS, registers });
     this.sessionRequestSeconds = new Histogram({
       name: 'kvmvfiod_session_request_duration_seconds',
-      help: 'Session requests to VMMs, from sending to the result, by kind and outcome (ok, the errno name, deadline, closed).',
+      help: 'Session requests to VMMs, from sending to the result (late ones too), by kind and outcome (ok, the errno name, unanswered, closed).',
       labelNames: ['kind', 'outcome'],
       buckets: BUCKETS,
       registers,

@@ -70,6 +70,9 @@ async function runWithin<T>(method: string, ms: number, work: () => Promise<T> |
   }
 }
 
+/** How long before a caller's deadline a call that waits (DeleteVm) stops waiting, to answer in time. */
+const ANSWER_MARGIN_MS = 250;
+
 type Outcome = { code: Status; details?: string; ref?: string };
 
 /** An open WatchVms stream, as its caller's allowance sees it. */
@@ -140,7 +143,7 @@ export function createService(deps: ServiceDeps): { handlers: KvmVfioHandlers; e
   function unary<Req, Res>(
     method: string,
     mutating: boolean,
-    run: (caller: Caller, req: Req) => Promise<Res> | Res,
+    run: (caller: Caller, req: Req, untilMs: number) => Promise<Res> | Res,
     vmOf: (req: Req, res?: Res) => string | undefined = () => undefined,
   ) {
     return (call: ServerUnaryCall<Req, Res>, callback: sendUnaryData<Res>) => {
@@ -152,7 +155,10 @@ export function createService(deps: ServiceDeps): { handlers: KvmVfioHandlers; e
           caller = { ...caller, principal: authorizer.authorize(caller, method) };
           // A change is refused before it is made while the state cannot be written: nothing changes.
           if (mutating) deps.durability?.check();
-          const res = await runWithin(method, deps.callTimeoutMs ?? 60_000, () => run(caller!, call.request));
+          // When the client's deadline falls (ms since the epoch; Infinity: none), for calls that wait on a VMM.
+          const deadline = call.getDeadline();
+          const untilMs = deadline instanceof Date ? deadline.getTime() : Number(deadline);
+          const res = await runWithin(method, deps.callTimeoutMs ?? 60_000, () => run(caller!, call.request, untilMs));
           // Acknowledged means durable: the answer waits for the commit that carries the change.
           if (mutating) await deps.durability?.durable();
           report(method, caller, mutating, vmOf(call.request, res), started, { code: Status.OK });
@@ -241,7 +247,9 @@ export function createService(deps: ServiceDeps): { handlers: KvmVfioHandlers; e
     DeleteVm: unary(
       'DeleteVm',
       true,
-      async (caller, req) => ({ vm: vmMessage(await broker.deleteVm(caller, validate.vmId('vm_id', req.vm_id), req.force)) }),
+      // The wait for the VMM ends a little before the caller's deadline, so the caller gets the daemon's
+      // answer (which says that force kills it), not a deadline of its own.
+      async (caller, req, untilMs) => ({ vm: vmMessage(await broker.deleteVm(caller, validate.vmId('vm_id', req.vm_id), req.force, untilMs - Date.now() - ANSWER_MARGIN_MS)) }),
       (req) => req.vm_id,
     ),
 

@@ -6,7 +6,22 @@
  * removing VFIO groups, each answered with the kernel's errno.
  */
 import { type FdWatch, Iommufd, Kvm, type KvmVfioDevice, type OwnedFd, SeqpacketSocket, SysError, VfioDeviceCdev, type VmFd, watchReadable } from '../kernel';
-import { FdKind, type Message, MsgType, ProtocolError, RESULT_BIT, decode, encode, idToPciAddress, isResult, typeName } from '../protocol/session';
+import {
+  AttachFlag,
+  FdKind,
+  type Message,
+  MsgType,
+  ProtocolError,
+  REFUSAL_TOKEN_KEPT,
+  RESULT_BIT,
+  decode,
+  encode,
+  fieldViolation,
+  idToPciAddress,
+  isResult,
+  manifestViolation,
+  typeName,
+} from '../protocol/session';
 
 export interface AttachResult {
   vmId: string;
@@ -20,16 +35,24 @@ export interface AttachResult {
   /** The device-cdev handoff (passive attach): this VMM's iommufd, and each device's cdev by PCI address. */
   iommufd: OwnedFd | null;
   devices: Map<string, OwnedFd>;
+  /** The edition of docs/session-protocol.md both sides follow: 2 unless the daemon predates it. */
+  edition: 1 | 2;
 }
 
 export class AttachError extends Error {
   readonly errno: number;
-  constructor(errno: number, message: string) {
+  /** Edition 2: the daemon said the refusal neither spent the token nor changed the VM (it may be presented again). */
+  readonly tokenKept: boolean;
+  constructor(errno: number, message: string, tokenKept = false) {
     super(message);
     this.name = 'AttachError';
     this.errno = errno;
+    this.tokenKept = tokenKept;
   }
 }
+
+/** The daemon closed the session without answering the ATTACH. */
+const NO_RESULT = 104; // ECONNRESET
 
 export interface VmmEvents {
   /** After each request is answered (for logs and tests). */
@@ -52,7 +75,7 @@ function nextRecord(sock: SeqpacketSocket): Promise<{ msg: Message; fds: OwnedFd
       if (!r) return false;
       if (r.data.length === 0) {
         for (const f of r.fds) f.closeSync();
-        throw new AttachError(104 /* ECONNRESET */, 'the daemon closed the session');
+        throw new AttachError(NO_RESULT, 'the daemon closed the session');
       }
       if (r.truncated) throw new ProtocolError('truncated record');
       try {
@@ -94,6 +117,9 @@ async function connectWithRoom(path: string): Promise<SeqpacketSocket> {
   }
 }
 
+/** This side numbers its own requests (S6): ATTACH is 1, VM_CREATED 2. */
+const VM_CREATED_SEQ = 2;
+
 export class VmmSession {
   readonly sock: SeqpacketSocket;
   readonly attach: AttachResult;
@@ -108,6 +134,8 @@ export class VmmSession {
   #watch?: FdWatch;
   #events: VmmEvents = {};
   #closed = false;
+  /** This side's requests not answered yet, by seq (S6): VM_CREATED's. */
+  readonly #outstanding = new Set<number>();
 
   private constructor(sock: SeqpacketSocket, attach: AttachResult) {
     this.sock = sock;
@@ -115,23 +143,45 @@ export class VmmSession {
   }
 
   /**
-   * Connects to the handoff socket and attaches with `token`. Rejects with
-   * AttachError (the daemon's errno and reason) when refused.
+   * Connects to the handoff socket and attaches with `token`, asking for
+   * edition 2 of the protocol (S12). A daemon older than edition 2 closes the
+   * session without a result (the token is then unspent): this attaches
+   * again, once, as edition 1. Rejects with AttachError (the daemon's errno
+   * and reason) when refused.
    */
-  static async connect(path: string, token: string, opts: { passive?: boolean } = {}): Promise<VmmSession> {
+  static async connect(path: string, token: string, opts: { passive?: boolean; edition?: 1 | 2 } = {}): Promise<VmmSession> {
+    const edition = opts.edition ?? 2;
+    try {
+      return await VmmSession.#attachOnce(path, token, !!opts.passive, edition);
+    } catch (e) {
+      const older = e instanceof AttachError && (e.errno === NO_RESULT || (e.errno === 95 /* EOPNOTSUPP */ && e.tokenKept));
+      if (edition === 2 && older) return VmmSession.#attachOnce(path, token, !!opts.passive, 1);
+      throw e;
+    }
+  }
+
+  static async #attachOnce(path: string, token: string, passive: boolean, edition: 1 | 2): Promise<VmmSession> {
     const sock = await connectWithRoom(path);
     try {
-      sock.send(encode({ type: MsgType.ATTACH, seq: 1, status: 0, arg: opts.passive ? 1 : 0, manifest: [], text: token }));
+      const flags = (passive ? AttachFlag.PASSIVE : 0) | (edition === 2 ? AttachFlag.EDITION2 : 0);
+      sock.send(encode({ type: MsgType.ATTACH, seq: 1, status: 0, arg: flags, manifest: [], text: token }));
       const { msg, fds } = await nextRecord(sock);
       const owned = [...fds];
       try {
         if (msg.type !== (MsgType.ATTACH | RESULT_BIT) || msg.seq !== 1) throw new ProtocolError(`expected the ATTACH result, got ${typeName(msg.type)}`);
-        if (msg.status !== 0) throw new AttachError(msg.status, msg.text || `attach refused (errno ${msg.status})`);
+        if (msg.status !== 0) {
+          // EOPNOTSUPP names the bits the daemon knows in arg (S12): tokenKept there means "without EDITION2, try again".
+          const kept = msg.status === 95 ? (msg.arg & AttachFlag.EDITION2) === 0 : edition === 2 && (msg.arg & REFUSAL_TOKEN_KEPT) !== 0;
+          throw new AttachError(msg.status, msg.text || `attach refused (errno ${msg.status})`, kept);
+        }
+        const wrong = edition === 2 ? (fieldViolation(msg) ?? manifestViolation(msg)) : undefined;
+        if (wrong) throw new ProtocolError(wrong);
         let kvm: Kvm | undefined;
         let container: OwnedFd | null = null;
         let iommufd: OwnedFd | null = null;
         const groups = new Map<number, OwnedFd>();
         const devices = new Map<string, OwnedFd>();
+        // By kind, never by position (S14).
         msg.manifest.forEach((e, i) => {
           const fd = fds[i];
           if (e.kind === FdKind.KVM && !kvm) kvm = Kvm.fromFd(fd);
@@ -144,7 +194,7 @@ export class VmmSession {
         if (!kvm) throw new ProtocolError('the ATTACH result carries no /dev/kvm fd');
         owned.length = 0;
         const [vmId, ...name] = msg.text.split(' ');
-        return new VmmSession(sock, { vmId, vmName: name.join(' '), memlockBytes: msg.arg, kvm, container, groups, iommufd, devices });
+        return new VmmSession(sock, { vmId, vmName: name.join(' '), memlockBytes: msg.arg, kvm, container, groups, iommufd, devices, edition });
       } finally {
         for (const f of owned) f.closeSync();
       }
@@ -161,7 +211,8 @@ export class VmmSession {
    */
   async createVm(): Promise<VmFd> {
     this.vm = this.attach.kvm.createVmSync(`vm ${this.attach.vmName}`);
-    this.sock.send(encode({ type: MsgType.VM_CREATED, seq: 2, status: 0, arg: 0, manifest: [], text: '' }));
+    this.sock.send(encode({ type: MsgType.VM_CREATED, seq: VM_CREATED_SEQ, status: 0, arg: 0, manifest: [], text: '' }));
+    this.#outstanding.add(VM_CREATED_SEQ);
     return this.vm;
   }
 
@@ -191,14 +242,24 @@ export class VmmSession {
       try {
         if (r.truncated) throw new ProtocolError('truncated record');
         msg = decode(r.data, r.fds.length);
+        // Garbled too (S5 in edition 2, S21): acted on never, answered never; the session ends (S4).
+        const wrong = (this.attach.edition === 2 ? fieldViolation(msg) : undefined) ?? manifestViolation(msg);
+        if (wrong) throw new ProtocolError(wrong);
+        // A result answers one of this side's own requests, matched by type and seq (S6, S7).
+        if (isResult(msg.type) && !(msg.type === (MsgType.VM_CREATED | RESULT_BIT) && this.#outstanding.delete(msg.seq))) {
+          throw new ProtocolError(`${typeName(msg.type)} (seq ${msg.seq}) answers no request of this VMM`);
+        }
       } catch (e) {
         for (const f of r.fds) f.closeSync();
         this.close(`protocol error: ${(e as Error).message}`);
         return;
       }
       if (isResult(msg.type)) {
-        for (const f of r.fds) f.closeSync();
-        continue; // the VM_CREATED result
+        if (msg.status !== 0) {
+          this.close(`the daemon refused VM_CREATED: errno ${msg.status} (${msg.text})`);
+          return;
+        }
+        continue; // the VM_CREATED result, wherever it comes among the requests (S18)
       }
       this.#answer(msg, r.fds);
     }

@@ -7,7 +7,7 @@
  */
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync, spawn } from 'node:child_process';
+import { execFile, execFileSync, spawn } from 'node:child_process';
 import { chmodSync, mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -193,6 +193,33 @@ describe('kvmvfioctl attach with a VFIO container', () => {
     assert.equal(del.vm?.id, vm!.id);
     assert.deepEqual(await a.exit, { code: 0, signal: null });
     assert.ok(d.logs.some((l) => l.event === 'vmm-terminated' && l.vm === vm!.id));
+  });
+
+  test('S31: a passive VMM that ignores SIGTERM: vm delete gets the daemon\'s DEADLINE_EXCEEDED naming the fix before its own deadline; --force kills it', async () => {
+    const { vm, attach_token } = await c.createVm({ name: 'stubborn', vmm_uid: NOBODY_UID });
+    // sh ignores SIGTERM and keeps the pid (and so the VM) until it is killed.
+    const a = attach(['--handoff', handoff, '--', 'sh', '-c', 'trap "" TERM; echo \'{"event":"up"}\'; while :; do sleep 0.1; done'], { KVMVFIO_TOKEN: attach_token!.token });
+    await a.waitFor('up');
+    await until('RUNNING', async () => (await c.getVm(vm!.id)).state === 'VM_STATE_RUNNING');
+    const ctl = (args: string[]) =>
+      new Promise<{ code: number | null; stderr: string; ms: number }>((resolve) => {
+        const t0 = Date.now();
+        execFile(process.execPath, [CLI_JS, '--socket', d.apiSocket, ...args], (err, _out, stderr) =>
+          resolve({ code: err ? (typeof err.code === 'number' ? err.code : null) : 0, stderr, ms: Date.now() - t0 }),
+        );
+      });
+    // The daemon waits up to its exit grace (10 s by default) but answers before the call's deadline.
+    const r = await ctl(['--timeout', '2000', 'vm', 'delete', 'stubborn']);
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /DEADLINE_EXCEEDED: the VMM of vm \S+ \(pid \d+\) did not exit within \d+ ms \(the call's deadline; kvmvfiod waits up to 10000 ms, --vmm-exit-grace-ms\) of SIGTERM; DeleteVm with force kills it/);
+    // The daemon's own message (not grpc-js's "Deadline exceeded") proves it answered before the deadline; the
+    // wall time includes the CLI's start, so it only has to show the daemon did not wait out its 10 s grace.
+    assert.ok(r.ms < 9000, `answered after ${r.ms} ms`);
+    assert.ok(d.logs.some((l) => l.event === 'vmm-terminated' && l.vm === vm!.id), 'SIGTERM went through the pidfd');
+    assert.equal((await c.getVm(vm!.id)).state, 'VM_STATE_RUNNING', 'it ignored SIGTERM');
+    const forced = await ctl(['vm', 'delete', '--force', 'stubborn']);
+    assert.equal(forced.code, 0, forced.stderr);
+    assert.equal((await a.exit).signal, 'SIGKILL');
   });
 
   test('the device-cdev handoff: a fresh iommufd and each device\'s cdev, at the numbers of {iommufd} and {device:ADDRESS}; no group fd in the daemon', async () => {

@@ -11,6 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { status } from '@grpc/grpc-js';
 import { SeqpacketListener } from '../../src/kernel';
+import { buildCVmm, removeCVmm } from '../helpers/cvmm';
 import { makeFakeHost } from '../helpers/fakehost';
 import { CLI_JS, startDaemon, type RunningDaemon } from '../helpers/daemon';
 import { spawn } from 'node:child_process';
@@ -147,4 +148,56 @@ test('fake systemd: READY, STATUS, WATCHDOG; SIGKILL; the next daemon restores V
   daemons.push(d3);
   await d3.waitForLog((l) => l.event === 'state-set-aside');
   assert.deepEqual((await d3.client().listVms()).vms, []);
+});
+
+test('S25: a result of a request the daemon sent before it was killed fails the VM, since the record cannot follow what it changed; the VMM is stopped', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'kvmvfiod-restart-late-'));
+  await chmod(dir, 0o755);
+  cleanups.push(() => rm(dir, { recursive: true, force: true }));
+  const systemd = new FakeSystemd(dir);
+  cleanups.push(() => systemd.close());
+  const runtime = join(dir, 'run');
+  await import('node:fs/promises').then((fs) => fs.mkdir(runtime, { recursive: true }));
+  const apiPath = join(runtime, 'api.sock');
+  const handoffPath = join(runtime, 'handoff.sock');
+  const api = SeqpacketListener.listen(apiPath, 128, true);
+  cleanups.push(() => api.close());
+  await chmod(apiPath, 0o666);
+  const handoff = SeqpacketListener.listen(handoffPath);
+  cleanups.push(() => handoff.close());
+  await chmod(handoffPath, 0o666);
+  const common = { dir, env: { NOTIFY_SOCKET: systemd.path }, listenFds: [{ name: 'api', fd: api.fd }, { name: 'handoff', fd: handoff.fd }] };
+  const daemons: RunningDaemon[] = [];
+  let vmm: VmmProc | undefined;
+  cleanups.push(async () => {
+    vmm?.kill();
+    for (const d of daemons) await d.cleanup();
+    await removeCVmm();
+  });
+
+  const d1 = await startDaemon(common);
+  daemons.push(d1);
+  const c1 = d1.client();
+  const { vm, attach_token } = await c1.createVm({ name: 'in-flight', vmm_uid: 65534 });
+  // The C reference VMM makes the device at once and answers 2.5 s later: the daemon is gone by then.
+  vmm = runVmm([await buildCVmm(), handoffPath], attach_token!.token, true, { env: { KVMVFIO_SLOW_ANSWER: 'CREATE_VFIO_DEVICE:2500' } });
+  await until('RUNNING', async () => (await c1.getVm(vm!.id)).state === 'VM_STATE_RUNNING');
+  await until('session fds stored', async () => systemd.store.has(`session-${vm!.id}`) && systemd.store.has(`pidfd-${vm!.id}`));
+  await new Promise((r) => setTimeout(r, 100)); // the state file is written at the end of the tick
+  c1.createVfioDevice(vm!.id).catch(() => undefined);
+  await vmm.waitFor('slow-answer');
+  await d1.stop('SIGKILL');
+
+  const d2 = await startDaemon({ ...common, listenFds: [...common.listenFds, ...systemd.listenFds()] });
+  daemons.push(d2);
+  await d2.waitForLog((l) => l.event === 'restored');
+  const c2 = d2.client();
+  assert.equal((await c2.getVm(vm!.id)).vfio_device, false, 'the record before the result');
+  const failed = await until('FAILED', async () => {
+    const g = await c2.getVm(vm!.id);
+    return g.state === 'VM_STATE_FAILED' && g;
+  });
+  assert.match(failed.failure_reason, /reported CREATE_VFIO_DEVICE \(seq \d+\) done, a request of the daemon before it restarted: the record cannot say what it changed/);
+  assert.deepEqual(await vmm.exit, { code: 0, signal: null }, 'told to stop (SHUTDOWN), it exits');
+  await c2.deleteVm({ vm_id: vm!.id });
 });

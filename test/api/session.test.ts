@@ -106,7 +106,7 @@ describe('VMM sessions', () => {
     await expectStatus(c.getVm(vm.id), status.NOT_FOUND);
   });
 
-  test('the plan is applied at attach; a failing step fails the VM with the reason, ends its VMM and returns the groups', async () => {
+  test('S19: the plan is applied at attach; a failing step fails the VM with the reason, ends its VMM and returns the groups', async () => {
     const { vm, attach_token } = await c.createVm({ name: 'plan-fails', vmm_uid: 65534, vfio_device: true, groups: [6] });
     const events: VmEvent[] = [];
     const watch = (async () => {
@@ -130,7 +130,7 @@ describe('VMM sessions', () => {
     await c.deleteVm({ vm_id: vm!.id });
   });
 
-  test('the plan waits for the VMM to make its VM: deadlines count from VM_CREATED; meanwhile the VM is PENDING and refuses changes at once', async () => {
+  test('S18, S24: the plan waits for the VMM to make its VM: deadlines count from VM_CREATED; meanwhile the VM is PENDING and refuses changes at once', async () => {
     const { vm, attach_token } = await c.createVm({ name: 'slow-maker', vmm_uid: 65534, vfio_device: true });
     // The daemon's deadline is 500 ms; this VMM makes its VM 1,200 ms after the ATTACH result.
     const v = runVmm([process.execPath, SILENT_VMM, handoff, 'slow:1200'], attach_token!.token);
@@ -149,19 +149,19 @@ describe('VMM sessions', () => {
     assert.equal((await v.exit).code, 0);
   });
 
-  test('a VMM gone before it made its VM: EXITED, not FAILED, its groups back', async () => {
+  test('S29: a VMM gone before it made its VM: FAILED, saying so, its groups back', async () => {
     const { vm, attach_token } = await c.createVm({ name: 'gone-early', vmm_uid: 65534, vfio_device: true, groups: [8] });
     const v = runVmm([process.execPath, SILENT_VMM, handoff, 'slow:60000'], attach_token!.token);
     vmms.push(v);
     await v.waitFor('attached');
     v.kill();
-    await until('EXITED', async () => (await c.getVm(vm!.id)).state === 'VM_STATE_EXITED');
+    await until('FAILED', async () => (await c.getVm(vm!.id)).state === 'VM_STATE_FAILED');
     await until('group 8 free', async () => (await c.getIommuGroup(8)).vm_id === '');
-    assert.equal((await c.getVm(vm!.id)).failure_reason, '');
+    assert.match((await c.getVm(vm!.id)).failure_reason, new RegExp(`its VMM \\(pid ${v.pid}\\) exited before it made its VM \\(no VM_CREATED\\)`));
     await c.deleteVm({ vm_id: vm!.id });
   });
 
-  test('a VMM killed with SIGKILL: EXITED within 1 s, its groups back', async () => {
+  test('S29: a VMM killed with SIGKILL: EXITED within 1 s, its groups back', async () => {
     const { vm, attach_token } = await c.createVm({ name: 'killed', vmm_uid: 65534, vfio_device: true });
     const v = refVmm(attach_token!.token);
     await until('RUNNING', async () => (await c.getVm(vm!.id)).state === 'VM_STATE_RUNNING');
@@ -180,7 +180,7 @@ describe('VMM sessions', () => {
     await c.deleteVm({ vm_id: vm!.id });
   });
 
-  test('tokens: single use, bound to vmm_uid; a refused attach gets EACCES and no fds', async () => {
+  test('S13: tokens: single use, bound to vmm_uid; a refused attach gets EACCES and no fds', async () => {
     const { vm, attach_token } = await c.createVm({ name: 'tok', vmm_uid: 65534 });
     // Presented by root, not 65534: refused, and the token stays good for 65534.
     const wrongUid = refVmm(attach_token!.token, false);
@@ -223,7 +223,7 @@ describe('VMM sessions', () => {
     assert.equal((await v.exit).signal, 'SIGKILL', 'force kills through the pidfd');
   });
 
-  test('a VMM that never answers: DEADLINE_EXCEEDED, and the daemon keeps serving', async () => {
+  test('S24: a VMM that never answers: DEADLINE_EXCEEDED, and the daemon keeps serving', async () => {
     const { vm, attach_token } = await c.createVm({ name: 'silent', vmm_uid: 65534 });
     const v = runVmm([process.execPath, SILENT_VMM, handoff], attach_token!.token);
     vmms.push(v);
@@ -235,7 +235,7 @@ describe('VMM sessions', () => {
     await c.deleteVm({ vm_id: vm!.id, force: true });
   });
 
-  test('garbage on the handoff socket ends that session only; fds come back', async () => {
+  test('S2, S4: garbage on the handoff socket ends that session only, without a reply; fds come back', async () => {
     await c.getHostInfo();
     const base = await d.fdCount();
     const records: Buffer[] = [
@@ -285,21 +285,36 @@ describe('VMM sessions', () => {
     assert.equal(await settledFdCount(d, base), base);
   });
 
-  test("memlock_bytes becomes the VMM's RLIMIT_MEMLOCK (prlimit); where the daemon may not, the VM fails with EPERM named", async () => {
-    const { vm, attach_token } = await c.createVm({ name: 'memlock-root', vmm_uid: 0, memlock_bytes: String(4 << 20) });
-    const v = refVmm(attach_token!.token, false);
-    assert.equal((await v.waitFor('attached')).memlock, 4 << 20);
-    const limits = readFileSync(`/proc/${v.pid}/limits`, 'utf8');
-    assert.match(limits, /Max locked memory\s+4194304\s/);
-    await c.deleteVm({ vm_id: vm!.id });
-
-    // Another uid's limit needs CAP_SYS_RESOURCE (bit 24), which some sandboxes lack.
+  test("S15: memlock_bytes raises the VMM's RLIMIT_MEMLOCK (prlimit) and never lowers it; where the daemon may not, the VM fails with EPERM named", async () => {
+    const limitsOf = (pid: number) => {
+      const m = /Max locked memory\s+(\d+|unlimited)\s+(\d+|unlimited)\s/.exec(readFileSync(`/proc/${pid}/limits`, 'utf8'));
+      assert.ok(m, 'a Max locked memory line');
+      return [m[1], m[2]];
+    };
+    // Another uid's limit, and any hard limit, needs CAP_SYS_RESOURCE (bit 24) to raise, which some sandboxes lack.
     const capEff = BigInt('0x' + /CapEff:\s+([0-9a-f]+)/.exec(readFileSync('/proc/self/status', 'utf8'))![1]);
     const mayRaise = (capEff & (1n << 24n)) !== 0n;
-    const other = await c.createVm({ name: 'memlock-nobody', vmm_uid: 65534, memlock_bytes: String(4 << 20) });
+    // [the VMM's soft:hard limit before, memlock_bytes, soft and hard after]
+    const cases: [string, number, string[]][] = [
+      ['1048576:8388608', 4 << 20, ['4194304', '8388608']], // soft raised, hard kept
+      ['8388608:8388608', 4 << 20, ['8388608', '8388608']], // larger already: untouched (it was lowered to 4 MiB)
+      ['2097152:2097152', 2 << 20, ['2097152', '2097152']], // equal: untouched
+    ];
+    if (mayRaise) cases.push(['8388608:8388608', 16 << 20, ['16777216', '16777216']]); // both raised
+    for (const [before, bytes, after] of cases) {
+      const { vm, attach_token } = await c.createVm({ name: `memlock-${before.replace(':', '-')}-${bytes}`, vmm_uid: 0, memlock_bytes: String(bytes) });
+      const v = runVmm(['prlimit', `--memlock=${before}`, process.execPath, REFERENCE_VMM, '--socket', handoff], attach_token!.token, false);
+      vmms.push(v);
+      assert.equal((await v.waitFor('attached')).memlock, bytes, 'the ATTACH result says what the VM asked');
+      assert.deepEqual(limitsOf(v.pid), after, `limit ${before}, memlock_bytes ${bytes}`);
+      await c.deleteVm({ vm_id: vm!.id });
+    }
+
+    // More than the 8 MiB the VMM starts with: the daemon must call prlimit.
+    const other = await c.createVm({ name: 'memlock-nobody', vmm_uid: 65534, memlock_bytes: String(16 << 20) });
     const w = refVmm(other.attach_token!.token);
     if (mayRaise) {
-      assert.equal((await w.waitFor('attached')).memlock, 4 << 20);
+      assert.equal((await w.waitFor('attached')).memlock, 16 << 20);
     } else {
       assert.match(String((await w.waitFor('attach-refused')).reason), /prlimit\(RLIMIT_MEMLOCK\) on pid \d+: EPERM/);
       const failed = await c.getVm(other.vm!.id);
@@ -327,7 +342,7 @@ describe('VMM sessions', () => {
 });
 
 describe('token expiry and idle connections', () => {
-  test('an expired token is refused; an idle connection is closed after the attach timeout', async () => {
+  test('S10, S13: an expired token is refused; an idle connection is closed after the attach timeout', async () => {
     const d = await startDaemon({ args: ['--token-ttl-ms', '1000', '--attach-timeout-ms', '300'] });
     try {
       const c = d.client();

@@ -462,15 +462,19 @@ describe(`handoff socket fuzz (seed ${SEED})`, () => {
     assert.equal(errors(), before, `error-level log lines: ${JSON.stringify(d.logs.filter((l) => l.level >= 50).slice(-3))}`);
   });
 
-  // docs/session-protocol.md: ATTACH's arg has bit 0 (passive), "other bits 0".
-  // session.ts checks `msg.arg & ~1`, a 32-bit operation: bits 32..52 pass.
-  test('an ATTACH whose arg has bits above 31 set is a protocol error', async () => {
+  // docs/session-protocol.md, S12: ATTACH's arg has bits 0 (passive) and 1 (edition 2); any other is refused with
+  // EOPNOTSUPP and the known bits in arg. JS bitwise operators keep 32 bits: bits 32..52 must not pass.
+  test('S12: an ATTACH whose arg has bits above 31 set is refused with EOPNOTSUPP, naming the bits the daemon knows', async () => {
     const s = await connect(handoff);
     try {
       rawSend(s.fd, encode({ type: MsgType.ATTACH, seq: 77, arg: 2 ** 32, ...header, text: 'bits-above-31' }));
+      const r = await until('the result', async () => s.recv() ?? undefined, 3000);
+      const m = decode(r.data, r.fds.length);
+      assert.deepEqual([m.type, m.seq, m.status, m.arg, r.fds.length], [MsgType.ATTACH | RESULT_BIT, 77, 95, 3, 0]);
+      assert.match(m.text, /bits this kvmvfiod does not know \(0x100000000\)/);
       const stats = { sent: 0, refusals: 0, fdsSent: 0 };
       await readToEof(s, 3000, stats, 'ATTACH arg 2^32');
-      assert.equal(stats.refusals, 0, 'answered as an ATTACH (token checked) rather than refused as garbled');
+      assert.equal(stats.refusals, 0, 'nothing after the refusal: the session ends');
     } finally {
       s.closeSync();
     }

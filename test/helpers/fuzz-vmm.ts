@@ -9,7 +9,7 @@
  *
  *   KVMVFIO_TOKEN=... node fuzz-vmm.js HANDOFF_SOCKET PLAN.json
  *
- * Prints JSON lines: attached / attach-refused / request / closed / done.
+ * Prints JSON lines: attached / attach-refused / request / result / closed / done.
  */
 import { readFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -134,7 +134,10 @@ async function main(): Promise<void> {
       say('bad-record', { reason: (e as Error).message });
       continue;
     }
-    if (isResult(req.type)) continue;
+    if (isResult(req.type)) {
+      say('result', { type: req.type, seq: req.seq, status: req.status, arg: req.arg, text: req.text });
+      continue;
+    }
     say('request', { type: req.type, seq: req.seq });
     const answer = (over: Partial<Parameters<typeof encode>[0]> = {}) =>
       encode({ type: req.type | RESULT_BIT, seq: req.seq, status: 0, arg: 0, manifest: [], text: '', ...over });

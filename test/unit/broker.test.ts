@@ -889,7 +889,7 @@ describe('Broker: the VFIO device and groups of a pending VM', () => {
       const failed = (await broker.createVm(ALICE, spec({ name: 'f', groups: [1], vfioDevice: false }))).vm;
       broker.vms.transition(failed, 'FAILED', 'x');
       const running = (await broker.createVm(ALICE, spec({ name: 'r', groups: [3] }))).vm;
-      broker.vms.transition(running, 'EXITED');
+      broker.vms.transition(broker.vms.transition(running, 'RUNNING'), 'EXITED');
       for (const vm of [failed, running]) {
         const before = snap(vm);
         await rejectsWith(broker.createVfioDevice(ALICE, vm.id), FailedPreconditionError);

@@ -80,3 +80,8 @@ test('connection limits, the API idle timeout and the log rate: flags, environme
   // The usage text names every new flag with its variable.
   for (const v of Object.keys(env)) assert.match(USAGE, new RegExp(v));
 });
+
+test("S31: kvmvfioctl vm delete's default deadline exceeds the daemon's default wait for a VMM to exit, by more than a daemon's answer takes", async () => {
+  const { DELETE_TIMEOUT_MS } = await import('../../src/cli/main');
+  assert.ok(DELETE_TIMEOUT_MS >= DEFAULTS.vmmExitGraceMs + 5000, `${DELETE_TIMEOUT_MS} ms vs --vmm-exit-grace-ms ${DEFAULTS.vmmExitGraceMs}`);
+});

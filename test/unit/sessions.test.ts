@@ -178,7 +178,9 @@ describe('Broker with attached VMMs', () => {
       assert.deepEqual(gone.shutdowns, []);
       gone.exit();
       await t.broker.vmmExited(second.vm.id);
-      assert.equal(t.broker.getVm(ROOT, second.vm.id).state, 'EXITED');
+      const failed = t.broker.getVm(ROOT, second.vm.id);
+      assert.equal(failed.state, 'FAILED', 'S29: never RUNNING, so not EXITED');
+      assert.match(failed.failureReason, /its VMM \(pid 4242\) exited before it made its VM/);
     } finally {
       await t.done();
     }
@@ -268,6 +270,47 @@ describe('Broker with attached VMMs', () => {
       assert.equal(t.broker.getVm(ROOT, vm.id).state, 'EXITED');
       assert.deepEqual(t.broker.getVm(ROOT, vm.id).strayGroups, []);
       await assert.rejects(t.broker.addGroup(ROOT, vm.id, 3), FailedPreconditionError);
+    } finally {
+      await t.done();
+    }
+  });
+
+  test('S24: a request past its deadline stays outstanding; its late success puts the group in the record, a late refusal gives it back; S25: none within the bound fails the VM', async () => {
+    const t = await setup();
+    try {
+      const { vm, token } = await t.create({ groups: [] });
+      const link = new LinkDouble();
+      (await t.broker.attach(token!.token, VMM, link)).kvm.closeSync();
+      await t.broker.applyPlan(vm.id);
+      const lateAdd = () => {
+        let settle!: { ok(): void; refuse(errno: number): void };
+        const answer = new Promise<void>((resolve, reject) => (settle = { ok: resolve, refuse: (errno) => reject(new SysError('KVM_SET_DEVICE_ATTR(VFIO_FILE_ADD)', 'late', errno)) }));
+        let held: OwnedFd | undefined;
+        link.addGroup = (_g: number, fd: OwnedFd) => ((held = fd), Promise.reject(new DeadlineExceededError('no answer in time', answer)));
+        return { settle, close: () => held?.closeSync() };
+      };
+
+      const first = lateAdd();
+      await assert.rejects(t.broker.addGroup(ROOT, vm.id, 2), DeadlineExceededError);
+      assert.deepEqual(t.broker.getVm(ROOT, vm.id).groups, [], 'not before its result');
+      assert.equal(t.pool.ownerOf(2)?.vmId, vm.id, 'held: the VMM has its fd');
+      first.settle.ok();
+      await until('group 2 in the record', async () => t.broker.getVm(ROOT, vm.id).groups.includes(2));
+
+      const second = lateAdd();
+      await assert.rejects(t.broker.addGroup(ROOT, vm.id, 3), DeadlineExceededError);
+      second.close(); // a refused ADD: the VMM closes the fd, then answers
+      second.settle.refuse(22);
+      await until('group 3 back', async () => t.pool.ownerOf(3) === undefined);
+      assert.deepEqual(t.broker.getVm(ROOT, vm.id).groups, [2]);
+      assert.equal(t.broker.getVm(ROOT, vm.id).state, 'RUNNING');
+
+      await t.broker.vmmOutOfStep(vm.id, link, 'its VMM (pid 4242) did not answer ADD_GROUP of group 1 (seq 9) within 30000 ms');
+      const failed = t.broker.getVm(ROOT, vm.id);
+      assert.equal(failed.state, 'FAILED');
+      assert.match(failed.failureReason, /its VMM \(pid 4242\) did not answer ADD_GROUP of group 1/);
+      assert.equal(link.shutdowns.length, 1, 'told to stop');
+      link.exit();
     } finally {
       await t.done();
     }

@@ -31,6 +31,12 @@
  * it is killed. KVMVFIO_SEND_AND_EXIT=1 plays a VMM that connects, waits for
  * its control fd to end, sends its ATTACH and exits at once, leaving its pid
  * free before the daemon reads the ATTACH (a pid-reuse attack's first half).
+ * It attaches as edition 2 of the protocol (ATTACH arg bit 1: it applies S5's checks to what it receives),
+ * or as edition 1 with KVMVFIO_EDITION=1 or when the daemon predates edition 2.
+ * KVMVFIO_SLOW_ANSWER=TYPE:MS (CREATE_VFIO_DEVICE:1500, say) plays a VMM
+ * that is late: it makes the first request of that type's call at once, then
+ * sleeps MS ms before it sends the result (the daemon's deadline passes
+ * while its kernel already holds the result).
  *
  * Build: gcc -O2 -Wall -Wextra -Werror -std=c11 -D_GNU_SOURCE refvmm.c
  */
@@ -48,6 +54,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #define KVF_MAGIC 0x3146564bu /* the bytes "KVF1" */
@@ -58,6 +65,11 @@
 enum { ATTACH = 1, VM_CREATED = 2, PING = 3, CREATE_VFIO_DEVICE = 16, ADD_GROUP = 17, REMOVE_GROUP = 18, SHUTDOWN = 19,
 	ADD_DEVICE = 20, REMOVE_DEVICE = 21 };
 enum { FD_KVM = 1, FD_VFIO_CONTAINER = 2, FD_VFIO_GROUP = 3, FD_IOMMUFD = 4, FD_VFIO_DEVICE = 5 };
+#define ATTACH_EDITION2 2u    /* ATTACH arg bit 1: this VMM follows edition 2 of the document */
+#define REFUSAL_TOKEN_KEPT 1u /* edition 2, a refused ATTACH result's arg: the token is still good */
+
+/* The edition both sides follow, from the ATTACH exchange: edition 2 adds S5's checks on what is received. */
+static int edition = 2;
 
 /*
  * The device-cdev handoff (Linux 6.6+). Debian 12's uapi headers (6.1) have neither iommufd.h nor the
@@ -192,11 +204,21 @@ static int recv_rec(int sock, struct rec *r) {
 	}
 	memcpy(r->text, b + HDR + 8 * r->nfds, r->text_len);
 	r->text[r->text_len] = '\0';
+	if (edition == 2) { /* S5 */
+		if (memchr(r->text, '\0', r->text_len)) garbled("text holds a NUL byte");
+		if (r->type & RESULT) {
+			if (r->type != (ATTACH | RESULT) && r->arg) garbled("a result other than ATTACH's with a nonzero arg");
+		} else {
+			if (r->status) garbled("a request with a nonzero status");
+			if ((r->type == VM_CREATED || r->type == PING || r->type == CREATE_VFIO_DEVICE || r->type == SHUTDOWN) && r->arg)
+				garbled("a request with a nonzero arg where its type has 0");
+		}
+	}
 	return 1;
 }
 
-/* Sends a record without fds (arg 0): requests have status 0, results echo their request's seq. */
-static void send_rec(int sock, unsigned type, unsigned seq, int status, const char *text) {
+/* Sends a record without fds: requests have status 0, results echo their request's seq. */
+static void send_rec(int sock, unsigned type, unsigned seq, int status, uint64_t arg, const char *text) {
 	unsigned char b[MAX_REC] = { 0 };
 	size_t len = strlen(text) < MAX_REC - HDR ? strlen(text) : MAX_REC - HDR;
 	ssize_t n;
@@ -206,6 +228,7 @@ static void send_rec(int sock, unsigned type, unsigned seq, int status, const ch
 	put_le(b + 6, type, 2);
 	put_le(b + 8, seq, 4);
 	put_le(b + 12, (uint32_t)status, 4);
+	put_le(b + 16, arg, 8);
 	put_le(b + 26, len, 2);
 	memcpy(b + HDR, text, len);
 	do n = send(sock, b, HDR + len, MSG_NOSIGNAL);
@@ -492,6 +515,12 @@ int main(int argc, char **argv) {
 	int fork_after_add = forking && !strcmp(forking, "after-add");
 	if (forking && *forking && !fork_after_add) hold_after_end = fork_after_connect(forking, control);
 
+	/* KVMVFIO_SLOW_ANSWER=TYPE:MS: the first request of that type is answered MS ms after its call. */
+	const char *slow = getenv("KVMVFIO_SLOW_ANSWER"), *slow_ms = slow ? strchr(slow, ':') : NULL;
+	size_t slow_len = slow_ms ? (size_t)(slow_ms - slow) : 0;
+	long slow_delay = slow_ms ? strtol(slow_ms + 1, NULL, 10) : 0;
+	if (slow && (!slow_ms || slow_delay <= 0)) fail(2, "KVMVFIO_SLOW_ANSWER (TYPE:MS)", EINVAL);
+
 	const char *send_and_exit = getenv("KVMVFIO_SEND_AND_EXIT");
 	if (send_and_exit && !strcmp(send_and_exit, "1")) {
 		/* A child keeps the connection open (and sends nothing) once this process is gone. */
@@ -503,18 +532,32 @@ int main(int argc, char **argv) {
 		printf("{\"event\":\"keeper\",\"child\":%d", (int)keeper);
 		end_event();
 		wait_eof(control);
-		send_rec(sock, ATTACH, 1, 0, token);
+		send_rec(sock, ATTACH, 1, 0, 0, token);
 		_exit(0);
 	}
-	send_rec(sock, ATTACH, 1, 0, token);
-	if (!recv_rec(sock, &r)) {
+	/* Edition 2 (ATTACH arg bit 1) unless KVMVFIO_EDITION=1; a daemon that predates it closes the session
+	 * without a result (or answers EOPNOTSUPP without bit 1 in arg), the token unspent: attach again as edition 1. */
+	const char *ed = getenv("KVMVFIO_EDITION");
+	edition = ed && !strcmp(ed, "1") ? 1 : 2;
+	send_rec(sock, ATTACH, 1, 0, edition == 2 ? ATTACH_EDITION2 : 0, token);
+	int got = recv_rec(sock, &r);
+	if (edition == 2 && !hold_after_end && (!got || (r.type == (ATTACH | RESULT) && r.status == EOPNOTSUPP && !(r.arg & ATTACH_EDITION2)))) {
+		close(sock);
+		edition = 1;
+		if ((sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0)) < 0) fail(2, "socket", errno);
+		if (connect(sock, (struct sockaddr *)&sa, sizeof sa) < 0) fail(2, "connect", errno);
+		send_rec(sock, ATTACH, 1, 0, 0, token);
+		got = recv_rec(sock, &r);
+	}
+	if (!got) {
 		printf("{\"event\":\"attach-refused\",\"errno\":%d,\"reason\":\"the daemon closed the session\"", ECONNRESET);
 		end_event();
 		return 1;
 	}
 	if (r.type != (ATTACH | RESULT) || r.seq != 1) garbled("expected the ATTACH result");
 	if (r.status != 0) {
-		printf("{\"event\":\"attach-refused\",\"errno\":%d,\"reason\":", (int)r.status);
+		printf("{\"event\":\"attach-refused\",\"errno\":%d,\"token_kept\":%s,\"reason\":", (int)r.status,
+			edition == 2 && r.arg & REFUSAL_TOKEN_KEPT ? "true" : "false");
 		json_str(r.text, r.text_len);
 		end_event();
 		return 1;
@@ -533,13 +576,13 @@ int main(int argc, char **argv) {
 	json_str(r.text, idlen);
 	fputs(",\"name\":", stdout);
 	json_str(name ? name + 1 : "", name ? r.text_len - idlen - 1 : 0);
-	printf(",\"memlock\":%llu,\"container\":%s,\"iommufd\":%s,\"uid\":%u", (unsigned long long)r.arg, container >= 0 ? "true" : "false",
-		iommufd >= 0 ? "true" : "false", (unsigned)getuid());
+	printf(",\"memlock\":%llu,\"container\":%s,\"iommufd\":%s,\"uid\":%u,\"edition\":%d", (unsigned long long)r.arg, container >= 0 ? "true" : "false",
+		iommufd >= 0 ? "true" : "false", (unsigned)getuid(), edition);
 	end_event();
 
 	int vm = xioctl(kvm, KVM_CREATE_VM, 0, "KVM_CREATE_VM");
 	run_guest(kvm, vm, "kvmvfio guest ok\n");
-	send_rec(sock, VM_CREATED, 2, 0, "");
+	send_rec(sock, VM_CREATED, 2, 0, 0, "");
 	/* The plan's requests were queued behind the ATTACH result: read them only now, with the VM made. */
 
 	for (int created_answered = 0;;) {
@@ -646,7 +689,14 @@ int main(int argc, char **argv) {
 			snprintf(text, sizeof text, "%s, group %llu: %s", call, (unsigned long long)r.arg, strerror(err));
 		else if (err) snprintf(text, sizeof text, "%s: %s", call, strerror(err));
 		else snprintf(text, sizeof text, "%s", r.type == PING ? "pong" : r.type == SHUTDOWN ? "stopping" : "ok");
-		send_rec(sock, r.type | RESULT, r.seq, err, text);
+		if (slow_len && strlen(type_name(r.type)) == slow_len && !strncmp(type_name(r.type), slow, slow_len)) {
+			struct timespec ts = { .tv_sec = slow_delay / 1000, .tv_nsec = slow_delay % 1000 * 1000000 };
+			slow_len = 0; /* the first such request only */
+			printf("{\"event\":\"slow-answer\",\"type\":\"%s\",\"ms\":%ld", type_name(r.type), slow_delay);
+			end_event();
+			while (nanosleep(&ts, &ts) < 0 && errno == EINTR);
+		}
+		send_rec(sock, r.type | RESULT, r.seq, err, 0, text);
 		printf("{\"event\":\"request\",\"type\":\"%s\",\"arg\":%llu,\"errno\":%d", type_name(r.type), (unsigned long long)r.arg, err);
 		end_event();
 		if (r.type == ADD_GROUP && !err && use && !strcmp(use, "1")) vfio_use(container, r.arg, r.fds[0]);

@@ -14,10 +14,29 @@ import type { Broker, Caller } from '../../broker/broker';
 import { DeadlineExceededError, DomainError, FailedPreconditionError, PermissionDeniedError, ResourceExhaustedError, UnavailableError } from '../../broker/errors';
 import type { AttachGrant, VmmLink } from '../../broker/vmm';
 import { type FdWatch, type OwnedFd, type SendableFd, SIGKILL, SIGTERM, type SeqpacketSocket, SysError, boottimeNs, peerPidfd, pidfdExited, pidfdSendSignal, watchReadable } from '../../kernel';
-import { FdKind, type Message, MsgType, ProtocolError, RESULT_BIT, decode, encode, isResult, pciAddressToId, typeName } from '../../protocol/session';
+import {
+  ATTACH_KNOWN_FLAGS,
+  AttachFlag,
+  FdKind,
+  type Message,
+  MsgType,
+  ProtocolError,
+  REFUSAL_TOKEN_KEPT,
+  RESULT_BIT,
+  decode,
+  encode,
+  fieldViolation,
+  isResult,
+  pciAddressToId,
+  typeName,
+} from '../../protocol/session';
+
+/** Requests whose success changes the VM in its VMM's kernel (S25: a result the record cannot follow fails the VM). */
+const CHANGES_THE_VM = new Set<number>([MsgType.CREATE_VFIO_DEVICE, MsgType.ADD_GROUP, MsgType.REMOVE_GROUP, MsgType.ADD_DEVICE, MsgType.REMOVE_DEVICE]);
 
 const EACCES = 13;
 const EPROTO = 71;
+const EOPNOTSUPP = 95;
 
 /** The errno an ATTACH refusal carries, by the broker's error kind (documented in docs/session-protocol.md). */
 const refusalErrno: Partial<Record<DomainError['kind'], number>> = {
@@ -29,8 +48,14 @@ const refusalErrno: Partial<Record<DomainError['kind'], number>> = {
 };
 
 export interface SessionOptions {
-  /** How long a request waits for the VMM's result. */
+  /** How long a request waits for the VMM's result before its caller gets DEADLINE_EXCEEDED. */
   requestTimeoutMs: number;
+  /**
+   * How long an overdue request stays outstanding, counted like its deadline:
+   * past it the VMM is taken as not answering, and its VM fails (see
+   * Broker.vmmOutOfStep). Default: 6 × requestTimeoutMs.
+   */
+  answerBoundMs?: number;
   /** How long a new connection has to send ATTACH. */
   attachTimeoutMs: number;
   /** Attached sessions at most, daemon-wide. */
@@ -57,10 +82,16 @@ export interface RestoredSession {
 
 interface Pending {
   type: number;
+  /** What the request asked, for messages ("ADD_GROUP of group 5"). */
+  what: string;
   resolve(m: Message): void;
   reject(e: Error): void;
   /** Unset while the VMM has not made its VM: a deadline counts from VM_CREATED (see #request). */
   timer: NodeJS.Timeout | undefined;
+  /** Called once at the deadline: the caller gets DEADLINE_EXCEEDED and the request stays outstanding. */
+  onDeadline(): void;
+  /** Past its deadline, waiting for a late result until the answer bound. */
+  overdue: boolean;
 }
 
 type Phase = 'new' | 'attaching' | 'attached' | 'ready' | 'closed';
@@ -73,6 +104,7 @@ export class Session implements VmmLink {
   readonly #log: Logger;
   readonly #opts: SessionOptions;
   readonly #pending = new Map<number, Pending>();
+  /** Requests given up at the answer bound: a result for one after that is logged and ignored. */
   readonly #abandoned = new Set<number>();
   #attachTimer: NodeJS.Timeout | undefined;
   #watch: FdWatch | undefined;
@@ -87,11 +119,16 @@ export class Session implements VmmLink {
   #vmId = '';
   #vmName = '';
   #passive = false;
+  /** The VMM set AttachFlag.EDITION2: the rules marked ② apply to it (S5's checks end its session). */
+  #edition2 = false;
+  /** What an edition-1 VMM broke of S5 and was let through (logged once each). */
+  readonly #tolerated = new Set<string>();
   /** Carried over a daemon restart: results of requests the old process sent are ignored, not errors. */
   #restored = false;
   #exited!: () => void;
   readonly exited: Promise<void>;
   #made!: { resolve(): void; reject(e: Error): void };
+  #madeVm = false;
   readonly vmMade: Promise<void>;
 
   constructor(id: number, sock: SeqpacketSocket, peer: Caller, broker: Broker, log: Logger, opts: SessionOptions, restored?: RestoredSession) {
@@ -102,7 +139,7 @@ export class Session implements VmmLink {
     this.#opts = opts;
     this.#log = log.child({ session: id, vmm_pid: peer.pid, vmm_uid: peer.uid, vmm_gid: peer.gid });
     this.exited = new Promise((r) => (this.#exited = r));
-    this.vmMade = new Promise<void>((resolve, reject) => (this.#made = { resolve, reject }));
+    this.vmMade = new Promise<void>((resolve, reject) => (this.#made = { resolve: () => ((this.#madeVm = true), resolve()), reject }));
     this.vmMade.catch(() => undefined); // a session may end before anyone asks
     if (restored) {
       this.#restored = true;
@@ -141,6 +178,16 @@ export class Session implements VmmLink {
 
   get vmId(): string {
     return this.#vmId;
+  }
+
+  /** The oldest request past its deadline that the VMM has not answered yet, if any ("CREATE_VFIO_DEVICE (seq 3)"). */
+  get overdue(): string | undefined {
+    for (const [seq, p] of this.#pending) if (p.overdue) return `${p.what} (seq ${seq})`;
+    return undefined;
+  }
+
+  get madeVm(): boolean {
+    return this.#madeVm;
   }
 
   get isOpen(): boolean {
@@ -244,15 +291,29 @@ export class Session implements VmmLink {
   #handle(msg: Message, fds: OwnedFd[], senderPid?: number): void {
     // No message from a VMM carries fds in protocol v1.
     if (fds.length) throw new ProtocolError(`${typeName(msg.type)} carries ${fds.length} fds; none are expected from a VMM`);
+    this.#checkFields(msg);
     if (isResult(msg.type)) {
-      if (this.#abandoned.delete(msg.seq) || (this.#restored && !this.#pending.has(msg.seq))) {
-        this.#log.warn({ event: 'late-result', type: typeName(msg.type), seq: msg.seq, errno: msg.status }, 'result after its deadline; ignored');
+      if (this.#abandoned.delete(msg.seq)) {
+        this.#log.warn({ event: 'late-result', type: typeName(msg.type), seq: msg.seq, errno: msg.status }, 'result after its answer bound; ignored');
+        return;
+      }
+      if (this.#restored && !this.#pending.has(msg.seq)) {
+        // Sent by the daemon process before the restart: this one cannot tell what it changed (which
+        // group, say). A refusal changed nothing; a success changed the VMM's kernel behind the record.
+        const changed = msg.status === 0 && CHANGES_THE_VM.has(msg.type & ~RESULT_BIT);
+        this.#log.warn({ event: 'late-result', vm: this.#vmId, type: typeName(msg.type), seq: msg.seq, errno: msg.status }, `result of a request of the previous daemon process; ${changed ? 'failing the VM' : 'ignored'}`);
+        if (changed) {
+          const reason = `its VMM (pid ${this.pid}) reported ${typeName(msg.type & ~RESULT_BIT)} (seq ${msg.seq}) done, a request of the daemon before it restarted: the record cannot say what it changed`;
+          void this.#broker.vmmOutOfStep(this.#vmId, this, reason);
+        }
         return;
       }
       const p = this.#pending.get(msg.seq);
       if (!p || p.type !== (msg.type & ~RESULT_BIT)) throw new ProtocolError(`${typeName(msg.type)} answers no request (seq ${msg.seq})`);
       this.#pending.delete(msg.seq);
       clearTimeout(p.timer);
+      if (p.overdue) this.#log.info({ event: 'late-result', vm: this.#vmId, type: typeName(msg.type), seq: msg.seq, errno: msg.status }, 'result after its deadline; applied');
+      else this.#log.debug({ event: 'result', vm: this.#vmId, type: typeName(msg.type), seq: msg.seq, errno: msg.status, text: msg.text }, 'result');
       p.resolve(msg);
       return;
     }
@@ -263,31 +324,67 @@ export class Session implements VmmLink {
       throw new ProtocolError(reason);
     }
     switch (msg.type) {
-      case MsgType.ATTACH:
-        if (msg.arg !== 0 && msg.arg !== 1) throw new ProtocolError(`ATTACH arg 0x${msg.arg.toString(16)} has unknown bits`);
+      case MsgType.ATTACH: {
+        // In BigInt: arg has up to 53 bits, and JS bitwise operators keep 32.
+        const unknown = BigInt(msg.arg) & ~BigInt(ATTACH_KNOWN_FLAGS);
+        if (unknown) {
+          // Negotiation (S12): the VMM learns which bits this daemon knows, and may attach again without the others.
+          const reason = `ATTACH arg 0x${msg.arg.toString(16)} has bits this kvmvfiod does not know (0x${unknown.toString(16)}); it knows 0x${ATTACH_KNOWN_FLAGS.toString(16)}`;
+          this.#reply(msg, EOPNOTSUPP, reason, ATTACH_KNOWN_FLAGS);
+          this.#log.warn({ event: 'attach-refused', reason }, 'attach refused');
+          this.#end(`attach refused: ${reason}`);
+          return;
+        }
         this.#phase = 'attaching';
         clearTimeout(this.#attachTimer);
         void this.#attach(msg, senderPid);
         return;
+      }
       case MsgType.VM_CREATED:
-        if (this.#phase !== 'attached' || this.#passive) throw new ProtocolError(`VM_CREATED in phase ${this.#phase}`);
+        if (this.#phase !== 'attached' || this.#passive) {
+          // Well formed, so answered (S8), then the session ends (S17).
+          const reason = this.#passive ? 'VM_CREATED from a passive VMM' : this.#phase === 'ready' ? 'VM_CREATED sent twice' : `VM_CREATED before the ATTACH result`;
+          this.#reply(msg, EPROTO, reason);
+          throw new ProtocolError(reason);
+        }
         this.#phase = 'ready';
         this.#reply(msg, 0, 'ok');
         // The plan's requests went out with the ATTACH result; their deadlines start now.
-        for (const [seq, p] of this.#pending) if (!p.timer) p.timer = this.#deadline(seq, p.type);
+        for (const [seq, p] of this.#pending) if (!p.timer) p.timer = this.#deadline(seq);
         this.#log.info({ event: 'vm-created', vm: this.#vmId }, 'VMM made its VM');
         this.#made.resolve();
         return;
       case MsgType.PING:
         this.#reply(msg, 0, 'pong');
         return;
-      default:
-        throw new ProtocolError(`${typeName(msg.type)} may not be sent by a VMM`);
+      default: {
+        const reason = `${typeName(msg.type)} may not be sent by a VMM`;
+        this.#reply(msg, EPROTO, reason);
+        throw new ProtocolError(reason);
+      }
     }
   }
 
+  /**
+   * S5: a NUL in a text, a nonzero status on a request, an arg the table fixes
+   * at 0. Garbled for an edition-2 VMM (known from its ATTACH); an edition-1
+   * VMM, written when the daemon let them through, still is let through, and
+   * each kind is logged once per session so that its operator can see it.
+   */
+  #checkFields(msg: Message): void {
+    const violation = fieldViolation(msg);
+    if (!violation) return;
+    const edition2 = this.#phase === 'new' ? msg.type === MsgType.ATTACH && (msg.arg & AttachFlag.EDITION2) !== 0 : this.#edition2;
+    if (edition2) throw new ProtocolError(violation);
+    const kind = violation.replace(/\d+/g, 'N');
+    if (this.#tolerated.has(kind)) return;
+    this.#tolerated.add(kind);
+    this.#log.warn({ event: 'session-tolerated', vm: this.#vmId || undefined, reason: violation }, 'an edition-1 VMM broke a rule of the session protocol (S5); let through, as edition 1 does');
+  }
+
   async #attach(msg: Message, senderPid?: number): Promise<void> {
-    this.#passive = msg.arg === 1;
+    this.#passive = (msg.arg & AttachFlag.PASSIVE) !== 0;
+    this.#edition2 = (msg.arg & AttachFlag.EDITION2) !== 0;
     let grant: AttachGrant;
     try {
       if (!msg.text) throw new PermissionDeniedError('attach token missing');
@@ -313,7 +410,17 @@ export class Session implements VmmLink {
       const reason = e instanceof DomainError || e instanceof SysError ? e.message : 'internal error';
       this.#log.warn({ event: 'attach-refused', reason }, 'attach refused');
       const errno = e instanceof SysError ? e.errno : e instanceof DomainError ? (refusalErrno[e.kind] ?? EPROTO) : EPROTO;
-      this.#reply(msg, errno, reason);
+      // Edition 2 (S13): whether the token is still good, i.e. this refusal neither spent it nor touched the VM.
+      let arg = 0;
+      if (this.#edition2) {
+        try {
+          this.#broker.tokens.check(msg.text, this.peer.uid);
+          arg = REFUSAL_TOKEN_KEPT;
+        } catch {
+          // spent, expired, never known, or another uid's: not worth presenting again from here
+        }
+      }
+      this.#reply(msg, errno, reason, arg);
       this.#end(`attach refused: ${reason}`);
       return;
     }
@@ -353,9 +460,9 @@ export class Session implements VmmLink {
 
   // --- writing ---------------------------------------------------------------
 
-  #reply(req: Message, status: number, text: string): void {
+  #reply(req: Message, status: number, text: string, arg = 0): void {
     try {
-      this.#send({ type: req.type | RESULT_BIT, seq: req.seq, status, arg: 0, manifest: [], text }, []);
+      this.#send({ type: req.type | RESULT_BIT, seq: req.seq, status, arg, manifest: [], text }, []);
     } catch (e) {
       this.#end(`reply failed: ${(e as Error).message}`);
     }
@@ -375,6 +482,14 @@ export class Session implements VmmLink {
     }
   }
 
+  /**
+   * Sends a request and resolves with its result (rejects with a SysError
+   * carrying the VMM's errno). At the deadline the promise rejects with
+   * DeadlineExceededError, whose `answer` is the request's outcome still to
+   * come: the request stays outstanding until the answer bound (the contract's
+   * S24, S25). While one is overdue no other request is sent but SHUTDOWN and
+   * PING: they would only queue behind it.
+   */
   #request(type: number, arg: number, fds: { kind: number; id: number; fd: SendableFd }[], call: string, object = '', text = ''): Promise<Message> {
     if (this.#phase === 'closed') {
       for (const f of fds) f.fd.closeSync();
@@ -384,54 +499,91 @@ export class Session implements VmmLink {
       for (const f of fds) f.fd.closeSync();
       return Promise.reject(new UnavailableError('a passive VMM takes no requests'));
     }
+    const overdue = type === MsgType.SHUTDOWN || type === MsgType.PING ? undefined : this.overdue;
+    if (overdue) {
+      for (const f of fds) f.fd.closeSync();
+      return Promise.reject(new UnavailableError(`VMM pid ${this.pid} has not answered ${overdue} yet; nothing more is sent to it until it does`));
+    }
     const seq = (this.#seq = (this.#seq + 1) >>> 0);
-    return this.#observed(type, process.hrtime.bigint(), new Promise<Message>((resolve, reject) => {
-      // Sent before VM_CREATED (the plan, pipelined behind the ATTACH result), a request waits
-      // for the VMM to make its VM first: its deadline starts at VM_CREATED.
-      const p: Pending = { type, resolve, reject, timer: undefined };
-      this.#pending.set(seq, p);
-      if (this.#phase === 'ready') p.timer = this.#deadline(seq, type);
-      try {
-        this.#send({ type, seq, status: 0, arg, manifest: fds.map(({ kind, id }) => ({ kind, id })), text }, fds);
-      } catch (e) {
-        clearTimeout(p.timer);
-        this.#pending.delete(seq);
-        reject(e instanceof SysError ? new UnavailableError(`VMM pid ${this.pid}: ${e.message}`) : e);
-      }
+    const what = `${typeName(type)}${object ? ` of ${object}` : ''}`;
+    let p!: Pending;
+    // The result, whenever it comes: the kernel's verdict, named as the call the VMM made in its own process.
+    const answer = new Promise<Message>((resolve, reject) => {
+      p = { type, what, resolve, reject, timer: undefined, onDeadline: () => undefined, overdue: false };
     }).then((res) => {
-      // The VMM's kernel verdict, named as the call it made in its own process.
       if (res.status !== 0) throw new SysError(call, `${object ? `${object}, ` : ''}vm ${this.#vmName} (VMM pid ${this.pid})`, res.status);
       return res;
-    }));
+    });
+    answer.catch(() => undefined); // a caller past its deadline may not look at it
+    this.#observe(type, process.hrtime.bigint(), answer);
+    const inTime = new Promise<Message>((resolve, reject) => {
+      answer.then(resolve, reject);
+      p.onDeadline = () => {
+        const bound = this.#answerBoundMs;
+        reject(
+          new DeadlineExceededError(
+            `VMM pid ${this.pid} did not answer ${what} within ${this.#opts.requestTimeoutMs} ms; the request stays outstanding: ` +
+              `its result, if it comes within ${bound} ms of the send, updates vm ${this.#vmName}, else the VM is failed and its VMM stopped`,
+            answer.then(() => undefined),
+          ),
+        );
+      };
+    });
+    // Sent before VM_CREATED (the plan, pipelined behind the ATTACH result), a request waits
+    // for the VMM to make its VM first: its deadline starts at VM_CREATED.
+    this.#pending.set(seq, p);
+    if (this.#phase === 'ready') p.timer = this.#deadline(seq);
+    try {
+      this.#send({ type, seq, status: 0, arg, manifest: fds.map(({ kind, id }) => ({ kind, id })), text }, fds);
+    } catch (e) {
+      clearTimeout(p.timer);
+      this.#pending.delete(seq);
+      p.reject(e instanceof SysError ? new UnavailableError(`VMM pid ${this.pid}: ${e.message}`) : (e as Error));
+    }
+    return inTime;
   }
 
-  /** Times a request for the metrics, from its sending to its result (or its end). */
-  #observed(type: number, started: bigint, p: Promise<Message>): Promise<Message> {
+  /** Times a request for the metrics, from its sending to its result (late ones too) or its end. */
+  #observe(type: number, started: bigint, answer: Promise<Message>): void {
     const observe = this.#opts.observeRequest;
-    if (!observe) return p;
+    if (!observe) return;
     const done = (outcome: string) => observe(typeName(type), Number(process.hrtime.bigint() - started) / 1e9, outcome);
-    return p.then(
-      (m) => {
-        done('ok');
-        return m;
-      },
-      (e: unknown) => {
-        done(e instanceof SysError ? e.code : e instanceof DeadlineExceededError ? 'deadline' : e instanceof UnavailableError ? 'closed' : 'error');
-        throw e;
-      },
+    answer.then(
+      () => done('ok'),
+      (e: unknown) => done(e instanceof SysError ? e.code : e instanceof DeadlineExceededError ? 'unanswered' : e instanceof UnavailableError ? 'closed' : 'error'),
     );
   }
 
-  #deadline(seq: number, type: number): NodeJS.Timeout {
-    return setTimeout(() => {
+  get #answerBoundMs(): number {
+    return Math.max(this.#opts.answerBoundMs ?? 6 * this.#opts.requestTimeoutMs, this.#opts.requestTimeoutMs);
+  }
+
+  /** The deadline of request `seq`, then its answer bound. */
+  #deadline(seq: number): NodeJS.Timeout {
+    const timer = setTimeout(() => {
       const p = this.#pending.get(seq);
       if (!p) return;
-      this.#pending.delete(seq);
-      // Its result may still come: remember the seq (a few) so a late answer is not a protocol error.
-      this.#abandoned.add(seq);
-      if (this.#abandoned.size > 64) this.#abandoned.delete(this.#abandoned.values().next().value as number);
-      p.reject(new DeadlineExceededError(`VMM pid ${this.pid} did not answer ${typeName(type)} within ${this.#opts.requestTimeoutMs} ms`));
+      p.overdue = true;
+      this.#log.warn({ event: 'request-overdue', vm: this.#vmId, type: typeName(p.type), seq, ms: this.#opts.requestTimeoutMs }, 'VMM past the deadline of a request; it stays outstanding');
+      p.onDeadline();
+      p.timer = setTimeout(() => this.#unanswered(seq), this.#answerBoundMs - this.#opts.requestTimeoutMs);
+      p.timer.unref();
     }, this.#opts.requestTimeoutMs);
+    timer.unref();
+    return timer;
+  }
+
+  /** The answer bound passed: the request is given up, and the broker fails the VM (its record can no longer follow the kernel). */
+  #unanswered(seq: number): void {
+    const p = this.#pending.get(seq);
+    if (!p) return;
+    this.#pending.delete(seq);
+    this.#abandoned.add(seq);
+    if (this.#abandoned.size > 64) this.#abandoned.delete(this.#abandoned.values().next().value as number);
+    const what = `${p.what} (seq ${seq}) within ${this.#answerBoundMs} ms`;
+    p.reject(new DeadlineExceededError(`VMM pid ${this.pid} did not answer ${what}`));
+    this.#log.warn({ event: 'request-unanswered', vm: this.#vmId, type: typeName(p.type), seq, ms: this.#answerBoundMs }, 'VMM never answered a request; failing its VM');
+    void this.#broker.vmmOutOfStep(this.#vmId, this, `its VMM (pid ${this.pid}) did not answer ${what}`);
   }
 
   // --- ending ----------------------------------------------------------------

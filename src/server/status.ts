@@ -37,7 +37,8 @@ const byErrno: Record<string, Status> = {
   ETIMEDOUT: Status.DEADLINE_EXCEEDED,
   EIO: Status.FAILED_PRECONDITION,
   ENOSYS: Status.UNIMPLEMENTED,
-  EOPNOTSUPP: Status.UNIMPLEMENTED,
+  // errno 95: Node names it ENOTSUP (its alias EOPNOTSUPP never comes out of a SysError).
+  ENOTSUP: Status.UNIMPLEMENTED,
   ECONNRESET: Status.UNAVAILABLE,
   EPIPE: Status.UNAVAILABLE,
 };

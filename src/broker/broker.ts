@@ -702,7 +702,11 @@ export class Broker {
   #activeLink(vm: VmRecord): VmmLink {
     const link = this.#links.get(vm.id);
     if (!link) throw new UnavailableError(`vm ${vm.name}: its VMM is gone`);
-    if (link.passive) throw new FailedPreconditionError(`vm ${vm.name} runs a passive VMM (kvmvfioctl attach), which takes no requests`);
+    if (link.passive && !link.hotplug) {
+      throw new FailedPreconditionError(
+        `vm ${vm.name} runs a passive VMM (kvmvfioctl attach) without a control channel, which takes no requests; for hot-plug into QEMU, start it with the monitor of kvmvfioctl vm args --vmm qemu ({qmp})`,
+      );
+    }
     return link;
   }
 

@@ -30,6 +30,7 @@ const OPTIONS = {
   handoff: { type: 'string' },
   vmm: { type: 'string' },
   cdev: { type: 'boolean' },
+  'hotplug-ports': { type: 'string' },
 } as const;
 
 export type OptionName = keyof typeof OPTIONS;

@@ -8,7 +8,7 @@ export const SYNOPSIS: Record<string, string> = {
   'vm create': 'kvmvfioctl vm create NAME --vmm-uid UID [--vfio-device] [--group N]... [--cdev] [--label KEY=VALUE]... [--memlock SIZE] [--request-id ID]',
   'vm get': 'kvmvfioctl vm get VM',
   'vm token': 'kvmvfioctl vm token VM',
-  'vm args': 'kvmvfioctl vm args VM --vmm qemu',
+  'vm args': 'kvmvfioctl vm args VM --vmm qemu [--hotplug-ports N]',
   'vm list': 'kvmvfioctl vm list [--label KEY=VALUE]... [--state pending|running|exited|failed]... [--page-size N]',
   'vm delete': 'kvmvfioctl vm delete VM [--force]',
   'vm watch': 'kvmvfioctl vm watch [--label KEY=VALUE]... [--state pending|running|exited|failed]...',
@@ -41,8 +41,12 @@ Commands:
                               SIZE is bytes or K/M/G/T (powers of 1024), e.g. 2G
   vm get VM                   one VM
   vm token VM                 a new attach token for a PENDING VM (earlier ones stop working)
-  vm args VM --vmm qemu       the VMM arguments that use the fds kvmvfioctl attach hands over, with
-                              its placeholders, e.g. for QEMU -add-fd fd={kvm},set=1,... -accel kvm,...
+  vm args VM --vmm qemu [--hotplug-ports N]
+                              the VMM arguments that use the fds kvmvfioctl attach hands over, with
+                              its placeholders, e.g. for QEMU -add-fd fd={kvm},set=1,... -accel kvm,...;
+                              for a --cdev VM also its iommufd, devices, the daemon's monitor ({qmp},
+                              for AddGroup/RemoveGroup by hot-plug) and N spare PCIe root ports
+                              (default 4; QEMU's machine must be q35)
   vm list [--label KEY=VALUE]... [--state STATE]... [--page-size N]
                               the VMs, oldest first; every label must match, any state may;
                               all of them, fetched N per call (default 100, at most 500)
@@ -60,7 +64,8 @@ Commands:
                               e.g. kvm:17,vfio-container:18,group-12:19,session:20 (vfio-container only
                               when the daemon sent one), and $KVMVFIO_VM_ID, $KVMVFIO_VM_NAME set.
                               In ARGs, {kvm}, {vfio-container}, {group:N}, {iommufd}, {device:ADDRESS}
-                              and {session} become those fds' numbers, e.g.
+                              and {session} become those fds' numbers; {qmp}, one end of a socketpair
+                              whose other end goes to the daemon (QEMU's monitor for hot-plug), e.g.
                               -add-fd fd={kvm},set=1 -accel kvm,device=/dev/fdset/1
                               (kvmvfioctl vm args VM --vmm qemu prints them); one the daemon did not
                               hand out is INVALID_ARGUMENT, and nothing is exec'd.
@@ -70,7 +75,8 @@ Commands:
                               The token comes from --token, else $KVMVFIO_TOKEN; prefer the variable:
                               a command line is visible to every user in ps. The handoff socket: --handoff,
                               else $KVMVFIO_HANDOFF, else ${DEFAULT_HANDOFF}.
-                              The daemon's VM operations on such a VM fail with FAILED_PRECONDITION.
+                              The daemon's VM operations on such a VM fail with FAILED_PRECONDITION,
+                              except, with {qmp}, AddGroup/RemoveGroup/CreateVfioDevice of a --cdev VM.
 
 VM is a VM id or name: an argument shaped like an id (a UUID, in any case) is only ever an id,
 anything else only a name; a name more than one VM you can see has (root and admins see every

@@ -46,6 +46,8 @@ export interface DaemonConfig {
   fdMargin: number;
   /** The longest any unary call may run. */
   callTimeoutMs: number;
+  /** How long RemoveGroup on a QEMU VM waits for the guest to let go of a device (DEVICE_DELETED). */
+  hotUnplugTimeoutMs: number;
 }
 
 export const DEFAULTS: DaemonConfig = {
@@ -72,6 +74,7 @@ export const DEFAULTS: DaemonConfig = {
   maxWatchesPerUid: 16,
   fdMargin: 256,
   callTimeoutMs: 60_000,
+  hotUnplugTimeoutMs: 20_000,
 };
 
 export const USAGE = `Usage: kvmvfiod [options]
@@ -109,6 +112,8 @@ Options (environment variable in brackets):
                       [KVMVFIOD_MAX_WATCHES_PER_UID] (${DEFAULTS.maxWatchesPerUid})
   --fd-margin N       fds kept free under RLIMIT_NOFILE (${DEFAULTS.fdMargin})
   --call-timeout-ms N the longest a call may run (${DEFAULTS.callTimeoutMs})
+  --hot-unplug-timeout-ms N  how long RemoveGroup on a QEMU VM waits for its guest to
+                      let go of a device (${DEFAULTS.hotUnplugTimeoutMs}); QMP commands get --vmm-timeout-ms
   --version, --help
 `;
 
@@ -147,6 +152,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): DaemonConfi
         'max-watches-per-uid': { type: 'string' },
         'fd-margin': { type: 'string' },
         'call-timeout-ms': { type: 'string' },
+        'hot-unplug-timeout-ms': { type: 'string' },
         help: { type: 'boolean' },
         version: { type: 'boolean' },
       },
@@ -183,6 +189,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): DaemonConfi
     maxWatchesPerUid: ms(values['max-watches-per-uid'] ?? env.KVMVFIOD_MAX_WATCHES_PER_UID, DEFAULTS.maxWatchesPerUid),
     fdMargin: ms(values['fd-margin'], DEFAULTS.fdMargin),
     callTimeoutMs: ms(values['call-timeout-ms'], DEFAULTS.callTimeoutMs),
+    hotUnplugTimeoutMs: ms(values['hot-unplug-timeout-ms'], DEFAULTS.hotUnplugTimeoutMs),
   };
   if (!LEVELS.includes(cfg.logLevel)) throw new ConfigError(`--log-level: "${cfg.logLevel}" is not one of ${LEVELS.join(', ')}`);
   const bounds: [keyof DaemonConfig, string, number, number][] = [
@@ -203,6 +210,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): DaemonConfi
     ['maxWatchesPerUid', '--max-watches-per-uid', 1, 1_000_000],
     ['fdMargin', '--fd-margin', 16, 1_000_000],
     ['callTimeoutMs', '--call-timeout-ms', 100, 3_600_000],
+    ['hotUnplugTimeoutMs', '--hot-unplug-timeout-ms', 100, 3_600_000],
   ];
   for (const [key, flag, lo, hi] of bounds) {
     const v = cfg[key] as number;

@@ -118,10 +118,12 @@ export class VmmSession {
    * Connects to the handoff socket and attaches with `token`. Rejects with
    * AttachError (the daemon's errno and reason) when refused.
    */
-  static async connect(path: string, token: string, opts: { passive?: boolean } = {}): Promise<VmmSession> {
+  static async connect(path: string, token: string, opts: { passive?: boolean; qmpFd?: number } = {}): Promise<VmmSession> {
     const sock = await connectWithRoom(path);
     try {
-      sock.send(encode({ type: MsgType.ATTACH, seq: 1, status: 0, arg: opts.passive ? 1 : 0, manifest: [], text: token }));
+      // A passive VMM may send its QEMU's monitor (one end of a stream socketpair): the daemon drives hot-plug through it.
+      const qmp = opts.passive && opts.qmpFd !== undefined ? [opts.qmpFd] : [];
+      sock.send(encode({ type: MsgType.ATTACH, seq: 1, status: 0, arg: opts.passive ? 1 : 0, manifest: qmp.map(() => ({ kind: FdKind.QMP, id: 0 })), text: token }), qmp);
       const { msg, fds } = await nextRecord(sock);
       const owned = [...fds];
       try {

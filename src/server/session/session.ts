@@ -13,8 +13,10 @@ import type { Logger } from 'pino';
 import type { Broker, Caller } from '../../broker/broker';
 import { DeadlineExceededError, DomainError, FailedPreconditionError, PermissionDeniedError, ResourceExhaustedError, UnavailableError } from '../../broker/errors';
 import type { AttachGrant, VmmLink } from '../../broker/vmm';
-import { type FdWatch, type OwnedFd, type SendableFd, SIGKILL, SIGTERM, type SeqpacketSocket, SysError, boottimeNs, peerPidfd, pidfdExited, pidfdSendSignal, watchReadable } from '../../kernel';
+import { type FdWatch, type OwnedFd, type SendableFd, SIGKILL, SIGTERM, type SeqpacketSocket, StreamSocket, SysError, boottimeNs, peerPidfd, pidfdExited, pidfdSendSignal, watchReadable } from '../../kernel';
 import { FdKind, type Message, MsgType, ProtocolError, RESULT_BIT, decode, encode, isResult, pciAddressToId, typeName } from '../../protocol/session';
+import { QmpClient, checkQmpSocket } from '../qmp/client';
+import { QemuHotplug } from '../qmp/hotplug';
 
 const EACCES = 13;
 const EPROTO = 71;
@@ -26,6 +28,7 @@ const refusalErrno: Partial<Record<DomainError['kind'], number>> = {
   'failed-precondition': 16, // EBUSY: the VM is not waiting for a VMM
   'resource-exhausted': 24, // EMFILE
   unavailable: 108, // ESHUTDOWN: the daemon is stopping
+  'invalid-argument': 22, // EINVAL: a QMP fd that is not the VMM's own stream socketpair
 };
 
 export interface SessionOptions {
@@ -43,6 +46,17 @@ export interface SessionOptions {
   onSocketClosed?(session: Session): void;
   /** Runs the handling of a VMM's exit; the handoff server spreads a burst of exits over loop turns. Default: at once. */
   schedule?(job: () => void): void;
+  /** For a passive VMM that sends a QMP fd with its ATTACH: how the daemon drives its QEMU. Absent: such an ATTACH is refused. */
+  qmp?: QmpSessionOptions;
+}
+
+export interface QmpSessionOptions {
+  /** How long a QMP command may take (QEMU's start included, for the first). */
+  commandTimeoutMs: number;
+  /** How long a hot-unplug waits for the guest (DEVICE_DELETED). */
+  unplugTimeoutMs: number;
+  /** A fresh /dev/iommu for the QEMU's iommufd object. */
+  openIommufd(): Promise<OwnedFd>;
 }
 
 export interface RestoredSession {
@@ -85,6 +99,8 @@ export class Session implements VmmLink {
   #vmId = '';
   #vmName = '';
   #passive = false;
+  /** A passive VMM's QEMU, driven through the QMP fd it sent with its ATTACH (hot-plug). */
+  #qemu?: QemuHotplug;
   /** Carried over a daemon restart: results of requests the old process sent are ignored, not errors. */
   #restored = false;
   #exited!: () => void;
@@ -137,6 +153,11 @@ export class Session implements VmmLink {
     return this.#passive;
   }
 
+  /** How a passive VMM takes hot changes: 'qmp' when its QEMU's monitor came with its ATTACH. */
+  get hotplug(): 'qmp' | undefined {
+    return this.#qemu ? 'qmp' : undefined;
+  }
+
   get vmId(): string {
     return this.#vmId;
   }
@@ -148,23 +169,32 @@ export class Session implements VmmLink {
   // --- VmmLink -------------------------------------------------------------
 
   async createVfioDevice(): Promise<void> {
+    // QEMU makes its KVM-VFIO device itself, with its first VFIO device: nothing to ask.
+    if (this.#passive && this.#qemu) return;
     await this.#request(MsgType.CREATE_VFIO_DEVICE, 0, [], 'KVM_CREATE_DEVICE(VFIO)');
   }
 
   async addGroup(group: number, fd: SendableFd): Promise<void> {
+    if (this.#passive && this.#qemu) {
+      fd.closeSync();
+      throw new FailedPreconditionError(`QEMU takes a VFIO device only as a device cdev with an iommufd, never as a group file: vm ${this.#vmName} needs the CDEV handoff (CreateVm vfio_handoff VFIO_HANDOFF_CDEV)`);
+    }
     await this.#request(MsgType.ADD_GROUP, group, [{ kind: FdKind.VFIO_GROUP, id: group, fd }], 'KVM_SET_DEVICE_ATTR(VFIO_FILE_ADD)', `group ${group}`);
   }
 
   async removeGroup(group: number): Promise<void> {
+    if (this.#passive && this.#qemu) throw new FailedPreconditionError(`vm ${this.#vmName}'s QEMU holds no group files (it takes device cdevs only)`);
     await this.#request(MsgType.REMOVE_GROUP, group, [], 'KVM_SET_DEVICE_ATTR(VFIO_FILE_DEL)', `group ${group}`);
   }
 
   async addDevice(address: string, fd: SendableFd): Promise<void> {
+    if (this.#passive && this.#qemu) return this.#qemu.addDevice(address, fd);
     const id = pciAddressToId(address);
     await this.#request(MsgType.ADD_DEVICE, id, [{ kind: FdKind.VFIO_DEVICE, id, fd }], 'ADD_DEVICE (bind, attach, KVM_DEV_VFIO_FILE_ADD)', `device ${address}`);
   }
 
   async removeDevice(address: string): Promise<void> {
+    if (this.#passive && this.#qemu) return this.#qemu.removeDevice(address);
     await this.#request(MsgType.REMOVE_DEVICE, pciAddressToId(address), [], 'REMOVE_DEVICE (KVM_DEV_VFIO_FILE_DEL)', `device ${address}`);
   }
 
@@ -240,8 +270,8 @@ export class Session implements VmmLink {
 
   /** `senderPid`: who sent the record (SCM_CREDENTIALS), where the socket passes credentials. */
   #handle(msg: Message, fds: OwnedFd[], senderPid?: number): void {
-    // No message from a VMM carries fds in protocol v1.
-    if (fds.length) throw new ProtocolError(`${typeName(msg.type)} carries ${fds.length} fds; none are expected from a VMM`);
+    // No message from a VMM carries fds, but a passive VMM's ATTACH its QEMU's monitor (FdKind.QMP).
+    if (fds.length && !(msg.type === MsgType.ATTACH && this.#phase === 'new')) throw new ProtocolError(`${typeName(msg.type)} carries ${fds.length} fds; none are expected from a VMM`);
     if (isResult(msg.type)) {
       if (this.#abandoned.delete(msg.seq) || (this.#restored && !this.#pending.has(msg.seq))) {
         this.#log.warn({ event: 'late-result', type: typeName(msg.type), seq: msg.seq, errno: msg.status }, 'result after its deadline; ignored');
@@ -263,9 +293,13 @@ export class Session implements VmmLink {
     switch (msg.type) {
       case MsgType.ATTACH:
         if (msg.arg !== 0 && msg.arg !== 1) throw new ProtocolError(`ATTACH arg 0x${msg.arg.toString(16)} has unknown bits`);
+        if (fds.length && (fds.length !== 1 || msg.manifest[0].kind !== FdKind.QMP || msg.arg !== 1)) {
+          throw new ProtocolError(`an ATTACH may carry one fd, a QMP channel, and only with the passive bit (manifest kinds ${msg.manifest.map((e) => e.kind).join(',')}, arg ${msg.arg})`);
+        }
         this.#phase = 'attaching';
         clearTimeout(this.#attachTimer);
-        void this.#attach(msg, senderPid);
+        // The QMP fd is #attach's from here (it closes it on any failure).
+        void this.#attach(msg, senderPid, fds.splice(0)[0]);
         return;
       case MsgType.VM_CREATED:
         if (this.#phase !== 'attached' || this.#passive) throw new ProtocolError(`VM_CREATED in phase ${this.#phase}`);
@@ -284,10 +318,15 @@ export class Session implements VmmLink {
     }
   }
 
-  async #attach(msg: Message, senderPid?: number): Promise<void> {
+  async #attach(msg: Message, senderPid?: number, qmpFd?: OwnedFd): Promise<void> {
     this.#passive = msg.arg === 1;
     let grant: AttachGrant;
     try {
+      if (qmpFd) {
+        if (!this.#opts.qmp) throw new FailedPreconditionError('this kvmvfiod does not drive QEMU monitors (no QMP options)');
+        // Before the token is spent: a bad channel leaves the VM waiting for a good attach.
+        checkQmpSocket(qmpFd.fd, this.peer.pid);
+      }
       if (!msg.text) throw new PermissionDeniedError('attach token missing');
       // SO_PEERCRED gives pid 0 for a peer outside the daemon's pid namespace: such a VMM cannot be
       // watched, limited or killed, so it is refused (a container daemon needs the host's pid namespace).
@@ -311,6 +350,7 @@ export class Session implements VmmLink {
       const reason = e instanceof DomainError || e instanceof SysError ? e.message : 'internal error';
       this.#log.warn({ event: 'attach-refused', reason }, 'attach refused');
       const errno = e instanceof SysError ? e.errno : e instanceof DomainError ? (refusalErrno[e.kind] ?? EPROTO) : EPROTO;
+      qmpFd?.closeSync();
       this.#reply(msg, errno, reason);
       this.#end(`attach refused: ${reason}`);
       return;
@@ -321,12 +361,14 @@ export class Session implements VmmLink {
     if (this.#phase !== 'attaching') {
       // The session ended while the broker attached it: nothing reached the
       // VMM, so its VM ends here and its groups go back (our copies closed first).
+      qmpFd?.closeSync();
       for (const f of fdsOfGrant()) f?.closeSync();
       this.#exited();
       return;
     }
     if (this.#pidfd && pidfdExited(this.#pidfd.fd)) {
       // Gone before its fds left: send nothing. The pidfd watch ends the VM.
+      qmpFd?.closeSync();
       for (const f of fdsOfGrant()) f?.closeSync();
       this.#end('VMM exited before its fds were sent');
       return;
@@ -340,12 +382,21 @@ export class Session implements VmmLink {
       this.#send({ type: msg.type | RESULT_BIT, seq: msg.seq, status: 0, arg: grant.memlockBytes, manifest: sent, text: `${grant.vmId} ${grant.vmName}` }, sent);
       this.#phase = 'attached';
       if (this.#passive) this.#made.resolve();
+      if (qmpFd && this.#opts.qmp) {
+        const who = `QEMU (pid ${this.pid}) of vm ${grant.vmName}`;
+        const log = (event: Record<string, unknown>, m: string) => this.#log.info({ vm: grant.vmId, ...event }, m);
+        const qmp = new QmpClient(new StreamSocket(qmpFd, `QMP of vm ${grant.vmName}`), { commandTimeoutMs: this.#opts.qmp.commandTimeoutMs, who, log });
+        this.#qemu = new QemuHotplug(qmp, { openIommufd: this.#opts.qmp.openIommufd, unplugTimeoutMs: this.#opts.qmp.unplugTimeoutMs, vmName: grant.vmName, log });
+        qmpFd = undefined;
+        void qmp.closed.then((reason) => this.#log.info({ event: 'qmp-closed', vm: grant.vmId, reason }, 'QMP channel closed'));
+      }
       this.#opts.onAttached?.(this);
     } catch (e) {
+      qmpFd?.closeSync();
       this.#end(`sending the attach result failed: ${(e as Error).message}`);
       return;
     }
-    this.#log.info({ event: 'vmm-attached', vm: grant.vmId, passive: this.#passive, fds: sent.map((s) => s.kind), pidfd: this.#proof }, 'VMM attached');
+    this.#log.info({ event: 'vmm-attached', vm: grant.vmId, passive: this.#passive, fds: sent.map((s) => s.kind), pidfd: this.#proof, ...(this.#qemu ? { qmp: true } : {}) }, 'VMM attached');
     void this.#broker.applyPlan(grant.vmId);
   }
 
@@ -430,6 +481,7 @@ export class Session implements VmmLink {
     this.#pidWatch = undefined;
     // A pidfd close involves no RCU wait: done here, not on the libuv pool.
     this.#pidfd?.closeSync();
+    this.#qemu?.close('QEMU exited');
     this.#end('VMM exited', true);
     // One line for the exit and the session's end together.
     this.#log.info({ event: 'vmm-exit', vm: this.#vmId }, 'VMM process exited; session ended');
@@ -466,6 +518,7 @@ export class Session implements VmmLink {
 
   /** For daemon shutdown: close the socket and stop watching the process. */
   close(): void {
+    this.#qemu?.close('daemon stopping');
     this.#end('daemon stopping');
     this.#pidWatch?.close();
     this.#pidWatch = undefined;

@@ -403,7 +403,10 @@ export class Broker {
     this.#assertOpen();
     return this.#onVm(caller, id, async (vm) => {
       if (vm.state === 'RUNNING') {
-        await this.#activeLink(vm).createVfioDevice();
+        const link = this.#activeLink(vm);
+        // QEMU makes its own KVM-VFIO device (with its first VFIO device): only the record can say it is there.
+        if (link.hotplug && vm.vfioDevice) throw new AlreadyExistsError(`vm ${vm.name} already has its KVM-VFIO device (one per VM)`);
+        await link.createVfioDevice();
         return this.vms.update(vm, (v) => (v.vfioDevice = true));
       }
       this.#assertPlanEditable(vm);

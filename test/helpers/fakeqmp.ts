@@ -29,6 +29,8 @@ export interface FakeQmpOptions {
   deleteAfterMs?: number | 'never';
   /** Errors to answer a command with instead of running it: command → {class, desc}; `consumesFd`: device_add took (and closed) its fd. */
   errors?: Record<string, { class?: string; desc: string; consumesFd?: boolean }>;
+  /** device_add of one device id answered with an error (QEMU's refusal of that device). */
+  deviceErrors?: Record<string, { desc: string; consumesFd?: boolean }>;
   /** Answer nothing after the greeting (a hung QEMU). */
   mute?: boolean;
 }
@@ -200,6 +202,11 @@ export class FakeQmpPeer {
       case 'query-pci':
         return reply({ return: [{ bus: 0, devices: this.#pci() }] });
       case 'device_add': {
+        const refusal = this.#opts.deviceErrors?.[String(a.id)];
+        if (refusal) {
+          if (refusal.consumesFd) this.#take(String(a.fd))?.fd.closeSync();
+          return fail(refusal.desc);
+        }
         const bus = String(a.bus);
         if (!(this.#opts.ports ?? []).includes(bus)) return fail(bus === 'pcie.0' ? `Bus 'pcie.0' does not support hotplugging` : `Bus '${bus}' not found`);
         if ([...this.devices.values()].some((d) => d.bus === bus)) return fail(`Bus '${bus}' is full`);

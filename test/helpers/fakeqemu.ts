@@ -5,7 +5,8 @@
  * JSON) and prints JSON lines: `started` (its pid, uid and KVMVFIO_FDS, and
  * whether the qmp fd is a socket), then one `qmp` line per command with what
  * came with it and every fd it holds afterwards (`held`), and `qmp-closed`
- * when the daemon's end goes away. SIGTERM ends it (exit 0), as it does QEMU.
+ * when the daemon's end goes away. Without --qmp it idles (a QEMU started
+ * without the daemon's monitor). SIGTERM ends it (exit 0), as it does QEMU.
  */
 import { fstatSync } from 'node:fs';
 import { OwnedFd } from '../../src/kernel';
@@ -21,14 +22,17 @@ const qmpFd = Number(arg('--qmp'));
 const opts = JSON.parse(arg('--opts') ?? '{}') as FakeQmpOptions;
 process.on('SIGTERM', () => process.exit(0));
 print({ event: 'started', pid: process.pid, uid: process.getuid?.(), fds: process.env.KVMVFIO_FDS ?? null, qmpIsSocket: Number.isInteger(qmpFd) && fstatSync(qmpFd).isSocket() });
-const peer = new FakeQmpPeer(new OwnedFd(qmpFd, 'qmp'), opts);
-peer.onCommand = (c) =>
-  // After the command ran: what it did shows in `held`.
-  setImmediate(() => print({ event: 'qmp', execute: c.execute, arguments: c.arguments, fds: c.fds, held: peer.heldPaths(), devices: [...peer.devices.keys()] }));
-const watch = setInterval(() => {
-  if (!peer.isOpen) {
-    print({ event: 'qmp-closed' });
-    clearInterval(watch);
-  }
-}, 20);
+// Without --qmp it is a passive VMM with no monitor for the daemon: it only idles.
+if (Number.isInteger(qmpFd)) {
+  const peer = new FakeQmpPeer(new OwnedFd(qmpFd, 'qmp'), opts);
+  peer.onCommand = (c) =>
+    // After the command ran: what it did shows in `held`.
+    setImmediate(() => print({ event: 'qmp', execute: c.execute, arguments: c.arguments, fds: c.fds, held: peer.heldPaths(), devices: [...peer.devices.keys()] }));
+  const watch = setInterval(() => {
+    if (!peer.isOpen) {
+      print({ event: 'qmp-closed' });
+      clearInterval(watch);
+    }
+  }, 20);
+}
 setInterval(() => undefined, 1 << 30);

@@ -204,21 +204,25 @@ describe('AddGroup/RemoveGroup on QEMU 10 by QMP hot-plug, no guest OS', { skip 
   });
 
   test('negative cases: a device bound elsewhere is FAILED_PRECONDITION, a QEMU without a free port RESOURCE_EXHAUSTED; no fd of them in QEMU or the daemon', async () => {
+    // Runs after the native test, which leaves `other` alone (see below).
     const q = await startQemu(c, d, work, procs, 'hp-negative', { ports: 1, extra: NATIVE });
-    // Another process (this one, root) has the device bound to its own iommufd.
+    // Another process (this one, root) binds the device to its own iommufd. It can only while no one
+    // holds the group file: this daemon has not claimed that group yet (a free group it claimed once,
+    // it keeps open, and then this bind would be EBUSY).
+    assert.equal((await c.getIommuGroup(other.number)).open_in_daemon, false, 'the earlier tests left this group alone');
     const ictx = await Iommufd.open('/dev');
-    const cdev = await VfioDeviceCdev.open(cdevOf(edu));
+    const cdev = await VfioDeviceCdev.open(cdevOf(other));
     cdev.bindIommufd(ictx.fd);
     try {
-      await expectStatus(c.addGroup({ vm_id: q.id, group: edu.number }), status.FAILED_PRECONDITION, new RegExp(`IOMMU group ${edu.number} is busy.*pid ${process.pid}`));
+      await expectStatus(c.addGroup({ vm_id: q.id, group: other.number }), status.FAILED_PRECONDITION, new RegExp(`IOMMU group ${other.number} is busy.*pid ${process.pid}`));
+      assert.deepEqual(vfioFdsOf(q.proc.pid), ['/dev/iommu'], 'nothing reached QEMU');
+      assert.deepEqual(vfioFdsOf(d.pid), []);
+      assert.deepEqual((await c.getVm(q.id)).groups, []);
+      assert.equal((await c.getIommuGroup(other.number)).holding, 'GROUP_HOLDING_FREE');
     } finally {
       await cdev.close();
       await ictx.close();
     }
-    assert.deepEqual(vfioFdsOf(q.proc.pid), ['/dev/iommu'], 'nothing reached QEMU');
-    assert.deepEqual(vfioFdsOf(d.pid), []);
-    assert.equal(await holding(edu), 'GROUP_HOLDING_FREE');
-    assert.deepEqual((await c.getVm(q.id)).groups, []);
 
     // Its one port taken, QEMU has none for a second device.
     await c.addGroup({ vm_id: q.id, group: edu.number });

@@ -616,6 +616,29 @@ export class Broker {
   }
 
   /**
+   * A VMM let go of a device of `vmId` on its own — QEMU's DEVICE_DELETED
+   * that no RemoveGroup waited for: the guest acknowledged after the
+   * deadline, a reset completed a pending unplug, or the guest ejected it.
+   * That is the cue, not the proof: the device's group leaves the VM's
+   * record, and goes back to the pool once the daemon's own open of it
+   * succeeds (the witness), as after RemoveGroup; until then the VM holds it.
+   */
+  async deviceLeftVmm(vmId: string, address: string): Promise<void> {
+    await this.#locks.run(`vm:${vmId}`, async () => {
+      const vm = this.vms.get(vmId);
+      if (!vm || vm.handoff !== 'cdev') return;
+      for (const g of this.pool.heldBy(vmId)) {
+        const inv = await this.pool.get(g).catch(() => undefined);
+        if (!inv?.devices.some((d) => d.address === address)) continue;
+        const inRecord = vm.groups.includes(g);
+        if (inRecord) this.vms.update(vm, (v) => (v.groups = v.groups.filter((x) => x !== g)));
+        const now = await this.pool.letGo(g, vmId, true);
+        this.#opts.log?.({ event: 'vmm-let-go', vm: vmId, device: address, group: g, holding: now, record_changed: inRecord }, 'the VMM let go of a device on its own');
+      }
+    });
+  }
+
+  /**
    * The VMM process is gone (its pidfd said so): each group it held goes
    * back to the pool if the daemon's fresh open succeeds (the kernel then
    * leaves no container set on it); one that a process still holds — a

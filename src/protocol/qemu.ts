@@ -27,6 +27,12 @@ export function qemuDeviceId(address: string): string {
   return `kvmvfiod-${address.replace(/:/g, '-')}`;
 }
 
+/** The PCI address of a device kvmvfiod plugged, from its QEMU id; undefined for another id. */
+export function addressOfQemuDeviceId(id: string): string | undefined {
+  const m = /^kvmvfiod-([0-9a-f]{4})-([0-9a-f]{2})-([0-9a-f]{2}\.[0-7])$/.exec(id);
+  return m ? `${m[1]}:${m[2]}:${m[3]}` : undefined;
+}
+
 export function qemuPortId(n: number): string {
   return `${QEMU_PORT_PREFIX}${n}`;
 }

@@ -70,7 +70,7 @@ describe('AddGroup and RemoveGroup on a passive QEMU, through its QMP monitor', 
     const { vm: rec, attach_token } = await c.createVm({ name, vmm_uid: NOBODY_UID, vfio_device: true, vfio_handoff: vm.handoff ?? 'VFIO_HANDOFF_CDEV' });
     const argv = [...NOBODY, process.execPath, CLI_JS, 'attach', '--handoff', handoff, '--', 'node', FAKE_QEMU, ...(vm.qmp === false ? [] : ['--qmp', '{qmp}']), '--opts', JSON.stringify(fake)];
     const env: NodeJS.ProcessEnv = { ...process.env, KVMVFIO_TOKEN: attach_token!.token, PATH: `${dirname(process.execPath)}:/usr/bin:/bin` };
-    const q = collectJsonLines(spawn(argv[0], argv.slice(1), { stdio: ['ignore', 'pipe', 'pipe'], env }));
+    const q = collectJsonLines(spawn(argv[0], argv.slice(1), { stdio: ['pipe', 'pipe', 'pipe'], env }));
     procs.push(q);
     const started = await q.waitFor('started');
     await until(`${name} RUNNING`, async () => (await c.getVm(rec!.id)).state === 'VM_STATE_RUNNING');
@@ -124,7 +124,7 @@ describe('AddGroup and RemoveGroup on a passive QEMU, through its QMP monitor', 
     assert.deepEqual(await daemonDevFds(), baseline);
   });
 
-  test('a guest that never acknowledges: RemoveGroup is DEADLINE_EXCEEDED, the record and the hold unchanged; QEMU\'s exit frees the group', async () => {
+  test('a guest that does not acknowledge: RemoveGroup is DEADLINE_EXCEEDED, the record and the hold unchanged; a late DEVICE_DELETED, or QEMU\'s exit, frees the group', async () => {
     const { id, q, qmp } = await startQemu('qmp-deaf', { ports: PORTS, deleteAfterMs: 'never' });
     await c.addGroup({ vm_id: id, group: 22 });
     const t0 = Date.now();
@@ -137,6 +137,15 @@ describe('AddGroup and RemoveGroup on a passive QEMU, through its QMP monitor', 
     // Asked again: QEMU takes a second device_del while the first is pending, and the wait starts over.
     await expectStatus(c.removeGroup({ vm_id: id, group: 22 }), status.DEADLINE_EXCEEDED);
     assert.equal(qmp().filter((e) => e.execute === 'device_del').length, 2);
+    // The guest acknowledges late (or a reset completes the unplug): QEMU's DEVICE_DELETED is the cue,
+    // the group leaves the record and is back once the daemon's own open of it succeeds.
+    q.proc.stdin!.write(`${JSON.stringify({ unplug: qemuId(22) })}\n`);
+    await until('group 22 free after the late DEVICE_DELETED', async () => (await c.getIommuGroup(22)).holding === 'GROUP_HOLDING_FREE');
+    assert.deepEqual((await c.getVm(id)).groups, []);
+    assert.ok(d.logs.some((l) => l.event === 'vmm-let-go' && l.vm === id && l.group === 22 && l.record_changed === true));
+    // Again, and this time QEMU exits with the device still in it.
+    await c.addGroup({ vm_id: id, group: 22 });
+    await expectStatus(c.removeGroup({ vm_id: id, group: 22 }), status.DEADLINE_EXCEEDED);
     q.kill('SIGTERM');
     await q.exit;
     await until('VM EXITED', async () => (await c.getVm(id)).state === 'VM_STATE_EXITED');

@@ -6,7 +6,9 @@
  * whether the qmp fd is a socket), then one `qmp` line per command with what
  * came with it and every fd it holds afterwards (`held`), and `qmp-closed`
  * when the daemon's end goes away. Without --qmp it idles (a QEMU started
- * without the daemon's monitor). SIGTERM ends it (exit 0), as it does QEMU.
+ * without the daemon's monitor). A line `{"unplug": ID}` on stdin completes
+ * the pending unplug of device ID now (a guest acknowledging late, a
+ * reset). SIGTERM ends it (exit 0), as it does QEMU.
  */
 import { fstatSync } from 'node:fs';
 import { OwnedFd } from '../../src/kernel';
@@ -28,6 +30,16 @@ if (Number.isInteger(qmpFd)) {
   peer.onCommand = (c) =>
     // After the command ran: what it did shows in `held`.
     setImmediate(() => print({ event: 'qmp', execute: c.execute, arguments: c.arguments, fds: c.fds, held: peer.heldPaths(), devices: [...peer.devices.keys()] }));
+  let input = '';
+  process.stdin.setEncoding('utf8').on('data', (chunk: string) => {
+    input += chunk;
+    for (let nl = input.indexOf('\n'); nl >= 0; nl = input.indexOf('\n')) {
+      const line = input.slice(0, nl);
+      input = input.slice(nl + 1);
+      const cmd = JSON.parse(line) as { unplug?: string };
+      if (cmd.unplug) peer.unplugNow(cmd.unplug);
+    }
+  });
   const watch = setInterval(() => {
     if (!peer.isOpen) {
       print({ event: 'qmp-closed' });

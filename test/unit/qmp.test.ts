@@ -272,6 +272,7 @@ describe('QEMU hot-plug driver', () => {
   function driver(opts: FakeQmpOptions, unplugTimeoutMs = 1000) {
     const p = pair(opts);
     const iommufds: OwnedFd[] = [];
+    const gone: string[] = [];
     const hp = new QemuHotplug(p.client, {
       openIommufd: async () => {
         const fd = new OwnedFd(openSync('/dev/zero', 'r'), '/dev/zero as iommufd');
@@ -280,8 +281,9 @@ describe('QEMU hot-plug driver', () => {
       },
       unplugTimeoutMs,
       vmName: 'web-1',
+      onDeviceGone: (a) => gone.push(a),
     });
-    return { ...p, hp, iommufds };
+    return { ...p, hp, iommufds, gone };
   }
   const cdev = () => new OwnedFd(openSync('/dev/null', 'r'), '/dev/null as a cdev');
 
@@ -396,6 +398,29 @@ describe('QEMU hot-plug driver', () => {
       await again;
       await hp.removeDevice(ADDRESS);
       assert.equal(peer.commands.filter((c) => c.execute === 'device_del').length, 3);
+    } finally {
+      done();
+    }
+  });
+
+  test("a DEVICE_DELETED no removal waits for (a late acknowledgement, a guest's own eject) is reported with the device's address; awaited ones and others' are not", async () => {
+    const { hp, peer, done, gone } = driver({ ports: ['kvmvfiod-port-1', 'kvmvfiod-port-2'], deleteAfterMs: 'never' }, 200);
+    try {
+      await hp.addDevice(ADDRESS, cdev());
+      await assert.rejects(hp.removeDevice(ADDRESS), DeadlineExceededError);
+      assert.deepEqual(gone, []);
+      peer.unplugNow(ID);
+      await until('the late event', () => gone.length === 1);
+      assert.deepEqual(gone, [ADDRESS]);
+      peer.emit('DEVICE_DELETED', { device: 'nic0', path: '/machine/peripheral/nic0' });
+      peer.emit('DEVICE_DELETED', { path: '/machine/peripheral-anon/device[3]' });
+      await hp.addDevice('0000:00:05.0', cdev());
+      const awaited = hp.removeDevice('0000:00:05.0');
+      await until('device_del', () => peer.commands.filter((c) => c.execute === 'device_del').length === 2);
+      peer.unplugNow('kvmvfiod-0000-00-05.0');
+      await awaited;
+      await new Promise((r) => setTimeout(r, 50));
+      assert.deepEqual(gone, [ADDRESS], 'the awaited removal and the devices not ours are not reported');
     } finally {
       done();
     }

@@ -28,7 +28,7 @@
  */
 import { FailedPreconditionError, ResourceExhaustedError, UnavailableError, DeadlineExceededError } from '../../broker/errors';
 import type { OwnedFd, SendableFd } from '../../kernel';
-import { QEMU_IOMMUFD_ID, QEMU_PORT_PREFIX, qemuDeviceId } from '../../protocol/qemu';
+import { QEMU_IOMMUFD_ID, QEMU_PORT_PREFIX, addressOfQemuDeviceId, qemuDeviceId } from '../../protocol/qemu';
 import { QmpError, type QmpClient } from './client';
 
 export interface QemuHotplugOptions {
@@ -38,6 +38,12 @@ export interface QemuHotplugOptions {
   unplugTimeoutMs: number;
   /** The VM in messages. */
   vmName: string;
+  /**
+   * QEMU let go of a device of ours (DEVICE_DELETED) that no removal was
+   * waiting for: a guest's late acknowledgement, a reset completing a
+   * pending unplug, the guest ejecting it. The cue to look at its group.
+   */
+  onDeviceGone?(address: string): void;
   log?: (event: Record<string, unknown>, msg: string) => void;
 }
 
@@ -96,10 +102,17 @@ export class QemuHotplug {
   readonly #opts: QemuHotplugOptions;
   #iommufdReady = false;
   #fdSeq = 0;
+  /** Device ids a removeDevice is waiting for. */
+  readonly #awaited = new Set<string>();
 
   constructor(qmp: QmpClient, opts: QemuHotplugOptions) {
     this.#qmp = qmp;
     this.#opts = opts;
+    qmp.onEvent((e) => {
+      if (e.event !== 'DEVICE_DELETED' || typeof e.data.device !== 'string' || this.#awaited.has(e.data.device)) return;
+      const address = addressOfQemuDeviceId(e.data.device);
+      if (address) opts.onDeviceGone?.(address);
+    });
   }
 
   get qmp(): QmpClient {
@@ -195,6 +208,7 @@ export class QemuHotplug {
       };
     });
     gone.catch(() => undefined);
+    this.#awaited.add(id);
     try {
       try {
         await this.#qmp.execute('device_del', { id });
@@ -206,6 +220,7 @@ export class QemuHotplug {
       await gone;
       this.#opts.log?.({ event: 'qemu-device-deleted', vm_name: this.#opts.vmName, device: address, qemu_id: id }, 'QEMU let go of a hot-unplugged device');
     } finally {
+      this.#awaited.delete(id);
       stop();
     }
   }

@@ -386,7 +386,10 @@ export class Session implements VmmLink {
         const who = `QEMU (pid ${this.pid}) of vm ${grant.vmName}`;
         const log = (event: Record<string, unknown>, m: string) => this.#log.info({ vm: grant.vmId, ...event }, m);
         const qmp = new QmpClient(new StreamSocket(qmpFd, `QMP of vm ${grant.vmName}`), { commandTimeoutMs: this.#opts.qmp.commandTimeoutMs, who, log });
-        this.#qemu = new QemuHotplug(qmp, { openIommufd: this.#opts.qmp.openIommufd, unplugTimeoutMs: this.#opts.qmp.unplugTimeoutMs, vmName: grant.vmName, log });
+        const vmId = grant.vmId;
+        const onDeviceGone = (address: string) =>
+          void this.#broker.deviceLeftVmm(vmId, address).catch((e: unknown) => this.#log.error({ event: 'device-left-failed', vm: vmId, device: address, err: (e as Error).message }, 'handling a device QEMU let go of failed'));
+        this.#qemu = new QemuHotplug(qmp, { openIommufd: this.#opts.qmp.openIommufd, unplugTimeoutMs: this.#opts.qmp.unplugTimeoutMs, vmName: grant.vmName, log, onDeviceGone });
         qmpFd = undefined;
         void qmp.closed.then((reason) => this.#log.info({ event: 'qmp-closed', vm: grant.vmId, reason }, 'QMP channel closed'));
       }

@@ -27,11 +27,13 @@
 #                              device cdevs, and the tests that need them skip (default 1)
 #   KVMVFIO_GUEST_TESTS        test files to run in the guest, relative to the repo or absolute,
 #                              space-separated (default: every dist/test/vfio/*.test.js)
-#   KVMVFIO_LANE_TIMEOUT       bound of the whole guest run, seconds (default 600)
+#   KVMVFIO_LANE_TIMEOUT       bound of the whole guest run, seconds (default 900; a run takes ~5-6 min with the
+#                              L2 hot-plug test, ~2 min without)
 #   KVMVFIO_LANE_BOOT_TIMEOUT  QEMU start to /init, seconds (default 120; it takes ~3-5 s)
 #   KVMVFIO_LANE_STALL         fail when the guest console is silent this long, seconds (default 120;
 #                              the guest prints a heartbeat every 20 s while its tests run)
-#   KVMVFIO_GUEST_TEST_TIMEOUT node --test-timeout in the guest, ms (default 300000)
+#   KVMVFIO_GUEST_TEST_TIMEOUT node --test-timeout in the guest, ms, per test file (default 600000: the L2
+#                              hot-plug file boots a Linux on TCG inside TCG)
 #   KVMVFIO_QEMU               Debian's QEMU 10 (test/qemu/get-qemu10.sh) for the guest's QEMU
 #                              test, reached in the guest through the read-only share of /
 #                              (default: the QEMU lane's cache, when it is there; else that test skips)
@@ -49,10 +51,10 @@ export LC_ALL=C DEBIAN_FRONTEND=noninteractive
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)
 LANE=${KVMVFIO_LANE_DIR:-/tmp/kvmvfio-vfio-lane}
-TIMEOUT=${KVMVFIO_LANE_TIMEOUT:-600}
+TIMEOUT=${KVMVFIO_LANE_TIMEOUT:-900}
 BOOT_TIMEOUT=${KVMVFIO_LANE_BOOT_TIMEOUT:-120}
 STALL=${KVMVFIO_LANE_STALL:-120}
-TEST_TIMEOUT=${KVMVFIO_GUEST_TEST_TIMEOUT:-300000}
+TEST_TIMEOUT=${KVMVFIO_GUEST_TEST_TIMEOUT:-600000}
 MEM=${KVMVFIO_LANE_MEM:-2048}
 SMP=${KVMVFIO_LANE_SMP:-2}
 OFFLINE=${KVMVFIO_LANE_OFFLINE:-0}

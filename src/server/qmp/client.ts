@@ -111,6 +111,8 @@ export class QmpClient {
   #pending: Buffer[] = [];
   #pendingBytes = 0;
   #nextId = 1;
+  /** Answers to no command in flight: logged the first time and then every 1000th, not once each (a peer can send millions). */
+  #strayAnswers = 0;
   #greeting?: Record<string, unknown>;
   #closed!: (reason: string) => void;
   /** Resolves with the reason once the channel is closed (by either side, or for breaking the protocol). */
@@ -366,7 +368,7 @@ export class QmpClient {
     if (!c || msg.id !== c.id) {
       if (typeof msg.id === 'number' && this.#abandoned.delete(msg.id)) return;
       // An answer to nothing asked: QEMU's reply to a line it could not parse has no id; anything else is a lie.
-      this.#opts.log?.({ event: 'qmp-unexpected-answer', id: msg.id ?? null }, 'QMP answer to no command in flight; ignored');
+      if (this.#strayAnswers++ % 1000 === 0) this.#opts.log?.({ event: 'qmp-unexpected-answer', id: msg.id ?? null, count: this.#strayAnswers }, 'QMP answer to no command in flight; ignored');
       return;
     }
     this.#inFlight = undefined;

@@ -46,7 +46,14 @@ describe('AddGroup/RemoveGroup on QEMU 10 seen from its guest: an L2 Linux (TCG)
   test('AddGroup → the guest\'s sysfs lists 1234:11e8; RemoveGroup → gone in the guest, OK in gRPC; QEMU had no VFIO object at start', { timeout: 600_000 }, async (t) => {
     const edu = singleDeviceGroups(loadGuestGroups()).find((g) => g.devices[0].vendorId === '1234' && g.devices[0].deviceId === '11e8' && g.devices[0].cdev)!;
     assert.ok(edu);
-    const lines = (file: string): string[] => (existsSync(file) ? readFileSync(file, 'utf8').split('\n').map((l) => l.replace(/\r$/, '')) : []);
+    // Complete lines only, each from its "kvmvfio-l2:" on (SeaBIOS leaves escape sequences before the first).
+    const lines = (file: string): string[] =>
+      existsSync(file)
+        ? readFileSync(file, 'utf8')
+            .split('\n')
+            .slice(0, -1)
+            .map((l) => l.slice(Math.max(0, l.indexOf('kvmvfio-l2:'))).replace(/\r$/, ''))
+        : [];
     const t0 = Date.now();
     // TCG for the L2 (not the daemon's /dev/kvm), and no iommufd object: the daemon makes it over QMP.
     // The console goes to the lane's results, where it outlives the guest.

@@ -240,4 +240,14 @@ describe('AddGroup and RemoveGroup on a passive QEMU, through its QMP monitor', 
     mine.closeSync();
     // Not deleted: its passive VMM is this test process, which DeleteVm would SIGTERM.
   });
+
+  // Last: it stops the daemon.
+  test("the daemon's end of the socketpair is its only copy: attach closed its own, so QEMU sees its monitor end when the daemon stops", async () => {
+    const { q } = await startQemu('qmp-last', { ports: PORTS });
+    await until('negotiated', async () => q.events.some((e) => e.event === 'qmp' && e.execute === 'qmp_capabilities'));
+    assert.ok(!q.events.some((e) => e.event === 'qmp-closed'));
+    await d.stop();
+    // Had attach (and so QEMU) kept a copy of the daemon's end, QEMU would never see end of stream.
+    await q.waitFor('qmp-closed', 5000);
+  });
 });

@@ -43,6 +43,7 @@ interface PciDev {
   slot: number;
   qdev_id: string;
   id: { vendor: number; device: number };
+  pci_bridge?: { devices?: PciDev[] };
 }
 
 describe('QEMU 10 takes a real VFIO device from kvmvfiod (device-cdev handoff)', { skip }, () => {
@@ -83,7 +84,8 @@ describe('QEMU 10 takes a real VFIO device from kvmvfiod (device-cdev handoff)',
     argsRun.stdout!.on('data', (b: Buffer) => (out += b.toString()));
     assert.equal(await new Promise((r) => argsRun.once('exit', r)), 0);
     const { args } = JSON.parse(out) as { args: string[] };
-    assert.ok(args.includes(`vfio-pci,iommufd=kvmvfiod-iommufd,fd={device:${address}},id=kvmvfiod-${address.replace(/:/g, '-')}`), JSON.stringify(args));
+    // On a root port of its own (kvmvfiod-port-1), so that RemoveGroup can hot-unplug it.
+    assert.ok(args.includes(`vfio-pci,iommufd=kvmvfiod-iommufd,fd={device:${address}},bus=kvmvfiod-port-1,id=kvmvfiod-${address.replace(/:/g, '-')}`), JSON.stringify(args));
 
     const qmpSocket = join(work, 'qmp.sock');
     const t0 = Date.now();
@@ -100,7 +102,10 @@ describe('QEMU 10 takes a real VFIO device from kvmvfiod (device-cdev handoff)',
       return (await qmp(qmpSocket, 'query-pci').catch(() => undefined)) as { devices: PciDev[] }[] | undefined;
     });
     t.diagnostic(`QMP answered query-pci ${Date.now() - t0} ms after kvmvfioctl attach started`);
-    const devices = pci.flatMap((b) => b.devices);
+    // The device sits behind its root port: walk the bridges too.
+    const devices: PciDev[] = [];
+    const walk = (ds: PciDev[] | undefined) => ds?.forEach((x) => (devices.push(x), walk(x.pci_bridge?.devices)));
+    for (const b of pci) walk(b.devices);
     const hostdev = devices.find((x) => x.qdev_id === `kvmvfiod-${address.replace(/:/g, '-')}`);
     assert.ok(hostdev, JSON.stringify(devices.map((x) => [x.qdev_id, x.id])));
     assert.deepEqual([hostdev.id.vendor, hostdev.id.device], [0x1234, 0x11e8]);

@@ -33,6 +33,8 @@ export interface FakeQmpOptions {
   deviceErrors?: Record<string, { desc: string; consumesFd?: boolean }>;
   /** Answer nothing after the greeting (a hung QEMU). */
   mute?: boolean;
+  /** query-pci lists nothing behind the root ports, as QEMU before the guest's firmware numbered their buses (-S). */
+  unnumberedBuses?: boolean;
 }
 
 export interface FakeCommand {
@@ -209,7 +211,8 @@ export class FakeQmpPeer {
         }
         const bus = String(a.bus);
         if (!(this.#opts.ports ?? []).includes(bus)) return fail(bus === 'pcie.0' ? `Bus 'pcie.0' does not support hotplugging` : `Bus '${bus}' not found`);
-        if ([...this.devices.values()].some((d) => d.bus === bus)) return fail(`Bus '${bus}' is full`);
+        // QEMU 10's words for a second device on a PCIe port (it picks slot 1, the port takes slot 0 only).
+        if ([...this.devices.values()].some((d) => d.bus === bus)) return fail(`PCI: slot 1 is not valid for vfio-pci, parent device only allows plugging into slot 0.`);
         if (this.devices.has(String(a.id))) return fail(`Duplicate device ID '${String(a.id)}'`);
         if (!this.objects.some((o) => o.name === a.iommufd)) return fail(`Property 'vfio-pci.iommufd' can't find value '${String(a.iommufd)}'`);
         const h = this.#take(String(a.fd));
@@ -263,7 +266,7 @@ export class FakeQmpPeer {
         pci_bridge: {
           bus: { number: i + 1, secondary: i + 1, subordinate: i + 1 },
           devices: [...this.devices.entries()]
-            .filter(([, d]) => d.bus === p)
+            .filter(([, d]) => d.bus === p && !this.#opts.unnumberedBuses)
             .map(([id]) => ({ bus: i + 1, slot: 0, function: 0, class_info: { class: 0x00ff }, id: { vendor: 0x1234, device: 0x11e8 }, qdev_id: id, regions: [] })),
         },
       })),

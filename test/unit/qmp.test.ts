@@ -387,6 +387,20 @@ describe('QEMU hot-plug driver', () => {
     }
   });
 
+  test('a port query-pci shows empty but QEMU says is taken (buses not numbered yet, -S): the next port takes the device', async () => {
+    const { hp, peer, done } = driver({ ports: ['kvmvfiod-port-1', 'kvmvfiod-port-2'], objects: [{ name: 'kvmvfiod-iommufd', type: 'child<iommufd>' }], unnumberedBuses: true });
+    try {
+      await hp.addDevice(ADDRESS, cdev());
+      await hp.addDevice('0000:00:05.0', cdev());
+      assert.deepEqual(peer.commands.filter((c) => c.execute === 'device_add').map((c) => c.arguments.bus), ['kvmvfiod-port-1', 'kvmvfiod-port-1', 'kvmvfiod-port-2']);
+      assert.equal(peer.devices.get('kvmvfiod-0000-00-05.0')?.bus, 'kvmvfiod-port-2');
+      assert.equal(peer.commands.filter((c) => c.execute === 'getfd').length, 2, 'one getfd per device: the fd not taken by the refused port went on to the next');
+      assert.deepEqual(peer.held, new Map(), 'no fd left unused in QEMU');
+    } finally {
+      done();
+    }
+  });
+
   test('remove: a guest that never acknowledges is DEADLINE_EXCEEDED and QEMU keeps the device; a second remove waits again; a device QEMU does not have is removed already', async () => {
     const { hp, peer, done } = driver({ ports: ['kvmvfiod-port-1'], deleteAfterMs: 'never' }, 300);
     try {

@@ -66,8 +66,11 @@ const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'obj
  * The hot-plug ports in a query-pci answer: PCI-to-PCI bridges (a
  * pcie-root-port is one) that have a device id, kvmvfiod's own
  * (`kvmvfiod-port-N`, by N) before the VM's others (in QEMU's order). Free
- * means no device on the bridge's bus, one whose unplug is pending included.
- * Anything of another shape is skipped, never trusted.
+ * means no device listed on the bridge's bus, one whose unplug is pending
+ * included — a hint only: before the guest's firmware numbered a bridge's
+ * bus, QEMU lists nothing behind it (device_add then refuses an occupied
+ * port, and the next is tried). Anything of another shape is skipped,
+ * never trusted.
  */
 export function hotplugPorts(pci: unknown): HotplugPorts {
   const ours: { n: number; id: string; free: boolean }[] = [];
@@ -94,8 +97,22 @@ export function hotplugPorts(pci: unknown): HotplugPorts {
   return { all: ordered.map((p) => p.id), free: ordered.filter((p) => p.free).map((p) => p.id) };
 }
 
-/** device_add errors that say the port cannot take the device (the fd was not used): the next port is tried. */
-const PORT_REFUSED = [/^Bus '.*' does not support hotplugging$/, /^Bus '.*' not found$/, /^Bus '.*' is full$/, /can't go on .* bus$/];
+/**
+ * device_add errors that say the port cannot take the device, raised before
+ * the device's own realize (the fd is not used): the next port is tried. A
+ * port query-pci showed empty may hold a device all the same: QEMU lists
+ * what sits behind a bridge only once the guest's firmware numbered its bus
+ * (not with -S, not early in the boot).
+ */
+const PORT_REFUSED = [
+  /^Bus '.*' does not support hotplugging$/,
+  /^Bus '.*' not found$/,
+  /^Bus '.*' is full$/,
+  /can't go on .* bus$/,
+  /^PCI: slot \d+ function \d+ not available for /,
+  /^PCI: slot \d+ is not valid for .*only allows plugging into slot 0/,
+  /^PCI: no slot\/function available for /,
+];
 
 export class QemuHotplug {
   readonly #qmp: QmpClient;

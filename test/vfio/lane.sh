@@ -27,8 +27,8 @@
 #                              device cdevs, and the tests that need them skip (default 1)
 #   KVMVFIO_GUEST_TESTS        test files to run in the guest, relative to the repo or absolute,
 #                              space-separated (default: every dist/test/vfio/*.test.js)
-#   KVMVFIO_LANE_TIMEOUT       bound of the whole guest run, seconds (default 900; a run takes ~5-6 min with the
-#                              L2 hot-plug test, ~2 min without)
+#   KVMVFIO_LANE_TIMEOUT       bound of the whole guest run, seconds (default 900; a run takes ~5.5 min with the
+#                              L2 hot-plug test, ~3 min without)
 #   KVMVFIO_LANE_BOOT_TIMEOUT  QEMU start to /init, seconds (default 120; it takes ~3-5 s)
 #   KVMVFIO_LANE_STALL         fail when the guest console is silent this long, seconds (default 120;
 #                              the guest prints a heartbeat every 20 s while its tests run)

@@ -409,6 +409,8 @@ export class Broker {
     return this.#onVm(caller, id, async (vm) => {
       if (vm.state === 'RUNNING') {
         const link = this.#activeLink(vm);
+        // QEMU makes its own KVM-VFIO device (with its first VFIO device): only the record can say it is there.
+        if (link.hotplug && vm.vfioDevice) throw new AlreadyExistsError(`vm ${vm.name} already has its KVM-VFIO device (one per VM)`);
         const made = (v: VmRecord) => this.vms.update(v, (x) => (x.vfioDevice = true));
         await link.createVfioDevice().catch((e: unknown) => this.#lateAnswer(vm, link, e, { ok: made }));
         return made(vm);
@@ -649,6 +651,29 @@ export class Broker {
   }
 
   /**
+   * A VMM let go of a device of `vmId` on its own — QEMU's DEVICE_DELETED
+   * that no RemoveGroup waited for: the guest acknowledged after the
+   * deadline, a reset completed a pending unplug, or the guest ejected it.
+   * That is the cue, not the proof: the device's group leaves the VM's
+   * record, and goes back to the pool once the daemon's own open of it
+   * succeeds (the witness), as after RemoveGroup; until then the VM holds it.
+   */
+  async deviceLeftVmm(vmId: string, address: string): Promise<void> {
+    await this.#locks.run(`vm:${vmId}`, async () => {
+      const vm = this.vms.get(vmId);
+      if (!vm || vm.handoff !== 'cdev') return;
+      for (const g of this.pool.heldBy(vmId)) {
+        const inv = await this.pool.get(g).catch(() => undefined);
+        if (!inv?.devices.some((d) => d.address === address)) continue;
+        const inRecord = vm.groups.includes(g);
+        if (inRecord) this.vms.update(vm, (v) => (v.groups = v.groups.filter((x) => x !== g)));
+        const now = await this.pool.letGo(g, vmId, true);
+        this.#opts.log?.({ event: 'vmm-let-go', vm: vmId, device: address, group: g, holding: now, record_changed: inRecord }, 'the VMM let go of a device on its own');
+      }
+    });
+  }
+
+  /**
    * The VMM process is gone (its pidfd said so): each group it held goes
    * back to the pool if the daemon's fresh open succeeds (the kernel then
    * leaves no container set on it); one that a process still holds — a
@@ -747,7 +772,11 @@ export class Broker {
   #activeLink(vm: VmRecord): VmmLink {
     const link = this.#links.get(vm.id);
     if (!link) throw new UnavailableError(`vm ${vm.name}: its VMM is gone`);
-    if (link.passive) throw new FailedPreconditionError(`vm ${vm.name} runs a passive VMM (kvmvfioctl attach), which takes no requests`);
+    if (link.passive && !link.hotplug) {
+      throw new FailedPreconditionError(
+        `vm ${vm.name} runs a passive VMM (kvmvfioctl attach) without a control channel, which takes no requests; for hot-plug into QEMU, start it with the monitor of kvmvfioctl vm args --vmm qemu ({qmp})`,
+      );
+    }
     const overdue = link.overdue;
     if (overdue) throw new UnavailableError(`vm ${vm.name}: its VMM (pid ${link.pid}) has not answered ${overdue} yet; retry once it has (its result updates the VM), or the VM fails if it never does`);
     return link;

@@ -9,6 +9,12 @@ export interface VmmLink {
   /** A VMM attached by `kvmvfioctl attach`: it does not take requests. */
   readonly passive: boolean;
   /**
+   * A passive VMM that still takes hot changes: 'qmp', its QEMU's monitor
+   * (the daemon drives it: addDevice/removeDevice become device_add and
+   * device_del). Absent: a passive VMM takes none.
+   */
+  readonly hotplug?: 'qmp';
+  /**
    * Each runs one request in the VMM and resolves when it succeeded. A
    * kernel failure in the VMM rejects with a SysError carrying its errno; no
    * answer in time with DeadlineExceededError, whose `answer` is the outcome
@@ -19,7 +25,11 @@ export interface VmmLink {
   /** Sends `fd` (the daemon's only copy of the group's file, handed over) with the request and closes it once sent. */
   addGroup(group: number, fd: SendableFd): Promise<void>;
   removeGroup(group: number): Promise<void>;
-  /** The device-cdev handoff: ADD_DEVICE / REMOVE_DEVICE of one device (by PCI address); `fd` as addGroup's. */
+  /**
+   * The device-cdev handoff: ADD_DEVICE / REMOVE_DEVICE of one device (by
+   * PCI address); `fd` as addGroup's. Through QMP, removeDevice resolves once
+   * QEMU let go of the device (DEVICE_DELETED), after the guest acknowledged.
+   */
   addDevice(address: string, fd: SendableFd): Promise<void>;
   removeDevice(address: string): Promise<void>;
   /** Asks the VMM to stop its VM and exit. */

@@ -31,6 +31,7 @@ const OPTIONS = {
   vmm: { type: 'string' },
   cdev: { type: 'boolean' },
   only: { type: 'string', multiple: true },
+  'hotplug-ports': { type: 'string' },
 } as const;
 
 export type OptionName = keyof typeof OPTIONS;

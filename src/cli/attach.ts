@@ -31,7 +31,7 @@
  * for it (grpc-js loads node:assert, which creates process.stderr).
  */
 import { closeSync, readFileSync, readdirSync } from 'node:fs';
-import { SysError, errnoName, execReplace, inheritAcrossExec } from '../kernel';
+import { type OwnedFd, StreamSocket, SysError, errnoName, execReplace, inheritAcrossExec } from '../kernel';
 import { ProtocolError } from '../protocol/session';
 import { AttachError, VmmSession } from '../vmm/session';
 
@@ -131,8 +131,8 @@ function connectFailure(e: SysError, handoff: string): AttachFailure {
 }
 
 /** VmmSession.connect as a passive VMM, with a deadline and every failure as an AttachFailure. */
-async function connect(opts: AttachOptions): Promise<VmmSession> {
-  const connecting = VmmSession.connect(opts.handoff, opts.token, { passive: true });
+async function connect(opts: AttachOptions, qmpFd?: number): Promise<VmmSession> {
+  const connecting = VmmSession.connect(opts.handoff, opts.token, { passive: true, qmpFd });
   let timer: NodeJS.Timeout | undefined;
   const deadline = new Promise<never>((_, reject) => {
     timer = setTimeout(() => {
@@ -167,7 +167,7 @@ async function connect(opts: AttachOptions): Promise<VmmSession> {
  * `vfio-container` (only when the daemon sent one), `group-N` for each of
  * the VM's IOMMU groups — or, for the device-cdev handoff, `iommufd` and
  * `device-ADDRESS` for each device (an address has colons: split an item at
- * its last one) — and `session`.
+ * its last one) — `qmp` when the command line names {qmp}, and `session`.
  */
 export function describeFds(fds: readonly (readonly [string, number])[]): string {
   return fds.map(([name, fd]) => `${name}:${fd}`).join(',');
@@ -182,10 +182,19 @@ export function describeFds(fds: readonly (readonly [string, number])[]): string
  * words are replaced (other braces, a QEMU JSON option say, stay as they
  * are). A VM with the device-cdev handoff has `{iommufd}` and
  * `{device:ADDRESS}` ("{device:0000:00:04.0}") instead of `{group:N}` and
- * `{vfio-container}`. A placeholder for an fd the daemon did not hand out is
+ * `{vfio-container}`. `{qmp}` is not the daemon's: it is one end of a
+ * stream socketpair attach makes when the command line names it, for QEMU's
+ * monitor (`-chardev socket,id=…,fd={qmp} -mon chardev=…,mode=control`),
+ * whose other end goes to the daemon with the ATTACH: the daemon drives
+ * hot-plug through it. A placeholder for an fd the daemon did not hand out is
  * an error (INVALID_ARGUMENT), before anything is exec'd.
  */
-export const PLACEHOLDER = /\{(kvm|vfio-container|session|group:\d+|iommufd|device:[0-9a-fA-F:.]+)\}/g;
+export const PLACEHOLDER = /\{(kvm|vfio-container|session|qmp|group:\d+|iommufd|device:[0-9a-fA-F:.]+)\}/g;
+
+/** Whether the command line asks for the QMP channel: {qmp} in any argument. */
+export function wantsQmp(argv: readonly string[]): boolean {
+  return argv.some((a) => a.includes('{qmp}'));
+}
 
 export function fillPlaceholders(argv: readonly string[], handed: readonly (readonly [string, number])[]): string[] {
   const byName = new Map(handed.map(([name, fd]) => [name.replace(/^(group|device)-/, '$1:'), fd]));
@@ -205,13 +214,31 @@ export function fillPlaceholders(argv: readonly string[], handed: readonly (read
 
 /** Attaches, then execs the VMM. Returns only by throwing (AttachFailure, ExecFailure). */
 export async function runAttach(opts: AttachOptions): Promise<never> {
-  const s = await connect(opts);
+  // {qmp}: a socketpair, one end for the VMM's monitor, the other sent to the daemon with the ATTACH and closed here.
+  let qmp: [OwnedFd, OwnedFd] | undefined;
+  if (wantsQmp(opts.argv)) {
+    try {
+      qmp = StreamSocket.pair('QMP socketpair');
+    } catch (e) {
+      throw new AttachFailure('RESOURCE_EXHAUSTED', `cannot make the QMP socketpair: ${(e as Error).message}`);
+    }
+  }
+  let s: VmmSession;
+  try {
+    s = await connect(opts, qmp?.[1].fd);
+  } catch (e) {
+    qmp?.[0].closeSync();
+    throw e;
+  } finally {
+    qmp?.[1].closeSync();
+  }
   const { attach } = s;
   const handed: [string, number][] = [['kvm', attach.kvm.fd]];
   if (attach.container) handed.push(['vfio-container', attach.container.fd]);
   for (const [group, fd] of attach.groups) handed.push([`group-${group}`, fd.fd]);
   if (attach.iommufd) handed.push(['iommufd', attach.iommufd.fd]);
   for (const [address, fd] of attach.devices) handed.push([`device-${address}`, fd.fd]);
+  if (qmp) handed.push(['qmp', qmp[0].fd]);
   handed.push(['session', s.sock.fd]);
   // Before any fd is made inheritable: a bad placeholder ends here, and the session with it.
   const argv = fillPlaceholders(opts.argv, handed);

@@ -26,7 +26,7 @@ import {
   positionals,
 } from './args';
 import { AttachFailure, DEFAULT_HANDOFF, ExecFailure, runAttach } from './attach';
-import { KNOWN_VMMS, VmmArgsError, vmmArgs } from './vmmargs';
+import { DEFAULT_HOTPLUG_PORTS, KNOWN_VMMS, MAX_PORTS, VmmArgsError, vmmArgs } from './vmmargs';
 import * as fmt from './format';
 import * as js from './json';
 import { help, synopsisFor } from './usage';
@@ -241,7 +241,7 @@ export const COMMANDS: Record<string, Command> = {
   'vm get': onVm((api, id) => api.getVm(id), (vm) => fmt.vmDetail(vm)),
 
   'vm args': {
-    options: ['vmm'],
+    options: ['vmm', 'hotplug-ports'],
     async run(ctx) {
       const [ref] = positionals(ctx.args, ['VM']);
       const vmm = ctx.cl.values.vmm;
@@ -251,7 +251,9 @@ export const COMMANDS: Record<string, Command> = {
       const vm = await api.getVm(await api.resolveVm(ref));
       const devices: string[] = [];
       if (vm.vfio_handoff === 'VFIO_HANDOFF_CDEV') for (const g of vm.groups) for (const d of (await api.getIommuGroup(g)).devices) devices.push(d.address);
-      const args = vmmArgs(vm, vmm as (typeof KNOWN_VMMS)[number], devices);
+      const spare = ctx.cl.values['hotplug-ports'];
+      if (spare !== undefined && !(/^\d+$/.test(spare) && Number(spare) <= MAX_PORTS)) throw new UsageError(`--hotplug-ports: a number from 0 to ${MAX_PORTS}, not ${JSON.stringify(spare)}`);
+      const args = vmmArgs(vm, vmm as (typeof KNOWN_VMMS)[number], devices, spare === undefined ? DEFAULT_HOTPLUG_PORTS : Number(spare));
       ctx.out(ctx.json ? js.pretty({ args }) : `${args.join(' ')}\n`);
     },
   },

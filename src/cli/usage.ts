@@ -15,7 +15,7 @@ export const SYNOPSIS: Record<string, string> = {
   'vm create': 'kvmvfioctl vm create NAME --vmm-uid UID [--vfio-device] [--group N]... [--cdev] [--label KEY=VALUE]... [--memlock SIZE] [--request-id ID]',
   'vm get': 'kvmvfioctl vm get VM',
   'vm token': 'kvmvfioctl vm token VM',
-  'vm args': 'kvmvfioctl vm args VM --vmm qemu',
+  'vm args': 'kvmvfioctl vm args VM --vmm qemu [--hotplug-ports N]',
   'vm list': 'kvmvfioctl vm list [--label KEY=VALUE]... [--state pending|running|exited|failed]... [--page-size N]',
   'vm delete': 'kvmvfioctl vm delete VM [--force]',
   'vm watch': 'kvmvfioctl vm watch [--label KEY=VALUE]... [--state pending|running|exited|failed]...',
@@ -58,8 +58,12 @@ Commands:
                               an iommufd instead of the group files (what QEMU takes)
   vm get VM                   one VM
   vm token VM                 a new attach token for a PENDING VM (earlier ones stop working)
-  vm args VM --vmm qemu       the VMM arguments that use the fds kvmvfioctl attach hands over, with
-                              its placeholders, e.g. for QEMU -add-fd fd={kvm},set=1,... -accel kvm,...
+  vm args VM --vmm qemu [--hotplug-ports N]
+                              the VMM arguments that use the fds kvmvfioctl attach hands over, with
+                              its placeholders, e.g. for QEMU -add-fd fd={kvm},set=1,... -accel kvm,...;
+                              for a --cdev VM also its iommufd, devices, the daemon's monitor ({qmp},
+                              for AddGroup/RemoveGroup by hot-plug) and N spare PCIe root ports
+                              (default 4; QEMU's machine must be q35)
   vm list [--label KEY=VALUE]... [--state STATE]... [--page-size N]
                               the VMs, oldest first; every label must match, any state may;
                               all of them, fetched N per call (default 100, at most 500)
@@ -77,7 +81,8 @@ Commands:
                               e.g. kvm:17,vfio-container:18,group-12:19,session:20 (vfio-container only
                               when the daemon sent one), and $KVMVFIO_VM_ID, $KVMVFIO_VM_NAME set.
                               In ARGs, {kvm}, {vfio-container}, {group:N}, {iommufd}, {device:ADDRESS}
-                              and {session} become those fds' numbers, e.g.
+                              and {session} become those fds' numbers; {qmp}, one end of a socketpair
+                              whose other end goes to the daemon (QEMU's monitor for hot-plug), e.g.
                               -add-fd fd={kvm},set=1 -accel kvm,device=/dev/fdset/1
                               (kvmvfioctl vm args VM --vmm qemu prints them); one the daemon did not
                               hand out is INVALID_ARGUMENT, and nothing is exec'd.
@@ -87,7 +92,8 @@ Commands:
                               The token comes from --token, else $KVMVFIO_TOKEN; prefer the variable:
                               a command line is visible to every user in ps. The handoff socket: --handoff,
                               else $KVMVFIO_HANDOFF, else ${DEFAULT_HANDOFF}.
-                              The daemon's VM operations on such a VM fail with FAILED_PRECONDITION.
+                              The daemon's VM operations on such a VM fail with FAILED_PRECONDITION,
+                              except, with {qmp}, AddGroup/RemoveGroup/CreateVfioDevice of a --cdev VM.
   conformance [--only SCENARIO]... -- VMM [ARG]...
                               check a VMM against the session protocol (docs/session-protocol.md):
                               play the daemon's side on a socket of its own, run VMM once per

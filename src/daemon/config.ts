@@ -49,6 +49,8 @@ export interface DaemonConfig {
   callTimeoutMs: number;
   /** Where Prometheus scrapes GET /metrics over HTTP; unset: no TCP listener (GetMetrics still answers). */
   metrics?: { host: string; port: number };
+  /** How long RemoveGroup on a QEMU VM waits for the guest to let go of a device (DEVICE_DELETED). */
+  hotUnplugTimeoutMs: number;
 }
 
 export const DEFAULTS: DaemonConfig = {
@@ -75,6 +77,7 @@ export const DEFAULTS: DaemonConfig = {
   maxWatchesPerUid: 16,
   fdMargin: 256,
   callTimeoutMs: 60_000,
+  hotUnplugTimeoutMs: 20_000,
 };
 
 export const USAGE = `Usage: kvmvfiod [OPTION]...
@@ -119,6 +122,8 @@ Options (environment variable in brackets, default in parentheses):
   --metrics-address [HOST:]PORT  serve Prometheus metrics at http://HOST:PORT/metrics;
                       HOST defaults to 127.0.0.1; off unless given (the GetMetrics call
                       serves the same text on the API socket) [KVMVFIOD_METRICS_ADDRESS]
+  --hot-unplug-timeout-ms N  how long RemoveGroup on a QEMU VM waits for its guest to
+                      let go of a device (${DEFAULTS.hotUnplugTimeoutMs}); QMP commands get --vmm-timeout-ms
   --help              this help
   --version           the daemon's version
 
@@ -182,6 +187,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): DaemonConfi
         'fd-margin': { type: 'string' },
         'call-timeout-ms': { type: 'string' },
         'metrics-address': { type: 'string' },
+        'hot-unplug-timeout-ms': { type: 'string' },
         help: { type: 'boolean' },
         version: { type: 'boolean' },
       },
@@ -218,6 +224,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): DaemonConfi
     maxWatchesPerUid: ms(values['max-watches-per-uid'] ?? env.KVMVFIOD_MAX_WATCHES_PER_UID, DEFAULTS.maxWatchesPerUid),
     fdMargin: ms(values['fd-margin'], DEFAULTS.fdMargin),
     callTimeoutMs: ms(values['call-timeout-ms'], DEFAULTS.callTimeoutMs),
+    hotUnplugTimeoutMs: ms(values['hot-unplug-timeout-ms'], DEFAULTS.hotUnplugTimeoutMs),
   };
   const metricsAddress = values['metrics-address'] ?? env.KVMVFIOD_METRICS_ADDRESS;
   if (metricsAddress) {
@@ -246,6 +253,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): DaemonConfi
     ['maxWatchesPerUid', '--max-watches-per-uid', 1, 1_000_000],
     ['fdMargin', '--fd-margin', 16, 1_000_000],
     ['callTimeoutMs', '--call-timeout-ms', 100, 3_600_000],
+    ['hotUnplugTimeoutMs', '--hot-unplug-timeout-ms', 100, 3_600_000],
   ];
   for (const [key, flag, lo, hi] of bounds) {
     const v = cfg[key] as number;

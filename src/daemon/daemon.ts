@@ -273,6 +273,7 @@ export class Daemon {
           this.#state?.sessionChanged(s.vmId);
         }
       },
+      qmp: { commandTimeoutMs: config.vmmTimeoutMs, unplugTimeoutMs: config.hotUnplugTimeoutMs, openIommufd: host.openIommufd },
     });
 
     const legacyFiles = await this.#restore(take, storedKvm !== undefined);

@@ -6,7 +6,7 @@ export { VfioGroup, VfioContainer, VfioDevice, type VfioGroupStatus } from './vf
 export { Iommufd, VfioDeviceCdev, type VfioDeviceInfo } from './iommufd';
 export { peerCredentials, fdLimits, openFdCount, listOpenFds, presizeFdTable, kernelRelease, probeKvmVfio, type PeerCred, type FdLimits, type KvmVfioSupport } from './host';
 export { KVM, KVM_DEV_VFIO, VFIO, IOMMUFD } from './libc';
-export { SeqpacketSocket, SeqpacketListener, bindDatagramSocket, watchReadable, peersHungUp, MAX_RECORD, MAX_FDS, type Received, type FdWatch } from './unix';
+export { SeqpacketSocket, SeqpacketListener, StreamSocket, bindDatagramSocket, socketKind, watchReadable, peersHungUp, MAX_RECORD, MAX_FDS, type Received, type FdWatch, type SocketKind } from './unix';
 export { pidfdOpen, peerPidfd, boottimeNs, pidfdExited, watchProcessExit, unixPeerInode, type PeerPidfd, type PeerProof, pidfdSendSignal, setMemlockLimit, getMemlockLimit, inheritAcrossExec, execReplace, SIGKILL, SIGTERM } from './process';
 export { GuestMemory, Vcpu, KvmSregs, KVM_GUEST, KVM_EXIT, KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT, exitReasonName, setUserMemoryRegion, vcpuMmapSize, type MemoryRegion, type KvmRegs, type KvmSegment, type SegmentName, type IoExit, type VcpuExit } from './guest';
 export { Systemd, takeListenFds } from './systemd';

@@ -25,10 +25,15 @@ const sys = {
   shutdown: lib.func('int shutdown(int fd, int how)'),
   setsockopt: lib.func('int setsockopt(int fd, int level, int name, const void *val, uint32_t len)'),
   poll: lib.func('int poll(void *fds, uint64_t nfds, int timeout)'),
+  recv: lib.func('intptr_t recv(int fd, void *buf, size_t len, int flags)'),
+  getsockopt: lib.func('int getsockopt(int fd, int level, int name, void *val, void *len)'),
 };
 
 const AF_UNIX = 1;
+const SOCK_STREAM = 1;
 const SOCK_SEQPACKET = 5;
+const SO_TYPE = 3;
+const SO_DOMAIN = 39;
 const SOCK_NONBLOCK = 0o4000;
 const SOCK_CLOEXEC = 0o2000000;
 const SOL_SOCKET = 1;
@@ -235,6 +240,122 @@ export class SeqpacketSocket {
 
   close(): Promise<void> {
     return this.#fd.close();
+  }
+
+  closeSync(): void {
+    this.#fd.closeSync();
+  }
+}
+
+/** What a socket fd is: its family and type (getsockopt SO_DOMAIN, SO_TYPE). */
+export interface SocketKind {
+  /** AF_UNIX is 1. */
+  domain: number;
+  /** SOCK_STREAM 1, SOCK_DGRAM 2, SOCK_SEQPACKET 5. */
+  type: number;
+}
+
+function intSockopt(fd: number, name: number, label: string): number {
+  const val = Buffer.alloc(4);
+  const len = Buffer.alloc(4);
+  len.writeUInt32LE(4, 0);
+  if ((sys.getsockopt(fd, SOL_SOCKET, name, val, len) as number) < 0) throw new SysError(`getsockopt(${name === SO_TYPE ? 'SO_TYPE' : 'SO_DOMAIN'})`, label, lastErrno());
+  return val.readInt32LE(0);
+}
+
+/** SO_DOMAIN and SO_TYPE of `fd`; ENOTSOCK when it is no socket. */
+export function socketKind(fd: number, label = `fd ${fd}`): SocketKind {
+  return { domain: intSockopt(fd, SO_DOMAIN, label), type: intSockopt(fd, SO_TYPE, label) };
+}
+
+/**
+ * One end of a connected AF_UNIX SOCK_STREAM socket, for a byte stream that
+ * may carry fds with SCM_RIGHTS: a QEMU monitor (QMP) on one end of a
+ * socketpair. Reads never take fds (recv(2) without ancillary space: the
+ * kernel closes any the peer sent), so a peer cannot fill this process's fd
+ * table. Neither call blocks.
+ */
+export class StreamSocket {
+  readonly #fd: OwnedFd;
+  readonly label: string;
+
+  constructor(fd: OwnedFd, label: string) {
+    this.#fd = fd;
+    this.label = label;
+  }
+
+  /**
+   * socketpair(AF_UNIX, SOCK_STREAM), close-on-exec, blocking: the two ends
+   * as owned fds, one to keep, one to give away (each end is its own open
+   * file, so the receiver's O_NONBLOCK is its own business).
+   */
+  static pair(label = 'stream socketpair'): [OwnedFd, OwnedFd] {
+    const sv = [0, 0];
+    if ((sys.socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) as number) < 0) throw new SysError('socketpair(AF_UNIX, SOCK_STREAM)', label, lastErrno());
+    return [new OwnedFd(sv[0], label), new OwnedFd(sv[1], label)];
+  }
+
+  get fd(): number {
+    return this.#fd.fd;
+  }
+
+  get isOpen(): boolean {
+    return this.#fd.isOpen;
+  }
+
+  /**
+   * sendmsg(2) of `data`, with `fds` as SCM_RIGHTS on its first byte,
+   * without blocking. Returns the bytes the kernel took: fewer than
+   * `data.length` when the socket's buffer is (nearly) full, 0 when it is
+   * full (EAGAIN; then the fds were not sent either). EPIPE when the peer
+   * has closed its end.
+   */
+  send(data: Uint8Array, fds: readonly number[] = []): number {
+    if (data.length === 0 || data.length > MAX_RECORD) throw new RangeError(`a stream write of ${data.length} bytes (1 to ${MAX_RECORD})`);
+    if (fds.length > MAX_FDS) throw new RangeError(`${fds.length} fds > ${MAX_FDS}`);
+    const b = blk();
+    const dv = b.dv;
+    b.u8.set(data, OFF_DATA);
+    dv.setBigUint64(OFF_IOV + 8, BigInt(data.length), true);
+    if (fds.length) {
+      dv.setBigUint64(32, b.base + BigInt(OFF_CTL), true);
+      dv.setBigUint64(40, BigInt(16 + align8(4 * fds.length)), true);
+      dv.setBigUint64(OFF_CTL, BigInt(16 + 4 * fds.length), true);
+      dv.setInt32(OFF_CTL + 8, SOL_SOCKET, true);
+      dv.setInt32(OFF_CTL + 12, SCM_RIGHTS, true);
+      fds.forEach((fd, i) => dv.setInt32(OFF_CTL + 16 + 4 * i, fd, true));
+    } else {
+      dv.setBigUint64(32, 0n, true);
+      dv.setBigUint64(40, 0n, true);
+    }
+    dv.setInt32(48, 0, true);
+    for (;;) {
+      const n = Number(sys.sendmsg(this.fd, b.ptr, MSG_NOSIGNAL | MSG_DONTWAIT));
+      if (n >= 0) return n;
+      const errno = lastErrno();
+      if (errno === EAGAIN) return 0;
+      if (errno !== EINTR) throw new SysError('sendmsg', this.label, errno);
+    }
+  }
+
+  /**
+   * recv(2) of what is there, up to `max` bytes, without blocking: null when
+   * nothing is (EAGAIN), an empty buffer at end of stream.
+   */
+  recv(max = 65536): Buffer | null {
+    const buf = Buffer.allocUnsafe(max);
+    for (;;) {
+      const n = Number(sys.recv(this.fd, buf, max, MSG_DONTWAIT));
+      if (n >= 0) return buf.subarray(0, n);
+      const errno = lastErrno();
+      if (errno === EAGAIN) return null;
+      if (errno !== EINTR) throw new SysError('recv', this.label, errno);
+    }
+  }
+
+  /** shutdown(SHUT_RDWR): the peer sees end of stream even while other copies of this fd live. */
+  shutdown(): void {
+    if (this.#fd.isOpen) sys.shutdown(this.fd, 2);
   }
 
   closeSync(): void {

@@ -86,6 +86,12 @@ export const FdKind = {
   IOMMUFD: 4,
   /** A VFIO device cdev (/dev/vfio/devices/vfioN); id = its PCI address (pciAddressToId). */
   VFIO_DEVICE: 5,
+  /**
+   * Sent by a passive VMM with its ATTACH: its end of an AF_UNIX SOCK_STREAM
+   * socketpair whose other end is its QEMU's monitor (QMP); id 0. The daemon
+   * drives hot-plug through it (docs/session-protocol.md, "The QMP channel").
+   */
+  QMP: 6,
 } as const;
 
 const PCI_ADDRESS = /^([0-9a-f]{4}):([0-9a-f]{2}):([0-1][0-9a-f])\.([0-7])$/;

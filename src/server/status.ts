@@ -7,6 +7,7 @@ import { status as Status, type ServiceError, Metadata } from '@grpc/grpc-js';
 import { randomBytes } from 'node:crypto';
 import { DomainError } from '../broker/errors';
 import { SysError } from '../kernel';
+import { QmpError } from './qmp/client';
 
 const byKind: Record<DomainError['kind'], Status> = {
   'not-found': Status.NOT_FOUND,
@@ -43,6 +44,37 @@ const byErrno: Record<string, Status> = {
   EPIPE: Status.UNAVAILABLE,
 };
 
+/**
+ * QEMU's refusals over QMP (QmpError), by its description: QEMU reports the
+ * kernel's errno, if at all, as strerror text inside it. The texts are the
+ * ones measured with QEMU 10 (labs/qmp-hotplug); the first match wins.
+ */
+const byQmpDesc: [RegExp, Status][] = [
+  // VFIO_DEVICE_BIND_IOMMUFD: EINVAL, the device is bound to another iommufd (another process has it);
+  // EBUSY, its group file is open somewhere.
+  [/error bind device .*: (Invalid argument|Device or resource busy)$/, Status.FAILED_PRECONDITION],
+  // The fd is no VFIO device cdev (a group fd, /dev/null).
+  [/Inappropriate ioctl for device/, Status.INVALID_ARGUMENT],
+  [/^Duplicate device ID /, Status.ALREADY_EXISTS],
+  // Pinning guest RAM for DMA met RLIMIT_MEMLOCK (CreateVm memlock_bytes).
+  [/Cannot allocate memory/, Status.RESOURCE_EXHAUSTED],
+  // The port cannot take the device (one the daemon picked changed under it).
+  [/^Bus '.*' (does not support hotplugging|not found|is full)$|can't go on .* bus$/, Status.FAILED_PRECONDITION],
+  [/Permission denied|Operation not permitted/, Status.PERMISSION_DENIED],
+];
+
+const byQmpClass: Record<string, Status> = {
+  DeviceNotFound: Status.NOT_FOUND,
+  CommandNotFound: Status.UNIMPLEMENTED,
+  KVMMissingCap: Status.FAILED_PRECONDITION,
+};
+
+/** The status of QEMU's refusal; one the table does not know is UNKNOWN (QEMU's answer, named in the message), not INTERNAL. */
+export function statusForQmpError(e: QmpError): Status {
+  for (const [re, code] of byQmpDesc) if (re.test(e.desc)) return code;
+  return byQmpClass[e.errorClass] ?? Status.UNKNOWN;
+}
+
 export interface MappedStatus {
   code: Status;
   details: string;
@@ -63,6 +95,7 @@ export function statusForSysError(e: SysError): Status {
 export function toStatus(err: unknown): MappedStatus {
   if (err instanceof DomainError) return { code: byKind[err.kind], details: err.message };
   if (err instanceof SysError) return { code: statusForSysError(err), details: err.message };
+  if (err instanceof QmpError) return { code: statusForQmpError(err), details: err.message };
   return { code: Status.INTERNAL, details: '', ref: randomBytes(4).toString('hex') };
 }
 

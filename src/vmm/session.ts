@@ -149,22 +149,25 @@ export class VmmSession {
    * again, once, as edition 1. Rejects with AttachError (the daemon's errno
    * and reason) when refused.
    */
-  static async connect(path: string, token: string, opts: { passive?: boolean; edition?: 1 | 2 } = {}): Promise<VmmSession> {
+  static async connect(path: string, token: string, opts: { passive?: boolean; edition?: 1 | 2; qmpFd?: number } = {}): Promise<VmmSession> {
     const edition = opts.edition ?? 2;
     try {
-      return await VmmSession.#attachOnce(path, token, !!opts.passive, edition);
+      return await VmmSession.#attachOnce(path, token, !!opts.passive, edition, opts.qmpFd);
     } catch (e) {
       const older = e instanceof AttachError && (e.errno === NO_RESULT || (e.errno === 95 /* EOPNOTSUPP */ && e.tokenKept));
-      if (edition === 2 && older) return VmmSession.#attachOnce(path, token, !!opts.passive, 1);
+      if (edition === 2 && older) return VmmSession.#attachOnce(path, token, !!opts.passive, 1, opts.qmpFd);
       throw e;
     }
   }
 
-  static async #attachOnce(path: string, token: string, passive: boolean, edition: 1 | 2): Promise<VmmSession> {
+  static async #attachOnce(path: string, token: string, passive: boolean, edition: 1 | 2, qmpFd?: number): Promise<VmmSession> {
     const sock = await connectWithRoom(path);
     try {
       const flags = (passive ? AttachFlag.PASSIVE : 0) | (edition === 2 ? AttachFlag.EDITION2 : 0);
-      sock.send(encode({ type: MsgType.ATTACH, seq: 1, status: 0, arg: flags, manifest: [], text: token }));
+      // A passive VMM may send its QEMU's monitor (one end of a stream socketpair): the daemon drives hot-plug through it.
+      // SCM_RIGHTS sends a copy: the fd is still this process's for a second attempt.
+      const qmp = passive && qmpFd !== undefined ? [qmpFd] : [];
+      sock.send(encode({ type: MsgType.ATTACH, seq: 1, status: 0, arg: flags, manifest: qmp.map(() => ({ kind: FdKind.QMP, id: 0 })), text: token }), qmp);
       const { msg, fds } = await nextRecord(sock);
       const owned = [...fds];
       try {

@@ -194,7 +194,7 @@ describe('kvmvfioctl against a daemon with IOMMU groups', () => {
     assert.equal(ok(await run('vm', 'list', '--state', 'failed'), 'list'), 'No VMs match.\n');
   });
 
-  test('vm args --vmm qemu: the arguments with attach\'s placeholders; refused for a VM with groups', async () => {
+  test('vm args --vmm qemu: the arguments with attach\'s placeholders; a --cdev VM\'s monitor and root ports; refused for a VM with groups', async () => {
     ok(await run('vm', 'create', 'qemu-vm', '--vmm-uid', '65534'), 'vm create qemu-vm');
     assert.equal(ok(await run('vm', 'args', 'qemu-vm', '--vmm', 'qemu'), 'vm args'), '-add-fd fd={kvm},set=1,opaque=kvmvfiod-kvm -accel kvm,device=/dev/fdset/1\n');
     assert.deepEqual(JSON.parse(ok(await run('--json', 'vm', 'args', 'qemu-vm', '--vmm', 'qemu'), 'vm args --json')), {
@@ -211,7 +211,19 @@ describe('kvmvfioctl against a daemon with IOMMU groups', () => {
     const refused = await run('vm', 'args', 'qemu-groups', '--vmm', 'qemu');
     assert.equal(refused.code, 1);
     assert.match(refused.stderr, new RegExp(`^kvmvfioctl: FAILED_PRECONDITION: vm qemu-groups has IOMMU groups ${free.number} handed over as group files: QEMU takes a VFIO device from outside only as a device cdev fd`));
-    for (const name of ['qemu-vm', 'qemu-groups']) ok(await run('vm', 'delete', name), `vm delete ${name}`);
+    // A --cdev VM: its iommufd, the daemon's monitor ({qmp}) and spare root ports for hot-plug.
+    ok(await run('vm', 'create', 'qemu-cdev', '--vmm-uid', '65534', '--cdev'), 'vm create qemu-cdev');
+    assert.equal(
+      ok(await run('vm', 'args', 'qemu-cdev', '--vmm', 'qemu', '--hotplug-ports', '1'), 'vm args --hotplug-ports 1'),
+      '-add-fd fd={kvm},set=1,opaque=kvmvfiod-kvm -accel kvm,device=/dev/fdset/1 -object iommufd,id=kvmvfiod-iommufd,fd={iommufd} -chardev socket,id=kvmvfiod-qmp,fd={qmp} -mon chardev=kvmvfiod-qmp,mode=control -device pcie-root-port,id=kvmvfiod-port-1,chassis=201,slot=1\n',
+    );
+    assert.equal((JSON.parse(ok(await run('--json', 'vm', 'args', 'qemu-cdev', '--vmm', 'qemu'), 'vm args default ports')) as { args: string[] }).args.filter((a) => a.startsWith('pcie-root-port')).length, 4);
+    for (const bad of ['x', '1.5', '256']) {
+      const r = await run('vm', 'args', 'qemu-cdev', '--vmm', 'qemu', '--hotplug-ports', bad);
+      assert.equal(r.code, 2, bad);
+      assert.match(r.stderr, /--hotplug-ports: a number from 0 to 255/);
+    }
+    for (const name of ['qemu-vm', 'qemu-groups', 'qemu-cdev']) ok(await run('vm', 'delete', name), `vm delete ${name}`);
   });
 
   test('vm vfio-device, add-group and remove-group change a PENDING VM', async () => {

@@ -162,7 +162,7 @@ describe(`session record codec (seed ${SEED})`, () => {
       ['nfds over 8', set(24, 2, 9), 9],
       ['fds received differ', ok, 0],
       ['fds received differ (more)', ok, 2],
-      ['unknown manifest kind', set(32, 4, 6), 1],
+      ['unknown manifest kind', set(32, 4, 7), 1],
       ['unknown type', set(6, 2, 4), 1],
       ['unknown result type', set(6, 2, 0x8004), 1],
       ['negative status', set(12, 4, 0xffffffff), 1],

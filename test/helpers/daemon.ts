@@ -53,6 +53,8 @@ export interface DaemonOptions {
   listenFds?: { name: string; fd: number }[];
   /** A command the daemon runs under (e.g. the no-peerpidfd wrapper): it execs node with the daemon's arguments. */
   wrap?: string[];
+  /** How long the daemon may take to be ready (default 10 s; the VFIO lane's TCG guest can be slower under load). */
+  readyTimeoutMs?: number;
 }
 
 export async function startDaemon(opts: DaemonOptions = {}): Promise<RunningDaemon> {
@@ -120,9 +122,13 @@ export async function startDaemon(opts: DaemonOptions = {}): Promise<RunningDaem
     });
 
   const ready = await Promise.race([
-    waitForLog((l) => l.event === 'ready' || l.event === 'start-failed').then((l) => l.event === 'ready'),
+    waitForLog((l) => l.event === 'ready' || l.event === 'start-failed', opts.readyTimeoutMs).then((l) => l.event === 'ready'),
     exited.then(() => false),
-  ]);
+  ]).catch((e: unknown) => {
+    // Not ready in time: a daemon left running would keep the test process (and its lane) alive.
+    proc.kill('SIGKILL');
+    throw e;
+  });
   if (!ready) {
     proc.kill('SIGKILL');
     throw new Error(`daemon did not start; stderr: ${stderr}; logs: ${JSON.stringify(logs)}`);

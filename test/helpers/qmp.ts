@@ -5,7 +5,7 @@
  */
 import { connect } from 'node:net';
 
-export function qmp(socket: string, command: string, timeoutMs = 30_000): Promise<unknown> {
+export function qmp(socket: string, command: string, timeoutMs = 30_000, args?: Record<string, unknown>): Promise<unknown> {
   return new Promise((resolve, reject) => {
     const s = connect(socket);
     let buf = '';
@@ -26,7 +26,7 @@ export function qmp(socket: string, command: string, timeoutMs = 30_000): Promis
         if (msg.event) continue;
         if (msg.error) return done(() => reject(new Error(`QMP ${command}: ${msg.error!.desc}`)));
         if (step === 0) s.write(`${JSON.stringify({ execute: 'qmp_capabilities' })}\n`);
-        else if (step === 1) s.write(`${JSON.stringify({ execute: command })}\n`);
+        else if (step === 1) s.write(`${JSON.stringify(args ? { execute: command, arguments: args } : { execute: command })}\n`);
         else return done(() => resolve(msg.return));
         step++;
       }

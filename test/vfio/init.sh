@@ -21,7 +21,9 @@
 #            /run/kvmvfio-lane;
 #   tests    node --test --test-concurrency=1 <tests> from the repo, as root,
 #            with KVMVFIO_GUEST=1, KVMVFIO_GUEST_GROUPS and KVMVFIO_GUEST_CDEV
-#            (1: the cdevs are there, checked above); output to
+#            (1: the cdevs are there, checked above), and KVMVFIO_L2_KERNEL /
+#            KVMVFIO_L2_INITRD when the lane packed the hot-plug test's L2
+#            guest (test/vfio/l2-init.sh); output to
 #            /out/tests.log (and the console), exit code to /out/tests.rc.
 # Console lines the host reads start with "kvmvfio-lane: "; test output
 # lines start with "test| ".
@@ -78,6 +80,9 @@ read -r TEST_TIMEOUT < /out/in/test-timeout
 QEMU10=
 [ -s /out/in/qemu ] && read -r QEMU10 < /out/in/qemu
 read -r CDEV < /out/in/cdev
+# The hot-plug test's L2 guest, when the lane packed it (as the chroot sees the share).
+L2KERNEL=; L2INITRD=
+[ -s /out/in/l2-vmlinuz ] && [ -s /out/in/l2-initrd.cpio ] && L2KERNEL=/run/kvmvfio-lane/in/l2-vmlinuz && L2INITRD=/run/kvmvfio-lane/in/l2-initrd.cpio
 
 # ------------------------------------------------------------------ bind
 step bind
@@ -236,6 +241,7 @@ HEARTBEAT=$!
     KVMVFIO_GUEST_RESULTS=/run/kvmvfio-lane \
     KVMVFIO_GUEST_CDEV="$CDEV" \
     KVMVFIO_QEMU="$QEMU10" \
+    KVMVFIO_L2_KERNEL="$L2KERNEL" KVMVFIO_L2_INITRD="$L2INITRD" \
     /bin/sh -c 'cd "$1" && shift && exec "$@"' sh "$REPO" \
     "$NODE" --test --test-concurrency=1 --test-timeout="$TEST_TIMEOUT" --test-reporter=spec "$@" 2>&1
   echo $? > /out/tests.rc

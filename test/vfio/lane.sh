@@ -27,11 +27,13 @@
 #                              device cdevs, and the tests that need them skip (default 1)
 #   KVMVFIO_GUEST_TESTS        test files to run in the guest, relative to the repo or absolute,
 #                              space-separated (default: every dist/test/vfio/*.test.js)
-#   KVMVFIO_LANE_TIMEOUT       bound of the whole guest run, seconds (default 600)
+#   KVMVFIO_LANE_TIMEOUT       bound of the whole guest run, seconds (default 900; a run takes ~5.5 min with the
+#                              L2 hot-plug test, ~3 min without)
 #   KVMVFIO_LANE_BOOT_TIMEOUT  QEMU start to /init, seconds (default 120; it takes ~3-5 s)
 #   KVMVFIO_LANE_STALL         fail when the guest console is silent this long, seconds (default 120;
 #                              the guest prints a heartbeat every 20 s while its tests run)
-#   KVMVFIO_GUEST_TEST_TIMEOUT node --test-timeout in the guest, ms (default 300000)
+#   KVMVFIO_GUEST_TEST_TIMEOUT node --test-timeout in the guest, ms, per test file (default 600000: the L2
+#                              hot-plug file boots a Linux on TCG inside TCG)
 #   KVMVFIO_QEMU               Debian's QEMU 10 (test/qemu/get-qemu10.sh) for the guest's QEMU
 #                              test, reached in the guest through the read-only share of /
 #                              (default: the QEMU lane's cache, when it is there; else that test skips)
@@ -40,20 +42,25 @@
 #   text patching once oopsed on int3 in __schedule as a VMM was killed; measured in CI)
 #   KVMVFIO_LANE_OFFLINE=1     no apt at all: use the packages installed and the newest kernel cached
 #   KVMVFIO_LANE_APPEND        more guest kernel arguments (debugging: loglevel=7, say)
+#   KVMVFIO_LANE_L2=0          skip the hot-plug test with a Linux guest inside QEMU 10 (test/vfio/hotplug.test.ts:
+#                              its L2 boots on TCG inside the TCG guest, ~2.5 min); default 1. The L2 is this lane's
+#                              kernel with a busybox initramfs whose /init is test/vfio/l2-init.sh (cached in
+#                              $LANE/l2/, rebuilt when that script or busybox changes)
 set -uo pipefail
 export LC_ALL=C DEBIAN_FRONTEND=noninteractive
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)
 LANE=${KVMVFIO_LANE_DIR:-/tmp/kvmvfio-vfio-lane}
-TIMEOUT=${KVMVFIO_LANE_TIMEOUT:-600}
+TIMEOUT=${KVMVFIO_LANE_TIMEOUT:-900}
 BOOT_TIMEOUT=${KVMVFIO_LANE_BOOT_TIMEOUT:-120}
 STALL=${KVMVFIO_LANE_STALL:-120}
-TEST_TIMEOUT=${KVMVFIO_GUEST_TEST_TIMEOUT:-300000}
+TEST_TIMEOUT=${KVMVFIO_GUEST_TEST_TIMEOUT:-600000}
 MEM=${KVMVFIO_LANE_MEM:-2048}
 SMP=${KVMVFIO_LANE_SMP:-2}
 OFFLINE=${KVMVFIO_LANE_OFFLINE:-0}
 APPEND=${KVMVFIO_LANE_APPEND:-}
 CDEV=${KVMVFIO_LANE_CDEV:-1}
+L2=${KVMVFIO_LANE_L2:-1}
 KERNEL_RE='^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$'
 PACKAGES=(qemu-system-x86 busybox-static cpio)
 # The rebuild of vfio + iommufd: Debian's kernel is built with gcc-12, its headers call it by that name.
@@ -257,6 +264,30 @@ fi
 timing "initramfs" "$(since "$t")"
 log "initramfs $(du -m "$LANE/initramfs.cpio" | cut -f1) MB; modules in order: ${ORDER[*]}"
 
+# ------------------------------------------------------------------ 3b. the L2 guest's initramfs
+# For the hot-plug test's Linux inside QEMU 10: busybox and test/vfio/l2-init.sh, keyed by both.
+L2CPIO=
+if [ "$L2" = 1 ]; then
+  step l2
+  t=$(now_us)
+  key=$(cat "$BUSYBOX" "$REPO/test/vfio/l2-init.sh" | sha256sum | cut -c1-16)
+  L2CPIO=$LANE/l2/initramfs-$key.cpio
+  if [ -s "$L2CPIO" ]; then
+    timing "L2 initramfs" cached
+  else
+    rm -rf "$LANE/l2" && mkdir -p "$LANE/l2/root"/{bin,proc,sys,dev} || fail "creating $LANE/l2"
+    cp "$BUSYBOX" "$LANE/l2/root/bin/busybox" || fail "copying $BUSYBOX"
+    for a in $("$BUSYBOX" --list); do [ "$a" = busybox ] || ln -s busybox "$LANE/l2/root/bin/$a"; done
+    install -m 0755 "$REPO/test/vfio/l2-init.sh" "$LANE/l2/root/init" || fail "copying test/vfio/l2-init.sh"
+    (cd "$LANE/l2/root" && find . -print0 | sort -z | cpio --null -o -H newc --quiet) > "$L2CPIO.tmp" && mv "$L2CPIO.tmp" "$L2CPIO" \
+      || fail "cpio of the L2 initramfs failed"
+    rm -rf "$LANE/l2/root"
+    timing "L2 initramfs" "$(since "$t")"
+  fi
+else
+  timing "L2 initramfs" "off (KVMVFIO_LANE_L2=0)"
+fi
+
 # ------------------------------------------------------------------ 4. what the guest runs
 step prepare
 NODE=$(command -v node) || fail "no node on PATH"
@@ -285,6 +316,13 @@ printf '%s\n' "$TEST_TIMEOUT" > "$SHARE/in/test-timeout"
 QEMU10=${KVMVFIO_QEMU:-/var/cache/kvmvfiod-lanes/qemu10/root/usr/bin/qemu-system-x86_64}
 if [ -x "$QEMU10" ]; then printf '%s\n' "$QEMU10" > "$SHARE/in/qemu"; log "QEMU 10 for the guest: $QEMU10"; else : > "$SHARE/in/qemu"; log "no QEMU 10 at $QEMU10: the guest's QEMU test skips"; fi
 printf '%s\n' "$CDEV" > "$SHARE/in/cdev"
+if [ -n "$L2CPIO" ]; then
+  # Readable by QEMU 10 as uid 65534 in the guest; hard links where the filesystem allows.
+  for f in "$VMLINUZ:l2-vmlinuz" "$L2CPIO:l2-initrd.cpio"; do
+    cp -l "${f%%:*}" "$SHARE/in/${f##*:}" 2>/dev/null || cp "${f%%:*}" "$SHARE/in/${f##*:}" || fail "copying ${f%%:*} into the share"
+    chmod 0644 "$SHARE/in/${f##*:}"
+  done
+fi
 CONSOLE=$RUN/console.log
 
 # ------------------------------------------------------------------ 5. boot

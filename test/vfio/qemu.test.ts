@@ -43,6 +43,7 @@ interface PciDev {
   slot: number;
   qdev_id: string;
   id: { vendor: number; device: number };
+  pci_bridge?: { devices?: PciDev[] };
 }
 
 describe('QEMU 10 takes a real VFIO device from kvmvfiod (device-cdev handoff)', { skip }, () => {
@@ -83,7 +84,8 @@ describe('QEMU 10 takes a real VFIO device from kvmvfiod (device-cdev handoff)',
     argsRun.stdout!.on('data', (b: Buffer) => (out += b.toString()));
     assert.equal(await new Promise((r) => argsRun.once('exit', r)), 0);
     const { args } = JSON.parse(out) as { args: string[] };
-    assert.ok(args.includes(`vfio-pci,iommufd=kvmvfiod-iommufd,fd={device:${address}},id=kvmvfiod-${address.replace(/:/g, '-')}`), JSON.stringify(args));
+    // On a root port of its own (kvmvfiod-port-1), so that RemoveGroup can hot-unplug it.
+    assert.ok(args.includes(`vfio-pci,iommufd=kvmvfiod-iommufd,fd={device:${address}},bus=kvmvfiod-port-1,id=kvmvfiod-${address.replace(/:/g, '-')}`), JSON.stringify(args));
 
     const qmpSocket = join(work, 'qmp.sock');
     const t0 = Date.now();
@@ -91,17 +93,26 @@ describe('QEMU 10 takes a real VFIO device from kvmvfiod (device-cdev handoff)',
       ...NOBODY, process.execPath, CLI_JS, 'attach', '--handoff', join(d.runtimeDir, 'handoff.sock'), '--',
       QEMU!, ...args,
       '-machine', 'q35', '-cpu', 'qemu64', '-m', '64', '-nodefaults', '-nographic', '-display', 'none', '-monitor', 'none',
-      '-serial', 'none', '-no-user-config', '-S', '-qmp', `unix:${qmpSocket},server=on,wait=off`,
+      // Not -S: QEMU lists a device behind a root port only once the firmware numbered the port's bus.
+      '-serial', 'none', '-no-user-config', '-qmp', `unix:${qmpSocket},server=on,wait=off`,
     ];
     const qemu = collectJsonLines(spawn(argv[0], argv.slice(1), { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, KVMVFIO_TOKEN: attach_token!.token } }));
     procs.push(qemu);
-    const pci = await until('QMP query-pci', async () => {
+    // The device sits behind its root port: walk the bridges too, until the firmware numbered the port's bus.
+    const listed = (pci: { devices: PciDev[] }[]): PciDev[] => {
+      const out: PciDev[] = [];
+      const walk = (ds: PciDev[] | undefined) => ds?.forEach((x) => (out.push(x), walk(x.pci_bridge?.devices)));
+      for (const b of pci) walk(b.devices);
+      return out;
+    };
+    let devices: PciDev[] = [];
+    const hostdev = await until('QMP query-pci listing the device', async () => {
       if (!existsSync(qmpSocket)) return qemu.proc.exitCode === null ? false : assert.fail(`QEMU exited: ${qemu.stderr()}`);
-      return (await qmp(qmpSocket, 'query-pci').catch(() => undefined)) as { devices: PciDev[] }[] | undefined;
+      const pci = (await qmp(qmpSocket, 'query-pci').catch(() => undefined)) as { devices: PciDev[] }[] | undefined;
+      devices = pci ? listed(pci) : [];
+      return devices.find((x) => x.qdev_id === `kvmvfiod-${address.replace(/:/g, '-')}`);
     });
-    t.diagnostic(`QMP answered query-pci ${Date.now() - t0} ms after kvmvfioctl attach started`);
-    const devices = pci.flatMap((b) => b.devices);
-    const hostdev = devices.find((x) => x.qdev_id === `kvmvfiod-${address.replace(/:/g, '-')}`);
+    t.diagnostic(`QMP's query-pci listed the device ${Date.now() - t0} ms after kvmvfioctl attach started`);
     assert.ok(hostdev, JSON.stringify(devices.map((x) => [x.qdev_id, x.id])));
     assert.deepEqual([hostdev.id.vendor, hostdev.id.device], [0x1234, 0x11e8]);
     assert.deepEqual(await qmp(qmpSocket, 'query-kvm'), { enabled: true, present: true });

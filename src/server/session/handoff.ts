@@ -8,7 +8,7 @@ import type { Broker } from '../../broker/broker';
 import type { Caller } from '../../broker/broker';
 import { type OwnedFd, type SeqpacketSocket, peerCredentials } from '../../kernel';
 import { PolledListener } from '../polled';
-import { type RestoredSession, Session, type SessionOptions } from './session';
+import { type QmpSessionOptions, type RestoredSession, Session, type SessionOptions } from './session';
 import { SliceQueue } from './slices';
 
 export interface HandoffOptions {
@@ -30,6 +30,8 @@ export interface HandoffOptions {
   onRefused?(reason: 'per-uid-limit' | 'limit'): void;
   /** Told of each request to a VMM once it settles (metrics). */
   observeRequest?(kind: string, seconds: number, outcome: string): void;
+  /** Hot-plug into passive VMMs that send their QEMU's monitor with their ATTACH. */
+  qmp?: QmpSessionOptions;
 }
 
 export class HandoffServer {
@@ -88,6 +90,7 @@ export class HandoffServer {
       requestTimeoutMs: this.#opts.requestTimeoutMs,
       attachTimeoutMs: this.#opts.attachTimeoutMs,
       maxSessions: this.#opts.maxSessions,
+      qmp: this.#opts.qmp,
       onClosed: (s) => {
         this.#attachedOrGone(s);
         if (this.#byVm.get(s.vmId) === s) this.#byVm.delete(s.vmId);

@@ -13,7 +13,7 @@ import type { Logger } from 'pino';
 import type { Broker, Caller } from '../../broker/broker';
 import { DeadlineExceededError, DomainError, FailedPreconditionError, PermissionDeniedError, ResourceExhaustedError, UnavailableError } from '../../broker/errors';
 import type { AttachGrant, VmmLink } from '../../broker/vmm';
-import { type FdWatch, type OwnedFd, type SendableFd, SIGKILL, SIGTERM, type SeqpacketSocket, SysError, boottimeNs, peerPidfd, pidfdExited, pidfdSendSignal, watchReadable } from '../../kernel';
+import { type FdWatch, type OwnedFd, type SendableFd, SIGKILL, SIGTERM, type SeqpacketSocket, StreamSocket, SysError, boottimeNs, peerPidfd, pidfdExited, pidfdSendSignal, watchReadable } from '../../kernel';
 import {
   ATTACH_KNOWN_FLAGS,
   AttachFlag,
@@ -30,6 +30,8 @@ import {
   pciAddressToId,
   typeName,
 } from '../../protocol/session';
+import { QmpClient, checkQmpSocket } from '../qmp/client';
+import { QemuHotplug } from '../qmp/hotplug';
 
 /** Requests whose success changes the VM in its VMM's kernel (S25: a result the record cannot follow fails the VM). */
 const CHANGES_THE_VM = new Set<number>([MsgType.CREATE_VFIO_DEVICE, MsgType.ADD_GROUP, MsgType.REMOVE_GROUP, MsgType.ADD_DEVICE, MsgType.REMOVE_DEVICE]);
@@ -45,6 +47,7 @@ const refusalErrno: Partial<Record<DomainError['kind'], number>> = {
   'failed-precondition': 16, // EBUSY: the VM is not waiting for a VMM
   'resource-exhausted': 24, // EMFILE
   unavailable: 108, // ESHUTDOWN: the daemon is stopping
+  'invalid-argument': 22, // EINVAL: a QMP fd that is not the VMM's own stream socketpair
 };
 
 export interface SessionOptions {
@@ -70,6 +73,17 @@ export interface SessionOptions {
   schedule?(job: () => void): void;
   /** Told of each request to the VMM once it settles: its kind, its time and its outcome (ok, the errno name, deadline, closed). */
   observeRequest?(kind: string, seconds: number, outcome: string): void;
+  /** For a passive VMM that sends a QMP fd with its ATTACH: how the daemon drives its QEMU. Absent: such an ATTACH is refused. */
+  qmp?: QmpSessionOptions;
+}
+
+export interface QmpSessionOptions {
+  /** How long a QMP command may take (QEMU's start included, for the first). */
+  commandTimeoutMs: number;
+  /** How long a hot-unplug waits for the guest (DEVICE_DELETED). */
+  unplugTimeoutMs: number;
+  /** A fresh /dev/iommu for the QEMU's iommufd object. */
+  openIommufd(): Promise<OwnedFd>;
 }
 
 export interface RestoredSession {
@@ -123,6 +137,8 @@ export class Session implements VmmLink {
   #edition2 = false;
   /** What an edition-1 VMM broke of S5 and was let through (logged once each). */
   readonly #tolerated = new Set<string>();
+  /** A passive VMM's QEMU, driven through the QMP fd it sent with its ATTACH (hot-plug). */
+  #qemu?: QemuHotplug;
   /** Carried over a daemon restart: results of requests the old process sent are ignored, not errors. */
   #restored = false;
   #exited!: () => void;
@@ -176,6 +192,11 @@ export class Session implements VmmLink {
     return this.#passive;
   }
 
+  /** How a passive VMM takes hot changes: 'qmp' when its QEMU's monitor came with its ATTACH. */
+  get hotplug(): 'qmp' | undefined {
+    return this.#qemu ? 'qmp' : undefined;
+  }
+
   get vmId(): string {
     return this.#vmId;
   }
@@ -197,23 +218,32 @@ export class Session implements VmmLink {
   // --- VmmLink -------------------------------------------------------------
 
   async createVfioDevice(): Promise<void> {
+    // QEMU makes its KVM-VFIO device itself, with its first VFIO device: nothing to ask.
+    if (this.#passive && this.#qemu) return;
     await this.#request(MsgType.CREATE_VFIO_DEVICE, 0, [], 'KVM_CREATE_DEVICE(VFIO)');
   }
 
   async addGroup(group: number, fd: SendableFd): Promise<void> {
+    if (this.#passive && this.#qemu) {
+      fd.closeSync();
+      throw new FailedPreconditionError(`QEMU takes a VFIO device only as a device cdev with an iommufd, never as a group file: vm ${this.#vmName} needs the CDEV handoff (CreateVm vfio_handoff VFIO_HANDOFF_CDEV)`);
+    }
     await this.#request(MsgType.ADD_GROUP, group, [{ kind: FdKind.VFIO_GROUP, id: group, fd }], 'KVM_SET_DEVICE_ATTR(VFIO_FILE_ADD)', `group ${group}`);
   }
 
   async removeGroup(group: number): Promise<void> {
+    if (this.#passive && this.#qemu) throw new FailedPreconditionError(`vm ${this.#vmName}'s QEMU holds no group files (it takes device cdevs only)`);
     await this.#request(MsgType.REMOVE_GROUP, group, [], 'KVM_SET_DEVICE_ATTR(VFIO_FILE_DEL)', `group ${group}`);
   }
 
   async addDevice(address: string, fd: SendableFd): Promise<void> {
+    if (this.#passive && this.#qemu) return this.#qemu.addDevice(address, fd);
     const id = pciAddressToId(address);
     await this.#request(MsgType.ADD_DEVICE, id, [{ kind: FdKind.VFIO_DEVICE, id, fd }], 'ADD_DEVICE (bind, attach, KVM_DEV_VFIO_FILE_ADD)', `device ${address}`);
   }
 
   async removeDevice(address: string): Promise<void> {
+    if (this.#passive && this.#qemu) return this.#qemu.removeDevice(address);
     await this.#request(MsgType.REMOVE_DEVICE, pciAddressToId(address), [], 'REMOVE_DEVICE (KVM_DEV_VFIO_FILE_DEL)', `device ${address}`);
   }
 
@@ -289,8 +319,8 @@ export class Session implements VmmLink {
 
   /** `senderPid`: who sent the record (SCM_CREDENTIALS), where the socket passes credentials. */
   #handle(msg: Message, fds: OwnedFd[], senderPid?: number): void {
-    // No message from a VMM carries fds in protocol v1.
-    if (fds.length) throw new ProtocolError(`${typeName(msg.type)} carries ${fds.length} fds; none are expected from a VMM`);
+    // No message from a VMM carries fds, but a passive VMM's ATTACH its QEMU's monitor (FdKind.QMP).
+    if (fds.length && !(msg.type === MsgType.ATTACH && this.#phase === 'new')) throw new ProtocolError(`${typeName(msg.type)} carries ${fds.length} fds; none are expected from a VMM`);
     this.#checkFields(msg);
     if (isResult(msg.type)) {
       if (this.#abandoned.delete(msg.seq)) {
@@ -330,14 +360,19 @@ export class Session implements VmmLink {
         if (unknown) {
           // Negotiation (S12): the VMM learns which bits this daemon knows, and may attach again without the others.
           const reason = `ATTACH arg 0x${msg.arg.toString(16)} has bits this kvmvfiod does not know (0x${unknown.toString(16)}); it knows 0x${ATTACH_KNOWN_FLAGS.toString(16)}`;
+          for (const f of fds.splice(0)) f.closeSync();
           this.#reply(msg, EOPNOTSUPP, reason, ATTACH_KNOWN_FLAGS);
           this.#log.warn({ event: 'attach-refused', reason }, 'attach refused');
           this.#end(`attach refused: ${reason}`);
           return;
         }
+        if (fds.length && (fds.length !== 1 || msg.manifest[0].kind !== FdKind.QMP || (msg.arg & AttachFlag.PASSIVE) === 0)) {
+          throw new ProtocolError(`an ATTACH may carry one fd, a QMP channel, and only with the passive bit (manifest kinds ${msg.manifest.map((e) => e.kind).join(',')}, arg ${msg.arg})`);
+        }
         this.#phase = 'attaching';
         clearTimeout(this.#attachTimer);
-        void this.#attach(msg, senderPid);
+        // The QMP fd is #attach's from here (it closes it on any failure).
+        void this.#attach(msg, senderPid, fds.splice(0)[0]);
         return;
       }
       case MsgType.VM_CREATED:
@@ -382,11 +417,16 @@ export class Session implements VmmLink {
     this.#log.warn({ event: 'session-tolerated', vm: this.#vmId || undefined, reason: violation }, 'an edition-1 VMM broke a rule of the session protocol (S5); let through, as edition 1 does');
   }
 
-  async #attach(msg: Message, senderPid?: number): Promise<void> {
+  async #attach(msg: Message, senderPid?: number, qmpFd?: OwnedFd): Promise<void> {
     this.#passive = (msg.arg & AttachFlag.PASSIVE) !== 0;
     this.#edition2 = (msg.arg & AttachFlag.EDITION2) !== 0;
     let grant: AttachGrant;
     try {
+      if (qmpFd) {
+        if (!this.#opts.qmp) throw new FailedPreconditionError('this kvmvfiod does not drive QEMU monitors (no QMP options)');
+        // Before the token is spent: a bad channel leaves the VM waiting for a good attach.
+        checkQmpSocket(qmpFd.fd, this.peer.pid);
+      }
       if (!msg.text) throw new PermissionDeniedError('attach token missing');
       // SO_PEERCRED gives pid 0 for a peer outside the daemon's pid namespace: such a VMM cannot be
       // watched, limited or killed, so it is refused (a container daemon needs the host's pid namespace).
@@ -410,6 +450,7 @@ export class Session implements VmmLink {
       const reason = e instanceof DomainError || e instanceof SysError ? e.message : 'internal error';
       this.#log.warn({ event: 'attach-refused', reason }, 'attach refused');
       const errno = e instanceof SysError ? e.errno : e instanceof DomainError ? (refusalErrno[e.kind] ?? EPROTO) : EPROTO;
+      qmpFd?.closeSync();
       // Edition 2 (S13): whether the token is still good, i.e. this refusal neither spent it nor touched the VM.
       let arg = 0;
       if (this.#edition2) {
@@ -430,12 +471,14 @@ export class Session implements VmmLink {
     if (this.#phase !== 'attaching') {
       // The session ended while the broker attached it: nothing reached the
       // VMM, so its VM ends here and its groups go back (our copies closed first).
+      qmpFd?.closeSync();
       for (const f of fdsOfGrant()) f?.closeSync();
       this.#exited();
       return;
     }
     if (this.#pidfd && pidfdExited(this.#pidfd.fd)) {
       // Gone before its fds left: send nothing. The pidfd watch ends the VM.
+      qmpFd?.closeSync();
       for (const f of fdsOfGrant()) f?.closeSync();
       this.#end('VMM exited before its fds were sent');
       return;
@@ -449,12 +492,24 @@ export class Session implements VmmLink {
       this.#send({ type: msg.type | RESULT_BIT, seq: msg.seq, status: 0, arg: grant.memlockBytes, manifest: sent, text: `${grant.vmId} ${grant.vmName}` }, sent);
       this.#phase = 'attached';
       if (this.#passive) this.#made.resolve();
+      if (qmpFd && this.#opts.qmp) {
+        const who = `QEMU (pid ${this.pid}) of vm ${grant.vmName}`;
+        const log = (event: Record<string, unknown>, m: string) => this.#log.info({ vm: grant.vmId, ...event }, m);
+        const qmp = new QmpClient(new StreamSocket(qmpFd, `QMP of vm ${grant.vmName}`), { commandTimeoutMs: this.#opts.qmp.commandTimeoutMs, who, log });
+        const vmId = grant.vmId;
+        const onDeviceGone = (address: string) =>
+          void this.#broker.deviceLeftVmm(vmId, address).catch((e: unknown) => this.#log.error({ event: 'device-left-failed', vm: vmId, device: address, err: (e as Error).message }, 'handling a device QEMU let go of failed'));
+        this.#qemu = new QemuHotplug(qmp, { openIommufd: this.#opts.qmp.openIommufd, unplugTimeoutMs: this.#opts.qmp.unplugTimeoutMs, vmName: grant.vmName, log, onDeviceGone });
+        qmpFd = undefined;
+        void qmp.closed.then((reason) => this.#log.info({ event: 'qmp-closed', vm: grant.vmId, reason }, 'QMP channel closed'));
+      }
       this.#opts.onAttached?.(this);
     } catch (e) {
+      qmpFd?.closeSync();
       this.#end(`sending the attach result failed: ${(e as Error).message}`);
       return;
     }
-    this.#log.info({ event: 'vmm-attached', vm: grant.vmId, passive: this.#passive, fds: sent.map((s) => s.kind), pidfd: this.#proof }, 'VMM attached');
+    this.#log.info({ event: 'vmm-attached', vm: grant.vmId, passive: this.#passive, fds: sent.map((s) => s.kind), pidfd: this.#proof, ...(this.#qemu ? { qmp: true } : {}) }, 'VMM attached');
     void this.#broker.applyPlan(grant.vmId);
   }
 
@@ -601,6 +656,7 @@ export class Session implements VmmLink {
     this.#pidWatch = undefined;
     // A pidfd close involves no RCU wait: done here, not on the libuv pool.
     this.#pidfd?.closeSync();
+    this.#qemu?.close('QEMU exited');
     this.#end('VMM exited', true);
     // One line for the exit and the session's end together.
     this.#log.info({ event: 'vmm-exit', vm: this.#vmId }, 'VMM process exited; session ended');
@@ -637,6 +693,7 @@ export class Session implements VmmLink {
 
   /** For daemon shutdown: close the socket and stop watching the process. */
   close(): void {
+    this.#qemu?.close('daemon stopping');
     this.#end('daemon stopping');
     this.#pidWatch?.close();
     this.#pidWatch = undefined;

@@ -364,22 +364,27 @@ export class Daemon {
       if (!vm) continue;
       const sock = take(fdName.session(s.vmId));
       const pidfd = take(fdName.pidfd(s.vmId));
-      // A VMM whose socket was already closed still holds its groups: watch it through a closed pair.
-      let socket: SeqpacketSocket;
-      if (sock) socket = new SeqpacketSocket(sock, `session of vm ${vm.name}`);
-      else {
-        const [mine, other] = SeqpacketSocket.pair(`closed session of vm ${vm.name}`);
-        other.closeSync();
-        socket = mine;
-      }
-      const session = this.#handoff!.restore(socket, { pid: s.pid, uid: s.uid, gid: s.gid }, { vmId: vm.id, vmName: vm.name, passive: s.passive, pidfd });
-      broker.restoreLink(vm.id, session);
+      this.#carryOn(vm, sock, pidfd, { pid: s.pid, uid: s.uid, gid: s.gid }, s.passive);
       sessions++;
     }
     // Groups handed to VMMs that exited while no daemon ran: looked at now.
     await broker.reconcileHolds();
     log.info({ event: 'restored', vms: previous.vms.length, claims: previous.claims.length, sessions, ms: Date.now() - t0 }, 'state carried over a restart');
     return loaded.legacyFiles;
+  }
+
+  /** Carries on the session of `vm` with the fds the store kept: its socket (if still open) and its VMM's pidfd. */
+  #carryOn(vm: VmRecord, sock: OwnedFd | undefined, pidfd: OwnedFd | undefined, peer: { pid: number; uid: number; gid: number }, passive: boolean): void {
+    // A VMM whose socket was already closed still holds its groups: watch it through a closed pair.
+    let socket: SeqpacketSocket;
+    if (sock) socket = new SeqpacketSocket(sock, `session of vm ${vm.name}`);
+    else {
+      const [mine, other] = SeqpacketSocket.pair(`closed session of vm ${vm.name}`);
+      other.closeSync();
+      socket = mine;
+    }
+    const session = this.#handoff!.restore(socket, peer, { vmId: vm.id, vmName: vm.name, passive, pidfd });
+    this.broker.restoreLink(vm.id, session);
   }
 
   /**
@@ -440,15 +445,7 @@ export class Daemon {
       }
       let vm = broker.vms.get(vmId);
       if (!vm) vm = recovered(vmId, `recovered-${vmId.slice(0, 8)}`, 'RUNNING', '', { vmmUid: peer.uid, vmmPid: peer.pid });
-      let socket: SeqpacketSocket;
-      if (sock) socket = new SeqpacketSocket(sock, `session of vm ${vm.name}`);
-      else {
-        const [mine, other] = SeqpacketSocket.pair(`closed session of vm ${vm.name}`);
-        other.closeSync();
-        socket = mine;
-      }
-      const session = this.#handoff!.restore(socket, peer, { vmId: vm.id, vmName: vm.name, passive: vm.passive, pidfd });
-      broker.restoreLink(vm.id, session);
+      this.#carryOn(vm, sock, pidfd, peer, vm.passive);
       log.warn({ event: 'state-orphan-session', vm: vm.id, name: vm.name, vmm_pid: peer.pid, vmm_uid: peer.uid, socket: !!sock, pidfd: !!pidfd }, 'the fd store holds a session the state does not name; carrying it on');
     }
     for (const name of [...passed.keys()]) {

@@ -47,6 +47,16 @@ function shutDownFilesystem(path: string): void {
   }
 }
 
+/** A daemon in `dir` whose fds a stand-in for systemd keeps, as restarts need. */
+async function underFakeSystemd(dir: string): Promise<{ systemd: FakeSystemd; env: Record<string, string>; d: RunningDaemon }> {
+  const systemd = new FakeSystemd(dir);
+  cleanups.push(() => systemd.close());
+  const env = { NOTIFY_SOCKET: systemd.path };
+  const d = await startDaemon({ dir, env, listenFds: systemd.listenFds() });
+  cleanups.push(() => d.cleanup());
+  return { systemd, env, d };
+}
+
 type HealthClient = grpc.Client & { Check(req: { service: string }, cb: (e: grpc.ServiceError | null, r?: { status: string }) => void): void };
 
 function healthOf(d: RunningDaemon): (service: string) => Promise<string> {
@@ -128,11 +138,7 @@ test('a state dir on a full filesystem: each change is either saved or refused U
   await mkdir(stateDir, { mode: 0o700 });
   execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=256k,mode=0700', 'tmpfs', stateDir]);
   cleanups.push(() => void execFileSync('umount', ['-l', stateDir]));
-  const systemd = new FakeSystemd(dir);
-  cleanups.push(() => systemd.close());
-  const env = { NOTIFY_SOCKET: systemd.path };
-  const d = await startDaemon({ dir, env, listenFds: systemd.listenFds() });
-  cleanups.push(() => d.cleanup());
+  const { systemd, env, d } = await underFakeSystemd(dir);
   const c = d.client();
   const health = healthOf(d);
   const acked: string[] = [];
@@ -200,11 +206,7 @@ test('a state filesystem that fails every write (ext4 shut down: EIO): every cha
   execFileSync('mount', ['-o', 'loop', img, stateDir]);
   let mounted = true;
   cleanups.push(() => void (mounted && execFileSync('umount', ['-l', stateDir])));
-  const systemd = new FakeSystemd(dir);
-  cleanups.push(() => systemd.close());
-  const env = { NOTIFY_SOCKET: systemd.path };
-  const d = await startDaemon({ dir, env, listenFds: systemd.listenFds() });
-  cleanups.push(() => d.cleanup());
+  const { systemd, env, d } = await underFakeSystemd(dir);
   const c = d.client();
   const health = healthOf(d);
   const acked: string[] = [];

@@ -111,6 +111,37 @@ export interface Received {
   sender?: { pid: number; uid: number; gid: number };
 }
 
+/**
+ * sendmsg(2) of `data` with `fds` as SCM_RIGHTS, without blocking, retried on
+ * EINTR; the bytes sent. Throws SysError (EAGAIN when the peer's queue is
+ * full: then the fds were not sent either; EPIPE when it has closed).
+ */
+function sendRecord(fd: number, label: string, data: Uint8Array, fds: readonly number[]): number {
+    if (fds.length > MAX_FDS) throw new RangeError(`${fds.length} fds > ${MAX_FDS}`);
+    const b = blk();
+    const dv = b.dv;
+    b.u8.set(data, OFF_DATA);
+    dv.setBigUint64(OFF_IOV + 8, BigInt(data.length), true);
+    if (fds.length) {
+      dv.setBigUint64(32, b.base + BigInt(OFF_CTL), true);
+      dv.setBigUint64(40, BigInt(16 + align8(4 * fds.length)), true);
+      dv.setBigUint64(OFF_CTL, BigInt(16 + 4 * fds.length), true);
+      dv.setInt32(OFF_CTL + 8, SOL_SOCKET, true);
+      dv.setInt32(OFF_CTL + 12, SCM_RIGHTS, true);
+      fds.forEach((fd, i) => dv.setInt32(OFF_CTL + 16 + 4 * i, fd, true));
+    } else {
+      dv.setBigUint64(32, 0n, true);
+      dv.setBigUint64(40, 0n, true);
+    }
+    dv.setInt32(48, 0, true);
+    for (;;) {
+      const n = Number(sys.sendmsg(fd, b.ptr, MSG_NOSIGNAL | MSG_DONTWAIT));
+      if (n >= 0) return n;
+      const errno = lastErrno();
+      if (errno !== EINTR) throw new SysError('sendmsg', label, errno);
+    }
+}
+
 export class SeqpacketSocket {
   readonly #fd: OwnedFd;
   readonly label: string;
@@ -154,29 +185,7 @@ export class SeqpacketSocket {
   /** sendmsg(2) of one record with `fds` as SCM_RIGHTS. Throws SysError (EAGAIN when the peer's queue is full). */
   send(data: Uint8Array, fds: readonly number[] = []): void {
     if (data.length > MAX_RECORD) throw new RangeError(`record of ${data.length} bytes > ${MAX_RECORD}`);
-    if (fds.length > MAX_FDS) throw new RangeError(`${fds.length} fds > ${MAX_FDS}`);
-    const b = blk();
-    const dv = b.dv;
-    b.u8.set(data, OFF_DATA);
-    dv.setBigUint64(OFF_IOV + 8, BigInt(data.length), true);
-    if (fds.length) {
-      dv.setBigUint64(32, b.base + BigInt(OFF_CTL), true);
-      dv.setBigUint64(40, BigInt(16 + align8(4 * fds.length)), true);
-      dv.setBigUint64(OFF_CTL, BigInt(16 + 4 * fds.length), true);
-      dv.setInt32(OFF_CTL + 8, SOL_SOCKET, true);
-      dv.setInt32(OFF_CTL + 12, SCM_RIGHTS, true);
-      fds.forEach((fd, i) => dv.setInt32(OFF_CTL + 16 + 4 * i, fd, true));
-    } else {
-      dv.setBigUint64(32, 0n, true);
-      dv.setBigUint64(40, 0n, true);
-    }
-    dv.setInt32(48, 0, true);
-    for (;;) {
-      const n = Number(sys.sendmsg(this.fd, b.ptr, MSG_NOSIGNAL | MSG_DONTWAIT));
-      if (n >= 0) return;
-      const errno = lastErrno();
-      if (errno !== EINTR) throw new SysError('sendmsg', this.label, errno);
-    }
+    sendRecord(this.fd, this.label, data, fds);
   }
 
   /**
@@ -312,29 +321,11 @@ export class StreamSocket {
    */
   send(data: Uint8Array, fds: readonly number[] = []): number {
     if (data.length === 0 || data.length > MAX_RECORD) throw new RangeError(`a stream write of ${data.length} bytes (1 to ${MAX_RECORD})`);
-    if (fds.length > MAX_FDS) throw new RangeError(`${fds.length} fds > ${MAX_FDS}`);
-    const b = blk();
-    const dv = b.dv;
-    b.u8.set(data, OFF_DATA);
-    dv.setBigUint64(OFF_IOV + 8, BigInt(data.length), true);
-    if (fds.length) {
-      dv.setBigUint64(32, b.base + BigInt(OFF_CTL), true);
-      dv.setBigUint64(40, BigInt(16 + align8(4 * fds.length)), true);
-      dv.setBigUint64(OFF_CTL, BigInt(16 + 4 * fds.length), true);
-      dv.setInt32(OFF_CTL + 8, SOL_SOCKET, true);
-      dv.setInt32(OFF_CTL + 12, SCM_RIGHTS, true);
-      fds.forEach((fd, i) => dv.setInt32(OFF_CTL + 16 + 4 * i, fd, true));
-    } else {
-      dv.setBigUint64(32, 0n, true);
-      dv.setBigUint64(40, 0n, true);
-    }
-    dv.setInt32(48, 0, true);
-    for (;;) {
-      const n = Number(sys.sendmsg(this.fd, b.ptr, MSG_NOSIGNAL | MSG_DONTWAIT));
-      if (n >= 0) return n;
-      const errno = lastErrno();
-      if (errno === EAGAIN) return 0;
-      if (errno !== EINTR) throw new SysError('sendmsg', this.label, errno);
+    try {
+      return sendRecord(this.fd, this.label, data, fds);
+    } catch (e) {
+      if (e instanceof SysError && e.code === 'EAGAIN') return 0;
+      throw e;
     }
   }
 

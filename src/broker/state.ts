@@ -25,6 +25,8 @@ export interface SessionState {
   uid: number;
   gid: number;
   passive: boolean;
+  /** The VMM negotiated edition 2 of the session protocol; absent: edition 1. */
+  edition2?: boolean;
 }
 
 export interface ClaimState {

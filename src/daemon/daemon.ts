@@ -184,7 +184,7 @@ export class Daemon {
           // Carried over a restart while the VMM's pidfd is open (its socket may have closed).
           const s = this.#handoff?.sessionOf(vmId);
           if (!s?.storableFds) return undefined;
-          return { vmId, pid: s.peer.pid, uid: s.peer.uid, gid: s.peer.gid, passive: s.passive };
+          return { vmId, pid: s.peer.pid, uid: s.peer.uid, gid: s.peer.gid, passive: s.passive, ...(s.edition2 ? { edition2: true } : {}) };
         },
         ids: () => ({
           vms: [...broker.vms.all()].map((vm) => vm.id),
@@ -364,7 +364,7 @@ export class Daemon {
       if (!vm) continue;
       const sock = take(fdName.session(s.vmId));
       const pidfd = take(fdName.pidfd(s.vmId));
-      this.#carryOn(vm, sock, pidfd, { pid: s.pid, uid: s.uid, gid: s.gid }, s.passive);
+      this.#carryOn(vm, sock, pidfd, { pid: s.pid, uid: s.uid, gid: s.gid }, s.passive, s.edition2 === true);
       sessions++;
     }
     // Groups handed to VMMs that exited while no daemon ran: looked at now.
@@ -374,7 +374,7 @@ export class Daemon {
   }
 
   /** Carries on the session of `vm` with the fds the store kept: its socket (if still open) and its VMM's pidfd. */
-  #carryOn(vm: VmRecord, sock: OwnedFd | undefined, pidfd: OwnedFd | undefined, peer: { pid: number; uid: number; gid: number }, passive: boolean): void {
+  #carryOn(vm: VmRecord, sock: OwnedFd | undefined, pidfd: OwnedFd | undefined, peer: { pid: number; uid: number; gid: number }, passive: boolean, edition2: boolean): void {
     // A VMM whose socket was already closed still holds its groups: watch it through a closed pair.
     let socket: SeqpacketSocket;
     if (sock) socket = new SeqpacketSocket(sock, `session of vm ${vm.name}`);
@@ -383,7 +383,7 @@ export class Daemon {
       other.closeSync();
       socket = mine;
     }
-    const session = this.#handoff!.restore(socket, peer, { vmId: vm.id, vmName: vm.name, passive, pidfd });
+    const session = this.#handoff!.restore(socket, peer, { vmId: vm.id, vmName: vm.name, passive, edition2, pidfd });
     this.broker.restoreLink(vm.id, session);
   }
 
@@ -445,7 +445,8 @@ export class Daemon {
       }
       let vm = broker.vms.get(vmId);
       if (!vm) vm = recovered(vmId, `recovered-${vmId.slice(0, 8)}`, 'RUNNING', '', { vmmUid: peer.uid, vmmPid: peer.pid });
-      this.#carryOn(vm, sock, pidfd, peer, vm.passive);
+      // Its edition is not known: edition 1, the lenient one.
+      this.#carryOn(vm, sock, pidfd, peer, vm.passive, false);
       log.warn({ event: 'state-orphan-session', vm: vm.id, name: vm.name, vmm_pid: peer.pid, vmm_uid: peer.uid, socket: !!sock, pidfd: !!pidfd }, 'the fd store holds a session the state does not name; carrying it on');
     }
     for (const name of [...passed.keys()]) {

@@ -18,6 +18,8 @@ import { spawn } from 'node:child_process';
 import { FakeSystemd } from '../helpers/fakesystemd';
 import { REFERENCE_VMM, runVmm, type VmmProc } from '../helpers/vmmproc';
 import { expectStatus, until } from '../helpers/assert';
+import { MsgType, encode } from '../../src/protocol/session';
+import { VmmSession } from '../../src/vmm/session';
 
 const cleanups: (() => Promise<void> | void)[] = [];
 after(async () => {
@@ -200,4 +202,47 @@ test('S25: a result of a request the daemon sent before it was killed fails the 
   assert.match(failed.failure_reason, /reported CREATE_VFIO_DEVICE \(seq \d+\) done, a request of the daemon before it restarted: the record cannot say what it changed/);
   assert.deepEqual(await vmm.exit, { code: 0, signal: null }, 'told to stop (SHUTDOWN), it exits');
   await c2.deleteVm({ vm_id: vm!.id });
+});
+
+test('a session carried over a restart keeps its edition: edition 2 still ends on a garbled request, edition 1 still has it let through', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'kvmvfiod-edition-'));
+  await chmod(dir, 0o755);
+  cleanups.push(() => rm(dir, { recursive: true, force: true }));
+  const systemd = new FakeSystemd(dir);
+  cleanups.push(() => systemd.close());
+  const env = { NOTIFY_SOCKET: systemd.path };
+  const d1 = await startDaemon({ dir, env, listenFds: systemd.listenFds() });
+  cleanups.push(() => d1.cleanup());
+  const c1 = d1.client();
+  const handoff = join(d1.runtimeDir, 'handoff.sock');
+  // This process is both VMMs (root, its own uid): each session makes a VM, so its record is RUNNING.
+  const sessions: VmmSession[] = [];
+  cleanups.push(() => sessions.forEach((s) => s.close()));
+  const vms: Record<'two' | 'one', string> = { two: '', one: '' };
+  for (const [name, edition] of [['two', 2], ['one', 1]] as const) {
+    const { vm, attach_token } = await c1.createVm({ name: `edition-${name}`, vmm_uid: process.getuid!() });
+    const s = await VmmSession.connect(handoff, attach_token!.token, { edition });
+    sessions.push(s);
+    await s.createVm();
+    vms[name] = vm!.id;
+    await until(`edition ${edition} RUNNING`, async () => (await c1.getVm(vm!.id)).state === 'VM_STATE_RUNNING');
+    await until('its session stored', async () => systemd.store.has(`session-${vm!.id}`));
+  }
+  await new Promise((r) => setTimeout(r, 100));
+  await d1.stop('SIGKILL');
+
+  const d2 = await startDaemon({ dir, env, listenFds: systemd.listenFds() });
+  cleanups.push(() => d2.cleanup());
+  await d2.waitForLog((l) => l.event === 'restored' && l.sessions === 2);
+  // S5: a request with a nonzero status. Edition 2 ends the session; edition 1 is let through and logged once.
+  const garbled = (seq: number) => encode({ type: MsgType.PING, seq, status: 7, arg: 0, manifest: [], text: '' });
+  sessions[0].sock.send(garbled(900));
+  await d2.waitForLog((l) => l.event === 'session-end' && l.vm === vms.two && /protocol error/.test(String(l.reason)));
+  sessions[1].sock.send(garbled(901));
+  await d2.waitForLog((l) => l.event === 'session-tolerated' && l.vm === vms.one);
+  assert.ok(!d2.logs.some((l) => l.event === 'session-end' && l.vm === vms.one), 'the edition-1 session goes on');
+  assert.ok(!d2.logs.some((l) => l.event === 'session-tolerated' && l.vm === vms.two));
+  // Both VMs live on in their VMM (this process): the records say RUNNING.
+  const c2 = d2.client();
+  for (const id of [vms.two, vms.one]) assert.equal((await c2.getVm(id)).state, 'VM_STATE_RUNNING');
 });

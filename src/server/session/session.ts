@@ -90,6 +90,8 @@ export interface RestoredSession {
   vmId: string;
   vmName: string;
   passive: boolean;
+  /** The VMM attached with AttachFlag.EDITION2 (absent in states written before editions were kept: edition 1). */
+  edition2?: boolean;
   /** The VMM's pidfd from the fd store; without it the VMM is taken as gone. */
   pidfd: OwnedFd | undefined;
 }
@@ -163,6 +165,7 @@ export class Session implements VmmLink {
       this.#vmId = restored.vmId;
       this.#vmName = restored.vmName;
       this.#passive = restored.passive;
+      this.#edition2 = restored.edition2 === true;
       this.#made.resolve();
       this.#pidfd = restored.pidfd;
       if (this.#pidfd) this.#pidWatch = watchReadable(this.#pidfd.fd, () => this.#exitSeen());
@@ -190,6 +193,11 @@ export class Session implements VmmLink {
 
   get passive(): boolean {
     return this.#passive;
+  }
+
+  /** The VMM negotiated edition 2 at its ATTACH (kept over a restart, with the session). */
+  get edition2(): boolean {
+    return this.#edition2;
   }
 
   /** How a passive VMM takes hot changes: 'qmp' when its QEMU's monitor came with its ATTACH. */

@@ -176,6 +176,8 @@ export class BenchDaemon {
       // As shipped (src/daemon/nodeflags.ts), unless KVMVFIO_BENCH_NO_NODE_FLAGS=1 (for A/B runs).
       ...(process.env.KVMVFIO_BENCH_NO_NODE_FLAGS === '1' ? [] : DAEMON_NODE_FLAGS),
       ...(opts.nodeFlags ?? []),
+      // Extra V8 flags for an A/B run (later flags win), e.g. KVMVFIO_BENCH_NODE_FLAGS='--max-semi-space-size=8'.
+      ...(process.env.KVMVFIO_BENCH_NODE_FLAGS ?? '').split(' ').filter(Boolean),
       '--require',
       PRELOAD_JS,
       DAEMON_JS,

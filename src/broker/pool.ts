@@ -21,7 +21,7 @@
  * A claim is all-or-nothing: a call that fails claims nothing and closes
  * what it opened.
  */
-import { constants, existsSync, open as fsOpen } from 'node:fs';
+import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import type { SendableFd, VfioGroupStatus } from '../kernel';
 import { OwnedFd, SysError } from '../kernel';
@@ -107,11 +107,9 @@ export interface PoolOptions {
   log?: (event: Record<string, unknown>, msg: string) => void;
 }
 
-/** A device cdev opened for a VMM: read-write (QEMU needs config space and BARs), close-on-exec, on the libuv pool. */
-function openCdev(path: string): Promise<SendableFd> {
-  return new Promise((resolve, reject) =>
-    fsOpen(path, constants.O_RDWR | 0o2000000, (err, fd) => (err ? reject(SysError.fromNode('open', path, err)) : resolve(new OwnedFd(fd, path)))),
-  );
+/** A device cdev opened for a VMM: read-write (QEMU needs config space and BARs), close-on-exec; the open only allocates (the bind is the VMM's ioctl). */
+async function openCdev(path: string): Promise<SendableFd> {
+  return OwnedFd.openDevice(path);
 }
 
 /** 100 ms up to a minute: a holder's exit usually cuts it short (watchExit). */

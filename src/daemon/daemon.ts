@@ -7,7 +7,6 @@
 import { Server, ServerCredentials } from '@grpc/grpc-js';
 import { HealthImplementation } from 'grpc-health-check';
 import { ReflectionService } from '@grpc/reflection';
-import { constants, existsSync, open as fsOpen } from 'node:fs';
 import { join } from 'node:path';
 import { mkdir } from 'node:fs/promises';
 import type { Logger } from 'pino';
@@ -118,19 +117,17 @@ export class Daemon {
     const kvm = this.#kvm;
     const host: VmmHost = {
       lendKvm: () => kvm.lend(),
+      // Both opens only allocate (a container, an iommufd context): on the loop, without a thread-pool round trip.
       openContainer: async () => {
         const path = join(config.devRoot, 'vfio', 'vfio');
-        if (!existsSync(path)) return null;
-        return new Promise<OwnedFd>((resolve, reject) =>
-          fsOpen(path, constants.O_RDWR | 0o2000000, (err, fd) => (err ? reject(SysError.fromNode('open', path, err)) : resolve(new OwnedFd(fd, path)))),
-        );
+        try {
+          return OwnedFd.openDevice(path);
+        } catch (e) {
+          if (e instanceof SysError && e.code === 'ENOENT') return null;
+          throw e;
+        }
       },
-      openIommufd: async () => {
-        const path = join(config.devRoot, 'iommu');
-        return new Promise<OwnedFd>((resolve, reject) =>
-          fsOpen(path, constants.O_RDWR | 0o2000000, (err, fd) => (err ? reject(SysError.fromNode('open', path, err)) : resolve(new OwnedFd(fd, path)))),
-        );
-      },
+      openIommufd: async () => OwnedFd.openDevice(join(config.devRoot, 'iommu')),
       setMemlock: (pid, bytes) => void setMemlockLimit(pid, BigInt(bytes)),
     };
     this.#broker = new Broker(this.#pool, new VmRegistry(), {

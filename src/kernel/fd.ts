@@ -1,6 +1,6 @@
-import { close as fsClose, closeSync } from 'node:fs';
+import { close as fsClose, closeSync, constants, openSync } from 'node:fs';
 import { SysError } from './errors';
-import { F_DUPFD_CLOEXEC, lastErrno, libc } from './libc';
+import { F_DUPFD_CLOEXEC, O_CLOEXEC, lastErrno, libc } from './libc';
 
 /**
  * An fd on its way to another process with SCM_RIGHTS: an OwnedFd the sender
@@ -30,6 +30,24 @@ export class OwnedFd {
     if (!Number.isInteger(fd) || fd < 0) throw new RangeError(`bad fd ${fd} for ${what}`);
     this.#fd = fd;
     this.what = what;
+  }
+
+  /**
+   * open(path, O_RDWR | O_CLOEXEC) of a device node whose open only
+   * allocates (the VFIO container, /dev/iommu, a VFIO device cdev, whose
+   * bind comes later by ioctl), on the event loop: a few µs in the kernel,
+   * where a round trip through the libuv pool costs a thread wake-up each
+   * way (50–100 µs on a busy 2-vCPU host). Not for a node whose open may
+   * wait on a lock another process holds (a VFIO group: VfioGroup.open).
+   */
+  static openDevice(path: string): OwnedFd {
+    let fd: number;
+    try {
+      fd = openSync(path, constants.O_RDWR | O_CLOEXEC);
+    } catch (e) {
+      throw SysError.fromNode('open', path, e as NodeJS.ErrnoException);
+    }
+    return new OwnedFd(fd, path);
   }
 
   get fd(): number {

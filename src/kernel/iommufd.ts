@@ -9,18 +9,11 @@
  * while a cdev is bound, opening the group is EBUSY; a device is clean again
  * only when every copy of its bound file is closed.
  */
-import { open as fsOpen, constants } from 'node:fs';
 import { join } from 'node:path';
 import { SysError } from './errors';
 import { OwnedFd } from './fd';
-import { IOMMUFD, O_CLOEXEC, VFIO, lastErrno, libc } from './libc';
+import { IOMMUFD, VFIO, lastErrno, libc } from './libc';
 import { pciVendorIdOf, regionInfoOf } from './vfio';
-
-function openRdwr(path: string): Promise<OwnedFd> {
-  return new Promise((resolve, reject) => {
-    fsOpen(path, constants.O_RDWR | O_CLOEXEC, (err, fd) => (err ? reject(SysError.fromNode('open', path, err)) : resolve(new OwnedFd(fd, path))));
-  });
-}
 
 /** An iommufd context: I/O address spaces (IOAS) and the mappings in them. One per VMM. */
 export class Iommufd {
@@ -32,10 +25,10 @@ export class Iommufd {
     this.path = path;
   }
 
-  /** open(<devRoot>/iommu, O_RDWR) on the libuv pool. ENOENT: no iommufd in this kernel. */
+  /** open(<devRoot>/iommu, O_RDWR): it only allocates a context (OwnedFd.openDevice). ENOENT: no iommufd in this kernel. */
   static async open(devRoot = '/dev'): Promise<Iommufd> {
     const path = join(devRoot, 'iommu');
-    return new Iommufd(await openRdwr(path), path);
+    return new Iommufd(OwnedFd.openDevice(path), path);
   }
 
   get fd(): number {
@@ -108,9 +101,9 @@ export class VfioDeviceCdev {
     this.path = path;
   }
 
-  /** open(path, O_RDWR) on the libuv pool (QEMU needs read-write: config space and BARs). */
+  /** open(path, O_RDWR) (QEMU needs read-write: config space and BARs); the bind is a later ioctl, so the open only allocates (OwnedFd.openDevice). */
   static async open(path: string): Promise<VfioDeviceCdev> {
-    return new VfioDeviceCdev(await openRdwr(path), path);
+    return new VfioDeviceCdev(OwnedFd.openDevice(path), path);
   }
 
   get fd(): number {

@@ -298,6 +298,8 @@ export class BenchDaemon {
       this.proc.kill('SIGKILL');
       await this.#exited;
     }
-    await rm(this.dir, { recursive: true, force: true });
+    // KVMVFIO_BENCH_KEEP=1 keeps each daemon's directory (its log with each call's `ms`, its state) to read after the run.
+    if (process.env.KVMVFIO_BENCH_KEEP === '1') process.stderr.write(`kept ${this.dir}\n`);
+    else await rm(this.dir, { recursive: true, force: true });
   }
 }

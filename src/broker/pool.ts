@@ -139,6 +139,8 @@ export class GroupPool {
   readonly #holds = new Map<number, GroupHold>();
   readonly #retries = new Map<number, Retry>();
   #closed = false;
+  /** Groups whose node answered VFIO_GROUP_GET_STATUS with ENOTTY/EINVAL, already reported. */
+  readonly #statusUnavailableTold = new Set<number>();
 
   constructor(opts: PoolOptions) {
     this.#opts = opts;
@@ -601,7 +603,7 @@ export class GroupPool {
   /**
    * VFIO_GROUP_GET_STATUS must say viable. A node that is not a VFIO group
    * (ENOTTY: an ordinary file in a test tree) cannot be asked; sysfs's
-   * answer stands and the caller is told.
+   * answer stands and the caller is told, once per group.
    */
   #checkStatus(n: number): void {
     const g = this.#open.get(n)!;
@@ -610,7 +612,10 @@ export class GroupPool {
       status = g.status();
     } catch (e) {
       if (e instanceof SysError && (e.code === 'ENOTTY' || e.code === 'EINVAL')) {
-        this.#opts.onStatusUnavailable?.(n, e);
+        if (!this.#statusUnavailableTold.has(n)) {
+          this.#statusUnavailableTold.add(n);
+          this.#opts.onStatusUnavailable?.(n, e);
+        }
         return;
       }
       throw e;

@@ -432,6 +432,10 @@ describe('GroupPool: the real VfioGroup on the fake tree', () => {
       assert.equal(await pool.letGo(12, A.vmId, false), 'free');
       assert.equal(opened.length, 2);
       assert.equal((await pool.get(12)).openInDaemon, true);
+      // Claimed again: the same node cannot be asked again, and the caller was told already (once per group, not a line per claim).
+      await pool.claim([12], A);
+      pool.release([12], A.vmId);
+      assert.deepEqual(told, [[12, 'ENOTTY', 'VFIO_GROUP_GET_STATUS']]);
       await pool.closeAll();
       assert.throws(() => opened[1].fd, /after close/);
     } finally {

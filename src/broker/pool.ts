@@ -212,6 +212,9 @@ export class GroupPool {
     const openedHere: number[] = [];
     try {
       for (const n of numbers) {
+        // A group the daemon holds open answers for itself: VIABLE from VFIO_GROUP_GET_STATUS is the kernel's word,
+        // and sysfs is read only to say why not, for a node that cannot answer, or to list a cdev handoff's devices.
+        if (mode === 'group' && this.#open.has(n) && this.#kernelSaysViable(n)) continue;
         const inv = await this.#inventory(n);
         if (!inv.viable) {
           throw new FailedPreconditionError(`IOMMU group ${n} is not viable: ${inv.notViableReasons.join('; ')}`);
@@ -597,6 +600,15 @@ export class GroupPool {
         throw new ResourceExhaustedError(`IOMMU group ${n}: the daemon is out of file descriptors (open ${path}: ${e.code})`);
       }
       throw e;
+    }
+  }
+
+  /** VFIO_GROUP_GET_STATUS of the daemon's open group says viable; false when it says not, or cannot say. */
+  #kernelSaysViable(n: number): boolean {
+    try {
+      return this.#open.get(n)!.status().viable;
+    } catch {
+      return false;
     }
   }
 

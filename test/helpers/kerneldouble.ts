@@ -182,6 +182,13 @@ export class KernelDouble {
     return this.openCounts.get(n) ?? 0;
   }
 
+  /** VFIO_GROUP_GET_STATUS calls on every handle of group n. */
+  statusCalls(n: number): number {
+    let t = 0;
+    for (const h of this.handles) if (h.number === n) t += h.statusCalls;
+    return t;
+  }
+
   attempts(n: number): number {
     return this.attemptCounts.get(n) ?? 0;
   }

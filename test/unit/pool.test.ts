@@ -208,6 +208,28 @@ describe('GroupPool: refusals', () => {
   });
 });
 
+describe('GroupPool: the kernel has the last word on viability', () => {
+  test('a group the daemon holds open is claimed on VFIO_GROUP_GET_STATUS alone; sysfs is read to say why it is not viable', async () => {
+    await withPool(async ({ host, k, pool }) => {
+      await pool.claim([12], A);
+      pool.release([12], A.vmId);
+      assert.equal(pool.openCount, 1, 'the daemon keeps the group open');
+      // sysfs now predicts "not viable"; the kernel, asked on the daemon's own fd, says viable: its word stands.
+      await host.bindDriver('0000:0c:00.0', 'nvidia');
+      const asked = k.statusCalls(12);
+      await pool.claim([12], B);
+      assert.deepEqual(pool.ownerOf(12), B);
+      assert.ok(k.statusCalls(12) > asked, 'the claim asked the kernel');
+      pool.release([12], B.vmId);
+      // The kernel says not viable: refused, and the message names the device and its driver from sysfs.
+      k.set(12, { viable: false });
+      const e = await rejectsWith(pool.claim([12], A), FailedPreconditionError);
+      assert.match(e.message, /IOMMU group 12 is not viable: 0000:0c:00\.0 is bound to nvidia/);
+      assert.equal(pool.ownerOf(12), undefined);
+    });
+  });
+});
+
 describe('GroupPool: claims are all-or-nothing', () => {
   test('a claim whose last group fails to open claims none and closes what it opened', async () => {
     await withPool(async ({ k, pool }) => {

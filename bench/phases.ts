@@ -8,8 +8,7 @@ import { execFileSync } from 'node:child_process';
 import { mkdtemp, open, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { open as openLmdb } from 'lmdb';
-import { STORE_FILE, readStoreFile } from '../src/broker/store';
+import { STORE_FILE, commitPuts, openStoreDb, readStoreFile } from '../src/broker/store';
 import { isApiError, type KvmVfioApi } from '../src/client/client';
 import { RawLauncher } from './cprogs';
 import { SessionPinger } from './pinger';
@@ -81,7 +80,8 @@ export async function launchPhase(ctx: Ctx): Promise<LaunchResult> {
   // The floor's session exchange and durable commit (see LaunchSeries.floor).
   const pingVm = await st.api.createVm({ name: 'pinger', vmm_uid: process.getuid!() });
   const pinger = await SessionPinger.attach(st.daemon.handoffSocket, pingVm.attach_token!.token);
-  const commitDb = openLmdb<Buffer, string>({ path: join(st.daemon.stateDir, 'bench-commit.mdb'), noSubdir: true, encoding: 'binary', overlappingSync: false, eventTurnBatching: false });
+  // Opened and written as the daemon's store is (src/broker/store.ts): an entry and the meta entry per commit.
+  const commitDb = openStoreDb(join(st.daemon.stateDir, 'bench-commit.mdb'));
   const teardown = { raw: { n: 0, ms: 0 }, vmm: { n: 0, ms: 0 } };
   const flush = async () => {
     const r = await raw.flush();
@@ -118,7 +118,7 @@ export async function launchPhase(ctx: Ctx): Promise<LaunchResult> {
         });
         await timed(parts.grpc, i, () => st.api.listVms({ labels: { bench: 'none' } }));
         await timed(parts.session, i, () => pinger.ping());
-        await timed(parts.commit, i, () => commitDb.transaction(() => commitDb.putSync('k', Buffer.from(String(i)))));
+        await timed(parts.commit, i, () => commitPuts(commitDb, [['vm/k', Buffer.from(String(i))], ['meta', Buffer.from(String(i))]]));
         // ABBA: neither path always goes first.
         for (const which of i % 2 ? (['raw', 'broker'] as const) : (['broker', 'raw'] as const)) {
           if (mode === 'idle') await sleep(20);

@@ -8,6 +8,11 @@
  * process). It runs no guest: a vCPU and guest memory are the VMM's own
  * business and the same with or without the broker.
  *
+ * Like a VMM that serves VM after VM, it keeps a few handoff connections
+ * made ahead (VmmSession.preconnect), so connect(2) and the daemon's accept
+ * are behind it when a token comes; KVMVFIO_BENCH_PRECONNECT=0 connects after
+ * the token instead (for A/B runs).
+ *
  * The /dev/kvm fd received is closed once the VM exists (each VM then holds
  * 3 fds here: session, VM, KVM-VFIO device). Teardown closes those on the
  * libuv pool (UV_THREADPOOL_SIZE is raised by the parent), where concurrent
@@ -18,7 +23,7 @@
  */
 import { readdirSync } from 'node:fs';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
-import { VmmSession } from '../src/vmm/session';
+import { type HandoffConnection, VmmSession } from '../src/vmm/session';
 import { nowUs } from './stats';
 
 export type ToVmm =
@@ -46,12 +51,29 @@ const loop = monitorEventLoopDelay({ resolution: 1 });
 
 const send = (m: FromVmm) => process.send!(m);
 
+const SPARES = process.env.KVMVFIO_BENCH_PRECONNECT === '0' ? 0 : 4;
+const spares: HandoffConnection[] = [];
+let connecting = 0;
+/** Tops the spare connections up to SPARES, one connect at a time. */
+function refill(): void {
+  if (connecting || spares.length >= SPARES) return;
+  connecting++;
+  VmmSession.preconnect(handoff!)
+    .then((c) => spares.push(c))
+    .catch((e: Error) => send({ t: 'error', message: `preconnect: ${e.message}` }))
+    .finally(() => {
+      connecting--;
+      refill();
+    });
+}
+
 async function attach(id: string, token: string, report: boolean): Promise<void> {
   const recvUs = nowUs();
-  const session = await VmmSession.connect(handoff!, token);
+  const session = await VmmSession.connect(spares.shift() ?? handoff!, token);
   const attachedUs = nowUs();
   await session.createVm();
   const createdUs = nowUs();
+  refill();
   session.attach.kvm.closeSync();
   const held: Held = { session, stamps: { recvUs, attachedUs, createdUs, deviceUs: 0 } };
   vms.set(id, held);
@@ -106,4 +128,5 @@ if (!handoff) {
   process.stderr.write('bench vmm: KVMVFIO_HANDOFF is not set\n');
   process.exit(2);
 }
+refill();
 send({ t: 'ready', pid: process.pid, uid: process.getuid!() });

@@ -50,6 +50,37 @@ export interface StateSource {
   ids(): { vms: Iterable<string>; claims: Iterable<number>; sessions: Iterable<string> };
 }
 
+/** Opens an LMDB file the way the store does (the benchmark's floor opens its own the same way). */
+export function openStoreDb(path: string): RootDatabase<Buffer, string> {
+  return openLmdb<Buffer, string>({
+    path,
+    noSubdir: true,
+    encoding: 'binary',
+    // A write's promise settles once its transaction is committed and fdatasync'd.
+    overlappingSync: false,
+    // Transactions are ours (#commit); lmdb-js's own batching leaves a promise unhandled when a commit fails.
+    eventTurnBatching: false,
+    mapSize: 1 << 30,
+  });
+}
+
+/**
+ * One LMDB transaction of `puts` (a value, or undefined to remove the key),
+ * settled once it is committed and fdatasync'd. lmdb-js's batch: its writer
+ * thread applies the queued writes and commits without calling back into
+ * the event loop, where a transaction callback waits for a busy loop (a
+ * commit took 0.86 ms p50 in the daemon under launch load that way, 0.71 ms
+ * as a batch; bench/RESULTS.md).
+ */
+export function commitPuts(db: RootDatabase<Buffer, string>, puts: readonly (readonly [string, Buffer | undefined])[]): Promise<unknown> {
+  return db.batch(() => {
+    for (const [key, value] of puts) {
+      if (value) void db.put(key, value);
+      else void db.remove(key);
+    }
+  });
+}
+
 /** The store was written by a later kvmvfiod: not opened, so a downgrade loses nothing. */
 export class StoreTooNewError extends Error {}
 
@@ -342,16 +373,7 @@ export class StateStore {
    */
   async open(legacyFiles: string[] = []): Promise<void> {
     await prepareStateDir(this.dir);
-    this.#db = openLmdb<Buffer, string>({
-      path: this.path,
-      noSubdir: true,
-      encoding: 'binary',
-      // A write's promise settles once its transaction is committed and fdatasync'd.
-      overlappingSync: false,
-      // Transactions are ours (#commit); lmdb-js's own batching leaves a promise unhandled when a commit fails.
-      eventTurnBatching: false,
-      mapSize: 1 << 30,
-    });
+    this.#db = openStoreDb(this.path);
     for (const name of [STORE_FILE, LOCK_FILE]) await fsp.chmod(join(this.dir, name), 0o600).catch(() => undefined);
     const ids = this.#source.ids();
     const keys = new Set<string>();
@@ -475,13 +497,8 @@ export class StateStore {
     const started = process.hrtime.bigint();
     const elapsed = () => Number(process.hrtime.bigint() - started) / 1e9;
     try {
-      await db.transaction(() => {
-        for (const [key, value] of puts) {
-          if (value) db.putSync(key, value);
-          else db.removeSync(key);
-        }
-        db.putSync(META, meta);
-      });
+      puts.push([META, meta]);
+      await commitPuts(db, puts);
       this.commits++;
       this.#events.onCommit?.(elapsed());
       if (this.#failure) {

@@ -5,7 +5,7 @@
  * runs the daemon's requests there: the KVM-VFIO device, and adding and
  * removing VFIO groups, each answered with the kernel's errno.
  */
-import { type FdWatch, Iommufd, Kvm, type KvmVfioDevice, type OwnedFd, SeqpacketSocket, SysError, VfioDeviceCdev, type VmFd, watchReadable } from '../kernel';
+import { type FdWatch, Iommufd, Kvm, type KvmVfioDevice, type OwnedFd, SeqpacketSocket, SysError, VfioDeviceCdev, type VmFd, peersHungUp, watchReadable } from '../kernel';
 import {
   AttachFlag,
   FdKind,
@@ -117,6 +117,46 @@ async function connectWithRoom(path: string): Promise<SeqpacketSocket> {
   }
 }
 
+/**
+ * A connection to the handoff socket made before its token is known
+ * (VmmSession.preconnect): a VMM that serves VM after VM keeps one ready, so
+ * connect(2) and the daemon's accept are behind it when a token comes. The
+ * daemon ends a connection that has not attached within its
+ * --attach-timeout-ms (10 s by default): one found closed when its token
+ * comes is replaced by a fresh connection.
+ */
+export class HandoffConnection {
+  readonly path: string;
+  #sock: SeqpacketSocket | undefined;
+
+  /** @internal VmmSession.preconnect makes these. */
+  constructor(path: string, sock: SeqpacketSocket) {
+    this.path = path;
+    this.#sock = sock;
+  }
+
+  /** The socket's fd while unused; undefined once taken or closed. */
+  get fd(): number | undefined {
+    return this.#sock?.fd;
+  }
+
+  /** The connected socket, once: this one if the daemon has not closed it, else a new connection. */
+  async take(): Promise<SeqpacketSocket> {
+    const sock = this.#sock;
+    if (!sock) throw new Error(`this handoff connection to ${this.path} was used already`);
+    this.#sock = undefined;
+    if (peersHungUp([sock.fd]).length === 0) return sock;
+    sock.closeSync();
+    return connectWithRoom(this.path);
+  }
+
+  /** Closes it unused. */
+  close(): void {
+    this.#sock?.closeSync();
+    this.#sock = undefined;
+  }
+}
+
 /** This side numbers its own requests (S6): ATTACH is 1, VM_CREATED 2. */
 const VM_CREATED_SEQ = 2;
 
@@ -143,25 +183,36 @@ export class VmmSession {
   }
 
   /**
-   * Connects to the handoff socket and attaches with `token`, asking for
+   * Connects to the handoff socket (or takes a connection made earlier by
+   * preconnect) and attaches with `token`, asking for
    * edition 2 of the protocol (S12). A daemon older than edition 2 closes the
    * session without a result (the token is then unspent): this attaches
    * again, once, as edition 1. Rejects with AttachError (the daemon's errno
    * and reason) when refused.
    */
-  static async connect(path: string, token: string, opts: { passive?: boolean; edition?: 1 | 2; qmpFd?: number } = {}): Promise<VmmSession> {
+  static async connect(to: string | HandoffConnection, token: string, opts: { passive?: boolean; edition?: 1 | 2; qmpFd?: number } = {}): Promise<VmmSession> {
     const edition = opts.edition ?? 2;
+    const path = typeof to === 'string' ? to : to.path;
     try {
-      return await VmmSession.#attachOnce(path, token, !!opts.passive, edition, opts.qmpFd);
+      return await VmmSession.#attachOnce(typeof to === 'string' ? connectWithRoom(to) : to.take(), token, !!opts.passive, edition, opts.qmpFd);
     } catch (e) {
       const older = e instanceof AttachError && (e.errno === NO_RESULT || (e.errno === 95 /* EOPNOTSUPP */ && e.tokenKept));
-      if (edition === 2 && older) return VmmSession.#attachOnce(path, token, !!opts.passive, 1, opts.qmpFd);
+      if (edition === 2 && older) return VmmSession.#attachOnce(connectWithRoom(path), token, !!opts.passive, 1, opts.qmpFd);
       throw e;
     }
   }
 
-  static async #attachOnce(path: string, token: string, passive: boolean, edition: 1 | 2, qmpFd?: number): Promise<VmmSession> {
-    const sock = await connectWithRoom(path);
+  /**
+   * A connection to the handoff socket at `path`, to attach later with
+   * connect(connection, token): connect(2) and the daemon's accept are done
+   * before the token is known (see HandoffConnection).
+   */
+  static async preconnect(path: string): Promise<HandoffConnection> {
+    return new HandoffConnection(path, await connectWithRoom(path));
+  }
+
+  static async #attachOnce(connected: Promise<SeqpacketSocket>, token: string, passive: boolean, edition: 1 | 2, qmpFd?: number): Promise<VmmSession> {
+    const sock = await connected;
     try {
       const flags = (passive ? AttachFlag.PASSIVE : 0) | (edition === 2 ? AttachFlag.EDITION2 : 0);
       // A passive VMM may send its QEMU's monitor (one end of a stream socketpair): the daemon drives hot-plug through it.

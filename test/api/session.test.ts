@@ -12,6 +12,7 @@ import { status } from '@grpc/grpc-js';
 import { type KvmVfioApi, type VmEvent } from '../../src/client/client';
 import { SeqpacketSocket } from '../../src/kernel';
 import { MsgType, decode, encode } from '../../src/protocol/session';
+import { VmmSession } from '../../src/vmm/session';
 import { makeFakeHost, type FakeHost } from '../helpers/fakehost';
 import { startDaemon, type RunningDaemon } from '../helpers/daemon';
 import { NOBODY, REFERENCE_VMM, SILENT_VMM, runVmm, type VmmProc } from '../helpers/vmmproc';
@@ -356,6 +357,43 @@ describe('token expiry and idle connections', () => {
       s.closeSync();
       assert.ok(d.logs.some((l) => l.event === 'session-end' && /no ATTACH within 300 ms/.test(String(l.reason))));
     } finally {
+      await d.cleanup();
+    }
+  });
+});
+
+describe('connections made ahead of their token', () => {
+  test('VmmSession.preconnect: the connection attaches when its token comes; one the daemon ended for idling is replaced by a fresh one', async () => {
+    const d = await startDaemon({ args: ['--attach-timeout-ms', '1000'] });
+    const handoff = join(d.runtimeDir, 'handoff.sock');
+    const sessions: VmmSession[] = [];
+    try {
+      const c = d.client();
+      const ahead = await VmmSession.preconnect(handoff);
+      const idle = await VmmSession.preconnect(handoff);
+      const aheadFd = ahead.fd;
+      const a = await c.createVm({ name: 'ahead', vmm_uid: process.getuid!() });
+      const s1 = await VmmSession.connect(ahead, a.attach_token!.token);
+      sessions.push(s1);
+      assert.equal(s1.sock.fd, aheadFd, 'the session runs on the connection made ahead');
+      assert.equal(ahead.fd, undefined);
+      await assert.rejects(ahead.take(), /used already/);
+      assert.equal(s1.attach.vmId, a.vm!.id);
+      await s1.createVm();
+      await until('ahead RUNNING', async () => (await c.getVm(a.vm!.id)).state === 'VM_STATE_RUNNING');
+      // The other one idles past the attach timeout: the daemon ends it; its token's attach goes through a new connection.
+      await until('the idle connection ended by the daemon', async () => d.logs.some((l) => l.event === 'session-end' && /no ATTACH within 1000 ms/.test(String(l.reason))), 5000);
+      const idleFd = idle.fd;
+      const b = await c.createVm({ name: 'after-idle', vmm_uid: process.getuid!() });
+      const s2 = await VmmSession.connect(idle, b.attach_token!.token);
+      sessions.push(s2);
+      assert.equal(s2.attach.vmId, b.vm!.id);
+      assert.equal(s2.attach.edition, 2, 'attached on the first try, not through the edition-1 fallback');
+      await s2.createVm();
+      await until('after-idle RUNNING', async () => (await c.getVm(b.vm!.id)).state === 'VM_STATE_RUNNING');
+      assert.ok(idleFd !== undefined && !d.logs.some((l) => l.event === 'attach-refused'), 'no attach was refused');
+    } finally {
+      for (const s of sessions) s.close('test over');
       await d.cleanup();
     }
   });

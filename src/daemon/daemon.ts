@@ -337,7 +337,7 @@ export class Daemon {
     broker.vms.restore(previous.vms, previous.revision);
     const withSession = new Set(previous.sessions.map((s) => s.vmId));
     for (const c of previous.claims) {
-      const fd = take(fdName.group(c.group));
+      const fd = this.#storedGroup(c.group, take);
       // Written before holds were recorded: the daemon lent its own fd to any VMM that attached (the
       // plan, a passive attach), so a VM that ever had one may share that file: never adopt it then.
       const vm = broker.vms.get(c.vmId);
@@ -385,10 +385,28 @@ export class Daemon {
   }
 
   /**
+   * The fd store's copy of group `n`, if it is still the file at /dev/vfio/N:
+   * a group that went away (a device unplugged while the daemon was down) or
+   * was made again under its number is another file, and an old fd must not
+   * stand for it. Such a copy is closed and leaves the store.
+   */
+  #storedGroup(n: number, take: (name: string) => OwnedFd | undefined): OwnedFd | undefined {
+    const fd = take(fdName.group(n));
+    if (!fd) return undefined;
+    const path = this.#pool!.groupPath(n);
+    if (fd.isOpenOf(path)) return fd;
+    this.log.warn({ event: 'fdstore-group-gone', group: n, path }, `the stored fd of IOMMU group ${n} is not the file at ${path} any more (the group went away or was made again); closing it`);
+    fd.closeSync();
+    this.#store!.remove(fdName.group(n));
+    return undefined;
+  }
+
+  /**
    * Fds the fd store kept that the state does not name: the state was
    * damaged, or the daemon died between a change and its commit. None is
-   * closed — a session is a VM living in its VMM, a group fd a claim — and
-   * each is reported. A session of a known VM is carried on (a VM still
+   * closed — a session is a VM living in its VMM, a group fd a claim (unless
+   * it is no longer the file at /dev/vfio/N: #storedGroup) — and each is
+   * reported. A session of a known VM is carried on (a VM still
    * PENDING in its record is failed: its set-up was cut short); one of an
    * unknown VM gets a record of its own, RUNNING, owned by root, named
    * recovered-<id>, labelled kvmvfiod.io/recovered. A group fd goes to the
@@ -450,7 +468,7 @@ export class Daemon {
       const m = /^group-(\d+)$/.exec(name);
       if (!m) continue;
       const group = Number(m[1]);
-      const fd = take(name);
+      const fd = this.#storedGroup(group, take);
       if (!fd) continue;
       let owner = [...broker.vms.all()].find((v) => v.state === 'PENDING' && v.groups.includes(group) && !pool.holdOf(group));
       owner ??= recovered(broker.vms.newId(), `recovered-group-${group}`, 'FAILED', `the fd store held IOMMU group ${group} and the state had no claim on it; DeleteVm releases it`, { groups: [group] });

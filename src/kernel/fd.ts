@@ -1,4 +1,4 @@
-import { close as fsClose, closeSync, constants, openSync } from 'node:fs';
+import { close as fsClose, closeSync, constants, fstatSync, openSync, statSync } from 'node:fs';
 import { SysError } from './errors';
 import { F_DUPFD_CLOEXEC, O_CLOEXEC, lastErrno, libc } from './libc';
 
@@ -48,6 +48,22 @@ export class OwnedFd {
       throw SysError.fromNode('open', path, e as NodeJS.ErrnoException);
     }
     return new OwnedFd(fd, path);
+  }
+
+  /**
+   * Whether this fd is the file now at `path` (same device and inode). A
+   * device node removed and made again (a VFIO group that went away and came
+   * back under its number) is a new inode: false, as when `path` is gone.
+   */
+  isOpenOf(path: string): boolean {
+    let there;
+    try {
+      there = statSync(path, { bigint: true });
+    } catch {
+      return false;
+    }
+    const mine = fstatSync(this.fd, { bigint: true });
+    return mine.dev === there.dev && mine.ino === there.ino;
   }
 
   get fd(): number {

@@ -6,7 +6,7 @@
  */
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtemp, rm, chmod } from 'node:fs/promises';
+import { mkdtemp, rm, chmod, readdir, readlink } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { status } from '@grpc/grpc-js';
@@ -245,4 +245,50 @@ test('a session carried over a restart keeps its edition: edition 2 still ends o
   // Both VMs live on in their VMM (this process): the records say RUNNING.
   const c2 = d2.client();
   for (const id of [vms.two, vms.one]) assert.equal((await c2.getVm(id)).state, 'VM_STATE_RUNNING');
+});
+
+test('a stored group fd that is no longer the file at /dev/vfio/N is closed, not adopted: the claim opens the new node; an orphan one gets no record', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'kvmvfiod-gone-'));
+  await chmod(dir, 0o755);
+  cleanups.push(() => rm(dir, { recursive: true, force: true }));
+  const host = await makeFakeHost([9, 10].map((n) => ({ number: n, devices: [{ address: `0000:00:${n.toString(16).padStart(2, '0')}.0`, vendor: '8086', device: '10d3', class: '020000', driver: 'vfio-pci' }] })));
+  cleanups.push(() => host.cleanup());
+  const systemd = new FakeSystemd(dir);
+  cleanups.push(() => systemd.close());
+  const env = { NOTIFY_SOCKET: systemd.path };
+  const common = { dir, sysfs: host.sysfs, dev: host.dev, env };
+  const d1 = await startDaemon({ ...common, listenFds: systemd.listenFds() });
+  cleanups.push(() => d1.cleanup());
+  const { vm } = await d1.client().createVm({ name: 'claims-9', vmm_uid: 65534, vfio_device: true, groups: [9] });
+  await until('group-9 stored', async () => systemd.store.has('group-9'));
+  await d1.stop('SIGKILL');
+
+  // While the daemon is down, group 9's node is made again (a new inode, as after an unplug and a replug).
+  const node = join(host.dev, 'vfio', '9');
+  await rm(node);
+  await import('node:fs/promises').then((fs) => fs.writeFile(node, ''));
+  const d2 = await startDaemon({ ...common, listenFds: systemd.listenFds() });
+  cleanups.push(() => d2.cleanup());
+  await d2.waitForLog((l) => l.event === 'restored');
+  assert.ok(d2.logs.some((l) => l.event === 'fdstore-group-gone' && l.group === 9), 'the old fd was told apart from the new node');
+  const g9 = await d2.client().getIommuGroup(9);
+  assert.equal(g9.vm_id, vm!.id, 'the claim stands');
+  assert.equal(g9.open_in_daemon, true, 'held through a fresh open of the new node');
+  assert.ok(!d2.logs.some((l) => l.event === 'group-not-reopened'));
+  const links = await Promise.all((await readdir(`/proc/${d2.pid}/fd`)).map((f) => readlink(`/proc/${d2.pid}/fd/${f}`).catch(() => '')));
+  assert.ok(!links.some((l) => l.startsWith(node) && l.includes('(deleted)')), `the daemon holds no fd of the old node: ${links.filter((l) => l.startsWith(node)).join(', ')}`);
+  assert.equal(links.filter((l) => l === node).length, 1, 'one fd of the new node');
+  await d2.stop('SIGKILL');
+
+  // Now the state is lost and group 9 is gone for good: the stored fd is an orphan of nothing.
+  await rm(join(dir, 'state'), { recursive: true, force: true });
+  await rm(node);
+  const d3 = await startDaemon({ ...common, listenFds: systemd.listenFds() });
+  cleanups.push(() => d3.cleanup());
+  await d3.waitForLog((l) => l.event === 'restored' || l.event === 'ready');
+  assert.ok(d3.logs.some((l) => l.event === 'fdstore-group-gone' && l.group === 9));
+  assert.ok(!d3.logs.some((l) => l.event === 'state-orphan-group'), 'not kept as a claim');
+  const names = (await d3.client().listVms()).vms.map((v) => v.name);
+  assert.ok(!names.includes('recovered-group-9'), `no record for it: ${names.join(', ')}`);
+  assert.ok(!systemd.store.has('group-9'), 'out of the fd store');
 });

@@ -26,14 +26,20 @@ after(async () => {
   for (const c of cleanups.reverse()) await c();
 });
 
-test('fake systemd: READY, STATUS, WATCHDOG; SIGKILL; the next daemon restores VMs, claims and sessions from the fd store', async () => {
-  const dir = await mkdtemp(join(tmpdir(), 'kvmvfiod-restart-'));
+/** A state dir others may search, a fake host with viable groups 9 and 10, and a stand-in for systemd; all cleaned up after. */
+async function stand(prefix: string) {
+  const dir = await mkdtemp(join(tmpdir(), prefix));
   await chmod(dir, 0o755);
   cleanups.push(() => rm(dir, { recursive: true, force: true }));
   const host = await makeFakeHost([9, 10].map((n) => ({ number: n, devices: [{ address: `0000:00:${n.toString(16).padStart(2, '0')}.0`, vendor: '8086', device: '10d3', class: '020000', driver: 'vfio-pci' }] })));
   cleanups.push(() => host.cleanup());
   const systemd = new FakeSystemd(dir);
   cleanups.push(() => systemd.close());
+  return { dir, host, systemd };
+}
+
+test('fake systemd: READY, STATUS, WATCHDOG; SIGKILL; the next daemon restores VMs, claims and sessions from the fd store', async () => {
+  const { dir, host, systemd } = await stand('kvmvfiod-restart-');
   const runtime = join(dir, 'run');
   await import('node:fs/promises').then((fs) => fs.mkdir(runtime, { recursive: true }));
 
@@ -248,13 +254,7 @@ test('a session carried over a restart keeps its edition: edition 2 still ends o
 });
 
 test('a stored group fd that is no longer the file at /dev/vfio/N is closed, not adopted: the claim opens the new node; an orphan one gets no record', async () => {
-  const dir = await mkdtemp(join(tmpdir(), 'kvmvfiod-gone-'));
-  await chmod(dir, 0o755);
-  cleanups.push(() => rm(dir, { recursive: true, force: true }));
-  const host = await makeFakeHost([9, 10].map((n) => ({ number: n, devices: [{ address: `0000:00:${n.toString(16).padStart(2, '0')}.0`, vendor: '8086', device: '10d3', class: '020000', driver: 'vfio-pci' }] })));
-  cleanups.push(() => host.cleanup());
-  const systemd = new FakeSystemd(dir);
-  cleanups.push(() => systemd.close());
+  const { dir, host, systemd } = await stand('kvmvfiod-gone-');
   const env = { NOTIFY_SOCKET: systemd.path };
   const common = { dir, sysfs: host.sysfs, dev: host.dev, env };
   const d1 = await startDaemon({ ...common, listenFds: systemd.listenFds() });

@@ -256,9 +256,11 @@ export class Daemon {
         if (fds) {
           if (fds.socket !== undefined) store.put(fdName.session(s.vmId), fds.socket);
           store.put(fdName.pidfd(s.vmId), fds.pidfd);
+          if (fds.qmp !== undefined) store.put(fdName.qmp(s.vmId), fds.qmp);
         }
         this.#state?.sessionChanged(s.vmId);
       },
+      onQmpClosed: (s) => store.remove(fdName.qmp(s.vmId)),
       onSocketClosed: (s) => {
         store.remove(fdName.session(s.vmId));
         this.#state?.sessionChanged(s.vmId);
@@ -267,6 +269,7 @@ export class Daemon {
         if (s.vmId) {
           store.remove(fdName.session(s.vmId));
           store.remove(fdName.pidfd(s.vmId));
+          store.remove(fdName.qmp(s.vmId));
           this.#state?.sessionChanged(s.vmId);
         }
       },
@@ -361,7 +364,7 @@ export class Daemon {
       if (!vm) continue;
       const sock = take(fdName.session(s.vmId));
       const pidfd = take(fdName.pidfd(s.vmId));
-      this.#carryOn(vm, sock, pidfd, { pid: s.pid, uid: s.uid, gid: s.gid }, s.passive, s.edition2 === true);
+      this.#carryOn(vm, sock, pidfd, { pid: s.pid, uid: s.uid, gid: s.gid }, s.passive, s.edition2 === true, take(fdName.qmp(s.vmId)));
       sessions++;
     }
     // Groups handed to VMMs that exited while no daemon ran: looked at now.
@@ -370,8 +373,8 @@ export class Daemon {
     return loaded.legacyFiles;
   }
 
-  /** Carries on the session of `vm` with the fds the store kept: its socket (if still open) and its VMM's pidfd. */
-  #carryOn(vm: VmRecord, sock: OwnedFd | undefined, pidfd: OwnedFd | undefined, peer: { pid: number; uid: number; gid: number }, passive: boolean, edition2: boolean): void {
+  /** Carries on the session of `vm` with the fds the store kept: its socket (if still open), its VMM's pidfd, its QEMU's monitor. */
+  #carryOn(vm: VmRecord, sock: OwnedFd | undefined, pidfd: OwnedFd | undefined, peer: { pid: number; uid: number; gid: number }, passive: boolean, edition2: boolean, qmp?: OwnedFd): void {
     // A VMM whose socket was already closed still holds its groups: watch it through a closed pair.
     let socket: SeqpacketSocket;
     if (sock) socket = new SeqpacketSocket(sock, `session of vm ${vm.name}`);
@@ -380,7 +383,7 @@ export class Daemon {
       other.closeSync();
       socket = mine;
     }
-    const session = this.#handoff!.restore(socket, peer, { vmId: vm.id, vmName: vm.name, passive, edition2, pidfd });
+    const session = this.#handoff!.restore(socket, peer, { vmId: vm.id, vmName: vm.name, passive, edition2, pidfd, qmp });
     this.broker.restoreLink(vm.id, session);
   }
 
@@ -447,7 +450,7 @@ export class Daemon {
       return broker.vms.get(id)!;
     };
     for (const name of [...passed.keys()]) {
-      const m = /^session-(.+)$/.exec(name) ?? /^pidfd-(.+)$/.exec(name);
+      const m = /^(?:session|pidfd)-(.+)$/.exec(name);
       if (!m || this.#handoff!.sessionOf(m[1])) continue;
       const vmId = m[1];
       const sock = take(fdName.session(vmId));
@@ -461,7 +464,7 @@ export class Daemon {
       let vm = broker.vms.get(vmId);
       if (!vm) vm = recovered(vmId, `recovered-${vmId.slice(0, 8)}`, 'RUNNING', '', { vmmUid: peer.uid, vmmPid: peer.pid });
       // Its edition is not known: edition 1, the lenient one.
-      this.#carryOn(vm, sock, pidfd, peer, vm.passive, false);
+      this.#carryOn(vm, sock, pidfd, peer, vm.passive, false, take(fdName.qmp(vmId)));
       log.warn({ event: 'state-orphan-session', vm: vm.id, name: vm.name, vmm_pid: peer.pid, vmm_uid: peer.uid, socket: !!sock, pidfd: !!pidfd }, 'the fd store holds a session the state does not name; carrying it on');
     }
     for (const name of [...passed.keys()]) {
@@ -478,8 +481,8 @@ export class Daemon {
     }
     for (const [name, fds] of passed) {
       if (name === 'api' || name === 'handoff') continue;
-      // Nothing of ours is named so: not a file the daemon stored.
-      log.warn({ event: 'fdstore-unknown', name, count: fds.length }, 'a stored fd of a name the daemon never uses; closing it');
+      // Nothing carried it on: a name the daemon never uses, or the QMP channel of a session that did not come back.
+      log.warn({ event: 'fdstore-unknown', name, count: fds.length }, 'a stored fd nothing carries on; closing it');
       for (const fd of fds) fd.closeSync();
       this.#store!.remove(name);
     }

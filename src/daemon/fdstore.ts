@@ -13,6 +13,8 @@ export const fdName = {
   group: (n: number) => `group-${n}`,
   session: (vmId: string) => `session-${vmId}`,
   pidfd: (vmId: string) => `pidfd-${vmId}`,
+  /** A passive VMM's QEMU monitor: the daemon's end of the channel. */
+  qmp: (vmId: string) => `qmp-${vmId}`,
 };
 
 export class FdStore {

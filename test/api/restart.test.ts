@@ -12,11 +12,12 @@ import { join } from 'node:path';
 import { status } from '@grpc/grpc-js';
 import { SeqpacketListener } from '../../src/kernel';
 import { buildCVmm, removeCVmm } from '../helpers/cvmm';
-import { makeFakeHost } from '../helpers/fakehost';
-import { CLI_JS, startDaemon, type RunningDaemon } from '../helpers/daemon';
+import { type FakeGroup, makeFakeHost } from '../helpers/fakehost';
+import { CLI_JS, REPO, startDaemon, type RunningDaemon } from '../helpers/daemon';
 import { spawn } from 'node:child_process';
+import { dirname } from 'node:path';
 import { FakeSystemd } from '../helpers/fakesystemd';
-import { REFERENCE_VMM, runVmm, type VmmProc } from '../helpers/vmmproc';
+import { NOBODY, REFERENCE_VMM, collectJsonLines, runVmm, type VmmEvent, type VmmProc } from '../helpers/vmmproc';
 import { expectStatus, until } from '../helpers/assert';
 import { MsgType, encode } from '../../src/protocol/session';
 import { VmmSession } from '../../src/vmm/session';
@@ -26,12 +27,12 @@ after(async () => {
   for (const c of cleanups.reverse()) await c();
 });
 
-/** A state dir others may search, a fake host with viable groups 9 and 10, and a stand-in for systemd; all cleaned up after. */
-async function stand(prefix: string) {
+/** A state dir others may search, a fake host (viable groups 9 and 10 unless told), and a stand-in for systemd; all cleaned up after. */
+async function stand(prefix: string, groups: FakeGroup[] = [9, 10].map((n) => ({ number: n, devices: [{ address: `0000:00:${n.toString(16).padStart(2, '0')}.0`, vendor: '8086', device: '10d3', class: '020000', driver: 'vfio-pci' }] })), hostOpts: { iommufd?: boolean } = {}) {
   const dir = await mkdtemp(join(tmpdir(), prefix));
   await chmod(dir, 0o755);
   cleanups.push(() => rm(dir, { recursive: true, force: true }));
-  const host = await makeFakeHost([9, 10].map((n) => ({ number: n, devices: [{ address: `0000:00:${n.toString(16).padStart(2, '0')}.0`, vendor: '8086', device: '10d3', class: '020000', driver: 'vfio-pci' }] })));
+  const host = await makeFakeHost(groups, hostOpts);
   cleanups.push(() => host.cleanup());
   const systemd = new FakeSystemd(dir);
   cleanups.push(() => systemd.close());
@@ -291,4 +292,41 @@ test('a stored group fd that is no longer the file at /dev/vfio/N is closed, not
   const names = (await d3.client().listVms()).vms.map((v) => v.name);
   assert.ok(!names.includes('recovered-group-9'), `no record for it: ${names.join(', ')}`);
   assert.ok(!systemd.store.has('group-9'), 'out of the fd store');
+});
+
+test("a passive QEMU's QMP channel is carried over a SIGKILL: RemoveGroup and AddGroup go through it from the next daemon, with no second negotiation", async () => {
+  const cdevGroup = (n: number): FakeGroup => ({ number: n, devices: [{ address: `0000:00:${n}.0`, vendor: '1234', device: '11e8', class: '00ff00', driver: 'vfio-pci', cdev: `vfio${n}` }] });
+  const { dir, host, systemd } = await stand('kvmvfiod-qmp-restart-', [31, 32].map(cdevGroup), { iommufd: true });
+  const common = { dir, sysfs: host.sysfs, dev: host.dev, env: { NOTIFY_SOCKET: systemd.path }, args: ['--hot-unplug-timeout-ms', '3000'] };
+  const d1 = await startDaemon({ ...common, listenFds: systemd.listenFds() });
+  cleanups.push(() => d1.cleanup());
+  const c1 = d1.client();
+  const { vm, attach_token } = await c1.createVm({ name: 'qemu-lives-on', vmm_uid: 65534, vfio_device: true, vfio_handoff: 'VFIO_HANDOFF_CDEV' });
+  const fake = { ports: ['kvmvfiod-port-1', 'kvmvfiod-port-2'], deleteAfterMs: 200 };
+  const argv = [...NOBODY, process.execPath, CLI_JS, 'attach', '--handoff', join(d1.runtimeDir, 'handoff.sock'), '--', 'node', join(REPO, 'dist', 'test', 'helpers', 'fakeqemu.js'), '--qmp', '{qmp}', '--opts', JSON.stringify(fake)];
+  const q = collectJsonLines(spawn(argv[0], argv.slice(1), { stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, KVMVFIO_TOKEN: attach_token!.token, PATH: `${dirname(process.execPath)}:/usr/bin:/bin` } }));
+  cleanups.push(() => q.kill());
+  await q.waitFor('started');
+  await until('RUNNING', async () => (await c1.getVm(vm!.id)).state === 'VM_STATE_RUNNING');
+  const qmp = (): VmmEvent[] => q.events.filter((e) => e.event === 'qmp');
+  assert.deepEqual((await c1.addGroup({ vm_id: vm!.id, group: 31 })).groups, [31]);
+  await until('the QMP channel stored', async () => systemd.store.has(`qmp-${vm!.id}`));
+  await d1.stop('SIGKILL');
+  const before = qmp().length;
+
+  const d2 = await startDaemon({ ...common, listenFds: systemd.listenFds() });
+  cleanups.push(() => d2.cleanup());
+  await d2.waitForLog((l) => l.event === 'restored');
+  const c2 = d2.client();
+  const t0 = Date.now();
+  assert.deepEqual((await c2.removeGroup({ vm_id: vm!.id, group: 31 })).groups, [], 'RemoveGroup through the carried channel');
+  assert.ok(Date.now() - t0 >= 180, 'answered after the DEVICE_DELETED the new daemon waited for');
+  assert.deepEqual((await c2.addGroup({ vm_id: vm!.id, group: 32 })).groups, [32], 'AddGroup through it');
+  const after = qmp().slice(before).map((e) => e.execute);
+  assert.ok(after.includes('device_del') && after.includes('device_add'), `commands after the restart: ${after.join(', ')}`);
+  assert.ok(!after.includes('qmp_capabilities'), 'no second negotiation on a channel in command mode');
+  assert.ok(!d2.logs.some((l) => l.event === 'qmp-closed'), 'the channel stayed open');
+  await c2.deleteVm({ vm_id: vm!.id });
+  assert.deepEqual(await q.exit, { code: 0, signal: null });
+  await until('the QMP channel out of the store', async () => !systemd.store.has(`qmp-${vm!.id}`));
 });

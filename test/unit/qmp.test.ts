@@ -42,9 +42,9 @@ function pair(opts: FakeQmpOptions = {}, timeoutMs = 2000): { client: QmpClient;
 }
 
 /** A raw peer: the test writes QEMU's side by hand. */
-function rawPair(timeoutMs = 500): { client: QmpClient; peer: SeqpacketSocket; lines(): string[]; done(): void } {
+function rawPair(timeoutMs = 500, resumed = false): { client: QmpClient; peer: SeqpacketSocket; lines(): string[]; done(): void } {
   const [mine, theirs] = StreamSocket.pair('test QMP');
-  const client = new QmpClient(new StreamSocket(mine, 'test QMP'), { commandTimeoutMs: timeoutMs, who: 'QEMU (raw)', maxLineBytes: 4096 });
+  const client = new QmpClient(new StreamSocket(mine, 'test QMP'), { commandTimeoutMs: timeoutMs, who: 'QEMU (raw)', maxLineBytes: 4096, resumed });
   const peer = new SeqpacketSocket(theirs, 'raw peer');
   let buf = '';
   return {
@@ -99,6 +99,32 @@ describe('QMP client', () => {
       assert.deepEqual(await got, { status: 'running' });
       assert.deepEqual(events, ['DEVICE_DELETED:x']);
       assert.equal(client.isOpen, true);
+    } finally {
+      done();
+    }
+  });
+
+  test('resumed after a restart: no greeting awaited, ids past the old process\'s, the half-read line it left dropped; a later garbled line still closes', async () => {
+    const { client, peer, lines, done } = rawPair(2000, true);
+    try {
+      const events: string[] = [];
+      client.onEvent((e) => events.push(e.event));
+      // What the old process left: the rest of a line it had begun to read, and a late answer to its command 7.
+      peer.send(Buffer.from('us": "running"}, "id": 6}\n'));
+      say(peer, { return: {}, id: 7 });
+      const got = client.execute('query-status');
+      await until('query-status sent at once, without a greeting', () => lines().length === 1);
+      const q = JSON.parse(lines()[0]) as { execute: string; id: number };
+      assert.equal(q.execute, 'query-status');
+      assert.ok(q.id > Date.now() * 1000 - 60_000_000, `id ${q.id} is past any the old process used`);
+      say(peer, { event: 'RESUME', data: {} });
+      say(peer, { return: { status: 'running' }, id: q.id });
+      assert.deepEqual(await got, { status: 'running' });
+      assert.deepEqual(events, ['RESUME']);
+      assert.equal(client.isOpen, true, 'the tail and the old answer did not close it');
+      peer.send(Buffer.from('not json\n'));
+      await client.closed;
+      assert.equal(client.isOpen, false);
     } finally {
       done();
     }

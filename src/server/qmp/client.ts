@@ -75,6 +75,14 @@ export interface QmpOptions {
   /** The longest line taken from the peer (default 1 MiB); a longer one closes the channel. */
   maxLineBytes?: number;
   log?: (event: Record<string, unknown>, msg: string) => void;
+  /**
+   * A channel the previous daemon process negotiated (from the fd store):
+   * no greeting comes, commands go at once, and their ids start past any
+   * that process can have used, so its late answers are told apart. The
+   * first line may be the rest of one that process had half read: if it
+   * does not parse, it is dropped.
+   */
+  resumed?: boolean;
 }
 
 interface Command {
@@ -114,18 +122,31 @@ export class QmpClient {
   /** Answers to no command in flight: logged the first time and then every 1000th, not once each (a peer can send millions). */
   #strayAnswers = 0;
   #greeting?: Record<string, unknown>;
+  /** Resumed: the first line read may be the tail of one the previous daemon process had half read. */
+  #mayBeTail = false;
   #closed!: (reason: string) => void;
   /** Resolves with the reason once the channel is closed (by either side, or for breaking the protocol). */
   readonly closed: Promise<string>;
   #closeReason?: string;
 
-  /** Takes `sock` (it closes it when the channel ends) and waits for QEMU's greeting on it. */
+  /** Takes `sock` (it closes it when the channel ends) and waits for QEMU's greeting on it (unless `opts.resumed`). */
   constructor(sock: StreamSocket, opts: QmpOptions) {
     this.#sock = sock;
     this.#opts = opts;
     this.who = opts.who;
     this.closed = new Promise((r) => (this.#closed = r));
+    if (opts.resumed) {
+      this.#phase = 'ready';
+      this.#mayBeTail = true;
+      // A daemon process numbers from 1, or (resumed) from its start time in µs: this start is later.
+      this.#nextId = Date.now() * 1000;
+    }
     this.#watch = watchReadable(sock.fd, () => this.#onReadable());
+  }
+
+  /** The daemon's end of the channel while it is open (for the fd store). */
+  get fd(): number | undefined {
+    return this.#phase === 'closed' ? undefined : this.#sock.fd;
   }
 
   /** QEMU's greeting (`{"QMP": {...}}`'s contents) once it came; its version, say. */
@@ -308,14 +329,21 @@ export class QmpClient {
   #line(raw: Buffer): void {
     const text = raw.toString('utf8').trim();
     if (!text) return;
+    const tail = this.#mayBeTail;
+    this.#mayBeTail = false;
     let msg: unknown;
     try {
       msg = JSON.parse(text);
     } catch {
+      if (tail) {
+        this.#opts.log?.({ event: 'qmp-resumed-tail', bytes: raw.length }, 'dropped the rest of a QMP line the previous daemon process had begun to read');
+        return;
+      }
       this.close(`QEMU sent a line that is not JSON: ${JSON.stringify(text.slice(0, 80))}`);
       return;
     }
     if (!isObject(msg)) {
+      if (tail) return;
       this.close(`QEMU sent JSON that is not an object: ${JSON.stringify(text.slice(0, 80))}`);
       return;
     }
@@ -344,6 +372,7 @@ export class QmpClient {
       this.#answer(msg);
       return;
     }
+    if (tail) return;
     this.close(`QEMU sent a message that is neither an answer nor an event: ${JSON.stringify(text.slice(0, 80))}`);
   }
 

@@ -24,6 +24,7 @@ export interface HandoffOptions {
   maxSessions?: number;
   onAttached?(session: Session): void;
   onSocketClosed?(session: Session): void;
+  onQmpClosed?(session: Session): void;
   /** A session is done (and, with a VM, its VMM is gone). */
   onDone?(session: Session): void;
   /** Told of each connection closed at accept (metrics). */
@@ -102,6 +103,7 @@ export class HandoffServer {
         this.#opts.onAttached?.(s);
       },
       onSocketClosed: (s) => this.#opts.onSocketClosed?.(s),
+      onQmpClosed: (s) => this.#opts.onQmpClosed?.(s),
       schedule: (job) => this.#exits.push(job),
       observeRequest: this.#opts.observeRequest,
     };

@@ -69,6 +69,8 @@ export interface SessionOptions {
   onAttached?(session: Session): void;
   /** Called when the session's socket is closed while its VMM lives on. */
   onSocketClosed?(session: Session): void;
+  /** Called when a passive VMM's QMP channel has closed: its fd leaves the fd store. */
+  onQmpClosed?(session: Session): void;
   /** Runs the handling of a VMM's exit; the handoff server spreads a burst of exits over loop turns. Default: at once. */
   schedule?(job: () => void): void;
   /** Told of each request to the VMM once it settles: its kind, its time and its outcome (ok, the errno name, deadline, closed). */
@@ -94,6 +96,8 @@ export interface RestoredSession {
   edition2?: boolean;
   /** The VMM's pidfd from the fd store; without it the VMM is taken as gone. */
   pidfd: OwnedFd | undefined;
+  /** A passive VMM's QEMU monitor from the fd store (the daemon's end of the channel), resumed as it was. */
+  qmp?: OwnedFd;
 }
 
 interface Pending {
@@ -170,6 +174,8 @@ export class Session implements VmmLink {
       this.#pidfd = restored.pidfd;
       if (this.#pidfd) this.#pidWatch = watchReadable(this.#pidfd.fd, () => this.#exitSeen());
       else queueMicrotask(() => this.#onExit());
+      if (restored.qmp && this.#opts.qmp && this.#passive) this.#driveQemu(restored.qmp, true);
+      else restored.qmp?.closeSync();
     } else {
       this.#attachTimer = setTimeout(() => this.#end(`no ATTACH within ${opts.attachTimeoutMs} ms`), opts.attachTimeoutMs);
       this.#attachTimer.unref();
@@ -182,9 +188,10 @@ export class Session implements VmmLink {
    * the VMM's pidfd while the process is watched, and its socket while that
    * is open (a VMM may close its session and live on, holding its VM).
    */
-  get storableFds(): { socket?: number; pidfd: number } | undefined {
+  get storableFds(): { socket?: number; pidfd: number; qmp?: number } | undefined {
     if (!this.#pidfd?.isOpen) return undefined;
-    return { ...(this.#sock.isOpen ? { socket: this.#sock.fd } : {}), pidfd: this.#pidfd.fd };
+    const qmp = this.#qemu?.qmp.fd;
+    return { ...(this.#sock.isOpen ? { socket: this.#sock.fd } : {}), pidfd: this.#pidfd.fd, ...(qmp !== undefined ? { qmp } : {}) };
   }
 
   get pid(): number {
@@ -425,6 +432,25 @@ export class Session implements VmmLink {
     this.#log.warn({ event: 'session-tolerated', vm: this.#vmId || undefined, reason: violation }, 'an edition-1 VMM broke a rule of the session protocol (S5); let through, as edition 1 does');
   }
 
+  /**
+   * Drives the passive VMM's QEMU through `fd`, the daemon's end of its
+   * monitor (this session's from here): fresh from the ATTACH (greeting and
+   * negotiation to come), or `resumed` from the fd store after a restart.
+   */
+  #driveQemu(fd: OwnedFd, resumed: boolean): void {
+    const qmpOpts = this.#opts.qmp!;
+    const vmId = this.#vmId;
+    const log = (event: Record<string, unknown>, m: string) => this.#log.info({ vm: vmId, ...event }, m);
+    const qmp = new QmpClient(new StreamSocket(fd, `QMP of vm ${this.#vmName}`), { commandTimeoutMs: qmpOpts.commandTimeoutMs, who: `QEMU (pid ${this.pid}) of vm ${this.#vmName}`, log, resumed });
+    const onDeviceGone = (address: string) =>
+      void this.#broker.deviceLeftVmm(vmId, address).catch((e: unknown) => this.#log.error({ event: 'device-left-failed', vm: vmId, device: address, err: (e as Error).message }, 'handling a device QEMU let go of failed'));
+    this.#qemu = new QemuHotplug(qmp, { openIommufd: qmpOpts.openIommufd, unplugTimeoutMs: qmpOpts.unplugTimeoutMs, vmName: this.#vmName, log, onDeviceGone });
+    void qmp.closed.then((reason) => {
+      this.#log.info({ event: 'qmp-closed', vm: vmId, reason }, 'QMP channel closed');
+      this.#opts.onQmpClosed?.(this);
+    });
+  }
+
   async #attach(msg: Message, senderPid?: number, qmpFd?: OwnedFd): Promise<void> {
     this.#passive = (msg.arg & AttachFlag.PASSIVE) !== 0;
     this.#edition2 = (msg.arg & AttachFlag.EDITION2) !== 0;
@@ -501,15 +527,8 @@ export class Session implements VmmLink {
       this.#phase = 'attached';
       if (this.#passive) this.#made.resolve();
       if (qmpFd && this.#opts.qmp) {
-        const who = `QEMU (pid ${this.pid}) of vm ${grant.vmName}`;
-        const log = (event: Record<string, unknown>, m: string) => this.#log.info({ vm: grant.vmId, ...event }, m);
-        const qmp = new QmpClient(new StreamSocket(qmpFd, `QMP of vm ${grant.vmName}`), { commandTimeoutMs: this.#opts.qmp.commandTimeoutMs, who, log });
-        const vmId = grant.vmId;
-        const onDeviceGone = (address: string) =>
-          void this.#broker.deviceLeftVmm(vmId, address).catch((e: unknown) => this.#log.error({ event: 'device-left-failed', vm: vmId, device: address, err: (e as Error).message }, 'handling a device QEMU let go of failed'));
-        this.#qemu = new QemuHotplug(qmp, { openIommufd: this.#opts.qmp.openIommufd, unplugTimeoutMs: this.#opts.qmp.unplugTimeoutMs, vmName: grant.vmName, log, onDeviceGone });
+        this.#driveQemu(qmpFd, false);
         qmpFd = undefined;
-        void qmp.closed.then((reason) => this.#log.info({ event: 'qmp-closed', vm: grant.vmId, reason }, 'QMP channel closed'));
       }
       this.#opts.onAttached?.(this);
     } catch (e) {

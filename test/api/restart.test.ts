@@ -326,7 +326,16 @@ test("a passive QEMU's QMP channel is carried over a SIGKILL: RemoveGroup and Ad
   assert.ok(after.includes('device_del') && after.includes('device_add'), `commands after the restart: ${after.join(', ')}`);
   assert.ok(!after.includes('qmp_capabilities'), 'no second negotiation on a channel in command mode');
   assert.ok(!d2.logs.some((l) => l.event === 'qmp-closed'), 'the channel stayed open');
-  await c2.deleteVm({ vm_id: vm!.id });
+
+  // A clean stop (an upgrade): closing the channel on the way out leaves it in the store, and the next daemon goes on.
+  await d2.stop('SIGTERM');
+  assert.ok(systemd.store.has(`qmp-${vm!.id}`), 'still stored after a clean stop');
+  const d3 = await startDaemon({ ...common, listenFds: systemd.listenFds() });
+  cleanups.push(() => d3.cleanup());
+  await d3.waitForLog((l) => l.event === 'restored');
+  const c3 = d3.client();
+  assert.deepEqual((await c3.removeGroup({ vm_id: vm!.id, group: 32 })).groups, [], 'RemoveGroup after a clean restart');
+  await c3.deleteVm({ vm_id: vm!.id });
   assert.deepEqual(await q.exit, { code: 0, signal: null });
   await until('the QMP channel out of the store', async () => !systemd.store.has(`qmp-${vm!.id}`));
 });

@@ -46,7 +46,7 @@ export const NATIVE = ['-global', 'ICH9-LPC.acpi-pci-hotplug-with-bridge-support
 interface PciDev {
   qdev_id: string;
   id: { vendor: number; device: number };
-  pci_bridge?: { devices?: PciDev[] };
+  pci_bridge?: { bus?: { secondary?: number }; devices?: PciDev[] };
 }
 
 /** Every device QEMU's query-pci lists, behind bridges too, as "qdev_id=vvvv:dddd". */
@@ -121,5 +121,11 @@ export async function startQemu(
     return existsSync(monitor) && (await qmp(monitor, 'query-status').catch(() => undefined));
   });
   await until(`${name} RUNNING`, async () => (await c.getVm(vm!.id)).state === 'VM_STATE_RUNNING');
+  // query-pci lists what sits behind a root port only once the firmware has given the port a secondary bus number
+  // (QEMU's qmp_query_pci_bridge); with the host busy (a TCG guest just ended), SeaBIOS may not have yet.
+  await until(`${name}: the firmware numbered its hot-plug ports`, async () => {
+    const ports = ((await qmp(monitor, 'query-pci')) as { devices: PciDev[] }[]).flatMap((b) => b.devices).filter((d) => d.qdev_id.startsWith('kvmvfiod-port-'));
+    return ports.length === o.ports && ports.every((d) => (d.pci_bridge?.bus?.secondary ?? 0) > 0);
+  }, 60_000);
   return { id: vm!.id, proc, monitor, serial, pci: async () => pciList((await qmp(monitor, 'query-pci')) as { devices: PciDev[] }[]) };
 }

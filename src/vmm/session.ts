@@ -145,7 +145,14 @@ export class HandoffConnection {
     const sock = this.#sock;
     if (!sock) throw new Error(`this handoff connection to ${this.path} was used already`);
     this.#sock = undefined;
-    if (peersHungUp([sock.fd]).length === 0) return sock;
+    let open: boolean;
+    try {
+      open = peersHungUp([sock.fd]).length === 0;
+    } catch (e) {
+      sock.closeSync();
+      throw e;
+    }
+    if (open) return sock;
     sock.closeSync();
     return connectWithRoom(this.path);
   }

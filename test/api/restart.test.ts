@@ -6,7 +6,7 @@
  */
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtemp, rm, chmod, readdir, readlink } from 'node:fs/promises';
+import { chmod, mkdir, mkdtemp, readdir, readlink, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { status } from '@grpc/grpc-js';
@@ -39,22 +39,26 @@ async function stand(prefix: string, groups: FakeGroup[] = [9, 10].map((n) => ({
   return { dir, host, systemd };
 }
 
-test('fake systemd: READY, STATUS, WATCHDOG; SIGKILL; the next daemon restores VMs, claims and sessions from the fd store', async () => {
-  const { dir, host, systemd } = await stand('kvmvfiod-restart-');
+/** The API and handoff sockets as systemd's .socket units hold them: listening under <dir>/run, never accepted on here. */
+async function heldSockets(dir: string) {
   const runtime = join(dir, 'run');
-  await import('node:fs/promises').then((fs) => fs.mkdir(runtime, { recursive: true }));
-
-  // The sockets systemd would make from the .socket units.
+  await mkdir(runtime, { recursive: true });
   const apiPath = join(runtime, 'api.sock');
   const handoffPath = join(runtime, 'handoff.sock');
-  // Held like systemd holds them: listening, never accepted on here.
   const api = SeqpacketListener.listen(apiPath, 128, true);
   cleanups.push(() => api.close());
   await chmod(apiPath, 0o666);
-  const apiFd = api.fd;
   const handoff = SeqpacketListener.listen(handoffPath);
   cleanups.push(() => handoff.close());
   await chmod(handoffPath, 0o666);
+  return { handoffPath, api, handoff };
+}
+
+test('fake systemd: READY, STATUS, WATCHDOG; SIGKILL; the next daemon restores VMs, claims and sessions from the fd store', async () => {
+  const { dir, host, systemd } = await stand('kvmvfiod-restart-');
+  // The sockets systemd would make from the .socket units.
+  const { handoffPath, api, handoff } = await heldSockets(dir);
+  const apiFd = api.fd;
   // Names in an order other than the units': the daemon must look them up by name.
   const sockets = [
     { name: 'handoff', fd: handoff.fd },
@@ -160,21 +164,8 @@ test('fake systemd: READY, STATUS, WATCHDOG; SIGKILL; the next daemon restores V
 });
 
 test('S25: a result of a request the daemon sent before it was killed fails the VM, since the record cannot follow what it changed; the VMM is stopped', async () => {
-  const dir = await mkdtemp(join(tmpdir(), 'kvmvfiod-restart-late-'));
-  await chmod(dir, 0o755);
-  cleanups.push(() => rm(dir, { recursive: true, force: true }));
-  const systemd = new FakeSystemd(dir);
-  cleanups.push(() => systemd.close());
-  const runtime = join(dir, 'run');
-  await import('node:fs/promises').then((fs) => fs.mkdir(runtime, { recursive: true }));
-  const apiPath = join(runtime, 'api.sock');
-  const handoffPath = join(runtime, 'handoff.sock');
-  const api = SeqpacketListener.listen(apiPath, 128, true);
-  cleanups.push(() => api.close());
-  await chmod(apiPath, 0o666);
-  const handoff = SeqpacketListener.listen(handoffPath);
-  cleanups.push(() => handoff.close());
-  await chmod(handoffPath, 0o666);
+  const { dir, systemd } = await stand('kvmvfiod-restart-late-');
+  const { handoffPath, api, handoff } = await heldSockets(dir);
   const common = { dir, env: { NOTIFY_SOCKET: systemd.path }, listenFds: [{ name: 'api', fd: api.fd }, { name: 'handoff', fd: handoff.fd }] };
   const daemons: RunningDaemon[] = [];
   let vmm: VmmProc | undefined;
@@ -212,11 +203,7 @@ test('S25: a result of a request the daemon sent before it was killed fails the 
 });
 
 test('a session carried over a restart keeps its edition: edition 2 still ends on a garbled request, edition 1 still has it let through', async () => {
-  const dir = await mkdtemp(join(tmpdir(), 'kvmvfiod-edition-'));
-  await chmod(dir, 0o755);
-  cleanups.push(() => rm(dir, { recursive: true, force: true }));
-  const systemd = new FakeSystemd(dir);
-  cleanups.push(() => systemd.close());
+  const { dir, systemd } = await stand('kvmvfiod-edition-');
   const env = { NOTIFY_SOCKET: systemd.path };
   const d1 = await startDaemon({ dir, env, listenFds: systemd.listenFds() });
   cleanups.push(() => d1.cleanup());
@@ -267,7 +254,7 @@ test('a stored group fd that is no longer the file at /dev/vfio/N is closed, not
   // While the daemon is down, group 9's node is made again (a new inode, as after an unplug and a replug).
   const node = join(host.dev, 'vfio', '9');
   await rm(node);
-  await import('node:fs/promises').then((fs) => fs.writeFile(node, ''));
+  await writeFile(node, '');
   const d2 = await startDaemon({ ...common, listenFds: systemd.listenFds() });
   cleanups.push(() => d2.cleanup());
   await d2.waitForLog((l) => l.event === 'restored');

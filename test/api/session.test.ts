@@ -392,6 +392,13 @@ describe('connections made ahead of their token', () => {
       await s2.createVm();
       await until('after-idle RUNNING', async () => (await c.getVm(b.vm!.id)).state === 'VM_STATE_RUNNING');
       assert.ok(idleFd !== undefined && !d.logs.some((l) => l.event === 'attach-refused'), 'no attach was refused');
+      // One not wanted after all: closed by the VMM, the daemon sees the connection end at once, not at its timeout.
+      const unwanted = await VmmSession.preconnect(handoff);
+      const ended = d.logs.filter((l) => l.event === 'session-end').length;
+      unwanted.close();
+      assert.equal(unwanted.fd, undefined);
+      await assert.rejects(unwanted.take(), /used already/);
+      await until('the unwanted connection ended', async () => d.logs.filter((l) => l.event === 'session-end').length > ended, 900);
     } finally {
       for (const s of sessions) s.close('test over');
       await d.cleanup();
